@@ -1,0 +1,137 @@
+"""The only module that does HTTP to the algorithm service: request, decode, classify."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import msgspec
+import requests
+
+from .config import AlgoConfig
+from .errors import AlgoPermanent, AlgoTransient, ImageGone
+
+
+class AlgoRequest(msgspec.Struct, frozen=True):
+    """The JSON body POSTed for one image."""
+
+    image_url: str
+    task_id: str
+    task_type: str
+    image_path: str
+    algo_config: dict[str, Any] | None = None
+
+
+class AlgoResponse(msgspec.Struct, frozen=True):
+    """The fields imgworker reads from the service's answer (others are ignored)."""
+
+    success: bool
+    result: Any = None
+    confidence: float | None = None
+    inference_time_ms: float | None = None
+    error: str | None = None
+
+
+class AlgoAnswer(msgspec.Struct, frozen=True):
+    """A decoded answer plus what imgworker derives from it."""
+
+    success: bool
+    detections: int
+    elapsed_ms: float
+    inference_time_ms: float | None = None
+
+
+_request_encoder = msgspec.json.Encoder()
+_response_decoder = msgspec.json.Decoder(AlgoResponse)
+_COUNT_FIELDS = ("total_count", "count", "num")
+_LIST_FIELDS = ("detections", "objects")
+
+
+def detection_count(result: Any) -> int:
+    """Detections in ``result``: total_count, count, num, len(detections), len(objects)."""
+    if isinstance(result, list):
+        return len(result)
+    if not isinstance(result, dict):
+        return 0
+    for name in _COUNT_FIELDS:
+        value = result.get(name)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return max(0, int(value))
+    for name in _LIST_FIELDS:
+        value = result.get(name)
+        if isinstance(value, list):
+            return len(value)
+    return 0
+
+
+def classify_status(status: int, body_head: bytes) -> None:
+    """Raise the error a non-200 status means; return for 200."""
+    if status == 200:
+        return
+    if status == 404:
+        raise ImageGone("http_404", "the algorithm service could not fetch the image")
+    if status == 429 or status >= 500:
+        raise AlgoTransient(f"http_{status}")
+    raise AlgoPermanent(f"http_{status}", body_head[:200].decode("utf-8", "replace"))
+
+
+def decode_answer(body: bytes, elapsed_ms: float) -> AlgoAnswer:
+    """Decode a 200 body; malformed JSON, HTML or wrong types are AlgoTransient('malformed')."""
+    try:
+        resp = _response_decoder.decode(body)
+    except msgspec.DecodeError as exc:
+        raise AlgoTransient("malformed", str(exc)[:120]) from None
+    detections = detection_count(resp.result) if resp.success else 0
+    return AlgoAnswer(
+        success=resp.success, detections=detections, elapsed_ms=elapsed_ms, inference_time_ms=resp.inference_time_ms
+    )
+
+
+class AlgoClient:
+    """One keep-alive session to the algorithm service; one call per ``infer``."""
+
+    def __init__(self, cfg: AlgoConfig, session: requests.Session | None = None) -> None:
+        self.cfg = cfg
+        self.session = session or requests.Session()
+        self.session.headers["Content-Type"] = "application/json"
+
+    def infer(self, request: AlgoRequest) -> AlgoAnswer:
+        started = time.monotonic()
+        deadline = started + self.cfg.timeout_s
+        try:
+            resp = self.session.post(
+                self.cfg.endpoint,
+                data=_request_encoder.encode(request),
+                timeout=(self.cfg.connect_timeout_s, self.cfg.timeout_s),
+                stream=True,
+            )
+        except requests.Timeout:
+            raise AlgoTransient("timeout") from None
+        except requests.ConnectionError:
+            raise AlgoTransient("connection_error") from None
+        except requests.RequestException as exc:
+            raise AlgoTransient("request_error", type(exc).__name__) from None
+        with resp:
+            body = self._read_body(resp, deadline)
+        classify_status(resp.status_code, body)
+        return decode_answer(body, (time.monotonic() - started) * 1000.0)
+
+    def _read_body(self, resp: requests.Response, deadline: float) -> bytes:
+        """Read at most max_body_bytes, and not past the call's deadline."""
+        cap = self.cfg.max_body_bytes
+        chunks: list[bytes] = []
+        size = 0
+        try:
+            for chunk in resp.iter_content(chunk_size=65536):
+                chunks.append(chunk)
+                size += len(chunk)
+                if size > cap:
+                    raise AlgoPermanent("body_too_large", f"over {cap} bytes")
+                if time.monotonic() > deadline:
+                    raise AlgoTransient("timeout", "body not received within the timeout")
+        except requests.RequestException:
+            raise AlgoTransient("connection_error", "body interrupted") from None
+        return b"".join(chunks)
+
+    def close(self) -> None:
+        self.session.close()

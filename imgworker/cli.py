@@ -1,0 +1,306 @@
+"""Command line: argv/env -> Config, logging set-up, subcommands, exit codes.
+
+This is the only module that reads argv and the environment, configures logging and
+chooses the exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import msgspec
+
+from .config import Config, Credentials, load_config
+from .errors import ExitCode, ImgworkerError
+from .stats import Report, format_report
+
+log = logging.getLogger("imgworker")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    _setup_logging(args.log_level, getattr(args, "log_json", False))
+    try:
+        return int(args.func(args))
+    except ImgworkerError as exc:
+        print(f"imgworker: error: {exc}", file=sys.stderr)
+        return int(exc.exit_code)
+    except KeyboardInterrupt:
+        return int(ExitCode.INTERRUPTED)
+
+
+# ----- parsing -----------------------------------------------------------------------------
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="imgworker", description="Image inference over an object store.")
+    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    parser.add_argument("--log-json", action="store_true", help="log JSON lines instead of text")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="the main job against your bucket and algorithm service")
+    run.add_argument("--config", help="TOML configuration file")
+    _add_run_flags(run)
+    run.add_argument("--duration", type=float, help="stop after S seconds (default: run until signalled)")
+    run.add_argument("--until-idle", action="store_true", help="stop once nothing is left to analyse")
+    run.set_defaults(func=cmd_run)
+
+    demo = sub.add_parser("demo", help="the main job on embedded defaults (store, face detector, cameras)")
+    _add_run_flags(demo)
+    demo.add_argument("--duration", type=float, default=30.0, help="seconds the cameras upload (default 30)")
+    demo.add_argument("--rate", type=float, default=6.0, help="images per second uploaded (default 6)")
+    demo.add_argument("--backend", choices=["face", "synthetic"], default="face")
+    demo.add_argument("--data-dir", default=".imgworker-demo", help="where the demo keeps store data and state")
+    demo.set_defaults(func=cmd_demo)
+
+    store = sub.add_parser("store-serve", help="the embedded S3 store alone (SeaweedFS weed mini on 127.0.0.1)")
+    store.add_argument("--data-dir", default=".imgworker-store")
+    store.add_argument("--port", type=int, default=9000)
+    store.add_argument("--bucket", default="images")
+    store.set_defaults(func=cmd_store_serve)
+
+    algo = sub.add_parser("algo-serve", help="the reference algorithm service")
+    algo.add_argument("--backend", choices=["face", "synthetic"], default="synthetic")
+    algo.add_argument("--host", default="127.0.0.1")
+    algo.add_argument("--port", type=int, default=8000)
+    _add_synthetic_flags(algo)
+    algo.set_defaults(func=cmd_algo_serve)
+
+    loadgen = sub.add_parser("loadgen", help="upload camera-like images into the bucket")
+    loadgen.add_argument("--config", help="TOML configuration file (store section)")
+    loadgen.add_argument("--rate", type=float, required=True, help="images per second")
+    loadgen.add_argument("--duration", type=float, default=0.0, help="seconds (default: until Ctrl-C)")
+    loadgen.add_argument("--task-types", default="person,vehicle", help="comma-separated task types")
+    loadgen.add_argument("--tasks-per-type", type=int, default=2)
+    loadgen.add_argument("--seed", type=int, default=0)
+    loadgen.set_defaults(func=cmd_loadgen)
+
+    report = sub.add_parser("report", help="recompute the report from a results file")
+    report.add_argument("results", help="results JSON-lines file")
+    report.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    report.set_defaults(func=cmd_report)
+    return parser
+
+
+def _add_run_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--workers", type=int, help="number of worker processes")
+    p.add_argument("--report-json", help="also write the final report as JSON to this path")
+    p.add_argument("--state-dir", help="where state and results are kept")
+    p.add_argument("--no-progress", action="store_true", help="no live progress line")
+
+
+def _add_synthetic_flags(p: argparse.ArgumentParser) -> None:
+    from .services.algo_server import SyntheticParams
+
+    for field in msgspec.structs.fields(SyntheticParams):
+        kind = int if field.type is int else float
+        p.add_argument(f"--{field.name.replace('_', '-')}", type=kind, default=field.default)
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
+    if getattr(args, "workers", None) is not None:
+        out.setdefault("worker", {})["count"] = args.workers
+    if getattr(args, "state_dir", None):
+        out.setdefault("run", {})["state_dir"] = args.state_dir
+    if getattr(args, "duration", None) is not None and args.command == "run":
+        out.setdefault("run", {})["duration_s"] = args.duration
+    if getattr(args, "until_idle", False):
+        out.setdefault("run", {})["until_idle"] = True
+    return out
+
+
+# ----- logging -----------------------------------------------------------------------------
+
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return msgspec.json.encode(
+            {"ts": round(record.created, 3), "level": record.levelname, "logger": record.name,
+             "message": record.getMessage(), "pid": record.process}
+        ).decode()
+
+
+def _setup_logging(level: str, as_json: bool) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    fmt = _JsonFormatter() if as_json else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    handler.setFormatter(fmt)
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    for noisy in ("urllib3", "aiohttp.access", "asyncio"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+# ----- commands ----------------------------------------------------------------------------
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    cfg = load_config(path=args.config, overrides=_overrides(args))
+    _require_credentials(cfg)
+    report = _run_pipeline(cfg, args)
+    return int(ExitCode.OK if report is not None else ExitCode.UNEXPECTED)
+
+
+def _require_credentials(cfg: Config) -> None:
+    if not cfg.credentials.access_key or not cfg.credentials.secret_key:
+        from .errors import ConfigError
+
+        raise ConfigError(
+            "store credentials missing: set IMGWORKER_ACCESS_KEY and IMGWORKER_SECRET_KEY "
+            "(or AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY), or store.credentials_file"
+        )
+
+
+def _run_pipeline(cfg: Config, args: argparse.Namespace, **kwargs: Any) -> Report:
+    from .supervisor import Supervisor
+
+    supervisor = Supervisor(cfg, show_progress=not args.no_progress, **kwargs)
+    report = supervisor.run()
+    print(format_report(report))
+    if args.report_json:
+        with open(args.report_json, "wb") as f:
+            f.write(msgspec.json.format(msgspec.json.encode(report)) + b"\n")
+    return report
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .services.algo_server import AlgoService
+    from .services.store_server import EmbeddedStore
+
+    data_dir = os.path.abspath(args.data_dir)
+    shutil.rmtree(data_dir, ignore_errors=True)
+    creds = Credentials(access_key="demo-" + secrets.token_hex(4), secret_key=secrets.token_urlsafe(24))
+    store = EmbeddedStore(os.path.join(data_dir, "store"), creds, bucket="imgworker-demo")
+    algo = AlgoService(args.backend)
+    print(f"demo: starting the embedded store and the {args.backend} algorithm service on 127.0.0.1 ...", flush=True)
+    with store, algo:
+        cfg = _demo_config(args, store.endpoint, algo.endpoint, creds, data_dir)
+        cameras = _start_cameras(args, cfg, creds)
+        print(f"demo: cameras upload {args.rate:g} img/s for {args.duration:g} s; {cfg.worker.count} workers analyse",
+              flush=True)
+        try:
+            _run_pipeline(cfg, args, intake_done=lambda: cameras.poll() is not None)
+        finally:
+            _stop_process(cameras)
+    print(f"demo: stopped everything it started; results in {cfg.results_path}")
+    return int(ExitCode.OK)
+
+
+def _demo_config(args: argparse.Namespace, endpoint: str, algo: str, creds: Credentials, data_dir: str) -> Config:
+    overrides = _overrides(args)
+    overrides.setdefault("worker", {}).setdefault("count", 4)
+    overrides["store"] = {"endpoint": endpoint, "bucket": "imgworker-demo"}
+    overrides["algo"] = {"endpoint": algo, "timeout_s": 30.0}
+    overrides["scan"] = {"interval_s": 0.5}
+    overrides.setdefault("run", {}).update(
+        {"state_dir": os.path.join(data_dir, "state"), "until_idle": True, "grace_s": 30.0}
+    )
+    cfg = load_config(env={}, overrides=overrides)
+    return msgspec.structs.replace(cfg, credentials=creds)
+
+
+def _start_cameras(args: argparse.Namespace, cfg: Config, creds: Credentials) -> subprocess.Popen[bytes]:
+    env = dict(os.environ, IMGWORKER_ACCESS_KEY=creds.access_key, IMGWORKER_SECRET_KEY=creds.secret_key,
+               IMGWORKER_STORE_ENDPOINT=cfg.store.endpoint, IMGWORKER_STORE_BUCKET=cfg.store.bucket)
+    cmd = [sys.executable, "-m", "imgworker", "--log-level", "WARNING", "loadgen", "--rate", str(args.rate),
+           "--duration", str(args.duration)]
+    return subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL)
+
+
+def _stop_process(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def cmd_store_serve(args: argparse.Namespace) -> int:
+    from .services.store_server import EmbeddedStore
+
+    cfg = load_config(overrides={})
+    _require_credentials(cfg)
+    store = EmbeddedStore(args.data_dir, cfg.credentials, bucket=args.bucket, s3_port=args.port).start()
+    print(f"embedded store ready: endpoint {store.endpoint}, bucket {args.bucket}, data in {store.data_dir}")
+    print(f"use it with: IMGWORKER_STORE_ENDPOINT={store.endpoint} IMGWORKER_STORE_BUCKET={args.bucket} "
+          "and the same IMGWORKER_ACCESS_KEY / IMGWORKER_SECRET_KEY; Ctrl-C stops it", flush=True)
+    stopping: list[int] = []
+    signal.signal(signal.SIGTERM, lambda s, f: stopping.append(s))
+    try:
+        while store.alive() and not stopping:
+            time.sleep(0.2)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        store.stop()
+    print("embedded store stopped")
+    return int(ExitCode.OK)
+
+
+def cmd_algo_serve(args: argparse.Namespace) -> int:
+    from .services.algo_server import SyntheticParams, serve
+
+    params = SyntheticParams(**{f.name: getattr(args, f.name) for f in msgspec.structs.fields(SyntheticParams)})
+    print(f"algorithm service ({args.backend}) on http://{args.host}:{args.port}/infer", flush=True)
+    serve(backend=args.backend, host=args.host, port=args.port, params=params)
+    return int(ExitCode.OK)
+
+
+def cmd_loadgen(args: argparse.Namespace) -> int:
+    from .errors import StoreError
+    from .proctitle import set_title
+    from .services.loadgen import Cameras, run_loadgen
+    from .store import Store
+
+    set_title("loadgen")
+    cfg = load_config(path=args.config, overrides={})
+    _require_credentials(cfg)
+    store = Store(cfg.store, cfg.credentials)
+    store.check()
+    failed: list[str] = []
+
+    def put(key: str, data: bytes) -> None:
+        try:
+            store.put(key, data)
+        except StoreError as exc:
+            failed.append(key)
+            log.warning("loadgen: upload failed: %s", exc)
+
+    stop: list[int] = []
+    signal.signal(signal.SIGTERM, lambda s, f: stop.append(s))
+    cameras = Cameras(cfg.store.prefix, [t for t in args.task_types.split(",") if t], args.tasks_per_type)
+    try:
+        sent = run_loadgen(put, rate=args.rate, duration_s=args.duration, cameras=cameras, seed=args.seed,
+                           should_stop=lambda: bool(stop))
+    except KeyboardInterrupt:
+        return int(ExitCode.OK)
+    print(f"loadgen: {sent - len(failed)} uploaded, {len(failed)} failed")
+    return int(ExitCode.OK)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .results import read_results
+    from .stats import stats_from_results
+
+    results = list(read_results(args.results))
+    stats = stats_from_results(results)
+    wall = (max(r.finished_at for r in results) - min(r.started_at or r.finished_at for r in results)) if results else 0
+    report = stats.report(pending=0, in_flight=0, wall_s=wall)
+    if args.json:
+        print(msgspec.json.format(msgspec.json.encode(report)).decode())
+    else:
+        print(format_report(report))
+    return int(ExitCode.OK)

@@ -1,0 +1,285 @@
+"""The one validated, immutable configuration value.
+
+Sources, lowest precedence first: built-in defaults, a TOML file, ``IMGWORKER_<SECTION>_<KEY>``
+environment variables, command-line flags. Store credentials never come from a flag or from the
+main file: they come from ``IMGWORKER_ACCESS_KEY``/``IMGWORKER_SECRET_KEY`` (or the standard
+``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``) or from ``store.credentials_file``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+import typing
+from collections.abc import Mapping
+from typing import Annotated, Any, Literal
+
+import msgspec
+
+from .errors import ConfigError
+
+Positive = Annotated[float, msgspec.Meta(gt=0)]
+NonNegative = Annotated[float, msgspec.Meta(ge=0)]
+PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
+NonNegativeInt = Annotated[int, msgspec.Meta(ge=0)]
+Overflow = Literal["block", "drop_oldest", "drop_newest"]
+
+_STRUCT = {"frozen": True, "forbid_unknown_fields": True, "kw_only": True}
+
+
+class Credentials(msgspec.Struct, frozen=True):
+    """Store credentials; their repr never shows the secret."""
+
+    access_key: str = ""
+    secret_key: str = ""
+
+    def __repr__(self) -> str:
+        return f"Credentials(access_key={'***' if self.access_key else ''!r}, secret_key='***')"
+
+    __str__ = __repr__
+
+
+class StoreConfig(msgspec.Struct, **_STRUCT):
+    """Where the images are and how to reach them."""
+
+    endpoint: str = "127.0.0.1:9000"
+    public_endpoint: str = ""
+    secure: bool = False
+    ca_bundle: str = ""
+    region: str = "us-east-1"
+    bucket: str = "images"
+    prefix: str = ""
+    credentials_file: str = ""
+    connect_timeout_s: Positive = 2.0
+    list_timeout_s: Positive = 30.0
+
+
+class ScanConfig(msgspec.Struct, **_STRUCT):
+    """How the supervisor finds new images."""
+
+    interval_s: Positive = 1.0
+    page_size: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 1000
+    extensions: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+    exclude_prefixes: tuple[str, ...] = ("alerts/", "results/")
+
+
+class DispatchConfig(msgspec.Struct, **_STRUCT):
+    """The supervisor's bounded pending queue."""
+
+    queue_capacity: PositiveInt = 10_000
+    overflow: Overflow = "block"
+
+
+class WorkerConfig(msgspec.Struct, **_STRUCT):
+    """What each worker process does with one image."""
+
+    count: Annotated[int, msgspec.Meta(ge=1, le=1024)] = 4
+    stat_check: bool = True
+    stat_timeout_s: Positive = 2.0
+    presign_expiry_s: Annotated[int, msgspec.Meta(ge=1, le=604800)] = 900
+    store_retry_budget_s: NonNegative = 30.0
+    max_attempts: PositiveInt = 3
+    max_tasks: NonNegativeInt = 0
+    max_memory_mb: NonNegativeInt = 0
+
+
+class AlgoConfig(msgspec.Struct, **_STRUCT):
+    """The HTTP algorithm service and how it is called."""
+
+    endpoint: str = "http://127.0.0.1:8000/infer"
+    timeout_s: Positive = 60.0
+    connect_timeout_s: Positive = 3.0
+    retries: NonNegativeInt = 2
+    backoff_base_s: NonNegative = 0.2
+    backoff_cap_s: NonNegative = 5.0
+    max_body_bytes: PositiveInt = 1 << 20
+    algo_config: dict[str, Any] | None = None
+
+
+class RunConfig(msgspec.Struct, **_STRUCT):
+    """Where state and results go, and when a run ends."""
+
+    state_dir: str = ".imgworker"
+    results_file: str = ""
+    checkpoint_interval_s: Positive = 5.0
+    duration_s: NonNegative = 0.0
+    until_idle: bool = False
+    grace_s: NonNegative = 30.0
+    progress_interval_s: Positive = 1.0
+
+
+class Config(msgspec.Struct, **_STRUCT):
+    """Everything imgworker needs, validated once, passed explicitly to every process."""
+
+    store: StoreConfig = StoreConfig()
+    scan: ScanConfig = ScanConfig()
+    dispatch: DispatchConfig = DispatchConfig()
+    worker: WorkerConfig = WorkerConfig()
+    algo: AlgoConfig = AlgoConfig()
+    run: RunConfig = RunConfig()
+    credentials: Credentials = Credentials()
+
+    @property
+    def results_path(self) -> str:
+        return self.run.results_file or os.path.join(self.run.state_dir, "results.jsonl")
+
+
+SECTIONS: dict[str, type[msgspec.Struct]] = {
+    "store": StoreConfig,
+    "scan": ScanConfig,
+    "dispatch": DispatchConfig,
+    "worker": WorkerConfig,
+    "algo": AlgoConfig,
+    "run": RunConfig,
+}
+
+_ENV_PREFIX = "IMGWORKER_"
+_CREDENTIAL_ENV = {
+    "access_key": ("IMGWORKER_ACCESS_KEY", "AWS_ACCESS_KEY_ID"),
+    "secret_key": ("IMGWORKER_SECRET_KEY", "AWS_SECRET_ACCESS_KEY"),
+}
+
+
+def load_config(
+    *,
+    path: str | None = None,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Mapping[str, Any]] | None = None,
+) -> Config:
+    """Build the Config from file, environment and flag overrides, or raise ConfigError."""
+    env = os.environ if env is None else env
+    raw = _read_toml(path) if path else {}
+    _merge(raw, env_overrides(env))
+    _merge(raw, {k: dict(v) for k, v in (overrides or {}).items()})
+    config = _convert(raw)
+    creds = load_credentials(env=env, credentials_file=config.store.credentials_file)
+    return msgspec.structs.replace(config, credentials=creds)
+
+
+def _read_toml(path: str) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+
+
+def _merge(into: dict[str, Any], extra: Mapping[str, Mapping[str, Any]]) -> None:
+    for section, values in extra.items():
+        current = into.setdefault(section, {})
+        if not isinstance(current, dict):
+            raise ConfigError(f"config key {section!r} must be a table, got {current!r}")
+        current.update(values)
+
+
+def env_overrides(env: Mapping[str, str]) -> dict[str, dict[str, Any]]:
+    """Map ``IMGWORKER_SECTION_KEY=value`` variables onto config sections."""
+    out: dict[str, dict[str, Any]] = {}
+    for name, value in env.items():
+        if not name.startswith(_ENV_PREFIX) or name in ("IMGWORKER_ACCESS_KEY", "IMGWORKER_SECRET_KEY"):
+            continue
+        rest = name[len(_ENV_PREFIX):].lower()
+        section = next((s for s in SECTIONS if rest.startswith(s + "_")), None)
+        if section is None:
+            continue
+        key = rest[len(section) + 1:]
+        out.setdefault(section, {})[key] = _env_value(section, key, value)
+    return out
+
+
+def _env_value(section: str, key: str, value: str) -> Any:
+    """Environment values are strings; lists are comma-separated, tables are JSON."""
+    fields = {f.name: f.type for f in msgspec.structs.fields(SECTIONS[section])}
+    kind = fields.get(key)
+    if kind is not None and "tuple" in str(kind):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    if kind is not None and "dict" in str(kind):
+        try:
+            return msgspec.json.decode(value)
+        except msgspec.DecodeError:
+            raise ConfigError(f"config key {section}.{key}: value {value!r} is not a JSON object") from None
+    return value
+
+
+def _convert(raw: dict[str, Any]) -> Config:
+    if "credentials" in raw:
+        raise ConfigError("credentials are not read from the config: use the environment or store.credentials_file")
+    for section in ("store",):
+        for secret in ("access_key", "secret_key"):
+            if secret in raw.get(section, {}):
+                raise ConfigError(
+                    f"config key {section}.{secret} is not allowed: put credentials in the environment "
+                    "(IMGWORKER_ACCESS_KEY, IMGWORKER_SECRET_KEY) or in store.credentials_file"
+                )
+    try:
+        config = msgspec.convert(raw, Config, strict=False)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(_explain(exc, raw)) from None
+    _check_semantics(config)
+    return config
+
+
+_PATH = re.compile(r"at `\$\.([\w.]+)`")
+
+
+def _explain(exc: msgspec.ValidationError, raw: dict[str, Any]) -> str:
+    """Turn msgspec's message into one naming the key, the value and what is allowed."""
+    text = str(exc)
+    match = _PATH.search(text)
+    if not match:
+        return f"invalid config: {text}"
+    key = match.group(1)
+    value: Any = raw
+    for part in key.split("."):
+        value = value.get(part, "<missing>") if isinstance(value, dict) else "<missing>"
+    allowed = text[: match.start()].rstrip(" -")
+    if allowed.startswith("Object contains unknown field"):
+        section = key.split(".")[0] if "." in key else key
+        return f"invalid config: {allowed} in [{section}]"
+    choices = _choices(key)
+    if choices:
+        allowed = "one of " + ", ".join(choices)
+    return f"invalid config key {key}: value {value!r} is not allowed ({allowed})"
+
+
+def _choices(key: str) -> tuple[str, ...]:
+    """The allowed values of a Literal-typed field, if it is one."""
+    section, _, name = key.partition(".")
+    if section not in SECTIONS:
+        return ()
+    kind = {f.name: f.type for f in msgspec.structs.fields(SECTIONS[section])}.get(name)
+    return tuple(str(a) for a in typing.get_args(kind)) if typing.get_origin(kind) is Literal else ()
+
+
+def _check_semantics(config: Config) -> None:
+    """Rules a type cannot express."""
+    if not config.store.bucket:
+        raise ConfigError("invalid config key store.bucket: value '' is not allowed (a bucket name is required)")
+    if not config.algo.endpoint.startswith(("http://", "https://")):
+        raise ConfigError(
+            f"invalid config key algo.endpoint: value {config.algo.endpoint!r} is not allowed (an http:// or https:// URL)"
+        )
+    for key in (config.store.endpoint, config.store.public_endpoint):
+        if "://" in key or "/" in key:
+            raise ConfigError(
+                f"invalid config key store.endpoint: value {key!r} is not allowed (host:port, without scheme or path;"
+                " use store.secure for TLS)"
+            )
+    bad = [e for e in config.scan.extensions if not e.startswith(".")]
+    if bad:
+        raise ConfigError(f"invalid config key scan.extensions: value {bad!r} is not allowed (each starts with '.')")
+
+
+def load_credentials(*, env: Mapping[str, str], credentials_file: str) -> Credentials:
+    """Credentials from a TOML file with access_key/secret_key, else from the environment."""
+    if credentials_file:
+        data = _read_toml(credentials_file)
+        try:
+            return msgspec.convert(data, Credentials)
+        except msgspec.ValidationError as exc:
+            raise ConfigError(f"credentials file {credentials_file}: {exc}") from None
+    found = {field: next((env[n] for n in names if env.get(n)), "") for field, names in _CREDENTIAL_ENV.items()}
+    return Credentials(**found)

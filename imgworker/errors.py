@@ -1,0 +1,85 @@
+"""The exception tree of imgworker and the exit codes the CLI maps them to.
+
+    ImgworkerError
+    ├── ConfigError            bad configuration value or file (fatal, exit 2)
+    ├── StoreError             anything the object store did
+    │   ├── StoreUnavailable   transient: connection refused, timeout, 5xx
+    │   ├── ObjectMissing      permanent for that key: NoSuchKey / 404
+    │   └── StoreFatal         fatal at start: credentials, bucket, TLS, endpoint
+    └── AlgoError              anything the algorithm service did
+        ├── AlgoTransient      retry: 5xx, 429, timeout, refused, malformed body
+        ├── AlgoPermanent      do not retry: other 4xx
+        └── ImageGone          the service could not fetch the image (404)
+
+Third-party exceptions are translated into these where they enter
+(``store.py`` for minio/urllib3, ``algo_client.py`` for requests).
+"""
+
+from __future__ import annotations
+
+import enum
+
+
+class ExitCode(enum.IntEnum):
+    """Process exit codes; each fatal cause has its own."""
+
+    OK = 0
+    UNEXPECTED = 1
+    CONFIG = 2
+    STORE_CREDENTIALS = 3
+    STORE_BUCKET = 4
+    STORE_UNREACHABLE = 5
+    STORE_TLS = 6
+    INTERRUPTED = 130
+
+
+class ImgworkerError(Exception):
+    """Base of every error imgworker raises on purpose."""
+
+    exit_code: ExitCode = ExitCode.UNEXPECTED
+
+
+class ConfigError(ImgworkerError):
+    """A configuration value, file or flag is invalid."""
+
+    exit_code = ExitCode.CONFIG
+
+
+class StoreError(ImgworkerError):
+    """The object store failed an operation."""
+
+
+class StoreUnavailable(StoreError):
+    """Transient: the store could not be reached or answered 5xx."""
+
+
+class ObjectMissing(StoreError):
+    """The object does not exist (NoSuchKey / 404)."""
+
+
+class StoreFatal(StoreError):
+    """A start-up problem no retry will fix; carries its own exit code."""
+
+    def __init__(self, message: str, exit_code: ExitCode) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class AlgoError(ImgworkerError):
+    """The algorithm service call failed; ``cause`` is a short machine-readable tag."""
+
+    def __init__(self, cause: str, detail: str = "") -> None:
+        super().__init__(f"{cause}: {detail}" if detail else cause)
+        self.cause = cause
+
+
+class AlgoTransient(AlgoError):
+    """Worth retrying: 5xx, 429, timeout, refused connection, malformed answer."""
+
+
+class AlgoPermanent(AlgoError):
+    """Not worth retrying: a 4xx other than 404 and 429."""
+
+
+class ImageGone(AlgoError):
+    """The algorithm service answered 404: it could not fetch the image."""

@@ -1,0 +1,69 @@
+"""Outcome names, the unit of work, and the per-image result record."""
+
+from __future__ import annotations
+
+import enum
+
+import msgspec
+
+
+class Outcome(str, enum.Enum):
+    """Every image the scanner accepts ends in exactly one of these."""
+
+    INFERRED = "inferred"
+    NO_DETECTION = "no_detection"
+    SKIPPED_MISSING = "skipped_missing"
+    FAILED_MISSING = "failed_missing"
+    FAILED_ALGO = "failed_algo"
+    FAILED_STORE = "failed_store"
+    FAILED_WORKER = "failed_worker"
+    DROPPED_BACKLOG = "dropped_backlog"
+
+    @property
+    def is_failure(self) -> bool:
+        return self.value.startswith("failed_")
+
+    @property
+    def is_success(self) -> bool:
+        return self in (Outcome.INFERRED, Outcome.NO_DETECTION)
+
+    @property
+    def reached_algo(self) -> bool:
+        """Counts in the failure-rate denominator: analysed, or failed on the way."""
+        return self.is_success or self.is_failure
+
+
+class ImageRef(msgspec.Struct, frozen=True, array_like=True):
+    """One image found by the scanner."""
+
+    key: str
+    task_type: str = ""
+    task_id: str = ""
+    size: int = 0
+    mtime: float = 0.0
+
+
+class WorkItem(msgspec.Struct, frozen=True, array_like=True):
+    """What the supervisor hands a worker: the image and which attempt this is."""
+
+    ref: ImageRef
+    attempt: int = 1
+
+
+class Result(msgspec.Struct, frozen=True, omit_defaults=True):
+    """One line of the results file: the terminal outcome of one image."""
+
+    key: str
+    outcome: Outcome
+    task_type: str = ""
+    task_id: str = ""
+    detections: int = 0
+    algo_ms: float | None = None
+    e2e_ms: float | None = None
+    stat_ms: float | None = None
+    worker: int = -1
+    attempt: int = 1
+    algo_calls: int = 0
+    cause: str = ""
+    started_at: float = 0.0
+    finished_at: float = 0.0

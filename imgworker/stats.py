@@ -1,0 +1,175 @@
+"""Counts, latency histograms and the report (plain data, no I/O)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import msgspec
+
+from .outcomes import Outcome, Result
+
+
+class LogHistogram:
+    """Bounded-memory latency histogram with 1 % relative bucket width."""
+
+    _GROWTH = 1.01
+
+    def __init__(self) -> None:
+        self._buckets: dict[int, int] = {}
+        self.count = 0
+        self.total = 0.0
+
+    def add(self, value: float) -> None:
+        index = -1 if value <= 0 else int(math.log(max(value, 1e-3)) / math.log(self._GROWTH))
+        self._buckets[index] = self._buckets.get(index, 0) + 1
+        self.count += 1
+        self.total += value
+
+    @property
+    def mean(self) -> float:
+        return self.total / self.count if self.count else 0.0
+
+    def percentile(self, q: float) -> float:
+        """Value at quantile q (0..100), to within the bucket width."""
+        if not self.count:
+            return 0.0
+        rank = max(1, math.ceil(self.count * q / 100.0))
+        seen = 0
+        for index in sorted(self._buckets):
+            seen += self._buckets[index]
+            if seen >= rank:
+                return 0.0 if index < 0 else self._GROWTH ** (index + 0.5)
+        return 0.0
+
+
+class Report(msgspec.Struct, frozen=True):
+    """The figures printed at the end of a run and written with --report-json."""
+
+    scanned: int
+    outcomes: dict[str, int]
+    pending: int
+    in_flight: int
+    conserved: bool
+    inferences: int
+    failures: int
+    attempted: int
+    failure_rate: float
+    failure_rate_denominator: str
+    failure_rate_per_success: float
+    success_rate: float
+    retries: int
+    worker_restarts: int
+    avg_inference_ms: float
+    p50_inference_ms: float
+    p95_inference_ms: float
+    p99_inference_ms: float
+    p50_e2e_ms: float
+    p99_e2e_ms: float
+    throughput_per_s: float
+    wall_s: float
+    workers: int
+
+
+class Stats:
+    """Running totals of one run; ``report()`` derives every rate from them."""
+
+    def __init__(self, workers: int) -> None:
+        self.workers = workers
+        self.scanned = 0
+        self.retries = 0
+        self.worker_restarts = 0
+        self.counts: dict[Outcome, int] = {o: 0 for o in Outcome}
+        self.algo_ms = LogHistogram()
+        self.e2e_ms = LogHistogram()
+
+    def record(self, result: Result) -> None:
+        self.counts[result.outcome] += 1
+        if result.algo_ms is not None and result.outcome.is_success:
+            self.algo_ms.add(result.algo_ms)
+        if result.e2e_ms is not None and result.outcome.reached_algo:
+            self.e2e_ms.add(result.e2e_ms)
+
+    @property
+    def finished(self) -> int:
+        return sum(self.counts.values())
+
+    def report(self, *, pending: int, in_flight: int, wall_s: float) -> Report:
+        counts = self.counts
+        successes = sum(n for o, n in counts.items() if o.is_success)
+        failures = sum(n for o, n in counts.items() if o.is_failure)
+        attempted = successes + failures
+        finished = self.finished
+        return Report(
+            scanned=self.scanned,
+            outcomes={o.value: counts[o] for o in Outcome},
+            pending=pending,
+            in_flight=in_flight,
+            conserved=self.scanned == finished + pending + in_flight,
+            inferences=successes,
+            failures=failures,
+            attempted=attempted,
+            failure_rate=_ratio(failures, attempted),
+            failure_rate_denominator="images that reached the algorithm step or failed on the way "
+            "(successes + failed_*); skipped and dropped images are reported separately",
+            failure_rate_per_success=_ratio(failures, successes),
+            success_rate=_ratio(successes, attempted),
+            retries=self.retries,
+            worker_restarts=self.worker_restarts,
+            avg_inference_ms=round(self.algo_ms.mean, 2),
+            p50_inference_ms=round(self.algo_ms.percentile(50), 2),
+            p95_inference_ms=round(self.algo_ms.percentile(95), 2),
+            p99_inference_ms=round(self.algo_ms.percentile(99), 2),
+            p50_e2e_ms=round(self.e2e_ms.percentile(50), 2),
+            p99_e2e_ms=round(self.e2e_ms.percentile(99), 2),
+            throughput_per_s=round(finished / wall_s, 3) if wall_s > 0 else 0.0,
+            wall_s=round(wall_s, 3),
+            workers=self.workers,
+        )
+
+
+def stats_from_results(results: Iterable[Result], workers: int = 0) -> Stats:
+    """Rebuild totals from result records (every line is a scanned, finished image)."""
+    stats = Stats(workers)
+    for result in results:
+        stats.scanned += 1
+        stats.record(result)
+    return stats
+
+
+def _ratio(numerator: int, denominator: int) -> float:
+    return round(numerator / denominator, 6) if denominator else 0.0
+
+
+def format_report(report: Report) -> str:
+    """The human report: the original report's table, then the outcome breakdown."""
+    lines = [
+        "imgworker report",
+        "",
+        "| figure | value |",
+        "|---|---|",
+        f"| images scanned | {report.scanned:,} |",
+        f"| inferences (answered) | {report.inferences:,} |",
+        f"| failures (failed_*) | {report.failures:,} |",
+        f"| failure rate | {report.failure_rate:.2%} of {report.attempted:,} attempted |",
+        f"| failure rate per success (the old way) | {report.failure_rate_per_success:.2%} |",
+        f"| success rate | {report.success_rate:.2%} |",
+        f"| mean inference time | {report.avg_inference_ms:.2f} ms |",
+        f"| p50 / p95 / p99 inference | {report.p50_inference_ms:.1f} / {report.p95_inference_ms:.1f}"
+        f" / {report.p99_inference_ms:.1f} ms |",
+        f"| p50 / p99 end to end | {report.p50_e2e_ms:.1f} / {report.p99_e2e_ms:.1f} ms |",
+        f"| throughput | {report.throughput_per_s:.2f} img/s over {report.wall_s:.1f} s, {report.workers} workers |",
+        f"| retries / worker restarts | {report.retries} / {report.worker_restarts} |",
+        "",
+        "| outcome | images |",
+        "|---|---|",
+    ]
+    lines += [f"| {name} | {count:,} |" for name, count in report.outcomes.items()]
+    lines += [
+        f"| (pending) | {report.pending:,} |",
+        f"| (in flight) | {report.in_flight:,} |",
+        "",
+        f"conserved: {report.conserved} (scanned = outcomes + pending + in flight)",
+        f"failure rate denominator: {report.failure_rate_denominator}",
+    ]
+    return "\n".join(lines)

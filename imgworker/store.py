@@ -1,0 +1,164 @@
+"""The only module that talks to the object store (minio); every error is translated here."""
+
+from __future__ import annotations
+
+import io
+import ssl
+from collections.abc import Iterable, Iterator
+from datetime import timedelta
+
+import urllib3
+from minio import Minio
+from minio.deleteobjects import DeleteObject
+from minio.error import InvalidResponseError, S3Error, ServerError
+
+from .config import Credentials, StoreConfig
+from .errors import ExitCode, ObjectMissing, StoreError, StoreFatal, StoreUnavailable
+from .outcomes import ImageRef
+
+_MISSING = {"NoSuchKey", "NoSuchObject", "ResourceNotFound", "NoSuchVersion"}
+_AUTH = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidSecurity"}
+
+
+def _http_client(cfg: StoreConfig, read_timeout_s: float, pool_size: int) -> urllib3.PoolManager:
+    """urllib3 pool with imgworker's timeouts and no hidden retries (imgworker retries itself)."""
+    kwargs: dict[str, object] = {
+        "timeout": urllib3.Timeout(connect=cfg.connect_timeout_s, read=read_timeout_s),
+        "maxsize": pool_size,
+        "retries": False,
+    }
+    if cfg.secure:
+        kwargs["cert_reqs"] = "CERT_REQUIRED"
+        if cfg.ca_bundle:
+            kwargs["ca_certs"] = cfg.ca_bundle
+    return urllib3.PoolManager(**kwargs)  # type: ignore[arg-type]
+
+
+class Store:
+    """Stat, presign, list pages, put and batch delete, with imgworker's own errors."""
+
+    def __init__(
+        self, cfg: StoreConfig, creds: Credentials, *, read_timeout_s: float | None = None, pool_size: int = 4
+    ) -> None:
+        self.cfg = cfg
+        timeout = read_timeout_s if read_timeout_s is not None else cfg.list_timeout_s
+        self._client = Minio(
+            cfg.endpoint,
+            access_key=creds.access_key,
+            secret_key=creds.secret_key,
+            secure=cfg.secure,
+            region=cfg.region,
+            http_client=_http_client(cfg, timeout, pool_size),
+        )
+        # Presigned URLs are signed over the host the algorithm service will use.
+        self._signer = self._client
+        if cfg.public_endpoint and cfg.public_endpoint != cfg.endpoint:
+            self._signer = Minio(
+                cfg.public_endpoint,
+                access_key=creds.access_key,
+                secret_key=creds.secret_key,
+                secure=cfg.secure,
+                region=cfg.region,
+            )
+
+    @property
+    def bucket(self) -> str:
+        return self.cfg.bucket
+
+    def check(self) -> None:
+        """Fail fast at start: endpoint, credentials, TLS and bucket."""
+        try:
+            exists = self._client.bucket_exists(self.bucket)
+        except Exception as exc:
+            raise _startup_error(exc, self.cfg) from None
+        if not exists:
+            raise StoreFatal(f"bucket {self.bucket!r} does not exist at {self.cfg.endpoint}", ExitCode.STORE_BUCKET)
+
+    def stat(self, key: str) -> int:
+        """Size of the object; ObjectMissing if it is gone, StoreUnavailable if unreachable."""
+        try:
+            return int(self._client.stat_object(self.bucket, key).size or 0)
+        except Exception as exc:
+            raise translate(exc) from exc
+
+    def presign(self, key: str, expiry_s: int) -> str:
+        """A presigned GET URL; needs no network call since the region is configured."""
+        try:
+            return self._signer.presigned_get_object(self.bucket, key, expires=timedelta(seconds=expiry_s))
+        except Exception as exc:
+            raise translate(exc) from exc
+
+    def put(self, key: str, data: bytes, content_type: str = "image/jpeg") -> None:
+        try:
+            self._client.put_object(self.bucket, key, io.BytesIO(data), len(data), content_type=content_type)
+        except Exception as exc:
+            raise translate(exc) from exc
+
+    def delete(self, keys: Iterable[str]) -> list[str]:
+        """Batch delete; returns the keys the store refused to delete."""
+        try:
+            errors = self._client.remove_objects(self.bucket, (DeleteObject(k) for k in keys))
+            return [e.name for e in errors]
+        except Exception as exc:
+            raise translate(exc) from exc
+
+    def list_pages(self, prefix: str, page_size: int) -> Iterator[list[ImageRef]]:
+        """Lazily list objects under prefix, one page of ImageRefs (no task fields) at a time."""
+        objects = self._client.list_objects(self.bucket, prefix=prefix or None, recursive=True)
+        page: list[ImageRef] = []
+        try:
+            for obj in objects:
+                if obj.is_dir or obj.object_name is None:
+                    continue
+                mtime = obj.last_modified.timestamp() if obj.last_modified else 0.0
+                page.append(ImageRef(key=obj.object_name, size=int(obj.size or 0), mtime=mtime))
+                if len(page) >= page_size:
+                    yield page
+                    page = []
+        except Exception as exc:
+            raise translate(exc) from exc
+        if page:
+            yield page
+
+
+def translate(exc: BaseException) -> StoreError:
+    """Classify a minio/urllib3 exception as missing, unavailable or fatal."""
+    if isinstance(exc, StoreError):
+        return exc
+    if isinstance(exc, S3Error):
+        if exc.code in _MISSING:
+            return ObjectMissing(f"{exc.code}: {exc.object_name}")
+        if exc.code in _AUTH:
+            return StoreFatal(f"store refused the credentials ({exc.code})", ExitCode.STORE_CREDENTIALS)
+        if exc.code == "NoSuchBucket":
+            return StoreFatal(f"bucket {exc.bucket_name!r} does not exist", ExitCode.STORE_BUCKET)
+        return StoreUnavailable(f"store error {exc.code}")
+    if isinstance(exc, ServerError):
+        return StoreUnavailable(f"store answered HTTP {exc.status_code}")
+    if isinstance(exc, InvalidResponseError):
+        return StoreUnavailable("store sent an invalid response")
+    if _is_tls(exc):
+        return StoreFatal(f"TLS error talking to the store: {_root(exc)}", ExitCode.STORE_TLS)
+    if isinstance(exc, (urllib3.exceptions.HTTPError, OSError)):
+        return StoreUnavailable(f"store unreachable: {type(_root(exc)).__name__}")
+    return StoreUnavailable(f"store error: {type(exc).__name__}")
+
+
+def _root(exc: BaseException) -> BaseException:
+    seen = exc
+    while True:
+        nxt = getattr(seen, "reason", None) or seen.__cause__
+        if not isinstance(nxt, BaseException) or nxt is seen:
+            return seen
+        seen = nxt
+
+
+def _is_tls(exc: BaseException) -> bool:
+    return isinstance(exc, (ssl.SSLError, urllib3.exceptions.SSLError)) or isinstance(_root(exc), ssl.SSLError)
+
+
+def _startup_error(exc: BaseException, cfg: StoreConfig) -> StoreFatal:
+    err = translate(exc)
+    if isinstance(err, StoreFatal):
+        return err
+    return StoreFatal(f"store unreachable at {cfg.endpoint}: {err}", ExitCode.STORE_UNREACHABLE)

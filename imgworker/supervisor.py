@@ -1,0 +1,419 @@
+"""The supervisor: owns the worker processes, the Manager and the signals; wires everything.
+
+Data flow (one direction)::
+
+    store listing ──pages──▶ scanner filter ──▶ ledger.filter_new (1 round trip per page)
+         ──▶ Dispatch (bounded pending queue) ──one item──▶ worker i (own Pipe)
+         ◀──Reply (Result)── worker i ──▶ Stats, results file, ledger.add_many
+
+The supervisor always knows which item each worker holds (``Dispatch``). It waits on every
+worker's result pipe *and* process sentinel with ``multiprocessing.connection.wait``, so a
+death is seen at once without polling; the dead worker's item goes back to the head of the
+queue (a retry) or, after ``worker.max_attempts``, ends as ``failed_worker``.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import signal
+import time
+from collections.abc import Callable, Iterator
+from multiprocessing.connection import Connection, wait
+from types import FrameType
+from typing import Any
+
+import msgspec
+
+from .config import Config
+from .dispatch import Dispatch
+from .errors import StoreError, StoreFatal
+from .ledger import start_ledger
+from .outcomes import ImageRef, Outcome, Result, WorkItem
+from .proctitle import set_title
+from .progress import Progress
+from .results import ResultsWriter, read_results
+from .scanner import parse_task, select_images
+from .stats import Report, Stats
+from .store import Store
+from .worker import STOP, decode_reply, encode_item, worker_main
+
+log = logging.getLogger(__name__)
+
+_CTX = multiprocessing.get_context("spawn")
+
+
+class WorkerHandle:
+    """One worker slot: its process, its channel, and whether it is leaving on purpose."""
+
+    def __init__(self, slot: int, cfg: Config) -> None:
+        self.slot = slot
+        ours, theirs = _CTX.Pipe(duplex=True)
+        self.conn: Connection = ours
+        self.process = _CTX.Process(target=worker_main, args=(slot, cfg, theirs), name=f"imgworker-worker-{slot}")
+        self.process.start()
+        theirs.close()  # only the worker holds that end: its death closes our side
+        self.dispatched_at = 0.0
+        self.retiring = False
+
+    @property
+    def sentinel(self) -> int:
+        return self.process.sentinel
+
+    def send(self, item: WorkItem) -> None:
+        self.dispatched_at = time.monotonic()
+        self.conn.send_bytes(encode_item(item))
+
+    def stop(self, timeout: float) -> None:
+        """Poison pill, join with grace, then terminate, kill, join."""
+        try:
+            self.conn.send_bytes(STOP)
+        except OSError:
+            pass
+        self.process.join(timeout)
+        if self.process.is_alive():
+            self.process.terminate()
+            self.process.join(1.0)
+        if self.process.is_alive():
+            self.process.kill()
+            self.process.join()
+
+
+class Supervisor:
+    """Runs the pipeline; ``step()`` is one iteration of the loop and can be driven by tests."""
+
+    def __init__(self, cfg: Config, *, intake_done: Callable[[], bool] = lambda: True, show_progress: bool = True):
+        self.cfg = cfg
+        self.intake_done = intake_done
+        self.stats = Stats(cfg.worker.count)
+        self.dispatch = Dispatch(cfg.dispatch)
+        self.store = Store(cfg.store, cfg.credentials, read_timeout_s=cfg.store.list_timeout_s)
+        self.progress = Progress(cfg.run.progress_interval_s, enabled=show_progress)
+        self.workers: dict[int, WorkerHandle] = {}
+        self.idle: list[int] = []
+        self._manager: Any = None
+        self.ledger: Any = None
+        self.results: ResultsWriter | None = None
+        self._done_keys: list[str] = []
+        self._pages: Iterator[list[ImageRef]] | None = None
+        self._carry: list[ImageRef] = []
+        self._next_scan = 0.0
+        self._scan_failures = 0
+        self._sweep_complete = True
+        self._sweep_accepted = 0
+        self._last_sweep_idle = False
+        self._next_checkpoint = 0.0
+        self._started = 0.0
+        self._stop_reason = ""
+        self.draining = False
+        self.forced = False
+        self._drain_deadline = 0.0
+        self._signals = 0
+
+    # ----- lifecycle -----------------------------------------------------------------
+
+    def start(self) -> None:
+        set_title("supervisor")
+        self.store.check()
+        self._manager, self.ledger = start_ledger()
+        resumed = self._restore_state()
+        self.results = ResultsWriter(self.cfg.results_path)
+        for slot in range(self.cfg.worker.count):
+            self._spawn(slot)
+        self._started = time.monotonic()
+        self._next_checkpoint = self._started + self.cfg.run.checkpoint_interval_s
+        log.info(
+            "started: %d workers, bucket %s, prefix %r, %d processed known, %d pending resumed",
+            self.cfg.worker.count, self.cfg.store.bucket, self.cfg.store.prefix, self.ledger.size(), resumed,
+        )
+
+    def run(self) -> Report:
+        """Start, loop until a stop condition, shut down in order; return the report."""
+        self.start()
+        previous = self._install_signals()
+        try:
+            while not self.finished():
+                self.step()
+        finally:
+            self.shutdown()
+            self._restore_signals(previous)
+        return self.report()
+
+    def shutdown(self) -> None:
+        """Stop workers (grace, terminate, kill), write state, stop the Manager."""
+        for handle in list(self.workers.values()):
+            handle.stop(timeout=0.2 if self.forced else 5.0)
+            self._drain_replies(handle)
+            handle.conn.close()
+        self.workers.clear()
+        self.idle.clear()
+        if self.ledger is not None:
+            self.checkpoint()
+        if self.results is not None:
+            self.results.close()
+        if self._manager is not None:
+            self._manager.shutdown()
+            self._manager = None
+        self.progress.close()
+
+    def report(self) -> Report:
+        return self.stats.report(
+            pending=self.dispatch.pending,
+            in_flight=self.dispatch.in_flight,
+            wall_s=time.monotonic() - self._started,
+        )
+
+    # ----- the loop ------------------------------------------------------------------
+
+    def step(self) -> None:
+        """One iteration: scan a page, feed idle workers, wait for replies or deaths, book-keep."""
+        now = time.monotonic()
+        self._check_stop_conditions(now)
+        if not self.draining:
+            self.scan_step(now)
+            self.feed_idle()
+        self._wait_and_handle(self._wait_timeout(now))
+        if time.monotonic() >= self._next_checkpoint:
+            self.checkpoint()
+        self.progress.maybe_show(self.stats, self.dispatch, len(self.workers))
+
+    def finished(self) -> bool:
+        if self.forced:
+            return True
+        if self.draining:
+            return self.dispatch.in_flight == 0 or time.monotonic() >= self._drain_deadline
+        return False
+
+    def request_stop(self, reason: str, *, force: bool = False) -> None:
+        """Stop intake and drain in-flight work (or, forced, stop at once)."""
+        if not self.draining:
+            log.info("stopping (%s): no new items, letting %d in flight finish", reason, self.dispatch.in_flight)
+            self.draining = True
+            self._stop_reason = reason
+            self._drain_deadline = time.monotonic() + self.cfg.run.grace_s
+        if force:
+            self.forced = True
+
+    def _check_stop_conditions(self, now: float) -> None:
+        if self.draining:
+            return
+        if self.cfg.run.duration_s and now - self._started >= self.cfg.run.duration_s:
+            self.request_stop("duration reached")
+        elif self.cfg.run.until_idle and self._idle() and self.intake_done():
+            self.request_stop("idle")
+
+    def _idle(self) -> bool:
+        return self._last_sweep_idle and self.dispatch.pending == 0 and self.dispatch.in_flight == 0
+
+    def _wait_timeout(self, now: float) -> float:
+        if self.draining:
+            return 0.2
+        if self._pages is not None and (self._carry or self.dispatch.room):
+            return 0.0  # the listing has more to give
+        return max(0.0, min(0.5, self._next_scan - now, self._next_checkpoint - now))
+
+    # ----- scanning ------------------------------------------------------------------
+
+    def scan_step(self, now: float) -> None:
+        """Accept at most one listing page of new images."""
+        if self._pages is None:
+            if now < self._next_scan:
+                return
+            self._begin_sweep()
+        if self.cfg.dispatch.overflow == "block" and self.dispatch.room == 0:
+            return  # keep the listing where it is until there is room
+        if not self._carry and not self._next_page():
+            return
+        self._accept(self._carry)
+
+    def _begin_sweep(self) -> None:
+        self._flush_done()
+        self.ledger.begin_sweep()
+        self._pages = self.store.list_pages(self.cfg.store.prefix, self.cfg.scan.page_size)
+        self._sweep_complete = True
+        self._sweep_accepted = 0
+
+    def _next_page(self) -> bool:
+        assert self._pages is not None
+        try:
+            page = next(self._pages)
+        except StopIteration:
+            self._end_sweep(complete=self._sweep_complete)
+            return False
+        except StoreError as exc:
+            self._scan_failed(exc)
+            return False
+        self._scan_failures = 0
+        images = [r for r in select_images(page, prefix=self.cfg.store.prefix, cfg=self.cfg.scan) if r.key not in self.dispatch]
+        self._flush_done()
+        new = set(self.ledger.filter_new([r.key for r in images]))
+        self._carry = [r for r in images if r.key in new]
+        return bool(self._carry)
+
+    def _accept(self, refs: list[ImageRef]) -> None:
+        block = self.cfg.dispatch.overflow == "block"
+        count = min(len(refs), self.dispatch.room) if block else len(refs)
+        for ref in refs[:count]:
+            self.stats.scanned += 1
+            self._sweep_accepted += 1
+            for dropped in self.dispatch.offer(ref):
+                self._finish(Result(key=dropped.key, outcome=Outcome.DROPPED_BACKLOG, task_type=dropped.task_type,
+                                    task_id=dropped.task_id, cause="queue_full", finished_at=time.time()))
+        self._carry = refs[count:]
+
+    def _end_sweep(self, *, complete: bool) -> None:
+        self._pages = None
+        self._carry = []
+        if complete:
+            pruned = self.ledger.end_sweep()
+            if pruned:
+                log.info("processed set: pruned %d entries whose objects are gone", pruned)
+        self._last_sweep_idle = complete and self._sweep_accepted == 0
+        self._next_scan = time.monotonic() + self.cfg.scan.interval_s
+
+    def _scan_failed(self, exc: StoreError) -> None:
+        self._scan_failures += 1
+        delay = min(30.0, self.cfg.scan.interval_s * 2 ** min(self._scan_failures, 6))
+        log.warning("scan failed (%s); retrying in %.1f s", exc, delay)
+        self._sweep_complete = False
+        self._end_sweep(complete=False)
+        self._next_scan = time.monotonic() + delay
+        if isinstance(exc, StoreFatal):
+            log.error("store refuses the scan: %s", exc)
+
+    # ----- dispatch and replies ----------------------------------------------------
+
+    def feed_idle(self) -> None:
+        while self.idle and self.dispatch.pending:
+            slot = self.idle.pop()
+            item = self.dispatch.take(slot)
+            assert item is not None
+            try:
+                self.workers[slot].send(item)
+            except OSError:
+                pass  # it died; its sentinel will tell, and the item goes back
+
+    def _wait_and_handle(self, timeout: float) -> None:
+        by_conn = {h.conn: h for h in self.workers.values()}
+        by_sentinel = {h.sentinel: h for h in self.workers.values()}
+        ready = wait(list(by_conn) + list(by_sentinel), timeout)
+        for obj in ready:
+            if obj in by_conn:
+                self._drain_replies(by_conn[obj])  # type: ignore[index]
+        for obj in ready:
+            if obj in by_sentinel:
+                self._on_exit(by_sentinel[obj])  # type: ignore[index]
+
+    def _drain_replies(self, handle: WorkerHandle) -> None:
+        try:
+            while not handle.conn.closed and handle.conn.poll():
+                self._on_reply(handle, decode_reply(handle.conn.recv_bytes()))
+        except (EOFError, OSError, msgspec.DecodeError):
+            return  # the sentinel reports the death
+
+    def _on_reply(self, handle: WorkerHandle, reply: Any) -> None:
+        item = self.dispatch.release(handle.slot)
+        e2e = (time.monotonic() - handle.dispatched_at) * 1000.0
+        result = msgspec.structs.replace(reply.result, e2e_ms=e2e)
+        if item is None or item.ref.key != result.key:
+            log.error("worker %d answered for %r it was not holding; ignored", handle.slot, result.key)
+            return
+        self._finish(result)
+        handle.retiring = reply.retiring
+        if not reply.retiring:
+            self.idle.append(handle.slot)
+
+    def _on_exit(self, handle: WorkerHandle) -> None:
+        handle.process.join()
+        code = handle.process.exitcode
+        self.workers.pop(handle.slot, None)
+        if handle.slot in self.idle:
+            self.idle.remove(handle.slot)
+        item = self.dispatch.release(handle.slot)
+        if item is not None:
+            self._on_lost_item(item, handle.slot, code)
+        if not handle.retiring:
+            self.stats.worker_restarts += 1
+            log.warning("worker %d exited unexpectedly (exit code %s); starting a replacement", handle.slot, code)
+        handle.conn.close()
+        if not self.forced:
+            self._spawn(handle.slot)
+
+    def _on_lost_item(self, item: WorkItem, slot: int, code: int | None) -> None:
+        ref = item.ref
+        if item.attempt >= self.cfg.worker.max_attempts:
+            log.error("worker %d died on %s %d times; giving up on it", slot, ref.key, item.attempt)
+            self._finish(Result(key=ref.key, outcome=Outcome.FAILED_WORKER, task_type=ref.task_type, task_id=ref.task_id,
+                                worker=slot, attempt=item.attempt, cause=f"worker_died_exit_{code}", finished_at=time.time()))
+            return
+        self.stats.retries += 1
+        self.dispatch.requeue_front(WorkItem(ref=ref, attempt=item.attempt + 1))
+
+    def _spawn(self, slot: int) -> None:
+        if self.draining:
+            return
+        self.workers[slot] = WorkerHandle(slot, self.cfg)
+        self.idle.append(slot)
+
+    def _finish(self, result: Result) -> None:
+        """The one place an image gets its terminal outcome."""
+        assert self.results is not None
+        self.results.write(result)
+        self.stats.record(result)
+        self._done_keys.append(result.key)
+
+    # ----- state -----------------------------------------------------------------------
+
+    def _flush_done(self) -> None:
+        if self._done_keys:
+            self.ledger.add_many(self._done_keys)
+            self._done_keys = []
+
+    def checkpoint(self) -> None:
+        """Make results durable, then write the processed set and the queue atomically."""
+        self._flush_done()
+        offset = self.results.sync() if self.results is not None and not self.results.closed else 0
+        unfinished = self.dispatch.held_keys() + self.dispatch.pending_keys()
+        self.ledger.save(self._state_path(), offset, unfinished)
+        self._next_checkpoint = time.monotonic() + self.cfg.run.checkpoint_interval_s
+
+    def _state_path(self) -> str:
+        return os.path.join(self.cfg.run.state_dir, "state.json")
+
+    def _restore_state(self) -> int:
+        """Load the processed set, replay results written after it, requeue unfinished items."""
+        state = self.ledger.load(self._state_path())
+        if os.path.exists(self.cfg.results_path):
+            batch: list[str] = []
+            for result in read_results(self.cfg.results_path, offset=state.results_offset):
+                batch.append(result.key)
+                if len(batch) >= 1000:
+                    self.ledger.add_many(batch)
+                    batch = []
+            self.ledger.add_many(batch)
+        new = set(self.ledger.filter_new(state.pending))
+        resumed = [k for k in state.pending if k in new]
+        for key in resumed:
+            task_type, task_id = parse_task(key, self.cfg.store.prefix)
+            self.stats.scanned += 1
+            self.dispatch.append(WorkItem(ref=ImageRef(key=key, task_type=task_type, task_id=task_id)))
+        return len(resumed)
+
+    # ----- signals -----------------------------------------------------------------------
+
+    def _install_signals(self) -> dict[int, Any]:
+        previous = {}
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            previous[sig] = signal.signal(sig, self._on_signal)
+        return previous
+
+    @staticmethod
+    def _restore_signals(previous: dict[int, Any]) -> None:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        """Signals only set flags: the first drains, the second forces."""
+        self._signals += 1
+        self.request_stop(signal.Signals(signum).name, force=self._signals > 1)

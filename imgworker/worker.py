@@ -1,0 +1,223 @@
+"""The worker process: build its own clients, then handle one item per step.
+
+A worker blocks on its channel (no polling). It exits when it receives the stop message,
+when the supervisor's end of the channel closes (the supervisor died), or after answering
+an item it was told to retire on (max_tasks, max_memory_mb).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import signal
+import time
+from collections.abc import Callable
+from multiprocessing.connection import Connection
+from typing import Protocol
+
+import msgspec
+import psutil
+
+from .algo_client import AlgoAnswer, AlgoClient, AlgoRequest
+from .config import Config
+from .errors import AlgoError, AlgoPermanent, AlgoTransient, ImageGone, ObjectMissing, StoreError, StoreUnavailable
+from .outcomes import Outcome, Result, WorkItem
+from .proctitle import set_title
+
+log = logging.getLogger(__name__)
+
+STOP = b""
+_item_decoder = msgspec.msgpack.Decoder(WorkItem)
+_result_encoder = msgspec.msgpack.Encoder()
+
+
+class Reply(msgspec.Struct, frozen=True, array_like=True):
+    """What a worker sends back: the result, and whether it will exit right after."""
+
+    result: Result
+    retiring: bool = False
+
+
+class StoreOps(Protocol):
+    def stat(self, key: str) -> int: ...
+    def presign(self, key: str, expiry_s: int) -> str: ...
+
+
+class AlgoOps(Protocol):
+    def infer(self, request: AlgoRequest) -> AlgoAnswer: ...
+
+
+def backoff_delay(attempt: int, *, base_s: float, cap_s: float, rng: random.Random) -> float:
+    """Full-jitter exponential backoff: uniform(0, min(cap, base * 2**attempt))."""
+    return rng.uniform(0.0, min(cap_s, base_s * (2**attempt)))
+
+
+class ItemProcessor:
+    """Turns one WorkItem into one Result; collaborators are injected so tests need no process."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        *,
+        store: StoreOps,
+        algo: AlgoOps,
+        worker_id: int,
+        sleep: Callable[[float], None] = time.sleep,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.store = store
+        self.algo = algo
+        self.worker_id = worker_id
+        self.sleep = sleep
+        self.rng = rng or random.Random()
+
+    def process(self, item: WorkItem) -> Result:
+        started = time.time()
+        t0 = time.monotonic()
+        fields = self._Fields()
+        outcome, cause = self._run(item, fields)
+        return Result(
+            key=item.ref.key,
+            outcome=outcome,
+            task_type=item.ref.task_type,
+            task_id=item.ref.task_id,
+            detections=fields.detections,
+            algo_ms=fields.algo_ms,
+            e2e_ms=(time.monotonic() - t0) * 1000.0,
+            stat_ms=fields.stat_ms,
+            worker=self.worker_id,
+            attempt=item.attempt,
+            algo_calls=fields.algo_calls,
+            cause=cause,
+            started_at=started,
+            finished_at=time.time(),
+        )
+
+    class _Fields:
+        def __init__(self) -> None:
+            self.detections = 0
+            self.algo_ms: float | None = None
+            self.stat_ms: float | None = None
+            self.algo_calls = 0
+
+    def _run(self, item: WorkItem, fields: _Fields) -> tuple[Outcome, str]:
+        key = item.ref.key
+        try:
+            if self.cfg.worker.stat_check:
+                t = time.monotonic()
+                self._with_store_retry(lambda: self.store.stat(key))
+                fields.stat_ms = (time.monotonic() - t) * 1000.0
+            url = self._with_store_retry(lambda: self.store.presign(key, self.cfg.worker.presign_expiry_s))
+        except ObjectMissing:
+            outcome = Outcome.SKIPPED_MISSING if self.cfg.worker.stat_check else Outcome.FAILED_MISSING
+            log.debug("worker %d: %s is gone, skipped", self.worker_id, key)
+            return outcome, "object_missing"
+        except StoreError as exc:
+            log.warning("worker %d: store failed for %s: %s", self.worker_id, key, exc)
+            return Outcome.FAILED_STORE, _short(exc)
+        request = AlgoRequest(
+            image_url=url,
+            task_id=item.ref.task_id,
+            task_type=item.ref.task_type,
+            image_path=key,
+            algo_config=self.cfg.algo.algo_config,
+        )
+        return self._infer(request, fields)
+
+    def _infer(self, request: AlgoRequest, fields: _Fields) -> tuple[Outcome, str]:
+        attempts = self.cfg.algo.retries + 1
+        last: AlgoError | None = None
+        for attempt in range(attempts):
+            if attempt:
+                self.sleep(self._delay(attempt - 1, self.cfg.algo.backoff_base_s, self.cfg.algo.backoff_cap_s))
+            fields.algo_calls += 1
+            try:
+                answer = self.algo.infer(request)
+            except ImageGone:
+                return Outcome.FAILED_MISSING, "algo_404"
+            except AlgoPermanent as exc:
+                return Outcome.FAILED_ALGO, exc.cause
+            except AlgoTransient as exc:
+                last = exc
+                log.info("worker %d: %s attempt %d: %s", self.worker_id, request.image_path, attempt + 1, exc.cause)
+                continue
+            fields.algo_ms = answer.elapsed_ms
+            fields.detections = answer.detections
+            if answer.success and answer.detections > 0:
+                return Outcome.INFERRED, ""
+            return Outcome.NO_DETECTION, "" if answer.success else "success_false"
+        assert last is not None
+        return Outcome.FAILED_ALGO, last.cause
+
+    def _with_store_retry(self, op: Callable[[], object]) -> str:
+        """Retry StoreUnavailable with backoff until the store budget is spent."""
+        deadline = time.monotonic() + self.cfg.worker.store_retry_budget_s
+        attempt = 0
+        while True:
+            try:
+                return op()  # type: ignore[return-value]
+            except StoreUnavailable:
+                delay = self._delay(attempt, 0.1, 2.0)
+                if time.monotonic() + delay > deadline:
+                    raise
+                attempt += 1
+                self.sleep(delay)
+
+    def _delay(self, attempt: int, base: float, cap: float) -> float:
+        return backoff_delay(attempt, base_s=base, cap_s=cap, rng=self.rng)
+
+
+def _short(exc: BaseException) -> str:
+    return str(exc).split(":", 1)[0][:80] or type(exc).__name__
+
+
+def worker_main(worker_id: int, cfg: Config, conn: Connection) -> None:
+    """Entry point of a worker process (top-level so the spawn context can import it)."""
+    set_title(f"worker {worker_id}")
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides how Ctrl-C ends a run
+    processor = _build_processor(worker_id, cfg)
+    done = 0
+    me = psutil.Process()
+    while True:
+        try:
+            message = conn.recv_bytes()
+        except (EOFError, OSError):
+            return  # the supervisor is gone: exit on our own, no orphans
+        if message == STOP:
+            return
+        result = processor.process(_item_decoder.decode(message))
+        done += 1
+        retiring = _should_retire(cfg, done, me)
+        try:
+            conn.send_bytes(_result_encoder.encode(Reply(result=result, retiring=retiring)))
+        except (BrokenPipeError, OSError):
+            return
+        if retiring:
+            return
+
+
+def _should_retire(cfg: Config, done: int, me: psutil.Process) -> bool:
+    if cfg.worker.max_tasks and done >= cfg.worker.max_tasks:
+        return True
+    if cfg.worker.max_memory_mb:
+        return bool(me.memory_info().rss > cfg.worker.max_memory_mb * 1024 * 1024)
+    return False
+
+
+def _build_processor(worker_id: int, cfg: Config) -> ItemProcessor:
+    """Clients are built here, inside the worker: connection pools are not fork-safe."""
+    from .store import Store
+
+    store = Store(cfg.store, cfg.credentials, read_timeout_s=cfg.worker.stat_timeout_s, pool_size=2)
+    algo = AlgoClient(cfg.algo)
+    return ItemProcessor(cfg, store=store, algo=algo, worker_id=worker_id, rng=random.Random(os.getpid()))
+
+
+def decode_reply(data: bytes) -> Reply:
+    return msgspec.msgpack.decode(data, type=Reply)
+
+
+def encode_item(item: WorkItem) -> bytes:
+    return msgspec.msgpack.encode(item)
