@@ -1,0 +1,81 @@
+"""The command line through subprocesses: the demo, and the errors a user sees at start."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import cli_env, upload
+
+pytestmark = pytest.mark.timeout(180)
+
+
+def imgworker(*args: str, env: dict[str, str], timeout: float = 150, cwd=None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "imgworker", *args], env=env, capture_output=True, text=True,
+                          timeout=timeout, cwd=cwd)
+
+
+def test_demo_runs_end_to_end(tmp_path):
+    import os
+
+    report_path = tmp_path / "report.json"
+    proc = imgworker("demo", "--duration", "4", "--rate", "5", "--no-progress", "--data-dir", str(tmp_path / "demo"),
+                     "--report-json", str(report_path), env=dict(os.environ))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(report_path.read_text())
+    assert report["outcomes"]["inferred"] > 0
+    assert report["conserved"] is True
+    assert report["failures"] == 0
+    assert report["scanned"] >= 15
+    assert "| mean inference time |" in proc.stdout
+    assert "conserved: True" in proc.stdout
+
+
+def test_run_until_idle_with_config_file(tmp_path, store_server, algo_server, creds, store, prefix):
+    upload(store, [f"{prefix}p/t/20240101-120000.{i:03d}.jpg" for i in range(4)])
+    config = tmp_path / "imgworker.toml"
+    config.write_text(f'[store]\nprefix = "{prefix}"\n[algo]\nendpoint = "{algo_server.endpoint}"\n'
+                      f'[run]\nstate_dir = "{tmp_path / "state"}"\n')
+    report_path = tmp_path / "r.json"
+    proc = imgworker("run", "--config", str(config), "--workers", "2", "--until-idle", "--no-progress",
+                     "--report-json", str(report_path), env=cli_env(store_server, creds))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(report_path.read_text())
+    assert (report["scanned"], report["workers"], report["conserved"]) == (4, 2, True)
+    assert creds.secret_key not in proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("extra_env", "code", "message"),
+    [
+        ({"IMGWORKER_SECRET_KEY": "wrong-secret"}, 3, "store refused the credentials"),
+        ({"IMGWORKER_STORE_BUCKET": "no-such-bucket"}, 4, "bucket 'no-such-bucket' does not exist"),
+        ({"IMGWORKER_STORE_ENDPOINT": "127.0.0.1:9"}, 5, "store unreachable at 127.0.0.1:9"),
+        ({"IMGWORKER_WORKER_COUNT": "zero"}, 2, "invalid config key worker.count: value 'zero'"),
+        ({"IMGWORKER_SECRET_KEY": "", "AWS_SECRET_ACCESS_KEY": ""}, 2, "store credentials missing"),
+    ],
+)
+def test_start_errors_are_one_clear_line(store_server, creds, extra_env, code, message, tmp_path):
+    env = cli_env(store_server, creds, IMGWORKER_RUN_STATE_DIR=str(tmp_path), **extra_env)
+    proc = imgworker("run", "--until-idle", "--no-progress", env=env, timeout=60)
+    assert proc.returncode == code
+    assert message in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().count("\n") == 0
+    assert "wrong-secret" not in proc.stderr and creds.secret_key not in proc.stderr
+
+
+def test_report_command_recomputes_the_run_report(tmp_path, store_server, algo_server, creds, store, prefix):
+    upload(store, [f"{prefix}p/t/20240101-120000.{i:03d}.jpg" for i in range(3)])
+    env = cli_env(store_server, creds, IMGWORKER_STORE_PREFIX=prefix, IMGWORKER_ALGO_ENDPOINT=algo_server.endpoint,
+                  IMGWORKER_RUN_STATE_DIR=str(tmp_path / "s"))
+    run_report = tmp_path / "r.json"
+    assert imgworker("run", "--until-idle", "--no-progress", "--report-json", str(run_report), env=env).returncode == 0
+    proc = imgworker("report", "--json", str(tmp_path / "s" / "results.jsonl"), env=env)
+    assert proc.returncode == 0, proc.stderr
+    again, original = json.loads(proc.stdout), json.loads(run_report.read_text())
+    for field in ("scanned", "outcomes", "inferences", "failures", "failure_rate", "avg_inference_ms"):
+        assert again[field] == original[field]

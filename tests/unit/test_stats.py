@@ -1,0 +1,73 @@
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from imgworker.outcomes import Outcome, Result
+from imgworker.stats import LogHistogram, Stats, format_report, stats_from_results
+
+
+def results(**counts: int) -> list[Result]:
+    out = []
+    for name, n in counts.items():
+        out += [Result(key=f"{name}-{i}", outcome=Outcome(name), algo_ms=100.0, e2e_ms=101.0) for i in range(n)]
+    return out
+
+
+def test_report_arithmetic_and_denominators():
+    stats = stats_from_results(results(inferred=30, no_detection=60, failed_algo=4, failed_missing=6,
+                                       skipped_missing=50, dropped_backlog=10))
+    stats.scanned += 5  # five still queued
+    report = stats.report(pending=3, in_flight=2, wall_s=10.0)
+    assert report.inferences == 90
+    assert report.failures == 10
+    assert report.attempted == 100
+    assert report.failure_rate == pytest.approx(0.10)
+    assert report.failure_rate_per_success == pytest.approx(10 / 90, rel=1e-5)
+    assert report.success_rate == pytest.approx(0.90)
+    assert report.conserved is True
+    assert report.outcomes["skipped_missing"] == 50
+    assert set(report.outcomes) == {o.value for o in Outcome}
+    assert report.throughput_per_s == pytest.approx(16.0)
+
+
+def test_conservation_detects_a_lost_image():
+    stats = stats_from_results(results(inferred=3))
+    stats.scanned += 1
+    assert stats.report(pending=0, in_flight=0, wall_s=1.0).conserved is False
+
+
+def test_empty_report_has_no_division_by_zero():
+    report = Stats(2).report(pending=0, in_flight=0, wall_s=0.0)
+    assert (report.failure_rate, report.success_rate, report.throughput_per_s) == (0.0, 0.0, 0.0)
+    assert report.conserved
+
+
+def test_only_successful_calls_enter_inference_latency():
+    stats = Stats(1)
+    stats.record(Result(key="a", outcome=Outcome.INFERRED, algo_ms=100.0))
+    stats.record(Result(key="b", outcome=Outcome.FAILED_ALGO, algo_ms=9000.0))
+    assert stats.algo_ms.count == 1
+
+
+def test_histogram_percentiles_within_bucket_width():
+    rng = random.Random(3)
+    values = sorted(rng.lognormvariate(5, 0.5) for _ in range(20000))
+    hist = LogHistogram()
+    for v in values:
+        hist.add(v)
+    for q in (50, 95, 99):
+        exact = values[int(len(values) * q / 100) - 1]
+        assert hist.percentile(q) == pytest.approx(exact, rel=0.015)
+    assert hist.mean == pytest.approx(sum(values) / len(values))
+    assert LogHistogram().percentile(50) == 0.0
+
+
+def test_human_report_lists_every_outcome():
+    report = stats_from_results(results(inferred=1, failed_store=2)).report(pending=0, in_flight=0, wall_s=1.0)
+    text = format_report(report)
+    assert "| failure rate | 66.67% of 3 attempted |" in text
+    for outcome in Outcome:
+        assert f"| {outcome.value} |" in text
+    assert "conserved: True" in text
