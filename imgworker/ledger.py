@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import signal
 import tempfile
+import threading
+from multiprocessing.connection import Connection
 from multiprocessing.managers import BaseManager
 from typing import Any
 
@@ -112,15 +115,26 @@ class LedgerManager(BaseManager):
 LedgerManager.register("ProcessedSet", ProcessedSet)
 
 
-def _manager_init() -> None:
-    import signal
-
+def _manager_init(lifeline: Connection) -> None:
     set_title("ledger")
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides when the Manager stops
+    threading.Thread(target=_exit_when_closed, args=(lifeline,), daemon=True, name="lifeline").start()
 
 
-def start_ledger() -> tuple[LedgerManager, Any]:
-    """Start the Manager (spawn context) and return it with a proxy to a fresh ProcessedSet."""
-    manager = LedgerManager(ctx=multiprocessing.get_context("spawn"))
-    manager.start(initializer=_manager_init)
-    return manager, manager.ProcessedSet()  # type: ignore[attr-defined]
+def _exit_when_closed(lifeline: Connection) -> None:
+    """Block until the supervisor's end of the lifeline closes (it exited or died), then exit."""
+    try:
+        lifeline.recv_bytes()
+    except (EOFError, OSError):
+        pass
+    os._exit(0)
+
+
+def start_ledger() -> tuple[LedgerManager, Any, Connection]:
+    """Start the Manager (spawn context); return it, a ProcessedSet proxy and the lifeline to keep open."""
+    ctx = multiprocessing.get_context("spawn")
+    theirs, ours = ctx.Pipe(duplex=False)
+    manager = LedgerManager(ctx=ctx)
+    manager.start(initializer=_manager_init, initargs=(theirs,))
+    theirs.close()
+    return manager, manager.ProcessedSet(), ours  # type: ignore[attr-defined]

@@ -60,6 +60,7 @@ class Report(msgspec.Struct, frozen=True):
     success_rate: float
     retries: int
     worker_restarts: int
+    worker_recycles: int
     avg_inference_ms: float
     p50_inference_ms: float
     p95_inference_ms: float
@@ -79,6 +80,7 @@ class Stats:
         self.scanned = 0
         self.retries = 0
         self.worker_restarts = 0
+        self.worker_recycles = 0
         self.counts: dict[Outcome, int] = {o: 0 for o in Outcome}
         self.algo_ms = LogHistogram()
         self.e2e_ms = LogHistogram()
@@ -116,6 +118,7 @@ class Stats:
             success_rate=_ratio(successes, attempted),
             retries=self.retries,
             worker_restarts=self.worker_restarts,
+            worker_recycles=self.worker_recycles,
             avg_inference_ms=round(self.algo_ms.mean, 2),
             p50_inference_ms=round(self.algo_ms.percentile(50), 2),
             p95_inference_ms=round(self.algo_ms.percentile(95), 2),
@@ -159,7 +162,8 @@ def format_report(report: Report) -> str:
         f" / {report.p99_inference_ms:.1f} ms |",
         f"| p50 / p99 end to end | {report.p50_e2e_ms:.1f} / {report.p99_e2e_ms:.1f} ms |",
         f"| throughput | {report.throughput_per_s:.2f} img/s over {report.wall_s:.1f} s, {report.workers} workers |",
-        f"| retries / worker restarts | {report.retries} / {report.worker_restarts} |",
+        f"| retries / worker restarts / recycles | {report.retries} / {report.worker_restarts}"
+        f" / {report.worker_recycles} |",
         "",
         "| outcome | images |",
         "|---|---|",

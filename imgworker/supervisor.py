@@ -93,6 +93,7 @@ class Supervisor:
         self.workers: dict[int, WorkerHandle] = {}
         self.idle: list[int] = []
         self._manager: Any = None
+        self._lifeline: Any = None
         self.ledger: Any = None
         self.results: ResultsWriter | None = None
         self._done_keys: list[str] = []
@@ -116,7 +117,7 @@ class Supervisor:
     def start(self) -> None:
         set_title("supervisor")
         self.store.check()
-        self._manager, self.ledger = start_ledger()
+        self._manager, self.ledger, self._lifeline = start_ledger()
         resumed = self._restore_state()
         self.results = ResultsWriter(self.cfg.results_path)
         for slot in range(self.cfg.worker.count):
@@ -154,6 +155,7 @@ class Supervisor:
             self.results.close()
         if self._manager is not None:
             self._manager.shutdown()
+            self._lifeline.close()
             self._manager = None
         self.progress.close()
 
@@ -333,7 +335,9 @@ class Supervisor:
         item = self.dispatch.release(handle.slot)
         if item is not None:
             self._on_lost_item(item, handle.slot, code)
-        if not handle.retiring:
+        if handle.retiring:
+            self.stats.worker_recycles += 1
+        else:
             self.stats.worker_restarts += 1
             log.warning("worker %d exited unexpectedly (exit code %s); starting a replacement", handle.slot, code)
         handle.conn.close()

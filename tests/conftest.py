@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import os
 import secrets
+import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from typing import Any
 
 import msgspec
+import psutil
 import pytest
 
 from imgworker.config import Config, Credentials, load_config
@@ -89,4 +92,35 @@ def read_outcomes(cfg: Config) -> dict[str, list[str]]:
     out: dict[str, list[str]] = {}
     for result in read_results(cfg.results_path):
         out.setdefault(result.key, []).append(result.outcome.value)
+    return out
+
+
+def start_run(env: dict[str, str], *args: str, log_path: str | None = None) -> subprocess.Popen[str]:
+    """``imgworker run`` as a child process (the caller reaps it with ``reap``)."""
+    out = open(log_path, "w") if log_path else subprocess.DEVNULL  # noqa: SIM115
+    return subprocess.Popen([sys.executable, "-m", "imgworker", *args], env=env, stdout=out, stderr=subprocess.STDOUT,
+                            text=True)
+
+
+def reap(proc: subprocess.Popen[str], timeout: float = 30) -> int:
+    """Wait for a child; kill it (and its children) if it does not finish."""
+    try:
+        return proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        for child in psutil.Process(proc.pid).children(recursive=True):
+            child.kill()
+        proc.kill()
+        proc.wait()
+        raise
+
+
+def workers_of(pid: int) -> list[psutil.Process]:
+    """Worker processes of a supervisor, recognised by their process title."""
+    out = []
+    for child in psutil.Process(pid).children():
+        try:
+            if "imgworker: worker" in " ".join(child.cmdline()):
+                out.append(child)
+        except psutil.NoSuchProcess:
+            continue
     return out

@@ -34,7 +34,7 @@ def test_save_is_atomic_and_loadable(tmp_path):
 
 
 def test_manager_serves_batched_operations(tmp_path):
-    manager, ledger = start_ledger()
+    manager, ledger, lifeline = start_ledger()
     try:
         ledger.add_many([f"k{i}" for i in range(1000)])
         assert ledger.filter_new([f"k{i}" for i in range(995, 1005)]) == [f"k{i}" for i in range(1000, 1005)]

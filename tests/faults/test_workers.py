@@ -1,0 +1,134 @@
+"""Worker faults injected for real: SIGKILL, poison items, recycling, supervisor death, titles."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import time
+
+import psutil
+import pytest
+
+from imgworker.services.algo_server import AlgoService, SyntheticParams
+from imgworker.supervisor import Supervisor
+from tests.conftest import cli_env, read_outcomes, reap, start_run, upload, workers_of
+
+pytestmark = pytest.mark.timeout(180)
+
+
+@pytest.fixture(scope="module")
+def slow_algo():
+    with AlgoService("synthetic", SyntheticParams(latency_ms=60.0, sigma=0.3, detection_rate=0.5)) as service:
+        yield service
+
+
+def test_random_sigkills_lose_nothing(tmp_path, store_server, creds, store, prefix, slow_algo):
+    keys = [f"{prefix}p/cam-{i % 4}/20240101-1200{i // 100:02d}.{i % 100:03d}.jpg" for i in range(300)]
+    upload(store, keys)
+    env = cli_env(store_server, creds, IMGWORKER_STORE_PREFIX=prefix, IMGWORKER_ALGO_ENDPOINT=slow_algo.endpoint,
+                  IMGWORKER_RUN_STATE_DIR=str(tmp_path / "s"), IMGWORKER_WORKER_MAX_ATTEMPTS="20")
+    report = tmp_path / "r.json"
+    proc = start_run(env, "run", "--workers", "8", "--until-idle", "--no-progress", "--report-json", str(report),
+                     log_path=str(tmp_path / "log"))
+    rng = random.Random(7)
+    kills = 0
+    try:
+        deadline = time.monotonic() + 60
+        while proc.poll() is None and kills < 15 and time.monotonic() < deadline:
+            time.sleep(0.25)
+            victims = workers_of(proc.pid)
+            if victims:
+                rng.choice(victims).send_signal(signal.SIGKILL)
+                kills += 1
+        assert reap(proc, 90) == 0, (tmp_path / "log").read_text()[-3000:]
+    finally:
+        if proc.poll() is None:
+            reap(proc, 1)
+    import json
+
+    data = json.loads(report.read_text())
+    outcomes = read_outcomes(_cfg(tmp_path))
+    assert kills >= 10
+    assert sorted(outcomes) == sorted(keys)
+    assert all(len(v) == 1 for v in outcomes.values()), "an image was counted twice"
+    assert data["conserved"] and data["scanned"] == 300
+    assert data["outcomes"]["failed_worker"] == 0 and data["failures"] == 0
+    assert data["worker_restarts"] >= kills - 1
+    assert data["retries"] >= 1
+
+
+def _cfg(tmp_path):
+    from imgworker.config import load_config
+
+    return load_config(env={}, overrides={"run": {"state_dir": str(tmp_path / "s")}})
+
+
+def test_poison_item_ends_as_failed_worker(make_config, store, prefix, slow_algo):
+    cfg = make_config(worker={"count": 2, "max_attempts": 3}, algo={"endpoint": slow_algo.endpoint})
+    keys = [f"{prefix}p/t/20240101-120000.{i:03d}.jpg" for i in range(6)]
+    poison = keys[2]
+    upload(store, keys)
+    sup = Supervisor(cfg, show_progress=False)
+    sup.start()
+    kills = 0
+    try:
+        while not sup.finished():
+            sup.step()
+            for slot, handle in list(sup.workers.items()):
+                held = sup.dispatch.held_by(slot)
+                if held is not None and held.ref.key == poison and handle.process.is_alive():
+                    os.kill(handle.process.pid, signal.SIGKILL)
+                    handle.process.join()
+                    kills += 1
+    finally:
+        sup.shutdown()
+    report = sup.report()
+    outcomes = read_outcomes(cfg)
+    assert kills == 3
+    assert outcomes[poison] == ["failed_worker"]
+    assert all(outcomes[k] != ["failed_worker"] for k in keys if k != poison)
+    assert report.outcomes["failed_worker"] == 1 and report.retries == 2 and report.worker_restarts == 3
+    assert report.conserved
+
+
+def test_recycling_finishes_the_item_first(make_config, store, prefix):
+    cfg = make_config(worker={"count": 2, "max_tasks": 2})
+    keys = [f"{prefix}p/t/20240101-120000.{i:03d}.jpg" for i in range(10)]
+    upload(store, keys)
+    report = Supervisor(cfg, show_progress=False).run()
+    assert report.inferences == 10 and report.conserved
+    assert report.worker_recycles >= 4
+    assert report.worker_restarts == 0 and report.retries == 0
+
+
+def test_memory_recycling(make_config, store, prefix):
+    cfg = make_config(worker={"count": 1, "max_memory_mb": 1})  # any real process is above 1 MiB
+    upload(store, [f"{prefix}p/t/20240101-120000.{i:03d}.jpg" for i in range(3)])
+    report = Supervisor(cfg, show_progress=False).run()
+    assert report.inferences == 3 and report.worker_recycles >= 2 and report.worker_restarts == 0
+
+
+def test_supervisor_sigkill_leaves_no_orphans_and_titles_are_set(tmp_path, store_server, creds, algo_server, prefix):
+    env = cli_env(store_server, creds, IMGWORKER_STORE_PREFIX=prefix, IMGWORKER_ALGO_ENDPOINT=algo_server.endpoint,
+                  IMGWORKER_RUN_STATE_DIR=str(tmp_path / "s"))
+    proc = start_run(env, "run", "--workers", "3", "--no-progress")
+    try:
+        deadline = time.monotonic() + 30
+        while len(workers_of(proc.pid)) < 3 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        supervisor = psutil.Process(proc.pid)
+        children = supervisor.children(recursive=True)
+        # multiprocessing's own resource tracker is the one child without our title; it must exit too.
+        titles = sorted(" ".join(c.cmdline()).strip() for c in children if "resource_tracker" not in " ".join(c.cmdline()))
+        assert "imgworker: supervisor" in " ".join(supervisor.cmdline())
+        assert titles == ["imgworker: ledger", "imgworker: worker 0", "imgworker: worker 1", "imgworker: worker 2"]
+        assert all(creds.secret_key not in t for t in titles)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+        gone, alive = psutil.wait_procs(children, timeout=10)
+        assert alive == [], f"orphans left: {alive}"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
