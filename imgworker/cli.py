@@ -22,6 +22,7 @@ import msgspec
 
 from .config import Config, Credentials, load_config
 from .errors import ExitCode, ImgworkerError
+from .logs import LogSettings, setup_logging
 from .stats import Report, format_report
 
 log = logging.getLogger("imgworker")
@@ -29,7 +30,7 @@ log = logging.getLogger("imgworker")
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    _setup_logging(args.log_level, getattr(args, "log_json", False))
+    setup_logging(LogSettings(level=args.log_level, json=args.log_json))
     try:
         return int(args.func(args))
     except ImgworkerError as exc:
@@ -118,28 +119,6 @@ def _overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     if getattr(args, "until_idle", False):
         out.setdefault("run", {})["until_idle"] = True
     return out
-
-
-# ----- logging -----------------------------------------------------------------------------
-
-
-class _JsonFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        return msgspec.json.encode(
-            {"ts": round(record.created, 3), "level": record.levelname, "logger": record.name,
-             "message": record.getMessage(), "pid": record.process}
-        ).decode()
-
-
-def _setup_logging(level: str, as_json: bool) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    fmt = _JsonFormatter() if as_json else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
-    handler.setFormatter(fmt)
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level)
-    for noisy in ("urllib3", "aiohttp.access", "asyncio"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 # ----- commands ----------------------------------------------------------------------------

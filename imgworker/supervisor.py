@@ -30,6 +30,7 @@ from .config import Config
 from .dispatch import Dispatch
 from .errors import StoreError, StoreFatal
 from .ledger import start_ledger
+from .logs import LogSettings, current_settings
 from .outcomes import ImageRef, Outcome, Result, WorkItem
 from .proctitle import set_title
 from .progress import Progress
@@ -47,11 +48,13 @@ _CTX = multiprocessing.get_context("spawn")
 class WorkerHandle:
     """One worker slot: its process, its channel, and whether it is leaving on purpose."""
 
-    def __init__(self, slot: int, cfg: Config) -> None:
+    def __init__(self, slot: int, cfg: Config, log_settings: LogSettings) -> None:
         self.slot = slot
         ours, theirs = _CTX.Pipe(duplex=True)
         self.conn: Connection = ours
-        self.process = _CTX.Process(target=worker_main, args=(slot, cfg, theirs), name=f"imgworker-worker-{slot}")
+        self.process = _CTX.Process(
+            target=worker_main, args=(slot, cfg, theirs, log_settings), name=f"imgworker-worker-{slot}"
+        )
         self.process.start()
         theirs.close()  # only the worker holds that end: its death closes our side
         self.dispatched_at = 0.0
@@ -90,6 +93,7 @@ class Supervisor:
         self.dispatch = Dispatch(cfg.dispatch)
         self.store = Store(cfg.store, cfg.credentials, read_timeout_s=cfg.store.list_timeout_s)
         self.progress = Progress(cfg.run.progress_interval_s, enabled=show_progress)
+        self._log_settings = current_settings()
         self.workers: dict[int, WorkerHandle] = {}
         self.idle: list[int] = []
         self._manager: Any = None
@@ -357,7 +361,7 @@ class Supervisor:
     def _spawn(self, slot: int) -> None:
         if self.draining:
             return
-        self.workers[slot] = WorkerHandle(slot, self.cfg)
+        self.workers[slot] = WorkerHandle(slot, self.cfg, self._log_settings)
         self.idle.append(slot)
 
     def _finish(self, result: Result) -> None:

@@ -23,6 +23,7 @@ from .algo_client import AlgoAnswer, AlgoClient, AlgoRequest
 from .config import Config
 from .errors import AlgoError, AlgoPermanent, AlgoTransient, ImageGone, ObjectMissing, StoreError, StoreUnavailable
 from .outcomes import Outcome, Result, WorkItem
+from .logs import LogSettings, setup_logging
 from .proctitle import set_title
 
 log = logging.getLogger(__name__)
@@ -78,6 +79,7 @@ class ItemProcessor:
         t0 = time.monotonic()
         fields = self._Fields()
         outcome, cause = self._run(item, fields)
+        log.debug("worker %d: %s -> %s %s", self.worker_id, item.ref.key, outcome.value, cause)
         return Result(
             key=item.ref.key,
             outcome=outcome,
@@ -173,9 +175,10 @@ def _short(exc: BaseException) -> str:
     return str(exc).split(":", 1)[0][:80] or type(exc).__name__
 
 
-def worker_main(worker_id: int, cfg: Config, conn: Connection) -> None:
+def worker_main(worker_id: int, cfg: Config, conn: Connection, log_settings: LogSettings) -> None:
     """Entry point of a worker process (top-level so the spawn context can import it)."""
     set_title(f"worker {worker_id}")
+    setup_logging(log_settings)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides how Ctrl-C ends a run
     processor = _build_processor(worker_id, cfg)
     done = 0

@@ -35,19 +35,34 @@ class EmbeddedStore:
     ``stop()`` then ``start()`` restarts it on the same ports and data (used to inject outages).
     """
 
-    def __init__(self, data_dir: str, creds: Credentials, *, bucket: str = "images", s3_port: int = 0) -> None:
+    def __init__(
+        self,
+        data_dir: str,
+        creds: Credentials,
+        *,
+        bucket: str = "images",
+        s3_port: int = 0,
+        tls: tuple[str, str] | None = None,
+    ) -> None:
         self.data_dir = os.path.abspath(data_dir)
         self.creds = creds
         self.bucket = bucket
+        self.tls = tls
         self.ports = {name: free_port() for name in _SERVICE_PORTS}
         if s3_port:
             self.ports["s3.port"] = s3_port
+        self.https_port = free_port() if tls else 0
         self._proc: subprocess.Popen[bytes] | None = None
         self._log_file = os.path.join(self.data_dir, "weed.log")
 
     @property
     def endpoint(self) -> str:
         return f"127.0.0.1:{self.ports['s3.port']}"
+
+    @property
+    def tls_endpoint(self) -> str:
+        """The HTTPS endpoint (only when started with ``tls=(cert_file, key_file)``)."""
+        return f"127.0.0.1:{self.https_port}"
 
     def _command(self) -> list[str]:
         cmd = [weed_binary(), "mini", f"-dir={self.data_dir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1"]
@@ -56,6 +71,8 @@ class EmbeddedStore:
         cmd += [f"-{name}.grpc={free_port()}" for name in _SERVICE_PORTS if name != "s3.port"]
         cmd += ["-admin.ui=false", "-webdav=false", "-master.telemetry=false", "-s3.port.iceberg=0"]
         cmd += ["-s3.port.lance=0", f"-bucket={self.bucket}"]
+        if self.tls:
+            cmd += [f"-s3.port.https={self.https_port}", f"-s3.cert.file={self.tls[0]}", f"-s3.key.file={self.tls[1]}"]
         return cmd
 
     def start(self, timeout_s: float = 60.0) -> EmbeddedStore:

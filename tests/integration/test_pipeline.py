@@ -22,13 +22,14 @@ def odd_keys(prefix: str) -> list[str]:
         f"{prefix}人员/任务 1/20240101-120000.003.jpg",
         f"{prefix}vehicle/cam%41+b#c/20240101-120000.004.jpg",
         f"{prefix}a+b %20 c#d.jpeg",
-        f"{prefix}{long_dir}/" + "x" * (1000 - len(prefix) - len(long_dir) - 5) + ".png",
+        f"{prefix}{long_dir}/" + "x" * (1024 - len(prefix) - len(long_dir) - 5) + ".png",
     ]
 
 
 def test_every_image_ends_in_exactly_one_outcome(make_config, store, prefix):
     cfg = make_config()
     images = odd_keys(prefix)
+    assert len(images[-1].encode()) == 1024
     upload(store, images)
     upload(store, [f"{prefix}zero/t/20240101-120000.000.jpg"], b"")
     upload(store, [f"{prefix}text/t/20240101-120000.000.jpg"], b"not an image at all")

@@ -1,0 +1,99 @@
+"""The store goes away mid-run (the embedded SeaweedFS is stopped, then started on the same data)."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from imgworker.config import load_config
+from imgworker.services.algo_server import AlgoService, SyntheticParams
+from imgworker.services.store_server import EmbeddedStore
+from imgworker.store import Store
+from tests.conftest import cli_env, read_outcomes, reap, start_run, upload
+
+pytestmark = pytest.mark.timeout(240)
+
+
+@pytest.fixture()
+def own_store(tmp_path, creds):
+    server = EmbeddedStore(str(tmp_path / "weed"), creds, bucket="outage")
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def algo():
+    with AlgoService("synthetic", SyntheticParams(latency_ms=100.0, sigma=0.0)) as service:
+        yield service
+
+
+def test_outage_mid_run_loses_nothing(tmp_path, own_store, creds, algo):
+    cfg = load_config(env={}, overrides={"store": {"endpoint": own_store.endpoint, "bucket": "outage"},
+                                         "run": {"state_dir": str(tmp_path / "s")}})
+    keys = [f"p/t/20240101-120000.{i:03d}.jpg" for i in range(60)]
+    upload(Store(cfg.store, creds), keys)
+    env = cli_env(own_store, creds, IMGWORKER_ALGO_ENDPOINT=algo.endpoint, IMGWORKER_RUN_STATE_DIR=str(tmp_path / "s"),
+                  IMGWORKER_WORKER_STORE_RETRY_BUDGET_S="60")
+    report_path = tmp_path / "r.json"
+    proc = start_run(env, "run", "--workers", "2", "--until-idle", "--no-progress", "--report-json", str(report_path),
+                     log_path=str(tmp_path / "log"))
+    try:
+        deadline = time.monotonic() + 30
+        while not read_outcomes_safe(cfg) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        own_store.stop()
+        down_since = time.monotonic()
+        time.sleep(4)
+        assert proc.poll() is None, "the run must not end while the store is down"
+        done_during_outage = len(read_outcomes_safe(cfg))
+        own_store.start()
+        outage = time.monotonic() - down_since
+        assert reap(proc, 150) == 0, (tmp_path / "log").read_text()[-3000:]
+    finally:
+        if proc.poll() is None:
+            reap(proc, 1)
+    report = json.loads(report_path.read_text())
+    outcomes = read_outcomes(cfg)
+    assert sorted(outcomes) == sorted(keys)
+    assert all(len(v) == 1 for v in outcomes.values())
+    assert report["outcomes"]["failed_store"] == 0 and report["failures"] == 0
+    assert report["conserved"] and report["scanned"] == 60
+    assert done_during_outage < 60 and outage >= 4
+    assert "store unreachable" in (tmp_path / "log").read_text() or "scan failed" in (tmp_path / "log").read_text()
+
+
+def test_outage_beyond_budget_ends_as_failed_store(tmp_path, own_store, creds, algo):
+    cfg = load_config(env={}, overrides={"store": {"endpoint": own_store.endpoint, "bucket": "outage"},
+                                         "run": {"state_dir": str(tmp_path / "s")},
+                                         "worker": {"count": 1, "store_retry_budget_s": 0.5}})
+    cfg = __import__("msgspec").structs.replace(cfg, credentials=creds)
+    keys = [f"p/t/20240101-120000.{i:03d}.jpg" for i in range(3)]
+    upload(Store(cfg.store, creds), keys)
+    from imgworker.supervisor import Supervisor
+
+    sup = Supervisor(cfg, show_progress=False)
+    sup.start()
+    try:
+        while sup.dispatch.pending < 3:
+            sup.scan_step(time.monotonic())
+        own_store.stop()
+        deadline = time.monotonic() + 60
+        while sup.stats.finished < 3 and time.monotonic() < deadline:
+            sup.step()
+    finally:
+        sup.shutdown()
+    report = sup.report()
+    assert report.outcomes["failed_store"] == 3 and report.conserved
+    assert {r[0] for r in read_outcomes(cfg).values()} == {"failed_store"}
+
+
+def read_outcomes_safe(cfg):
+    try:
+        return read_outcomes(cfg)
+    except FileNotFoundError:
+        return {}
