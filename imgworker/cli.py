@@ -86,6 +86,13 @@ def _parser() -> argparse.ArgumentParser:
     loadgen.add_argument("--seed", type=int, default=0)
     loadgen.set_defaults(func=cmd_loadgen)
 
+    scenario = sub.add_parser("scenario", help="retention policies under the same load (time compressed)")
+    scenario.add_argument("--quick", action="store_true", help="a reduced run of about a minute, same ordering")
+    scenario.add_argument("--json", help="write the rows as JSON to this path")
+    scenario.add_argument("--markdown", help="write the table as Markdown to this path")
+    scenario.add_argument("--compression", type=float, help="time compression factor (default 2)")
+    scenario.set_defaults(func=cmd_scenario)
+
     report = sub.add_parser("report", help="recompute the report from a results file")
     report.add_argument("results", help="results JSON-lines file")
     report.add_argument("--json", action="store_true", help="print JSON instead of the table")
@@ -267,6 +274,28 @@ def cmd_loadgen(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         return int(ExitCode.OK)
     print(f"loadgen: {sent - len(failed)} uploaded, {len(failed)} failed")
+    return int(ExitCode.OK)
+
+
+def cmd_scenario(args: argparse.Namespace) -> int:
+    from .scenario import ScenarioParams, markdown_table, run_scenario
+
+    params = ScenarioParams()
+    if args.compression:
+        params = msgspec.structs.replace(params, compression=args.compression)
+    if args.quick:
+        params = params.quick()
+    logging.getLogger("imgworker").setLevel(max(logging.WARNING, logging.getLogger().level))
+    rows = run_scenario(params, progress=lambda line: print(line, flush=True))
+    table = markdown_table(rows, params)
+    print(table)
+    if args.json:
+        payload = {"params": msgspec.to_builtins(params), "rows": msgspec.to_builtins(rows)}
+        with open(args.json, "wb") as f:
+            f.write(msgspec.json.format(msgspec.json.encode(payload)) + b"\n")
+    if args.markdown:
+        with open(args.markdown, "w", encoding="utf-8") as f:
+            f.write(table + "\n")
     return int(ExitCode.OK)
 
 

@@ -69,6 +69,23 @@ class DispatchConfig(msgspec.Struct, **_STRUCT):
 
     queue_capacity: PositiveInt = 10_000
     overflow: Overflow = "block"
+    order: Literal["oldest_first", "newest_first"] = "oldest_first"
+
+
+Protect = Literal["none", "inflight", "queued", "lease"]
+
+
+class RetentionConfig(msgspec.Struct, **_STRUCT):
+    """imgworker's own cleaner (enabled), and what it knows of a cleaner that is not its own."""
+
+    enabled: bool = False
+    max_count: NonNegativeInt = 0
+    max_count_overrides: dict[str, NonNegativeInt] = {}
+    max_age_s: NonNegative = 0.0
+    max_bytes: NonNegativeInt = 0
+    protect: Protect = "lease"
+    batch_size: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 100
+    external_max_age_s: NonNegative = 0.0
 
 
 class WorkerConfig(msgspec.Struct, **_STRUCT):
@@ -118,6 +135,7 @@ class Config(msgspec.Struct, **_STRUCT):
     worker: WorkerConfig = WorkerConfig()
     algo: AlgoConfig = AlgoConfig()
     run: RunConfig = RunConfig()
+    retention: RetentionConfig = RetentionConfig()
     credentials: Credentials = Credentials()
 
     @property
@@ -132,6 +150,7 @@ SECTIONS: dict[str, type[msgspec.Struct]] = {
     "worker": WorkerConfig,
     "algo": AlgoConfig,
     "run": RunConfig,
+    "retention": RetentionConfig,
 }
 
 _ENV_PREFIX = "IMGWORKER_"
@@ -268,6 +287,12 @@ def _check_semantics(config: Config) -> None:
                 f"invalid config key store.endpoint: value {key!r} is not allowed (host:port, without scheme or path;"
                 " use store.secure for TLS)"
             )
+    retention = config.retention
+    if retention.enabled and not (retention.max_count or retention.max_age_s or retention.max_bytes):
+        raise ConfigError(
+            "invalid config key retention.enabled: value True is not allowed without a rule "
+            "(set retention.max_count, retention.max_age_s or retention.max_bytes)"
+        )
     bad = [e for e in config.scan.extensions if not e.startswith(".")]
     if bad:
         raise ConfigError(f"invalid config key scan.extensions: value {bad!r} is not allowed (each starts with '.')")

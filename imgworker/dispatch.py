@@ -58,7 +58,7 @@ class Dispatch:
         """Hand the oldest pending item to ``worker``."""
         if not self._pending or worker in self._held:
             return None
-        _, item = self._pending.popitem(last=False)
+        _, item = self._pending.popitem(last=self.cfg.order == "newest_first")
         self._held[worker] = item
         self._holder[item.ref.key] = worker
         return item
@@ -72,6 +72,28 @@ class Dispatch:
 
     def held_by(self, worker: int) -> WorkItem | None:
         return self._held.get(worker)
+
+    def peek(self) -> WorkItem | None:
+        """The item ``take`` would hand out next."""
+        if not self._pending:
+            return None
+        key = next(reversed(self._pending)) if self.cfg.order == "newest_first" else next(iter(self._pending))
+        return self._pending[key]
+
+    def in_take_order(self) -> list[WorkItem]:
+        """Pending items in the order ``take`` hands them out."""
+        items = list(self._pending.values())
+        return items[::-1] if self.cfg.order == "newest_first" else items
+
+    def withdraw(self, key: str) -> WorkItem | None:
+        """Remove a queued (not held) item; None if it is not queued."""
+        return self._pending.pop(key, None)
+
+    def is_held(self, key: str) -> bool:
+        return key in self._holder
+
+    def is_queued(self, key: str) -> bool:
+        return key in self._pending
 
     def held_keys(self) -> list[str]:
         return list(self._holder)

@@ -18,6 +18,7 @@ class Outcome(str, enum.Enum):
     FAILED_STORE = "failed_store"
     FAILED_WORKER = "failed_worker"
     DROPPED_BACKLOG = "dropped_backlog"
+    DROPPED_EXPIRED = "dropped_expired"
 
     @property
     def is_failure(self) -> bool:

@@ -70,6 +70,7 @@ class Report(msgspec.Struct, frozen=True):
     throughput_per_s: float
     wall_s: float
     workers: int
+    cleaner: dict[str, int] = {}
 
 
 class Stats:
@@ -176,4 +177,6 @@ def format_report(report: Report) -> str:
         f"conserved: {report.conserved} (scanned = outcomes + pending + in flight)",
         f"failure rate denominator: {report.failure_rate_denominator}",
     ]
+    if report.cleaner:
+        lines += ["", "cleaner: " + ", ".join(f"{k}={v:,}" for k, v in report.cleaner.items())]
     return "\n".join(lines)

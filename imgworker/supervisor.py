@@ -27,6 +27,7 @@ from typing import Any
 import msgspec
 
 from .config import Config
+from .cleaner import CleanerStats, Plan, Status, StoredImage, image_time, plan_cleanup, stored_image
 from .dispatch import Dispatch
 from .errors import StoreError, StoreFatal
 from .ledger import start_ledger
@@ -107,6 +108,7 @@ class Supervisor:
         self._scan_failures = 0
         self._sweep_complete = True
         self._sweep_accepted = 0
+        self._inventory = []
         self._last_sweep_idle = False
         self._next_checkpoint = 0.0
         self._started = 0.0
@@ -115,6 +117,9 @@ class Supervisor:
         self.forced = False
         self._drain_deadline = 0.0
         self._signals = 0
+        self.cleaner = CleanerStats()
+        self._inventory: list[StoredImage] = []
+        self._rate_samples: list[tuple[float, int]] = []
 
     # ----- lifecycle -----------------------------------------------------------------
 
@@ -164,11 +169,14 @@ class Supervisor:
         self.progress.close()
 
     def report(self) -> Report:
-        return self.stats.report(
+        report = self.stats.report(
             pending=self.dispatch.pending,
             in_flight=self.dispatch.in_flight,
             wall_s=time.monotonic() - self._started,
         )
+        if not self.cfg.retention.enabled:
+            return report
+        return msgspec.structs.replace(report, cleaner=msgspec.structs.asdict(self.cleaner))
 
     # ----- the loop ------------------------------------------------------------------
 
@@ -251,7 +259,10 @@ class Supervisor:
             self._scan_failed(exc)
             return False
         self._scan_failures = 0
-        images = [r for r in select_images(page, prefix=self.cfg.store.prefix, cfg=self.cfg.scan) if r.key not in self.dispatch]
+        listed = select_images(page, prefix=self.cfg.store.prefix, cfg=self.cfg.scan)
+        if self.cfg.retention.enabled:
+            self._inventory.extend(stored_image(r, self.cfg.store.prefix) for r in listed)
+        images = [r for r in listed if r.key not in self.dispatch]
         self._flush_done()
         new = set(self.ledger.filter_new([r.key for r in images]))
         self._carry = [r for r in images if r.key in new]
@@ -275,6 +286,11 @@ class Supervisor:
             pruned = self.ledger.end_sweep()
             if pruned:
                 log.info("processed set: pruned %d entries whose objects are gone", pruned)
+            if self.cfg.retention.enabled:
+                self.clean(self._inventory)
+        self._inventory = []
+        self._sample_rate()
+        self.drop_doomed()
         self._last_sweep_idle = complete and self._sweep_accepted == 0
         self._next_scan = time.monotonic() + self.cfg.scan.interval_s
 
@@ -287,6 +303,102 @@ class Supervisor:
         self._next_scan = time.monotonic() + delay
         if isinstance(exc, StoreFatal):
             log.error("store refuses the scan: %s", exc)
+
+    # ----- retention -----------------------------------------------------------------
+
+    def clean(self, inventory: list[StoredImage]) -> Plan:
+        """One cleaning pass over a complete listing, decided and executed without a window."""
+        self._flush_done()
+        outside = [img.key for img in inventory if img.key not in self.dispatch]
+        new = set(self.ledger.filter_new(outside))
+
+        def status(key: str) -> Status:
+            if self.dispatch.is_held(key):
+                return Status.HELD
+            if self.dispatch.is_queued(key):
+                return Status.QUEUED
+            return Status.NEW if key in new else Status.DONE
+
+        plan = plan_cleanup(inventory, self.cfg.retention, now=time.time(), status=status)
+        self._count_plan(plan, status, inventory)
+        by_key = {img.key: img for img in inventory}
+        for key in plan.give_up:
+            self._give_up(by_key[key], status(key))
+        self._delete(plan.delete + plan.give_up)
+        return plan
+
+    def _count_plan(self, plan: Plan, status: Any, inventory: list[StoredImage]) -> None:
+        c = self.cleaner
+        c.passes += 1
+        c.skipped_protected += plan.skipped_protected
+        c.passes_over_limit += int(plan.limit_exceeded)
+        c.given_up += len(plan.give_up)
+        for key in plan.delete:
+            st = status(key)
+            c.deleted_unaccepted += st is Status.NEW
+            c.deleted_queued += st is Status.QUEUED
+            c.deleted_held += st is Status.HELD
+        gone = set(plan.delete) | set(plan.give_up)
+        left = [img for img in inventory if img.key not in gone]
+        c.peak_objects_listed = max(c.peak_objects_listed, len(inventory))
+        c.peak_objects = max(c.peak_objects, len(left))
+        c.peak_bytes = max(c.peak_bytes, sum(img.size for img in left))
+
+    def _give_up(self, img: StoredImage, status: Status) -> None:
+        """Storage wins: end a queued (or not yet accepted) image explicitly before it is deleted."""
+        if status is Status.NEW:
+            self.stats.scanned += 1
+        else:
+            self.dispatch.withdraw(img.key)
+        task_type, task_id = parse_task(img.key, self.cfg.store.prefix)
+        self._finish(Result(key=img.key, outcome=Outcome.DROPPED_EXPIRED, task_type=task_type, task_id=task_id,
+                            cause="retention", finished_at=time.time()))
+
+    def _delete(self, keys: list[str]) -> None:
+        size = self.cfg.retention.batch_size
+        for start in range(0, len(keys), size):
+            batch = keys[start : start + size]
+            try:
+                refused = self.store.delete(batch)
+            except StoreError as exc:
+                log.warning("cleaner: delete of %d images failed (%s); the next pass retries", len(batch), exc)
+                self.cleaner.delete_errors += len(batch)
+                continue
+            self.cleaner.delete_errors += len(refused)
+            self.cleaner.deleted += len(batch) - len(refused)
+
+    def _sample_rate(self) -> None:
+        now = time.monotonic()
+        self._rate_samples.append((now, self.stats.finished))
+        while len(self._rate_samples) > 2 and now - self._rate_samples[0][0] > 10.0:
+            self._rate_samples.pop(0)
+
+    def throughput_estimate(self) -> float:
+        """Images finished per second over the last ~10 s (0 until measured)."""
+        if len(self._rate_samples) < 2:
+            return 0.0
+        (t0, n0), (t1, n1) = self._rate_samples[0], self._rate_samples[-1]
+        return (n1 - n0) / (t1 - t0) if t1 > t0 else 0.0
+
+    def drop_doomed(self) -> int:
+        """With an external cleaner, drop queued images that would expire before a worker is done."""
+        max_age = self.cfg.retention.external_max_age_s
+        if not max_age or not self.dispatch.pending:
+            return 0
+        now, rate = time.time(), self.throughput_estimate()
+        margin = self.stats.e2e_ms.mean / 1000.0
+        doomed = []
+        for position, item in enumerate(self.dispatch.in_take_order()):
+            wait = position / rate if rate > 0 else 0.0
+            if image_time(item.ref) + max_age < now + wait + margin:
+                doomed.append(item)
+        for item in doomed:
+            self.dispatch.withdraw(item.ref.key)
+            self._finish(Result(key=item.ref.key, outcome=Outcome.DROPPED_EXPIRED, task_type=item.ref.task_type,
+                                task_id=item.ref.task_id, cause="would_expire", finished_at=time.time()))
+        if doomed:
+            log.info("dropped %d queued images that would expire before a worker reaches them", len(doomed))
+        return len(doomed)
 
     # ----- dispatch and replies ----------------------------------------------------
 

@@ -129,19 +129,25 @@ class ItemProcessor:
         return self._infer(request, fields)
 
     def _infer(self, request: AlgoRequest, fields: _Fields) -> tuple[Outcome, str]:
+        """Call the service, retrying transient failures; a failure records the time its calls took."""
         attempts = self.cfg.algo.retries + 1
         last: AlgoError | None = None
+        spent = 0.0
         for attempt in range(attempts):
             if attempt:
                 self.sleep(self._delay(attempt - 1, self.cfg.algo.backoff_base_s, self.cfg.algo.backoff_cap_s))
             fields.algo_calls += 1
+            t = time.monotonic()
             try:
                 answer = self.algo.infer(request)
             except ImageGone:
+                fields.algo_ms = spent + (time.monotonic() - t) * 1000.0
                 return Outcome.FAILED_MISSING, "algo_404"
             except AlgoPermanent as exc:
+                fields.algo_ms = spent + (time.monotonic() - t) * 1000.0
                 return Outcome.FAILED_ALGO, exc.cause
             except AlgoTransient as exc:
+                spent += (time.monotonic() - t) * 1000.0
                 last = exc
                 log.info("worker %d: %s attempt %d: %s", self.worker_id, request.image_path, attempt + 1, exc.cause)
                 continue
@@ -151,6 +157,7 @@ class ItemProcessor:
                 return Outcome.INFERRED, ""
             return Outcome.NO_DETECTION, "" if answer.success else "success_false"
         assert last is not None
+        fields.algo_ms = spent
         return Outcome.FAILED_ALGO, last.cause
 
     def _with_store_retry(self, op: Callable[[], object]) -> str:
