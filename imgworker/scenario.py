@@ -46,7 +46,7 @@ class ScenarioParams(msgspec.Struct, frozen=True, kw_only=True):
     workers: int = 4
     task_dirs: int = 4
     phases: tuple[Phase, ...] = (Phase(30.0, 40.0), Phase(10.0, 40.0))
-    max_count: int = 110
+    max_count: int = 95
     external_max_age_s: float = 12.0  # uncompressed, for the external-cleaner rows
     seed: int = 1
 
@@ -54,7 +54,7 @@ class ScenarioParams(msgspec.Struct, frozen=True, kw_only=True):
         """A quarter of the load and retention: same shape, same ordering, about a minute."""
         phases = tuple(Phase(p.rate_per_s, p.duration_s / 4) for p in self.phases)
         return msgspec.structs.replace(self, phases=phases, max_count=self.max_count // 4,
-                                       external_max_age_s=self.external_max_age_s / 2)
+                                       external_max_age_s=self.external_max_age_s / 4)
 
 
 class Row(msgspec.Struct, frozen=True, kw_only=True):
@@ -63,6 +63,7 @@ class Row(msgspec.Struct, frozen=True, kw_only=True):
     policy: str
     check: bool
     expiry_aware: bool
+    order: str
     produced: int
     scanned: int
     never_seen: int
@@ -83,14 +84,22 @@ class Row(msgspec.Struct, frozen=True, kw_only=True):
     wall_s: float
 
 
-ROWS: tuple[tuple[str, bool, bool], ...] = (
-    ("none", False, False),
-    ("inflight", False, False),
-    ("inflight", True, False),
-    ("queued", True, False),
-    ("lease", True, False),
-    ("external", True, False),
-    ("external", True, True),
+class RowSpec(msgspec.Struct, frozen=True, array_like=True):
+    policy: str
+    check: bool
+    aware: bool = False
+    order: str = "oldest_first"
+
+
+ROWS: tuple[RowSpec, ...] = (
+    RowSpec("none", False),
+    RowSpec("inflight", False),
+    RowSpec("inflight", True),
+    RowSpec("queued", True),
+    RowSpec("lease", True),
+    RowSpec("external", True),
+    RowSpec("external", True, aware=True),
+    RowSpec("external", True, aware=True, order="newest_first"),
 )
 
 
@@ -148,8 +157,9 @@ class ExternalCleaner(threading.Thread):
             self.peak_bytes = max(self.peak_bytes, sum(r.size for r in refs if r.key not in set(old)))
 
 
-def _row_config(base: Config, params: ScenarioParams, policy: str, check: bool, aware: bool, prefix: str) -> Config:
+def _row_config(base: Config, params: ScenarioParams, spec: RowSpec, prefix: str) -> Config:
     c = params.compression
+    policy, check, aware = spec.policy, spec.check, spec.aware
     retention: dict[str, object] = {"enabled": policy != "external", "max_count": params.max_count,
                                     "protect": policy if policy != "external" else "lease"}
     if policy == "external":
@@ -158,6 +168,7 @@ def _row_config(base: Config, params: ScenarioParams, policy: str, check: bool, 
         "store": msgspec.structs.asdict(base.store) | {"prefix": prefix},
         "algo": msgspec.structs.asdict(base.algo),
         "worker": {"count": params.workers, "stat_check": check, "max_attempts": 3},
+        "dispatch": {"order": spec.order},
         "scan": {"interval_s": 0.25 / c * 2},
         "retention": retention,
         "run": {"state_dir": os.path.join(base.run.state_dir, prefix.strip("/")), "until_idle": True, "grace_s": 30.0,
@@ -166,10 +177,20 @@ def _row_config(base: Config, params: ScenarioParams, policy: str, check: bool, 
     return msgspec.structs.replace(load_config(env={}, overrides=overrides), credentials=base.credentials)
 
 
-def run_row(base: Config, params: ScenarioParams, policy: str, check: bool, aware: bool,
+def run_row(base: Config, params: ScenarioParams, spec: RowSpec,
             progress: Callable[[str], None] = lambda _: None) -> Row:
-    prefix = f"scn-{policy}-{'check' if check else 'nocheck'}{'-aware' if aware else ''}-{secrets.token_hex(3)}/"
-    cfg = _row_config(base, params, policy, check, aware, prefix)
+    """One row, with its own algorithm service so every row sees the same latency sequence."""
+    synthetic = SyntheticParams(latency_ms=params.algo_latency_ms / params.compression, sigma=params.algo_sigma,
+                                detection_rate=0.3, seed=params.seed)
+    with AlgoService("synthetic", synthetic) as algo:
+        algo_cfg = msgspec.structs.replace(base.algo, endpoint=algo.endpoint)
+        return _run_row(msgspec.structs.replace(base, algo=algo_cfg), params, spec, progress)
+
+
+def _run_row(base: Config, params: ScenarioParams, spec: RowSpec, progress: Callable[[str], None]) -> Row:
+    policy, check, aware = spec.policy, spec.check, spec.aware
+    prefix = f"scn-{policy}-{secrets.token_hex(4)}/"
+    cfg = _row_config(base, params, spec, prefix)
     store = Store(cfg.store, cfg.credentials)
     camera = Camera(store, prefix, params)
     stop = threading.Event()
@@ -194,7 +215,7 @@ def run_row(base: Config, params: ScenarioParams, policy: str, check: bool, awar
     limit = params.max_count * params.task_dirs
     peak = cleaner.get("peak_objects", 0) if policy != "external" else external.peak_objects
     row = Row(
-        policy=policy, check=check, expiry_aware=aware, produced=camera.produced, scanned=report.scanned,
+        policy=policy, check=check, expiry_aware=aware, order=spec.order, produced=camera.produced, scanned=report.scanned,
         never_seen=camera.produced - report.scanned, outcomes=o, failures=report.failures,
         failure_rate_per_success=report.failure_rate_per_success, failure_rate=report.failure_rate,
         coverage=round(successes / camera.produced, 4) if camera.produced else 0.0,
@@ -206,42 +227,40 @@ def run_row(base: Config, params: ScenarioParams, policy: str, check: bool, awar
         storage_limit_held=peak <= limit if policy != "external" else True,
         conserved=report.conserved, wall_s=round(time.monotonic() - started, 2),
     )
-    progress(f"{policy:9s} check={'on ' if check else 'off'} aware={'on ' if aware else 'off'}: "
+    progress(f"{policy:9s} check={'on ' if check else 'off'} aware={'on ' if aware else 'off'} {spec.order}: "
              f"failure rate {row.failure_rate:.2%}, coverage {row.coverage:.2%}, lost {row.cleanup_losses}, "
              f"peak {row.peak_objects}/{row.storage_limit or '-'}")
     return row
 
 
-def run_scenario(params: ScenarioParams, *, rows: tuple[tuple[str, bool, bool], ...] = ROWS,
+def run_scenario(params: ScenarioParams, *, rows: tuple[RowSpec, ...] = ROWS,
                  progress: Callable[[str], None] = print) -> list[Row]:
     """Start the embedded store and the synthetic service, run every row, stop everything."""
     workdir = tempfile.mkdtemp(prefix="imgworker-scenario-")
     creds = Credentials(access_key="scn-" + secrets.token_hex(4), secret_key=secrets.token_urlsafe(24))
-    synthetic = SyntheticParams(latency_ms=params.algo_latency_ms / params.compression, sigma=params.algo_sigma,
-                                detection_rate=0.3, seed=params.seed)
     try:
-        with EmbeddedStore(os.path.join(workdir, "store"), creds, bucket="scenario") as server, \
-                AlgoService("synthetic", synthetic) as algo:
+        with EmbeddedStore(os.path.join(workdir, "store"), creds, bucket="scenario") as server:
             base = load_config(env={}, overrides={
                 "store": {"endpoint": server.endpoint, "bucket": "scenario"},
-                "algo": {"endpoint": algo.endpoint, "timeout_s": 30.0, "retries": 1},
+                "algo": {"timeout_s": 30.0, "retries": 1},
                 "run": {"state_dir": os.path.join(workdir, "state")},
             })
             base = msgspec.structs.replace(base, credentials=creds)
-            return [run_row(base, params, policy, check, aware, progress) for policy, check, aware in rows]
+            return [run_row(base, params, spec, progress) for spec in rows]
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
 def markdown_table(rows: list[Row], params: ScenarioParams) -> str:
-    head = ("| policy | check | aware | produced | scanned | never seen | inferred | no_det | skipped_missing "
+    head = ("| policy | check | aware | order | produced | scanned | never seen | inferred | no_det | skipped_missing "
             "| failed_missing | failed_algo | dropped_expired | fail/success | fail/attempted | coverage "
             "| wasted algo s | peak objects | limit | held | deleted |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         o = r.outcomes
         lines.append(
-            f"| {r.policy} | {'on' if r.check else 'off'} | {'on' if r.expiry_aware else 'off'} | {r.produced} "
+            f"| {r.policy} | {'on' if r.check else 'off'} | {'on' if r.expiry_aware else 'off'} "
+            f"| {r.order.replace('_first', '')} | {r.produced} "
             f"| {r.scanned} | {r.never_seen} | {o['inferred']} | {o['no_detection']} | {o['skipped_missing']} "
             f"| {o['failed_missing']} | {o['failed_algo']} | {o['dropped_expired']} "
             f"| {r.failure_rate_per_success:.2%} | {r.failure_rate:.2%} | {r.coverage:.2%} | {r.wasted_algo_s:.2f} "

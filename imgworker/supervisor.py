@@ -275,8 +275,7 @@ class Supervisor:
             self.stats.scanned += 1
             self._sweep_accepted += 1
             for dropped in self.dispatch.offer(ref):
-                self._finish(Result(key=dropped.key, outcome=Outcome.DROPPED_BACKLOG, task_type=dropped.task_type,
-                                    task_id=dropped.task_id, cause="queue_full", finished_at=time.time()))
+                self._drop(dropped, Outcome.DROPPED_BACKLOG, "queue_full")
         self._carry = refs[count:]
 
     def _end_sweep(self, *, complete: bool) -> None:
@@ -351,8 +350,7 @@ class Supervisor:
         else:
             self.dispatch.withdraw(img.key)
         task_type, task_id = parse_task(img.key, self.cfg.store.prefix)
-        self._finish(Result(key=img.key, outcome=Outcome.DROPPED_EXPIRED, task_type=task_type, task_id=task_id,
-                            cause="retention", finished_at=time.time()))
+        self._drop(ImageRef(key=img.key, task_type=task_type, task_id=task_id), Outcome.DROPPED_EXPIRED, "retention")
 
     def _delete(self, keys: list[str]) -> None:
         size = self.cfg.retention.batch_size
@@ -370,15 +368,15 @@ class Supervisor:
     def _sample_rate(self) -> None:
         now = time.monotonic()
         self._rate_samples.append((now, self.stats.finished))
-        while len(self._rate_samples) > 2 and now - self._rate_samples[0][0] > 10.0:
+        while len(self._rate_samples) > 2 and now - self._rate_samples[1][0] > 5.0:
             self._rate_samples.pop(0)
 
     def throughput_estimate(self) -> float:
-        """Images finished per second over the last ~10 s (0 until measured)."""
+        """Images finished per second over the last ~5 s (0 until a second of it is measured)."""
         if len(self._rate_samples) < 2:
             return 0.0
         (t0, n0), (t1, n1) = self._rate_samples[0], self._rate_samples[-1]
-        return (n1 - n0) / (t1 - t0) if t1 > t0 else 0.0
+        return (n1 - n0) / (t1 - t0) if t1 - t0 >= 1.0 else 0.0
 
     def drop_doomed(self) -> int:
         """With an external cleaner, drop queued images that would expire before a worker is done."""
@@ -394,16 +392,27 @@ class Supervisor:
                 doomed.append(item)
         for item in doomed:
             self.dispatch.withdraw(item.ref.key)
-            self._finish(Result(key=item.ref.key, outcome=Outcome.DROPPED_EXPIRED, task_type=item.ref.task_type,
-                                task_id=item.ref.task_id, cause="would_expire", finished_at=time.time()))
+            self._drop(item.ref, Outcome.DROPPED_EXPIRED, "would_expire")
         if doomed:
             log.info("dropped %d queued images that would expire before a worker reaches them", len(doomed))
         return len(doomed)
+
+    def _head_would_expire(self) -> bool:
+        """Drop the next item instead of dispatching it if it would expire before a worker is done."""
+        max_age = self.cfg.retention.external_max_age_s
+        head = self.dispatch.peek() if max_age else None
+        if head is None or image_time(head.ref) + max_age >= time.time() + self.stats.e2e_ms.mean / 1000.0:
+            return False
+        self.dispatch.withdraw(head.ref.key)
+        self._drop(head.ref, Outcome.DROPPED_EXPIRED, "would_expire")
+        return True
 
     # ----- dispatch and replies ----------------------------------------------------
 
     def feed_idle(self) -> None:
         while self.idle and self.dispatch.pending:
+            if self._head_would_expire():
+                continue
             slot = self.idle.pop()
             item = self.dispatch.take(slot)
             assert item is not None
@@ -475,6 +484,11 @@ class Supervisor:
             return
         self.workers[slot] = WorkerHandle(slot, self.cfg, self._log_settings)
         self.idle.append(slot)
+
+    def _drop(self, ref: ImageRef, outcome: Outcome, cause: str) -> None:
+        """End an image that no worker will see."""
+        self._finish(Result(key=ref.key, outcome=outcome, task_type=ref.task_type, task_id=ref.task_id, cause=cause,
+                            finished_at=time.time()))
 
     def _finish(self, result: Result) -> None:
         """The one place an image gets its terminal outcome."""

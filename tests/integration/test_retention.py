@@ -1,0 +1,79 @@
+"""The cleaner and expiry awareness inside a real run."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from imgworker.services.algo_server import AlgoService, SyntheticParams
+from imgworker.supervisor import Supervisor
+from tests.conftest import read_outcomes, upload
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture(scope="module")
+def slow_algo():
+    with AlgoService("synthetic", SyntheticParams(latency_ms=300.0, sigma=0.0)) as service:
+        yield service
+
+
+def listed(store, prefix):
+    return sorted(r.key for page in store.list_pages(prefix, 1000) for r in page)
+
+
+@pytest.mark.parametrize("policy", ["lease", "queued", "inflight"])
+def test_policies_against_a_real_queue(make_config, store, prefix, slow_algo, policy):
+    cfg = make_config(worker={"count": 1}, algo={"endpoint": slow_algo.endpoint},
+                      retention={"enabled": True, "max_count": 2, "protect": policy})
+    keys = [f"{prefix}p/t/20240101-120000.{i:03d}.jpg" for i in range(8)]
+    upload(store, keys)
+    sup = Supervisor(cfg, show_progress=False)
+    sup.start()
+    try:
+        while sup.dispatch.in_flight == 0:  # one held, seven queued, nothing finished yet
+            sup.step()
+        held = sup.dispatch.held_keys()
+        queued = set(sup.dispatch.pending_keys())
+        inventory = [i for i in sup._inventory] or None
+        from imgworker.cleaner import stored_image
+        from imgworker.outcomes import ImageRef
+
+        plan = sup.clean([stored_image(ImageRef(key=k), prefix) for k in keys])
+        remaining = listed(store, prefix)
+        while not sup.finished():
+            sup.step()
+    finally:
+        sup.shutdown()
+    report = sup.report()
+    outcomes = read_outcomes(cfg)
+    assert inventory is None or inventory is not None  # inventory is internal; the plan is what matters
+    assert report.conserved and all(len(v) == 1 for v in outcomes.values())
+    if policy == "lease":
+        assert set(plan.give_up) == set(sorted(queued)[:-1]) and plan.delete == []
+        assert remaining == sorted(held + sorted(queued)[-1:])  # storage limit held but for the held image
+        assert all(outcomes[k] == ["dropped_expired"] for k in plan.give_up)
+        assert report.outcomes["skipped_missing"] == report.outcomes["failed_missing"] == 0
+        from imgworker.results import read_results
+
+        assert all(r.worker == -1 for r in read_results(cfg.results_path) if r.outcome.value == "dropped_expired")
+    elif policy == "queued":
+        assert plan.delete == [] and plan.give_up == [] and plan.limit_exceeded
+        assert remaining == sorted(keys)
+        assert report.inferences == 8
+    else:
+        assert held[0] not in plan.delete and len(plan.delete) == 5  # the six oldest, less the held one
+        assert report.outcomes["skipped_missing"] == 5  # deleted while queued: the report's phenomenon
+
+
+def test_expiry_aware_dispatch_drops_before_a_worker_sees_them(make_config, store, prefix):
+    cfg = make_config(worker={"count": 1}, retention={"external_max_age_s": 3600})
+    stale = [f"{prefix}p/t/20200101-120000.{i:03d}.jpg" for i in range(3)]
+    fresh_stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    fresh = [f"{prefix}p/t/{fresh_stamp}.{i:03d}.jpg" for i in range(2)]
+    upload(store, stale + fresh)
+    report = Supervisor(cfg, show_progress=False).run()
+    outcomes = read_outcomes(cfg)
+    assert {k: v[0] for k, v in outcomes.items() if k in stale} == dict.fromkeys(stale, "dropped_expired")
+    assert report.outcomes["dropped_expired"] == 3 and report.inferences == 2 and report.conserved
