@@ -95,12 +95,13 @@ class AlgoClient:
         self.session = session or requests.Session()
         self.session.headers["Content-Type"] = "application/json"
 
-    def infer(self, request: AlgoRequest) -> AlgoAnswer:
+    def infer(self, request: AlgoRequest, endpoint: str = "") -> AlgoAnswer:
+        """One call to ``endpoint`` (default: the configured one)."""
         started = time.monotonic()
         deadline = started + self.cfg.timeout_s
         try:
             resp = self.session.post(
-                self.cfg.endpoint,
+                endpoint or self.cfg.endpoint,
                 data=_request_encoder.encode(request),
                 timeout=(self.cfg.connect_timeout_s, self.cfg.timeout_s),
                 stream=True,

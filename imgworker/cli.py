@@ -7,6 +7,7 @@ chooses the exit code.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import secrets
@@ -15,7 +16,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import msgspec
@@ -91,7 +92,24 @@ def _parser() -> argparse.ArgumentParser:
     scenario.add_argument("--json", help="write the rows as JSON to this path")
     scenario.add_argument("--markdown", help="write the table as Markdown to this path")
     scenario.add_argument("--compression", type=float, help="time compression factor (default 2)")
+    _add_metrics_flags(scenario)
     scenario.set_defaults(func=cmd_scenario)
+
+    tune = sub.add_parser("tune", help="sweep the number of workers; recommend N")
+    tune.add_argument("--workers", default="1,2,4,8,16,32,64,128", help="comma-separated N to measure")
+    tune.add_argument("--latency-ms", type=float, default=200.0, help="synthetic algorithm latency L")
+    tune.add_argument("--sigma", type=float, default=0.0, help="lognormal sigma of the latency (0 = fixed)")
+    tune.add_argument("--p95-budget-ms", type=float, default=0.0, help="recommend the largest N meeting this p95")
+    tune.add_argument("--images", type=int, default=4000, help="images pre-filled into the embedded store")
+    tune.add_argument("--warmup-s", type=float, default=3.0)
+    tune.add_argument("--window-s", type=float, default=2.0)
+    tune.add_argument("--max-windows", type=int, default=8)
+    tune.add_argument("--no-check", action="store_true", help="switch the existence check off")
+    tune.add_argument("--config", help="measure against your own store and service instead of embedded ones")
+    tune.add_argument("--json", help="write the points and the recommendation as JSON")
+    tune.add_argument("--markdown", help="write the table as Markdown")
+    tune.add_argument("--plot", help="write throughput and p95 against N as PNG")
+    tune.set_defaults(func=cmd_tune)
 
     report = sub.add_parser("report", help="recompute the report from a results file")
     report.add_argument("results", help="results JSON-lines file")
@@ -100,7 +118,13 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_metrics_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--metrics-port", type=int, default=0, help="serve Prometheus /metrics on this port")
+    p.add_argument("--metrics-addr", default="127.0.0.1", help="address for /metrics (default 127.0.0.1)")
+
+
 def _add_run_flags(p: argparse.ArgumentParser) -> None:
+    _add_metrics_flags(p)
     p.add_argument("--workers", type=int, help="number of worker processes")
     p.add_argument("--report-json", help="also write the final report as JSON to this path")
     p.add_argument("--state-dir", help="where state and results are kept")
@@ -152,12 +176,35 @@ def _run_pipeline(cfg: Config, args: argparse.Namespace, **kwargs: Any) -> Repor
     from .supervisor import Supervisor
 
     supervisor = Supervisor(cfg, show_progress=not args.no_progress, **kwargs)
-    report = supervisor.run()
+    with _metrics(args, lambda: supervisor):
+        report = supervisor.run()
     print(format_report(report))
     if args.report_json:
         with open(args.report_json, "wb") as f:
             f.write(msgspec.json.format(msgspec.json.encode(report)) + b"\n")
     return report
+
+
+@contextlib.contextmanager
+def _metrics(args: argparse.Namespace, current: Any) -> Iterator[None]:
+    """Serve /metrics while the body runs, if --metrics-port was given."""
+    if not args.metrics_port:
+        yield
+        return
+    from .metrics import serve_metrics
+
+    try:
+        server = serve_metrics(current, args.metrics_port, args.metrics_addr)
+    except OSError as exc:
+        from .errors import ConfigError
+
+        raise ConfigError(f"--metrics-port: cannot listen on {args.metrics_addr}:{args.metrics_port} ({exc})") from None
+    print(f"metrics: http://{args.metrics_addr}:{args.metrics_port}/metrics", file=sys.stderr, flush=True)
+    try:
+        yield
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -286,7 +333,9 @@ def cmd_scenario(args: argparse.Namespace) -> int:
     if args.quick:
         params = params.quick()
     logging.getLogger("imgworker").setLevel(max(logging.WARNING, logging.getLogger().level))
-    rows = run_scenario(params, progress=lambda line: print(line, flush=True))
+    holder: list[Any] = [None]
+    with _metrics(args, lambda: holder[0]):
+        rows = run_scenario(params, progress=lambda line: print(line, flush=True), on_supervisor=holder.__setitem__)
     table = markdown_table(rows, params)
     print(table)
     if args.json:
@@ -297,6 +346,42 @@ def cmd_scenario(args: argparse.Namespace) -> int:
         with open(args.markdown, "w", encoding="utf-8") as f:
             f.write(table + "\n")
     return int(ExitCode.OK)
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    from .errors import ConfigError
+    from .tune import TuneParams, markdown, plot, run_tune, sweep
+
+    try:
+        workers = tuple(int(n) for n in args.workers.split(",") if n.strip())
+    except ValueError:
+        raise ConfigError(f"--workers: value {args.workers!r} is not allowed (comma-separated integers)") from None
+    if not workers or min(workers) < 1:
+        raise ConfigError(f"--workers: value {args.workers!r} is not allowed (each N >= 1)")
+    params = TuneParams(workers=workers, latency_ms=args.latency_ms, sigma=args.sigma, images=args.images,
+                        warmup_s=args.warmup_s, window_s=args.window_s, max_windows=args.max_windows,
+                        p95_budget_ms=args.p95_budget_ms, stat_check=not args.no_check)
+    progress = lambda line: print(line, flush=True)  # noqa: E731
+    if args.config:
+        cfg = load_config(path=args.config, overrides={})
+        _require_credentials(cfg)
+        result = sweep(cfg, params, progress)
+    else:
+        result = run_tune(params, progress=progress)
+    table = markdown(result)
+    print(table)
+    _write(args.json, msgspec.json.format(msgspec.json.encode(result)) + b"\n")
+    _write(args.markdown, table.encode() + b"\n")
+    if args.plot:
+        plot(result, args.plot)
+    return int(ExitCode.OK)
+
+
+def _write(path: str | None, data: bytes) -> None:
+    if path:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path, "wb") as f:
+            f.write(data)
 
 
 def cmd_report(args: argparse.Namespace) -> int:

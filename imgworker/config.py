@@ -112,6 +112,22 @@ class AlgoConfig(msgspec.Struct, **_STRUCT):
     backoff_cap_s: NonNegative = 5.0
     max_body_bytes: PositiveInt = 1 << 20
     algo_config: dict[str, Any] | None = None
+    endpoints: tuple[str, ...] = ()
+    routes: dict[str, tuple[str, ...]] = {}
+    max_in_flight_per_endpoint: NonNegativeInt = 0
+    eject_after_failures: PositiveInt = 3
+    eject_cooldown_s: NonNegative = 10.0
+    no_endpoint_budget_s: NonNegative = 300.0
+
+
+class ActionsConfig(msgspec.Struct, **_STRUCT):
+    """Optional result actions, off by default; each failure is counted."""
+
+    delete_no_detection: bool = False
+    copy_alerts: bool = False
+    alerts_prefix: str = "alerts/"
+    write_results: bool = False
+    results_prefix: str = "results/"
 
 
 class RunConfig(msgspec.Struct, **_STRUCT):
@@ -136,6 +152,7 @@ class Config(msgspec.Struct, **_STRUCT):
     algo: AlgoConfig = AlgoConfig()
     run: RunConfig = RunConfig()
     retention: RetentionConfig = RetentionConfig()
+    actions: ActionsConfig = ActionsConfig()
     credentials: Credentials = Credentials()
 
     @property
@@ -151,6 +168,7 @@ SECTIONS: dict[str, type[msgspec.Struct]] = {
     "algo": AlgoConfig,
     "run": RunConfig,
     "retention": RetentionConfig,
+    "actions": ActionsConfig,
 }
 
 _ENV_PREFIX = "IMGWORKER_"
@@ -277,10 +295,14 @@ def _check_semantics(config: Config) -> None:
     """Rules a type cannot express."""
     if not config.store.bucket:
         raise ConfigError("invalid config key store.bucket: value '' is not allowed (a bucket name is required)")
-    if not config.algo.endpoint.startswith(("http://", "https://")):
-        raise ConfigError(
-            f"invalid config key algo.endpoint: value {config.algo.endpoint!r} is not allowed (an http:// or https:// URL)"
-        )
+    urls = [("algo.endpoint", config.algo.endpoint)] + [("algo.endpoints", u) for u in config.algo.endpoints]
+    urls += [(f"algo.routes.{t}", u) for t, route in config.algo.routes.items() for u in route]
+    for key, url in urls:
+        if not url.startswith(("http://", "https://")):
+            raise ConfigError(f"invalid config key {key}: value {url!r} is not allowed (an http:// or https:// URL)")
+    empty = [t for t, route in config.algo.routes.items() if not route]
+    if empty:
+        raise ConfigError(f"invalid config key algo.routes.{empty[0]}: value [] is not allowed (at least one URL)")
     for key in (config.store.endpoint, config.store.public_endpoint):
         if "://" in key or "/" in key:
             raise ConfigError(

@@ -49,6 +49,7 @@ class WorkItem(msgspec.Struct, frozen=True, array_like=True):
 
     ref: ImageRef
     attempt: int = 1
+    endpoints: tuple[str, ...] = ()
 
 
 class Result(msgspec.Struct, frozen=True, omit_defaults=True):
@@ -66,5 +67,7 @@ class Result(msgspec.Struct, frozen=True, omit_defaults=True):
     attempt: int = 1
     algo_calls: int = 0
     cause: str = ""
+    endpoint: str = ""
+    action_errors: tuple[str, ...] = ()
     started_at: float = 0.0
     finished_at: float = 0.0

@@ -16,6 +16,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 import msgspec
 
@@ -51,9 +52,12 @@ class ScenarioParams(msgspec.Struct, frozen=True, kw_only=True):
     seed: int = 1
 
     def quick(self) -> ScenarioParams:
-        """A quarter of the load and retention: same shape, same ordering, about a minute."""
+        """A quarter of the load: same shape, same ordering, about a minute and a half.
+
+        Retention is set for the backlog a short run really builds (worker start-up weighs more in it).
+        """
         phases = tuple(Phase(p.rate_per_s, p.duration_s / 4) for p in self.phases)
-        return msgspec.structs.replace(self, phases=phases, max_count=self.max_count // 4,
+        return msgspec.structs.replace(self, phases=phases, max_count=27,
                                        external_max_age_s=self.external_max_age_s / 4)
 
 
@@ -178,16 +182,18 @@ def _row_config(base: Config, params: ScenarioParams, spec: RowSpec, prefix: str
 
 
 def run_row(base: Config, params: ScenarioParams, spec: RowSpec,
-            progress: Callable[[str], None] = lambda _: None) -> Row:
+            progress: Callable[[str], None] = lambda _: None,
+            on_supervisor: Callable[[int, Any], None] = lambda _i, _s: None) -> Row:
     """One row, with its own algorithm service so every row sees the same latency sequence."""
     synthetic = SyntheticParams(latency_ms=params.algo_latency_ms / params.compression, sigma=params.algo_sigma,
                                 detection_rate=0.3, seed=params.seed)
     with AlgoService("synthetic", synthetic) as algo:
         algo_cfg = msgspec.structs.replace(base.algo, endpoint=algo.endpoint)
-        return _run_row(msgspec.structs.replace(base, algo=algo_cfg), params, spec, progress)
+        return _run_row(msgspec.structs.replace(base, algo=algo_cfg), params, spec, progress, on_supervisor)
 
 
-def _run_row(base: Config, params: ScenarioParams, spec: RowSpec, progress: Callable[[str], None]) -> Row:
+def _run_row(base: Config, params: ScenarioParams, spec: RowSpec, progress: Callable[[str], None],
+             on_supervisor: Callable[[int, Any], None]) -> Row:
     policy, check, aware = spec.policy, spec.check, spec.aware
     prefix = f"scn-{policy}-{secrets.token_hex(4)}/"
     cfg = _row_config(base, params, spec, prefix)
@@ -196,6 +202,7 @@ def _run_row(base: Config, params: ScenarioParams, spec: RowSpec, progress: Call
     stop = threading.Event()
     external = ExternalCleaner(store, prefix, params.external_max_age_s / params.compression, stop)
     supervisor = Supervisor(cfg, intake_done=lambda: not camera.is_alive(), show_progress=False)
+    on_supervisor(0, supervisor)
     started = time.monotonic()
     camera.start()
     if policy == "external":
@@ -234,7 +241,8 @@ def _run_row(base: Config, params: ScenarioParams, spec: RowSpec, progress: Call
 
 
 def run_scenario(params: ScenarioParams, *, rows: tuple[RowSpec, ...] = ROWS,
-                 progress: Callable[[str], None] = print) -> list[Row]:
+                 progress: Callable[[str], None] = print,
+                 on_supervisor: Callable[[int, Any], None] = lambda _i, _s: None) -> list[Row]:
     """Start the embedded store and the synthetic service, run every row, stop everything."""
     workdir = tempfile.mkdtemp(prefix="imgworker-scenario-")
     creds = Credentials(access_key="scn-" + secrets.token_hex(4), secret_key=secrets.token_urlsafe(24))
@@ -246,7 +254,7 @@ def run_scenario(params: ScenarioParams, *, rows: tuple[RowSpec, ...] = ROWS,
                 "run": {"state_dir": os.path.join(workdir, "state")},
             })
             base = msgspec.structs.replace(base, credentials=creds)
-            return [run_row(base, params, spec, progress) for spec in rows]
+            return [run_row(base, params, spec, progress, on_supervisor) for spec in rows]
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 

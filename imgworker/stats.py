@@ -26,6 +26,14 @@ class LogHistogram:
         self.count += 1
         self.total += value
 
+    def cumulative(self, bounds: list[float]) -> tuple[list[int], float]:
+        """Counts at or below each bound (bucket midpoints decide), and the sum: Prometheus buckets."""
+        items = sorted(self._buckets.items())
+        out = []
+        for bound in bounds:
+            out.append(sum(n for i, n in items if (0.0 if i < 0 else self._GROWTH ** (i + 0.5)) <= bound))
+        return out, self.total
+
     @property
     def mean(self) -> float:
         return self.total / self.count if self.count else 0.0
@@ -71,6 +79,8 @@ class Report(msgspec.Struct, frozen=True):
     wall_s: float
     workers: int
     cleaner: dict[str, int] = {}
+    endpoints: dict[str, dict[str, int]] = {}
+    action_errors: dict[str, int] = {}
 
 
 class Stats:
@@ -85,6 +95,8 @@ class Stats:
         self.counts: dict[Outcome, int] = {o: 0 for o in Outcome}
         self.algo_ms = LogHistogram()
         self.e2e_ms = LogHistogram()
+        self.stat_ms = LogHistogram()
+        self.action_errors: dict[str, int] = {}
 
     def record(self, result: Result) -> None:
         self.counts[result.outcome] += 1
@@ -92,6 +104,10 @@ class Stats:
             self.algo_ms.add(result.algo_ms)
         if result.e2e_ms is not None and result.outcome.reached_algo:
             self.e2e_ms.add(result.e2e_ms)
+        if result.stat_ms is not None:
+            self.stat_ms.add(result.stat_ms)
+        for action in result.action_errors:
+            self.action_errors[action] = self.action_errors.get(action, 0) + 1
 
     @property
     def finished(self) -> int:
@@ -129,6 +145,7 @@ class Stats:
             throughput_per_s=round(finished / wall_s, 3) if wall_s > 0 else 0.0,
             wall_s=round(wall_s, 3),
             workers=self.workers,
+            action_errors=dict(self.action_errors),
         )
 
 
@@ -179,4 +196,10 @@ def format_report(report: Report) -> str:
     ]
     if report.cleaner:
         lines += ["", "cleaner: " + ", ".join(f"{k}={v:,}" for k, v in report.cleaner.items())]
+    if len(report.endpoints) > 1:
+        lines += ["", "| endpoint | requests | failures | ejections | healthy |", "|---|---|---|---|---|"]
+        lines += [f"| {url} | {f['requests']:,} | {f['failures']:,} | {f['ejections']} | {'yes' if f['healthy'] else 'no'} |"
+                  for url, f in report.endpoints.items()]
+    if report.action_errors:
+        lines += ["", "result action failures: " + ", ".join(f"{k}={v}" for k, v in report.action_errors.items())]
     return "\n".join(lines)

@@ -94,6 +94,15 @@ class Store:
         except Exception as exc:
             raise translate(exc) from exc
 
+    def copy(self, source: str, target: str) -> None:
+        """Server-side copy within the bucket."""
+        from minio.commonconfig import CopySource
+
+        try:
+            self._client.copy_object(self.bucket, target, CopySource(self.bucket, source))
+        except Exception as exc:
+            raise translate(exc) from exc
+
     def delete(self, keys: Iterable[str]) -> list[str]:
         """Batch delete; returns the keys the store refused to delete."""
         try:

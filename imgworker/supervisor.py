@@ -29,6 +29,7 @@ import msgspec
 from .config import Config
 from .cleaner import CleanerStats, Plan, Status, StoredImage, image_time, plan_cleanup, stored_image
 from .dispatch import Dispatch
+from .endpoints import EndpointPool
 from .errors import StoreError, StoreFatal
 from .ledger import start_ledger
 from .logs import LogSettings, current_settings
@@ -59,6 +60,7 @@ class WorkerHandle:
         self.process.start()
         theirs.close()  # only the worker holds that end: its death closes our side
         self.dispatched_at = 0.0
+        self.endpoints: tuple[str, ...] = ()
         self.retiring = False
 
     @property
@@ -67,6 +69,7 @@ class WorkerHandle:
 
     def send(self, item: WorkItem) -> None:
         self.dispatched_at = time.monotonic()
+        self.endpoints = item.endpoints
         self.conn.send_bytes(encode_item(item))
 
     def stop(self, timeout: float) -> None:
@@ -118,6 +121,11 @@ class Supervisor:
         self._drain_deadline = 0.0
         self._signals = 0
         self.cleaner = CleanerStats()
+        self.endpoints = EndpointPool(cfg.algo)
+        self.scans_completed = 0
+        self.last_scan_s = 0.0
+        self._sweep_started = 0.0
+        self._no_endpoint_since = 0.0
         self._inventory: list[StoredImage] = []
         self._rate_samples: list[tuple[float, int]] = []
 
@@ -174,9 +182,10 @@ class Supervisor:
             in_flight=self.dispatch.in_flight,
             wall_s=time.monotonic() - self._started,
         )
-        if not self.cfg.retention.enabled:
-            return report
-        return msgspec.structs.replace(report, cleaner=msgspec.structs.asdict(self.cleaner))
+        extra: dict[str, Any] = {"endpoints": self.endpoints.figures()}
+        if self.cfg.retention.enabled:
+            extra["cleaner"] = msgspec.structs.asdict(self.cleaner)
+        return msgspec.structs.replace(report, **extra)
 
     # ----- the loop ------------------------------------------------------------------
 
@@ -244,6 +253,7 @@ class Supervisor:
     def _begin_sweep(self) -> None:
         self._flush_done()
         self.ledger.begin_sweep()
+        self._sweep_started = time.monotonic()
         self._pages = self.store.list_pages(self.cfg.store.prefix, self.cfg.scan.page_size)
         self._sweep_complete = True
         self._sweep_accepted = 0
@@ -282,6 +292,8 @@ class Supervisor:
         self._pages = None
         self._carry = []
         if complete:
+            self.scans_completed += 1
+            self.last_scan_s = time.monotonic() - self._sweep_started
             pruned = self.ledger.end_sweep()
             if pruned:
                 log.info("processed set: pruned %d entries whose objects are gone", pruned)
@@ -413,13 +425,34 @@ class Supervisor:
         while self.idle and self.dispatch.pending:
             if self._head_would_expire():
                 continue
+            head = self.dispatch.peek()
+            assert head is not None
+            endpoints = self.endpoints.choose(head.ref.task_type)
+            if endpoints is None:
+                if not self._wait_for_endpoint(head.ref):
+                    return
+                continue
+            self._no_endpoint_since = 0.0
             slot = self.idle.pop()
             item = self.dispatch.take(slot)
             assert item is not None
+            self.endpoints.dispatched(endpoints)
             try:
-                self.workers[slot].send(item)
+                self.workers[slot].send(msgspec.structs.replace(item, endpoints=endpoints))
             except OSError:
                 pass  # it died; its sentinel will tell, and the item goes back
+
+    def _wait_for_endpoint(self, head: ImageRef) -> bool:
+        """No healthy endpoint: items wait, up to the budget; past it the head fails. True = go on."""
+        now = time.monotonic()
+        if not self._no_endpoint_since:
+            self._no_endpoint_since = now
+            log.warning("no healthy algorithm endpoint: images wait in the queue")
+        if now - self._no_endpoint_since < self.cfg.algo.no_endpoint_budget_s:
+            return False
+        self.dispatch.withdraw(head.key)
+        self._drop(head, Outcome.FAILED_ALGO, "no_healthy_endpoint")
+        return True
 
     def _wait_and_handle(self, timeout: float) -> None:
         by_conn = {h.conn: h for h in self.workers.values()}
@@ -443,6 +476,8 @@ class Supervisor:
         item = self.dispatch.release(handle.slot)
         e2e = (time.monotonic() - handle.dispatched_at) * 1000.0
         result = msgspec.structs.replace(reply.result, e2e_ms=e2e)
+        self.endpoints.finished(handle.endpoints, reply.calls)
+        handle.endpoints = ()
         if item is None or item.ref.key != result.key:
             log.error("worker %d answered for %r it was not holding; ignored", handle.slot, result.key)
             return
@@ -459,6 +494,7 @@ class Supervisor:
             self.idle.remove(handle.slot)
         item = self.dispatch.release(handle.slot)
         if item is not None:
+            self.endpoints.finished(handle.endpoints, [])
             self._on_lost_item(item, handle.slot, code)
         if handle.retiring:
             self.stats.worker_recycles += 1

@@ -20,6 +20,8 @@ import msgspec
 import psutil
 
 from .algo_client import AlgoAnswer, AlgoClient, AlgoRequest
+from .endpoints import Call
+from . import actions
 from .config import Config
 from .errors import AlgoError, AlgoPermanent, AlgoTransient, ImageGone, ObjectMissing, StoreError, StoreUnavailable
 from .outcomes import Outcome, Result, WorkItem
@@ -34,19 +36,23 @@ _result_encoder = msgspec.msgpack.Encoder()
 
 
 class Reply(msgspec.Struct, frozen=True, array_like=True):
-    """What a worker sends back: the result, and whether it will exit right after."""
+    """What a worker sends back: the result, its HTTP calls, and whether it will exit right after."""
 
     result: Result
     retiring: bool = False
+    calls: list[Call] = []
 
 
 class StoreOps(Protocol):
     def stat(self, key: str) -> int: ...
     def presign(self, key: str, expiry_s: int) -> str: ...
+    def put(self, key: str, data: bytes, content_type: str = ...) -> None: ...
+    def copy(self, source: str, target: str) -> None: ...
+    def delete(self, keys: list[str]) -> list[str]: ...
 
 
 class AlgoOps(Protocol):
-    def infer(self, request: AlgoRequest) -> AlgoAnswer: ...
+    def infer(self, request: AlgoRequest, endpoint: str = "") -> AlgoAnswer: ...
 
 
 def backoff_delay(attempt: int, *, base_s: float, cap_s: float, rng: random.Random) -> float:
@@ -75,12 +81,17 @@ class ItemProcessor:
         self.rng = rng or random.Random()
 
     def process(self, item: WorkItem) -> Result:
+        return self.process_item(item)[0]
+
+    def process_item(self, item: WorkItem) -> tuple[Result, list[Call]]:
+        """The item's result, and the HTTP calls made for it (for endpoint health)."""
         started = time.time()
         t0 = time.monotonic()
         fields = self._Fields()
         outcome, cause = self._run(item, fields)
         log.debug("worker %d: %s -> %s %s", self.worker_id, item.ref.key, outcome.value, cause)
-        return Result(
+        action_errors = actions.apply(self.cfg, self.store, item.ref, outcome, fields.detections)
+        result = Result(
             key=item.ref.key,
             outcome=outcome,
             task_type=item.ref.task_type,
@@ -93,9 +104,12 @@ class ItemProcessor:
             attempt=item.attempt,
             algo_calls=fields.algo_calls,
             cause=cause,
+            endpoint=fields.calls[-1].endpoint if fields.calls else "",
+            action_errors=action_errors,
             started_at=started,
             finished_at=time.time(),
         )
+        return result, fields.calls
 
     class _Fields:
         def __init__(self) -> None:
@@ -103,6 +117,7 @@ class ItemProcessor:
             self.algo_ms: float | None = None
             self.stat_ms: float | None = None
             self.algo_calls = 0
+            self.calls: list[Call] = []
 
     def _run(self, item: WorkItem, fields: _Fields) -> tuple[Outcome, str]:
         key = item.ref.key
@@ -126,31 +141,37 @@ class ItemProcessor:
             image_path=key,
             algo_config=self.cfg.algo.algo_config,
         )
-        return self._infer(request, fields)
+        return self._infer(request, item.endpoints, fields)
 
-    def _infer(self, request: AlgoRequest, fields: _Fields) -> tuple[Outcome, str]:
-        """Call the service, retrying transient failures; a failure records the time its calls took."""
+    def _infer(self, request: AlgoRequest, endpoints: tuple[str, ...], fields: _Fields) -> tuple[Outcome, str]:
+        """Call the service, retrying transient failures on the next endpoint; failures record their time."""
         attempts = self.cfg.algo.retries + 1
+        targets = endpoints or (self.cfg.algo.endpoint,)
         last: AlgoError | None = None
         spent = 0.0
         for attempt in range(attempts):
             if attempt:
                 self.sleep(self._delay(attempt - 1, self.cfg.algo.backoff_base_s, self.cfg.algo.backoff_cap_s))
+            endpoint = targets[attempt % len(targets)]
             fields.algo_calls += 1
             t = time.monotonic()
             try:
-                answer = self.algo.infer(request)
+                answer = self.algo.infer(request, endpoint)
             except ImageGone:
+                fields.calls.append(Call(endpoint, True))
                 fields.algo_ms = spent + (time.monotonic() - t) * 1000.0
                 return Outcome.FAILED_MISSING, "algo_404"
             except AlgoPermanent as exc:
+                fields.calls.append(Call(endpoint, True))
                 fields.algo_ms = spent + (time.monotonic() - t) * 1000.0
                 return Outcome.FAILED_ALGO, exc.cause
             except AlgoTransient as exc:
+                fields.calls.append(Call(endpoint, False))
                 spent += (time.monotonic() - t) * 1000.0
                 last = exc
                 log.info("worker %d: %s attempt %d: %s", self.worker_id, request.image_path, attempt + 1, exc.cause)
                 continue
+            fields.calls.append(Call(endpoint, True))
             fields.algo_ms = answer.elapsed_ms
             fields.detections = answer.detections
             if answer.success and answer.detections > 0:
@@ -197,11 +218,11 @@ def worker_main(worker_id: int, cfg: Config, conn: Connection, log_settings: Log
             return  # the supervisor is gone: exit on our own, no orphans
         if message == STOP:
             return
-        result = processor.process(_item_decoder.decode(message))
+        result, calls = processor.process_item(_item_decoder.decode(message))
         done += 1
         retiring = _should_retire(cfg, done, me)
         try:
-            conn.send_bytes(_result_encoder.encode(Reply(result=result, retiring=retiring)))
+            conn.send_bytes(_result_encoder.encode(Reply(result=result, retiring=retiring, calls=calls)))
         except (BrokenPipeError, OSError):
             return
         if retiring:

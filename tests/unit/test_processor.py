@@ -35,9 +35,11 @@ class FakeAlgo:
     def __init__(self, answers):
         self.answers = list(answers)
         self.requests = []
+        self.endpoints = []
 
-    def infer(self, request):
+    def infer(self, request, endpoint=""):
         self.requests.append(request)
+        self.endpoints.append(endpoint)
         answer = self.answers.pop(0)
         if isinstance(answer, Exception):
             raise answer
@@ -125,3 +127,14 @@ def test_backoff_is_capped_and_jittered():
     delays = [backoff_delay(a, base_s=0.1, cap_s=1.0, rng=rng) for a in range(20)]
     assert all(0 <= d <= 1.0 for d in delays)
     assert len(set(delays)) == len(delays)
+
+
+def test_retries_go_to_the_next_endpoint_and_calls_are_reported():
+    cfg = load_config(env={}, overrides={"algo": {"retries": 2}})
+    algo = FakeAlgo([AlgoTransient("connection_error"), ok(1)])
+    processor = ItemProcessor(cfg, store=FakeStore(), algo=algo, worker_id=1, sleep=lambda s: None)
+    item = WorkItem(ref=ITEM.ref, endpoints=("http://a/infer", "http://b/infer"))
+    result, calls = processor.process_item(item)
+    assert algo.endpoints == ["http://a/infer", "http://b/infer"]
+    assert [(c.endpoint, c.healthy) for c in calls] == [("http://a/infer", False), ("http://b/infer", True)]
+    assert (result.outcome, result.endpoint) == (Outcome.INFERRED, "http://b/infer")

@@ -1,0 +1,113 @@
+"""Several algorithm services: least-in-flight balancing, per-endpoint limits, ejection and probes.
+
+Plain data owned by the supervisor. ``choose`` gives the endpoints for one item, the least
+loaded healthy one first and the other healthy ones as fallbacks for retries. After
+``eject_after_failures`` consecutive transient failures an endpoint is ejected for
+``eject_cooldown_s``; then one item is let through as a half-open probe, whose success brings it
+back and whose failure ejects it again.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+
+import msgspec
+
+from .config import AlgoConfig
+
+
+class Call(msgspec.Struct, frozen=True, array_like=True):
+    """One HTTP call a worker made: to which endpoint, and whether the service was healthy."""
+
+    endpoint: str
+    healthy: bool
+
+
+class EndpointState:
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.in_flight = 0
+        self.consecutive_failures = 0
+        self.ejected_until = 0.0
+        self.probing = False
+        self.requests = 0
+        self.failures = 0
+        self.ejections = 0
+
+    def figures(self, now: float) -> dict[str, int]:
+        return {"requests": self.requests, "failures": self.failures, "ejections": self.ejections,
+                "in_flight": self.in_flight, "healthy": int(self.ejected_until <= now and not self.probing)}
+
+
+class EndpointPool:
+    """Which endpoint each item goes to, and which endpoints are healthy."""
+
+    def __init__(self, cfg: AlgoConfig, clock: Callable[[], float] = time.monotonic) -> None:
+        self.cfg = cfg
+        self.clock = clock
+        urls = list(cfg.endpoints) or [cfg.endpoint]
+        for route in cfg.routes.values():
+            urls += [u for u in route if u not in urls]
+        self.states = {url: EndpointState(url) for url in dict.fromkeys(urls)}
+        self._default = list(cfg.endpoints) or [cfg.endpoint]
+
+    def candidates(self, task_type: str) -> list[str]:
+        return list(self.cfg.routes.get(task_type, self._default))
+
+    def choose(self, task_type: str) -> tuple[str, ...] | None:
+        """Endpoints for one item (first = primary), or None if none can take it now."""
+        now = self.clock()
+        usable = [self.states[u] for u in self.candidates(task_type) if self._usable(self.states[u], now)]
+        if not usable:
+            return None
+        usable.sort(key=lambda s: s.in_flight)
+        primary = usable[0]
+        if primary.ejected_until > 0 and primary.ejected_until <= now:
+            primary.probing = True  # half-open: this item is the probe
+        fallbacks = [s.url for s in usable[1:] if s.ejected_until <= 0]
+        return (primary.url, *fallbacks)
+
+    def _usable(self, state: EndpointState, now: float) -> bool:
+        limit = self.cfg.max_in_flight_per_endpoint
+        if limit and state.in_flight >= limit:
+            return False
+        if state.ejected_until <= 0:
+            return True
+        return state.ejected_until <= now and not state.probing
+
+    def dispatched(self, endpoints: Sequence[str]) -> None:
+        if endpoints:
+            self.states[endpoints[0]].in_flight += 1
+
+    def finished(self, endpoints: Sequence[str], calls: Sequence[Call]) -> None:
+        """Book the item's calls; an item that ended without calls still frees its slot."""
+        if endpoints:
+            state = self.states[endpoints[0]]
+            state.in_flight = max(0, state.in_flight - 1)
+            if not calls and state.probing:
+                state.probing = False  # the probe never reached the service: let another try
+        for call in calls:
+            self._record(call)
+
+    def _record(self, call: Call) -> None:
+        state = self.states.get(call.endpoint)
+        if state is None:
+            return
+        state.requests += 1
+        if call.healthy:
+            state.consecutive_failures = 0
+            state.ejected_until = 0.0
+            state.probing = False
+            return
+        state.failures += 1
+        state.consecutive_failures += 1
+        if state.probing or state.consecutive_failures >= self.cfg.eject_after_failures:
+            if state.ejected_until <= 0 or state.probing:
+                state.ejections += 1
+            state.ejected_until = self.clock() + self.cfg.eject_cooldown_s
+            state.probing = False
+
+    def figures(self) -> dict[str, dict[str, int]]:
+        now = self.clock()
+        return {url: state.figures(now) for url, state in self.states.items()}

@@ -1,0 +1,62 @@
+"""The benchmark harness runs end to end on tiny sizes (its timings are not asserted)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from benchmarks.check_vs_waste import run_case, summarize
+from benchmarks.dispatch import bench_pipes, bench_pool, bench_queue, items
+
+pytestmark = pytest.mark.timeout(240)
+
+
+def test_tune_command_writes_points_table_and_plot(tmp_path):
+    out = tmp_path / "tune.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "imgworker", "--log-level", "WARNING", "tune", "--workers", "1,2", "--latency-ms",
+         "20", "--images", "300", "--warmup-s", "0.5", "--window-s", "0.5", "--max-windows", "3", "--json", str(out),
+         "--markdown", str(tmp_path / "tune.md"), "--plot", str(tmp_path / "tune.png")],
+        capture_output=True, text=True, timeout=200,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert [p["workers"] for p in data["points"]] == [1, 2]
+    for p in data["points"]:
+        for field in ("throughput_per_s", "ideal_per_s", "efficiency", "p50_ms", "p95_ms", "p99_ms",
+                      "overhead_p50_ms", "cpu_s_per_1000"):
+            assert field in p
+        assert p["throughput_per_s"] > 0 and p["ideal_per_s"] == pytest.approx(p["workers"] * 50, rel=0.2)
+        assert p["efficiency"] == pytest.approx(p["throughput_per_s"] / p["ideal_per_s"], rel=0.01)
+    assert data["recommended_workers"] in (1, 2)
+    assert "Recommended:" in (tmp_path / "tune.md").read_text()
+    assert (tmp_path / "tune.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_tune_rejects_bad_worker_list():
+    proc = subprocess.run([sys.executable, "-m", "imgworker", "tune", "--workers", "1,x"], capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 2 and "--workers: value '1,x' is not allowed" in proc.stderr
+
+
+def test_check_vs_waste_cases(make_config):
+    cfg = make_config(worker={"count": 2})
+    off = run_case(cfg, p=0.5, check=False, images=20, workers=2, seed=1)
+    on = run_case(cfg, p=0.5, check=True, images=20, workers=2, seed=1)
+    assert off.deleted == on.deleted > 0
+    assert off.failed_missing == off.deleted and off.skipped_missing == 0
+    assert on.skipped_missing == on.deleted and on.failed_missing == 0
+    assert on.check_worker_s > 0 and off.check_worker_s == 0
+    summary = summarize([off, on], {"mean_ms": 1.0}, 20.0)
+    assert 0 < summary["break_even_p"] <= 1
+    assert summary["break_even_p_if_gone_costs_full_latency"] == pytest.approx(
+        min(1.0, summary["check_ms_per_image"] / 20.0), rel=1e-3)
+
+
+def test_dispatch_benchmarks_run():
+    work = items(200)
+    for bench in (bench_pipes, bench_queue, bench_pool):
+        assert bench(work, 2) > 0
