@@ -47,7 +47,7 @@ class ScenarioParams(msgspec.Struct, frozen=True, kw_only=True):
     workers: int = 4
     task_dirs: int = 4
     phases: tuple[Phase, ...] = (Phase(30.0, 40.0), Phase(10.0, 40.0))
-    max_count: int = 95
+    max_count: int = 108
     external_max_age_s: float = 12.0  # uncompressed, for the external-cleaner rows
     seed: int = 1
 

@@ -19,7 +19,7 @@ import multiprocessing
 import os
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from multiprocessing.connection import Connection, wait
 from types import FrameType
 from typing import Any
@@ -30,14 +30,15 @@ from .config import Config
 from .cleaner import CleanerStats, Plan, Status, StoredImage, image_time, plan_cleanup, stored_image
 from .dispatch import Dispatch
 from .endpoints import EndpointPool
-from .errors import StoreError, StoreFatal
+from .errors import StoreError, StoreFatal, StoreUnavailable
 from .ledger import start_ledger
+from .lister import Lister, ListingEnd
 from .logs import LogSettings, current_settings
 from .outcomes import ImageRef, Outcome, Result, WorkItem
 from .proctitle import set_title
 from .progress import Progress
 from .results import ResultsWriter, read_results
-from .scanner import parse_task, select_images
+from .scanner import parse_task
 from .stats import Report, Stats
 from .store import Store
 from .worker import STOP, decode_reply, encode_item, worker_main
@@ -105,7 +106,8 @@ class Supervisor:
         self.ledger: Any = None
         self.results: ResultsWriter | None = None
         self._done_keys: list[str] = []
-        self._pages: Iterator[list[ImageRef]] | None = None
+        self._sweeping = False
+        self.lister: Any = None
         self._carry: list[ImageRef] = []
         self._next_scan = 0.0
         self._scan_failures = 0
@@ -137,6 +139,7 @@ class Supervisor:
         self._manager, self.ledger, self._lifeline = start_ledger()
         resumed = self._restore_state()
         self.results = ResultsWriter(self.cfg.results_path)
+        self.lister = Lister(_CTX, self.cfg, self._log_settings)
         for slot in range(self.cfg.worker.count):
             self._spawn(slot)
         self._started = time.monotonic()
@@ -166,6 +169,9 @@ class Supervisor:
             handle.conn.close()
         self.workers.clear()
         self.idle.clear()
+        if self.lister is not None:
+            self.lister.stop()
+            self.lister = None
         if self.ledger is not None:
             self.checkpoint()
         if self.results is not None:
@@ -232,44 +238,54 @@ class Supervisor:
     def _wait_timeout(self, now: float) -> float:
         if self.draining:
             return 0.2
-        if self._pages is not None and (self._carry or self.dispatch.room):
-            return 0.0  # the listing has more to give
-        return max(0.0, min(0.5, self._next_scan - now, self._next_checkpoint - now))
+        wait_for = [0.5, self._next_checkpoint - now]
+        if not self._sweeping:
+            wait_for.append(self._next_scan - now)
+        return max(0.0, min(wait_for))
 
     # ----- scanning ------------------------------------------------------------------
 
     def scan_step(self, now: float) -> None:
-        """Accept at most one listing page of new images."""
-        if self._pages is None:
+        """Start a sweep when due; accept whatever listing pages have arrived, as room allows."""
+        if not self._sweeping:
             if now < self._next_scan:
                 return
             self._begin_sweep()
-        if self.cfg.dispatch.overflow == "block" and self.dispatch.room == 0:
-            return  # keep the listing where it is until there is room
-        if not self._carry and not self._next_page():
-            return
-        self._accept(self._carry)
+        while self._can_accept() and (self._carry or self._next_page()):
+            self._accept(self._carry)
+
+    def _can_accept(self) -> bool:
+        return self.cfg.dispatch.overflow != "block" or self.dispatch.room > 0
 
     def _begin_sweep(self) -> None:
         self._flush_done()
         self.ledger.begin_sweep()
         self._sweep_started = time.monotonic()
-        self._pages = self.store.list_pages(self.cfg.store.prefix, self.cfg.scan.page_size)
+        self._sweeping = True
         self._sweep_complete = True
         self._sweep_accepted = 0
+        self._inventory = []
+        try:
+            self.lister.request_sweep()
+        except OSError:
+            self._end_sweep(complete=False)  # the lister died; its sentinel brings a new one
 
     def _next_page(self) -> bool:
-        assert self._pages is not None
+        """Take one message from the lister, if one is waiting; True if it brought new images."""
         try:
-            page = next(self._pages)
-        except StopIteration:
-            self._end_sweep(complete=self._sweep_complete)
+            message = self.lister.poll()
+        except (EOFError, OSError):
             return False
-        except StoreError as exc:
-            self._scan_failed(exc)
+        if message is None:
+            return False
+        if isinstance(message, ListingEnd):
+            if message.ok:
+                self._end_sweep(complete=self._sweep_complete)
+            else:
+                self._scan_failed(StoreUnavailable(message.error))
             return False
         self._scan_failures = 0
-        listed = select_images(page, prefix=self.cfg.store.prefix, cfg=self.cfg.scan)
+        listed = message.refs
         if self.cfg.retention.enabled:
             self._inventory.extend(stored_image(r, self.cfg.store.prefix) for r in listed)
         images = [r for r in listed if r.key not in self.dispatch]
@@ -289,7 +305,7 @@ class Supervisor:
         self._carry = refs[count:]
 
     def _end_sweep(self, *, complete: bool) -> None:
-        self._pages = None
+        self._sweeping = False
         self._carry = []
         if complete:
             self.scans_completed += 1
@@ -457,13 +473,29 @@ class Supervisor:
     def _wait_and_handle(self, timeout: float) -> None:
         by_conn = {h.conn: h for h in self.workers.values()}
         by_sentinel = {h.sentinel: h for h in self.workers.values()}
-        ready = wait(list(by_conn) + list(by_sentinel), timeout)
+        lister: list[Any] = [self.lister.sentinel]
+        if self._sweeping and not self._carry and self._can_accept() and not self.draining:
+            lister.append(self.lister.conn)  # read pages only while they can be accepted
+        ready = wait(list(by_conn) + list(by_sentinel) + lister, timeout)
         for obj in ready:
             if obj in by_conn:
                 self._drain_replies(by_conn[obj])  # type: ignore[index]
         for obj in ready:
             if obj in by_sentinel:
                 self._on_exit(by_sentinel[obj])  # type: ignore[index]
+        if self.lister.conn in ready:
+            self.scan_step(time.monotonic())
+        if self.lister.sentinel in ready:
+            self._on_lister_exit()
+
+    def _on_lister_exit(self) -> None:
+        """The lister died: the sweep it was doing is incomplete; start a new lister."""
+        self.lister.process.join()
+        log.warning("the scanner process exited (exit code %s); starting a new one", self.lister.process.exitcode)
+        self.lister.conn.close()
+        self.lister = Lister(_CTX, self.cfg, self._log_settings)
+        if self._sweeping:
+            self._end_sweep(complete=False)
 
     def _drain_replies(self, handle: WorkerHandle) -> None:
         try:

@@ -64,8 +64,14 @@ def _cfg(tmp_path):
     return load_config(env={}, overrides={"run": {"state_dir": str(tmp_path / "s")}})
 
 
-def test_poison_item_ends_as_failed_worker(make_config, store, prefix, slow_algo):
-    cfg = make_config(worker={"count": 2, "max_attempts": 3}, algo={"endpoint": slow_algo.endpoint})
+def test_poison_item_ends_as_failed_worker(make_config, store, prefix):
+    # calls slower than one supervisor step, so the poison item is still held when the test looks
+    with AlgoService("synthetic", SyntheticParams(latency_ms=800.0, sigma=0.0)) as very_slow:
+        _poison(make_config(worker={"count": 2, "max_attempts": 3}, algo={"endpoint": very_slow.endpoint}),
+                store, prefix)
+
+
+def _poison(cfg, store, prefix):
     keys = [f"{prefix}p/t/20240101-120000.{i:03d}.jpg" for i in range(6)]
     poison = keys[2]
     upload(store, keys)
@@ -122,7 +128,8 @@ def test_supervisor_sigkill_leaves_no_orphans_and_titles_are_set(tmp_path, store
         # multiprocessing's own resource tracker is the one child without our title; it must exit too.
         titles = sorted(" ".join(c.cmdline()).strip() for c in children if "resource_tracker" not in " ".join(c.cmdline()))
         assert "imgworker: supervisor" in " ".join(supervisor.cmdline())
-        assert titles == ["imgworker: ledger", "imgworker: worker 0", "imgworker: worker 1", "imgworker: worker 2"]
+        assert titles == ["imgworker: ledger", "imgworker: scanner", "imgworker: worker 0", "imgworker: worker 1",
+                          "imgworker: worker 2"]
         assert all(creds.secret_key not in t for t in titles)
         proc.send_signal(signal.SIGKILL)
         proc.wait(10)

@@ -79,3 +79,47 @@ def test_report_command_recomputes_the_run_report(tmp_path, store_server, algo_s
     again, original = json.loads(proc.stdout), json.loads(run_report.read_text())
     for field in ("scanned", "outcomes", "inferences", "failures", "failure_rate", "avg_inference_ms"):
         assert again[field] == original[field]
+
+
+def test_store_serve_prints_endpoint_and_stops_cleanly_on_ctrl_c(tmp_path, creds):
+    import signal
+
+    from imgworker.services.netutil import free_port
+
+    port = free_port()
+    env = {k: v for k, v in __import__("os").environ.items() if not k.startswith(("IMGWORKER_", "AWS_"))}
+    env.update(IMGWORKER_ACCESS_KEY=creds.access_key, IMGWORKER_SECRET_KEY=creds.secret_key)
+    proc = subprocess.Popen([sys.executable, "-m", "imgworker", "store-serve", "--data-dir", str(tmp_path / "d"),
+                             "--port", str(port), "--bucket", "served"], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()
+        assert f"endpoint 127.0.0.1:{port}, bucket served" in line
+        from imgworker.config import load_config
+        from imgworker.store import Store
+
+        cfg = load_config(env={}, overrides={"store": {"endpoint": f"127.0.0.1:{port}", "bucket": "served"}})
+        Store(cfg.store, creds).check()
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err[-2000:]
+    assert "embedded store stopped" in out
+    assert creds.secret_key not in out + err
+    import psutil
+
+    assert not [p for p in psutil.process_iter(["cmdline"]) if str(tmp_path / "d") in " ".join(p.info["cmdline"] or [])]
+
+
+def test_json_logs_on_request(tmp_path, store_server, algo_server, creds, store, prefix):
+    upload(store, [f"{prefix}p/t/20240101-120000.000.jpg"])
+    env = cli_env(store_server, creds, IMGWORKER_STORE_PREFIX=prefix, IMGWORKER_ALGO_ENDPOINT=algo_server.endpoint,
+                  IMGWORKER_RUN_STATE_DIR=str(tmp_path / "s"))
+    proc = imgworker("--log-json", "--log-level", "DEBUG", "run", "--until-idle", "--no-progress", env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    records = [json.loads(line) for line in proc.stderr.splitlines() if line.strip()]
+    assert {"ts", "level", "logger", "message", "pid"} <= set(records[0])
+    assert any(r["logger"] == "imgworker.worker" and f"{prefix}p/t/" in r["message"] for r in records)

@@ -94,3 +94,24 @@ def test_config_is_immutable():
     cfg = load_config(env={})
     with pytest.raises(AttributeError):
         cfg.worker.count = 3  # type: ignore[misc]
+
+
+def test_public_endpoint_signs_urls_for_the_algorithm_service_without_network():
+    from imgworker.store import Store
+
+    cfg = load_config(env={}, overrides={"store": {"endpoint": "127.0.0.1:1", "public_endpoint": "images.example:9000",
+                                                   "bucket": "bkt"}})
+    from imgworker.config import Credentials
+
+    url = Store(cfg.store, Credentials("k", "s")).presign("a b/中文 %+#.jpg", 900)
+    assert url.startswith("http://images.example:9000/bkt/a%20b/")
+    assert "X-Amz-Expires=900" in url
+
+
+def test_retention_needs_a_rule_and_routes_need_urls():
+    with pytest.raises(ConfigError, match="retention.enabled"):
+        load_config(env={}, overrides={"retention": {"enabled": True}})
+    with pytest.raises(ConfigError, match="algo.routes.car: value 'x'"):
+        load_config(env={}, overrides={"algo": {"routes": {"car": ["x"]}}})
+    with pytest.raises(ConfigError, match="retention.protect: value 'all' is not allowed .one of none, inflight"):
+        load_config(env={}, overrides={"retention": {"protect": "all"}})
