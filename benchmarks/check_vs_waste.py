@@ -63,7 +63,7 @@ def stat_latency(store: Store, key: str, count: int = 2000) -> dict[str, float]:
 
 def run_case(cfg, *, p: float, check: bool, images: int, workers: int, seed: int) -> Case:
     prefix = f"cvw-{int(p * 1000)}-{int(check)}-{seed}/"
-    store = Store(cfg.store, cfg.credentials)
+    store = Store(cfg.store, cfg.credentials, pool_size=16)
     prefill(store, prefix, images)
     state = tempfile.mkdtemp(prefix="cvw-")
     cfg = msgspec.structs.replace(

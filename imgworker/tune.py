@@ -36,7 +36,7 @@ class TuneParams(msgspec.Struct, frozen=True, kw_only=True):
     latency_ms: float = 200.0
     sigma: float = 0.0
     warmup_s: float = 3.0
-    window_s: float = 2.0
+    window_s: float = 2.0  # at least; longer where N is small (window_length)
     stable_windows: int = 3
     tolerance: float = 0.05
     max_windows: int = 8
@@ -58,6 +58,9 @@ class Point(msgspec.Struct, frozen=True, kw_only=True):
     algo_p99_ms: float
     overhead_p50_ms: float
     overhead_p99_ms: float
+    stat_p50_ms: float
+    overhead_excl_check_p50_ms: float
+    overhead_excl_check_p99_ms: float
     cpu_s_per_1000: float
     rss_worker_mb: float
     rss_supervisor_mb: float
@@ -110,6 +113,12 @@ def recommend(points: Sequence[Point], p95_budget_ms: float = 0.0) -> tuple[int,
     best = max(p.throughput_per_s for p in points)
     knee = min((p for p in points if p.throughput_per_s >= 0.95 * best), key=lambda p: p.workers)
     return knee.workers, f"smallest N reaching 95 % of the best throughput ({best:.1f} img/s)"
+
+
+def window_length(params: TuneParams, workers: int, min_completions: int = 50) -> float:
+    """Long enough for ``min_completions`` at the ideal rate, so counting noise stays under the tolerance."""
+    ideal = ideal_throughput(workers, params.latency_ms)
+    return max(params.window_s, min_completions / ideal) if ideal > 0 else params.window_s
 
 
 def window_rates(finish_times: Sequence[float], start: float, window_s: float, count: int) -> list[float]:
@@ -188,13 +197,14 @@ def _run_windows(sup: Supervisor, params: TuneParams, workers: int, finished: li
         sup.step()
     procs = _own_processes()
     cpu0, start, n0 = _cpu_seconds(procs), time.monotonic(), len(finished)
+    window = window_length(params, workers)
     rates: list[float] = []
     while len(rates) < params.max_windows and not is_stable(rates, windows=params.stable_windows,
                                                                tolerance=params.tolerance):
-        end = start + (len(rates) + 1) * params.window_s
+        end = start + (len(rates) + 1) * window
         while time.monotonic() < end:
             sup.step()
-        rates.append(window_rates([r.finished_at for r in finished], end - params.window_s, params.window_s, 1)[0])
+        rates.append(window_rates([r.finished_at for r in finished], end - window, window, 1)[0])
     elapsed = time.monotonic() - start
     procs = _own_processes()
     cpu = _cpu_seconds(procs) - cpu0
@@ -204,11 +214,13 @@ def _run_windows(sup: Supervisor, params: TuneParams, workers: int, finished: li
 
 def _point(workers: int, params: TuneParams, measured: list[Result], rates: list[float], elapsed: float,
            cpu: float, procs: list[psutil.Process], count: int) -> Point:
-    e2e, algo, overhead = LogHistogram(), LogHistogram(), LogHistogram()
+    e2e, algo, overhead, stat, bare = (LogHistogram() for _ in range(5))
     for r in measured:
         e2e.add(r.e2e_ms or 0.0)
         algo.add(r.algo_ms or 0.0)
         overhead.add(max(0.0, (r.e2e_ms or 0.0) - (r.algo_ms or 0.0)))
+        stat.add(r.stat_ms or 0.0)
+        bare.add(max(0.0, (r.e2e_ms or 0.0) - (r.algo_ms or 0.0) - (r.stat_ms or 0.0)))
     stable = is_stable(rates, windows=params.stable_windows, tolerance=params.tolerance)
     tail = rates[-params.stable_windows:] if stable else rates
     throughput = sum(tail) / len(tail) if tail else 0.0
@@ -220,6 +232,8 @@ def _point(workers: int, params: TuneParams, measured: list[Result], rates: list
         algo_p50_ms=round(algo.percentile(50), 2), algo_p95_ms=round(algo.percentile(95), 2),
         algo_p99_ms=round(algo.percentile(99), 2),
         overhead_p50_ms=round(overhead.percentile(50), 3), overhead_p99_ms=round(overhead.percentile(99), 3),
+        stat_p50_ms=round(stat.percentile(50), 3), overhead_excl_check_p50_ms=round(bare.percentile(50), 3),
+        overhead_excl_check_p99_ms=round(bare.percentile(99), 3),
         cpu_s_per_1000=round(cpu / count * 1000, 3) if count else 0.0,
         rss_worker_mb=_rss_mb(procs, "imgworker: worker"), rss_supervisor_mb=_rss_mb(procs, "imgworker: supervisor"),
         rss_manager_mb=_rss_mb(procs, "imgworker: ledger"), windows=len(rates), stable=stable, images=count,
@@ -264,7 +278,7 @@ def run_tune(params: TuneParams, *, progress: Callable[[str], None] = print) -> 
             })
             cfg = msgspec.structs.replace(cfg, credentials=creds)
             progress(f"tune: uploading {params.images} images ...")
-            prefill(Store(cfg.store, creds), "p/", params.images)
+            prefill(Store(cfg.store, creds, pool_size=16), "p/", params.images)
             return sweep(cfg, params, progress)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
@@ -273,14 +287,16 @@ def run_tune(params: TuneParams, *, progress: Callable[[str], None] = print) -> 
 def markdown(result: TuneResult) -> str:
     lines = [
         "| N | throughput/s | ideal/s | efficiency | p50 ms | p95 ms | p99 ms | algo p50 | overhead p50 ms "
-        "| overhead p99 ms | CPU s / 1000 img | RSS worker MB | RSS supervisor MB | RSS Manager MB | stable |",
-        "|" + "---|" * 15,
+        "| overhead p99 ms | StatObject p50 ms | overhead without check p50 / p99 ms | CPU s / 1000 img "
+        "| RSS worker MB | RSS supervisor MB | RSS Manager MB | stable |",
+        "|" + "---|" * 17,
     ]
     for p in result.points:
         lines.append(
             f"| {p.workers} | {p.throughput_per_s:.1f} | {p.ideal_per_s:.1f} | {p.efficiency:.3f} | {p.p50_ms:.1f} "
             f"| {p.p95_ms:.1f} | {p.p99_ms:.1f} | {p.algo_p50_ms:.1f} | {p.overhead_p50_ms:.2f} "
-            f"| {p.overhead_p99_ms:.2f} | {p.cpu_s_per_1000:.2f} | {p.rss_worker_mb:.0f} | {p.rss_supervisor_mb:.0f} "
+            f"| {p.overhead_p99_ms:.2f} | {p.stat_p50_ms:.2f} | {p.overhead_excl_check_p50_ms:.2f} / "
+            f"{p.overhead_excl_check_p99_ms:.2f} | {p.cpu_s_per_1000:.2f} | {p.rss_worker_mb:.0f} | {p.rss_supervisor_mb:.0f} "
             f"| {p.rss_manager_mb:.0f} | {'yes' if p.stable else 'no'} |"
         )
     lines += ["", f"Recommended: **{result.recommended_workers} workers** ({result.reason}).",

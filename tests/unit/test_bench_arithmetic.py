@@ -11,7 +11,8 @@ from imgworker.tune import Point, efficiency, ideal_throughput, is_stable, recom
 def point(n: int, tput: float, p95: float = 100.0) -> Point:
     return Point(workers=n, throughput_per_s=tput, ideal_per_s=n * 5.0, efficiency=tput / (n * 5.0), p50_ms=1,
                  p95_ms=p95, p99_ms=1, algo_p50_ms=1, algo_p95_ms=1, algo_p99_ms=1, overhead_p50_ms=0.1,
-                 overhead_p99_ms=0.5, cpu_s_per_1000=1, rss_worker_mb=1, rss_supervisor_mb=1, rss_manager_mb=1,
+                 overhead_p99_ms=0.5, stat_p50_ms=0.5, overhead_excl_check_p50_ms=0.1,
+                 overhead_excl_check_p99_ms=0.2, cpu_s_per_1000=1, rss_worker_mb=1, rss_supervisor_mb=1, rss_manager_mb=1,
                  windows=3, stable=True, images=10)
 
 
@@ -52,3 +53,11 @@ def test_break_even():
     assert break_even(1.0, 200.0) == pytest.approx(0.005)
     assert break_even(5.0, 2.0) == 1.0
     assert break_even(1.0, 0.0) == 1.0
+
+
+def test_window_holds_enough_completions_at_small_n():
+    from imgworker.tune import TuneParams, window_length
+
+    params = TuneParams(latency_ms=200.0, window_s=2.0)
+    assert window_length(params, 1) == pytest.approx(10.0)
+    assert window_length(params, 64) == 2.0
