@@ -248,7 +248,9 @@ def _start_cameras(args: argparse.Namespace, cfg: Config, creds: Credentials) ->
                IMGWORKER_STORE_ENDPOINT=cfg.store.endpoint, IMGWORKER_STORE_BUCKET=cfg.store.bucket)
     cmd = [sys.executable, "-m", "imgworker", "--log-level", "WARNING", "loadgen", "--rate", str(args.rate),
            "--duration", str(args.duration)]
-    return subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL)
+    from .services.netutil import die_with_parent
+
+    return subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, preexec_fn=die_with_parent)
 
 
 def _stop_process(proc: subprocess.Popen[bytes]) -> None:

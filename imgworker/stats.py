@@ -14,6 +14,7 @@ class LogHistogram:
     """Bounded-memory latency histogram with 1 % relative bucket width."""
 
     _GROWTH = 1.01
+    _ZERO = -(10**9)  # bucket of values <= 0
 
     def __init__(self) -> None:
         self._buckets: dict[int, int] = {}
@@ -21,7 +22,7 @@ class LogHistogram:
         self.total = 0.0
 
     def add(self, value: float) -> None:
-        index = -1 if value <= 0 else int(math.log(max(value, 1e-3)) / math.log(self._GROWTH))
+        index = self._ZERO if value <= 0 else math.floor(math.log(max(value, 1e-6)) / math.log(self._GROWTH))
         self._buckets[index] = self._buckets.get(index, 0) + 1
         self.count += 1
         self.total += value
@@ -31,7 +32,7 @@ class LogHistogram:
         items = sorted(self._buckets.items())
         out = []
         for bound in bounds:
-            out.append(sum(n for i, n in items if (0.0 if i < 0 else self._GROWTH ** (i + 0.5)) <= bound))
+            out.append(sum(n for i, n in items if self._value(i) <= bound))
         return out, self.total
 
     @property
@@ -47,8 +48,12 @@ class LogHistogram:
         for index in sorted(self._buckets):
             seen += self._buckets[index]
             if seen >= rank:
-                return 0.0 if index < 0 else self._GROWTH ** (index + 0.5)
+                return self._value(index)
         return 0.0
+
+    def _value(self, index: int) -> float:
+        """The representative value of a bucket (its geometric middle)."""
+        return 0.0 if index == self._ZERO else float(self._GROWTH ** (index + 0.5))
 
 
 class Report(msgspec.Struct, frozen=True):

@@ -91,9 +91,17 @@ class WorkerHandle:
 class Supervisor:
     """Runs the pipeline; ``step()`` is one iteration of the loop and can be driven by tests."""
 
-    def __init__(self, cfg: Config, *, intake_done: Callable[[], bool] = lambda: True, show_progress: bool = True):
+    def __init__(
+        self,
+        cfg: Config,
+        *,
+        intake_done: Callable[[], bool] = lambda: True,
+        show_progress: bool = True,
+        on_result: Callable[[Result], None] | None = None,
+    ) -> None:
         self.cfg = cfg
         self.intake_done = intake_done
+        self.on_result = on_result
         self.stats = Stats(cfg.worker.count)
         self.dispatch = Dispatch(cfg.dispatch)
         self.store = Store(cfg.store, cfg.credentials, read_timeout_s=cfg.store.list_timeout_s)
@@ -564,6 +572,8 @@ class Supervisor:
         self.results.write(result)
         self.stats.record(result)
         self._done_keys.append(result.key)
+        if self.on_result is not None:
+            self.on_result(result)
 
     # ----- state -----------------------------------------------------------------------
 

@@ -36,6 +36,7 @@ class TuneParams(msgspec.Struct, frozen=True, kw_only=True):
     latency_ms: float = 200.0
     sigma: float = 0.0
     warmup_s: float = 3.0
+    startup_cap_s: float = 120.0
     window_s: float = 2.0  # at least; longer where N is small (window_length)
     stable_windows: int = 3
     tolerance: float = 0.05
@@ -172,15 +173,12 @@ def measure_point(cfg: Config, params: TuneParams, workers: int) -> Point:
     """Run the pipeline with N workers until throughput is stable (or the cap), then stop it."""
     cfg = msgspec.structs.replace(cfg, worker=msgspec.structs.replace(cfg.worker, count=workers),
                                   run=msgspec.structs.replace(cfg.run, state_dir=tempfile.mkdtemp(prefix="tune-")))
-    sup = Supervisor(cfg, show_progress=False)
     finished: list[Result] = []
-    original = sup._finish
 
     def record(result: Result) -> None:
-        original(result)
         finished.append(msgspec.structs.replace(result, finished_at=time.monotonic()))
 
-    sup._finish = record  # type: ignore[method-assign]
+    sup = Supervisor(cfg, show_progress=False, on_result=record)
     sup.start()
     try:
         point = _run_windows(sup, params, workers, finished)
@@ -192,6 +190,9 @@ def measure_point(cfg: Config, params: TuneParams, workers: int) -> Point:
 
 
 def _run_windows(sup: Supervisor, params: TuneParams, workers: int, finished: list[Result]) -> Point:
+    t0 = time.monotonic()
+    while len({r.worker for r in finished}) < workers and time.monotonic() - t0 < params.startup_cap_s:
+        sup.step()  # every worker started and answered once (spawning many takes a while)
     t0 = time.monotonic()
     while time.monotonic() - t0 < params.warmup_s:
         sup.step()

@@ -60,6 +60,17 @@ def backoff_delay(attempt: int, *, base_s: float, cap_s: float, rng: random.Rand
     return rng.uniform(0.0, min(cap_s, base_s * (2**attempt)))
 
 
+class _Trace:
+    """What one item's processing measured along the way."""
+
+    def __init__(self) -> None:
+        self.detections = 0
+        self.algo_ms: float | None = None
+        self.stat_ms: float | None = None
+        self.algo_calls = 0
+        self.calls: list[Call] = []
+
+
 class ItemProcessor:
     """Turns one WorkItem into one Result; collaborators are injected so tests need no process."""
 
@@ -87,7 +98,7 @@ class ItemProcessor:
         """The item's result, and the HTTP calls made for it (for endpoint health)."""
         started = time.time()
         t0 = time.monotonic()
-        fields = self._Fields()
+        fields = _Trace()
         outcome, cause = self._run(item, fields)
         log.debug("worker %d: %s -> %s %s", self.worker_id, item.ref.key, outcome.value, cause)
         action_errors = actions.apply(self.cfg, self.store, item.ref, outcome, fields.detections)
@@ -111,15 +122,7 @@ class ItemProcessor:
         )
         return result, fields.calls
 
-    class _Fields:
-        def __init__(self) -> None:
-            self.detections = 0
-            self.algo_ms: float | None = None
-            self.stat_ms: float | None = None
-            self.algo_calls = 0
-            self.calls: list[Call] = []
-
-    def _run(self, item: WorkItem, fields: _Fields) -> tuple[Outcome, str]:
+    def _run(self, item: WorkItem, fields: _Trace) -> tuple[Outcome, str]:
         key = item.ref.key
         try:
             if self.cfg.worker.stat_check:
@@ -143,7 +146,7 @@ class ItemProcessor:
         )
         return self._infer(request, item.endpoints, fields)
 
-    def _infer(self, request: AlgoRequest, endpoints: tuple[str, ...], fields: _Fields) -> tuple[Outcome, str]:
+    def _infer(self, request: AlgoRequest, endpoints: tuple[str, ...], fields: _Trace) -> tuple[Outcome, str]:
         """Call the service, retrying transient failures on the next endpoint; failures record their time."""
         attempts = self.cfg.algo.retries + 1
         targets = endpoints or (self.cfg.algo.endpoint,)

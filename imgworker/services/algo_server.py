@@ -28,7 +28,7 @@ import msgspec
 import yarl
 from aiohttp import ClientError, ClientSession, ClientTimeout, web
 
-from .netutil import free_port, port_open, wait_until
+from .netutil import die_with_parent, free_port, port_open, wait_until
 
 log = logging.getLogger(__name__)
 
@@ -212,7 +212,7 @@ class AlgoService:
         return cmd
 
     def start(self, timeout_s: float = 60.0) -> AlgoService:
-        self._proc = subprocess.Popen(self.command(), stdin=subprocess.DEVNULL)
+        self._proc = subprocess.Popen(self.command(), stdin=subprocess.DEVNULL, preexec_fn=die_with_parent)
         wait_until(lambda: port_open("127.0.0.1", self.port), timeout_s=timeout_s, what="the algorithm service",
                    alive=self.alive)
         return self

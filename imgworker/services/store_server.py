@@ -11,7 +11,7 @@ import sysconfig
 from types import TracebackType
 
 from ..config import Credentials
-from .netutil import free_port, port_open, wait_until
+from .netutil import die_with_parent, free_port, port_open, wait_until
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +81,7 @@ class EmbeddedStore:
         with open(self._log_file, "ab") as out:
             self._proc = subprocess.Popen(
                 self._command(), stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                start_new_session=True,
+                start_new_session=True, preexec_fn=die_with_parent,
             )
         wait_until(self._ready, timeout_s=timeout_s, what="the embedded store", alive=self.alive)
         log.info("embedded store ready at %s (data in %s)", self.endpoint, self.data_dir)

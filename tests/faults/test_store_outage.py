@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import time
 
+import msgspec
 import pytest
 
 from imgworker.config import load_config
@@ -71,7 +72,7 @@ def test_outage_beyond_budget_ends_as_failed_store(tmp_path, own_store, creds, a
     cfg = load_config(env={}, overrides={"store": {"endpoint": own_store.endpoint, "bucket": "outage"},
                                          "run": {"state_dir": str(tmp_path / "s")},
                                          "worker": {"count": 1, "store_retry_budget_s": 0.5}})
-    cfg = __import__("msgspec").structs.replace(cfg, credentials=creds)
+    cfg = msgspec.structs.replace(cfg, credentials=creds)
     keys = [f"p/t/20240101-120000.{i:03d}.jpg" for i in range(3)]
     upload(Store(cfg.store, creds), keys)
     from imgworker.supervisor import Supervisor

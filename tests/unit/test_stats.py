@@ -71,3 +71,14 @@ def test_human_report_lists_every_outcome():
     for outcome in Outcome:
         assert f"| {outcome.value} |" in text
     assert "conserved: True" in text
+
+
+def test_histogram_handles_sub_millisecond_and_zero_values():
+    hist = LogHistogram()
+    for v in (0.0, 0.05, 0.6, 0.6, 0.6, 2.0):
+        hist.add(v)
+    assert hist.percentile(50) == pytest.approx(0.6, rel=0.01)
+    assert hist.percentile(1) == 0.0
+    assert hist.percentile(30) == pytest.approx(0.05, rel=0.01)
+    counts, total = hist.cumulative([0.0, 0.1, 1.0, 5.0])
+    assert counts == [1, 2, 5, 6] and total == pytest.approx(3.85)
