@@ -76,7 +76,8 @@ def run_case(cfg, *, p: float, check: bool, images: int, workers: int, seed: int
         while sup.dispatch.pending + sup.dispatch.in_flight < images:
             sup.scan_step(time.monotonic())
         queued = sup.dispatch.pending_keys()
-        doomed = [k for k in queued if random.Random(f"{seed}-{k}").random() < p]
+        # the same positions are deleted with the check on and off
+        doomed = [k for i, k in enumerate(queued) if random.Random(f"{seed}-{i}").random() < p]
         if doomed:
             store.delete(doomed)
         started = time.monotonic()
@@ -126,7 +127,7 @@ def table(cases: list[Case], stat: dict[str, float], summary: dict[str, float], 
     return "\n".join(lines)
 
 
-def plot(cases: list[Case], summary: dict[str, float], path: str) -> None:
+def plot(cases: list[Case], summary: dict[str, float], path: str, latency_ms: float) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -138,7 +139,12 @@ def plot(cases: list[Case], summary: dict[str, float], path: str) -> None:
         ax.plot([c.deletion_p * 100 for c in rows],
                 [(c.wasted_worker_s + c.check_worker_s) / c.images * 1000 for c in rows], style,
                 label=f"check {'on' if check else 'off'}: worker ms per image on checks and gone images")
+    ps = sorted({c.deletion_p for c in cases})
+    ax.plot([p * 100 for p in ps], [p * latency_ms for p in ps], ":", color="tab:red",
+            label=f"check off, if a gone image cost the full {latency_ms:g} ms")
     ax.axvline(summary["break_even_p"] * 100, color="grey", ls="--", label="break-even (measured)")
+    ax.axvline(summary["break_even_p_if_gone_costs_full_latency"] * 100, color="tab:red", ls="--", alpha=0.5,
+               label="break-even (full latency wasted)")
     ax.set_xlabel("images deleted while queued (%)")
     ax.set_ylabel("worker ms per image")
     ax.legend(fontsize=7)
@@ -168,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     print(text)
     write_results(args.name, {"stat_latency": stat, "summary": summary, "cases": cases,
                               "params": vars(args)}, text)
-    plot(cases, summary, os.path.join(RESULTS, f"{args.name}.png"))
+    plot(cases, summary, os.path.join(RESULTS, f"{args.name}.png"), args.latency_ms)
     return 0
 
 

@@ -3,7 +3,6 @@ from __future__ import annotations
 import json
 import os
 
-import pytest
 
 from imgworker.ledger import ProcessedSet, start_ledger
 from imgworker.outcomes import Outcome, Result

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import pytest
 
 from imgworker.algo_client import AlgoAnswer
 from imgworker.config import load_config
