@@ -107,7 +107,7 @@ class Store:
         """Batch delete; returns the keys the store refused to delete."""
         try:
             errors = self._client.remove_objects(self.bucket, (DeleteObject(k) for k in keys))
-            return [e.name for e in errors]
+            return [e.name or "" for e in errors]
         except Exception as exc:
             raise translate(exc) from exc
 

@@ -121,7 +121,6 @@ class Supervisor:
         self._scan_failures = 0
         self._sweep_complete = True
         self._sweep_accepted = 0
-        self._inventory = []
         self._last_sweep_idle = False
         self._next_checkpoint = 0.0
         self._started = 0.0
@@ -615,7 +614,7 @@ class Supervisor:
     # ----- signals -----------------------------------------------------------------------
 
     def _install_signals(self) -> dict[int, Any]:
-        previous = {}
+        previous: dict[int, Any] = {}
         for sig in (signal.SIGTERM, signal.SIGINT):
             previous[sig] = signal.signal(sig, self._on_signal)
         return previous

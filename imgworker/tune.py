@@ -107,8 +107,8 @@ def recommend(points: Sequence[Point], p95_budget_ms: float = 0.0) -> tuple[int,
     if p95_budget_ms > 0:
         meeting = [p for p in points if p.p95_ms <= p95_budget_ms]
         if meeting:
-            best = max(meeting, key=lambda p: p.workers)
-            return best.workers, f"largest N with p95 end to end <= {p95_budget_ms:g} ms"
+            largest = max(meeting, key=lambda p: p.workers)
+            return largest.workers, f"largest N with p95 end to end <= {p95_budget_ms:g} ms"
         fastest = min(points, key=lambda p: p.p95_ms)
         return fastest.workers, f"no N meets p95 <= {p95_budget_ms:g} ms; N with the lowest p95"
     best = max(p.throughput_per_s for p in points)
