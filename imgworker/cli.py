@@ -209,6 +209,7 @@ def _metrics(args: argparse.Namespace, current: Any) -> Iterator[None]:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from .services.algo_server import AlgoService
+    from .services.netutil import stop_process
     from .services.store_server import EmbeddedStore
 
     data_dir = os.path.abspath(args.data_dir)
@@ -225,7 +226,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         try:
             _run_pipeline(cfg, args, intake_done=lambda: cameras.poll() is not None)
         finally:
-            _stop_process(cameras)
+            stop_process(cameras)
     print(f"demo: stopped everything it started; results in {cfg.results_path}")
     return int(ExitCode.OK)
 
@@ -251,16 +252,6 @@ def _start_cameras(args: argparse.Namespace, cfg: Config, creds: Credentials) ->
     from .services.netutil import die_with_parent
 
     return subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, preexec_fn=die_with_parent)
-
-
-def _stop_process(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def cmd_store_serve(args: argparse.Namespace) -> int:

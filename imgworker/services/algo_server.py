@@ -16,7 +16,6 @@ import logging
 import math
 import os
 import random
-import signal
 import subprocess
 import sys
 import threading
@@ -28,7 +27,7 @@ import msgspec
 import yarl
 from aiohttp import ClientError, ClientSession, ClientTimeout, web
 
-from .netutil import die_with_parent, free_port, port_open, wait_until
+from .netutil import die_with_parent, free_port, port_open, stop_process, wait_until
 
 log = logging.getLogger(__name__)
 
@@ -222,14 +221,8 @@ class AlgoService:
 
     def stop(self) -> None:
         proc, self._proc = self._proc, None
-        if proc is None:
-            return
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        if proc is not None:
+            stop_process(proc)
 
     def __enter__(self) -> AlgoService:
         return self.start()

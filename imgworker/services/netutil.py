@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import signal
 import socket
+import subprocess
 import time
 from collections.abc import Callable
+from typing import Any
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -37,9 +40,20 @@ def port_open(host: str, port: int) -> bool:
 def die_with_parent() -> None:
     """For ``preexec_fn``: on Linux, the child gets SIGTERM when the process that started it dies."""
     import ctypes
-    import signal
     import sys
 
     if sys.platform.startswith("linux"):
         pr_set_pdeathsig = 1
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
+def stop_process(proc: subprocess.Popen[Any], timeout_s: float = 10.0) -> None:
+    """SIGTERM, wait, then SIGKILL; the child is always reaped."""
+    if proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
