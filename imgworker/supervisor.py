@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
+import random
 import signal
 import time
 from collections.abc import Callable
@@ -30,7 +31,7 @@ from .config import Config
 from .cleaner import CleanerStats, Plan, Status, StoredImage, image_time, plan_cleanup, stored_image
 from .dispatch import Dispatch
 from .endpoints import EndpointPool
-from .errors import StoreError, StoreFatal, StoreUnavailable
+from .errors import StoreError, StoreUnavailable
 from .ledger import start_ledger
 from .lister import Lister, ListingEnd
 from .logs import LogSettings, current_settings
@@ -119,7 +120,6 @@ class Supervisor:
         self._carry: list[ImageRef] = []
         self._next_scan = 0.0
         self._scan_failures = 0
-        self._sweep_complete = True
         self._sweep_accepted = 0
         self._last_sweep_idle = False
         self._next_checkpoint = 0.0
@@ -269,7 +269,6 @@ class Supervisor:
         self.ledger.begin_sweep()
         self._sweep_started = time.monotonic()
         self._sweeping = True
-        self._sweep_complete = True
         self._sweep_accepted = 0
         self._inventory = []
         try:
@@ -287,7 +286,7 @@ class Supervisor:
             return False
         if isinstance(message, ListingEnd):
             if message.ok:
-                self._end_sweep(complete=self._sweep_complete)
+                self._end_sweep(complete=True)
             else:
                 self._scan_failed(StoreUnavailable(message.error))
             return False
@@ -329,14 +328,13 @@ class Supervisor:
         self._next_scan = time.monotonic() + self.cfg.scan.interval_s
 
     def _scan_failed(self, exc: StoreError) -> None:
+        """Capped exponential backoff with jitter (half fixed, half random) before the next sweep."""
         self._scan_failures += 1
-        delay = min(30.0, self.cfg.scan.interval_s * 2 ** min(self._scan_failures, 6))
+        cap = min(30.0, self.cfg.scan.interval_s * 2 ** min(self._scan_failures, 6))
+        delay = cap / 2 + random.uniform(0.0, cap / 2)
         log.warning("scan failed (%s); retrying in %.1f s", exc, delay)
-        self._sweep_complete = False
         self._end_sweep(complete=False)
         self._next_scan = time.monotonic() + delay
-        if isinstance(exc, StoreFatal):
-            log.error("store refuses the scan: %s", exc)
 
     # ----- retention -----------------------------------------------------------------
 
