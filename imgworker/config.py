@@ -86,6 +86,7 @@ class RetentionConfig(msgspec.Struct, **_STRUCT):
     protect: Protect = "lease"
     batch_size: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 100
     external_max_age_s: NonNegative = 0.0
+    external_max_count: NonNegativeInt = 0
 
 
 class WorkerConfig(msgspec.Struct, **_STRUCT):

@@ -28,9 +28,10 @@ from typing import Any
 import msgspec
 
 from .config import Config
-from .cleaner import CleanerStats, Plan, Status, StoredImage, image_time, plan_cleanup, stored_image
+from .cleaner import CleanerStats, Plan, Status, StoredImage, plan_cleanup, stored_image
 from .dispatch import Dispatch
 from .endpoints import EndpointPool
+from .expiry import ExpiryEstimator
 from .errors import StoreError, StoreUnavailable
 from .ledger import start_ledger
 from .lister import Lister, ListingEnd
@@ -131,6 +132,7 @@ class Supervisor:
         self._signals = 0
         self.cleaner = CleanerStats()
         self.endpoints = EndpointPool(cfg.algo)
+        self.expiry = ExpiryEstimator(cfg.retention, cfg.store.prefix)
         self.scans_completed = 0
         self.last_scan_s = 0.0
         self._sweep_started = 0.0
@@ -306,6 +308,7 @@ class Supervisor:
         for ref in refs[:count]:
             self.stats.scanned += 1
             self._sweep_accepted += 1
+            self.expiry.observe(ref)
             for dropped in self.dispatch.offer(ref):
                 self._drop(dropped, Outcome.DROPPED_BACKLOG, "queue_full")
         self._carry = refs[count:]
@@ -413,15 +416,14 @@ class Supervisor:
 
     def drop_doomed(self) -> int:
         """With an external cleaner, drop queued images that would expire before a worker is done."""
-        max_age = self.cfg.retention.external_max_age_s
-        if not max_age or not self.dispatch.pending:
+        if not self.expiry.enabled or not self.dispatch.pending:
             return 0
         now, rate = time.time(), self.throughput_estimate()
         margin = self.stats.e2e_ms.mean / 1000.0
         doomed = []
         for position, item in enumerate(self.dispatch.in_take_order()):
             wait = position / rate if rate > 0 else 0.0
-            if image_time(item.ref) + max_age < now + wait + margin:
+            if self.expiry.would_expire(item.ref, within_s=wait + margin, now=now):
                 doomed.append(item)
         for item in doomed:
             self.dispatch.withdraw(item.ref.key)
@@ -432,9 +434,9 @@ class Supervisor:
 
     def _head_would_expire(self) -> bool:
         """Drop the next item instead of dispatching it if it would expire before a worker is done."""
-        max_age = self.cfg.retention.external_max_age_s
-        head = self.dispatch.peek() if max_age else None
-        if head is None or image_time(head.ref) + max_age >= time.time() + self.stats.e2e_ms.mean / 1000.0:
+        head = self.dispatch.peek() if self.expiry.enabled else None
+        margin = self.stats.e2e_ms.mean / 1000.0
+        if head is None or not self.expiry.would_expire(head.ref, within_s=margin, now=time.time()):
             return False
         self.dispatch.withdraw(head.ref.key)
         self._drop(head.ref, Outcome.DROPPED_EXPIRED, "would_expire")

@@ -78,3 +78,16 @@ def test_expiry_aware_dispatch_drops_before_a_worker_sees_them(make_config, stor
     outcomes = read_outcomes(cfg)
     assert {k: v[0] for k, v in outcomes.items() if k in stale} == dict.fromkeys(stale, "dropped_expired")
     assert report.outcomes["dropped_expired"] == 3 and report.inferences == 2 and report.conserved
+
+
+def test_expiry_by_count_elsewhere_drops_those_newer_images_will_push_out(make_config, store, prefix):
+    cfg = make_config(worker={"count": 1}, retention={"external_max_count": 2})
+    base = time.time() - 3
+    keys = [f"{prefix}p/cam/{time.strftime('%Y%m%d-%H%M%S', time.gmtime(base + i * 0.1))}."
+            f"{int(((base + i * 0.1) % 1) * 1000):03d}.jpg" for i in range(6)]
+    upload(store, keys)
+    report = Supervisor(cfg, show_progress=False).run()
+    outcomes = read_outcomes(cfg)
+    assert [outcomes[k][0] for k in keys[:4]] == ["dropped_expired"] * 4
+    assert all(outcomes[k][0] in ("inferred", "no_detection") for k in keys[4:])
+    assert report.conserved and report.outcomes["dropped_expired"] == 4
