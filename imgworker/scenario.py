@@ -154,19 +154,18 @@ class ExternalCleaner(threading.Thread):
         while not self.stop_event.wait(0.1):
             refs = [r for page in self.store.list_pages(self.prefix, 1000) for r in page]
             cutoff = time.time() - self.max_age_s
-            old = [r.key for r in refs if (captured_at(r.key) or r.mtime) < cutoff]
+            old = {r.key for r in refs if (captured_at(r.key) or r.mtime) < cutoff}
             if old:
-                self.deleted += len(old) - len(self.store.delete(old))
+                self.deleted += len(old) - len(self.store.delete(sorted(old)))
             self.peak_objects = max(self.peak_objects, len(refs) - len(old))
-            self.peak_bytes = max(self.peak_bytes, sum(r.size for r in refs if r.key not in set(old)))
+            self.peak_bytes = max(self.peak_bytes, sum(r.size for r in refs if r.key not in old))
 
 
 def _row_config(base: Config, params: ScenarioParams, spec: RowSpec, prefix: str) -> Config:
     c = params.compression
     policy, check, aware = spec.policy, spec.check, spec.aware
-    retention: dict[str, object] = {"enabled": policy != "external", "max_count": params.max_count,
-                                    "protect": policy if policy != "external" else "lease"}
-    if policy == "external":
+    retention: dict[str, object] = {"enabled": True, "max_count": params.max_count, "protect": policy}
+    if policy == "external":  # imgworker's cleaner is off; it only knows (or not) what the other one does
         retention = {"enabled": False, "external_max_age_s": params.external_max_age_s / c if aware else 0.0}
     overrides = {
         "store": msgspec.structs.asdict(base.store) | {"prefix": prefix},
