@@ -2,6 +2,8 @@
 
     ImgworkerError
     ├── ConfigError            bad configuration value or file (fatal, exit 2)
+    ├── StateError             corrupt state or results file in the state directory (fatal, exit 7)
+    ├── AlreadyRunning         another run holds the state directory's lock (fatal, exit 8)
     ├── StoreError             anything the object store did
     │   ├── StoreUnavailable   transient: connection refused, timeout, 5xx
     │   ├── ObjectMissing      permanent for that key: NoSuchKey / 404
@@ -30,6 +32,8 @@ class ExitCode(enum.IntEnum):
     STORE_BUCKET = 4
     STORE_UNREACHABLE = 5
     STORE_TLS = 6
+    STATE = 7
+    LOCKED = 8
     INTERRUPTED = 130
 
 
@@ -43,6 +47,18 @@ class ConfigError(ImgworkerError):
     """A configuration value, file or flag is invalid."""
 
     exit_code = ExitCode.CONFIG
+
+
+class StateError(ImgworkerError):
+    """The state file or the results file cannot be trusted; ``imgworker repair`` may help."""
+
+    exit_code = ExitCode.STATE
+
+
+class AlreadyRunning(ImgworkerError):
+    """Another imgworker run holds the lock of this state directory."""
+
+    exit_code = ExitCode.LOCKED
 
 
 class StoreError(ImgworkerError):
