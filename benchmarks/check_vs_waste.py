@@ -74,7 +74,7 @@ def run_case(cfg, *, p: float, check: bool, images: int, workers: int, seed: int
     sup.start()
     try:
         while sup.dispatch.pending + sup.dispatch.in_flight < images:
-            sup.scan_step(time.monotonic())
+            sup.intake_step()
         queued = sup.dispatch.pending_keys()
         # the same positions are deleted with the check on and off
         doomed = [k for i, k in enumerate(queued) if random.Random(f"{seed}-{i}").random() < p]

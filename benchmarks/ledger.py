@@ -12,7 +12,7 @@ import time
 
 import psutil
 
-from imgworker.ledger import start_ledger
+from imgworker.ledger import ManagerBackend
 
 from ._common import write_results
 
@@ -22,7 +22,8 @@ def key(i: int) -> str:
 
 
 def measure(size: int, batch: int, rounds: int) -> dict[str, float]:
-    manager, ledger, lifeline = start_ledger()
+    backend = ManagerBackend()
+    ledger = backend.start()
     try:
         for start in range(0, size, 10000):
             ledger.add_many([key(i) for i in range(start, min(size, start + 10000))])
@@ -40,12 +41,11 @@ def measure(size: int, batch: int, rounds: int) -> dict[str, float]:
         for _ in range(rounds):
             ledger.contains(key(0))
         single_rate = rounds / (time.perf_counter() - t)
-        rss = psutil.Process(manager._process.pid).memory_info().rss / 2**20  # type: ignore[attr-defined]
+        rss = psutil.Process(backend._manager._process.pid).memory_info().rss / 2**20  # type: ignore[attr-defined]
         return {"entries": size, "filter_keys_per_s": round(filter_rate), "add_keys_per_s": round(add_rate),
                 "single_key_calls_per_s": round(single_rate), "manager_rss_mb": round(rss, 1)}
     finally:
-        manager.shutdown()
-        lifeline.close()
+        backend.stop()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,18 +1,18 @@
-"""Optional result actions, run by the worker after an image's outcome; failures are counted."""
+"""Optional result actions, planned from an image's written outcome and run by the janitor.
+
+Pure planning: ``plan`` turns one result into store jobs. The supervisor submits them only
+after the result line is written, so an action never runs for an outcome a crash could lose.
+Order within one image: write the result object, copy the alert, then delete.
+"""
 
 from __future__ import annotations
-
-import logging
-from typing import Any
 
 import msgspec
 
 from .config import Config
-from .errors import StoreError
-from .outcomes import ImageRef, Outcome
+from .janitor import Job
+from .outcomes import Outcome, Result
 from .scanner import relative_key
-
-log = logging.getLogger(__name__)
 
 
 def alerts_key(cfg: Config, key: str) -> str:
@@ -24,30 +24,18 @@ def results_key(cfg: Config, key: str) -> str:
     return cfg.store.prefix + cfg.actions.results_prefix + relative_key(key, cfg.store.prefix) + ".json"
 
 
-def apply(cfg: Config, store: Any, ref: ImageRef, outcome: Outcome, detections: int) -> tuple[str, ...]:
-    """Run the configured actions; return the names of those that failed."""
+def plan(cfg: Config, result: Result, *, line: int) -> list[Job]:
+    """The store jobs the configured actions ask for, for one written result line at offset ``line``."""
     a = cfg.actions
-    failed = []
-    if a.write_results and outcome.is_success:
-        body = msgspec.json.encode({"key": ref.key, "task_type": ref.task_type, "task_id": ref.task_id,
-                                    "outcome": outcome.value, "detections": detections})
-        failed += _attempt("write_results", lambda: store.put(results_key(cfg, ref.key), body, "application/json"))
-    if a.copy_alerts and outcome is Outcome.INFERRED:
-        failed += _attempt("copy_alerts", lambda: store.copy(ref.key, alerts_key(cfg, ref.key)))
-    if a.delete_no_detection and outcome is Outcome.NO_DETECTION:
-        failed += _attempt("delete_no_detection", lambda: _delete_one(store, ref.key))
-    return tuple(failed)
-
-
-def _delete_one(store: Any, key: str) -> None:
-    if store.delete([key]):
-        raise StoreError(f"store refused to delete {key}")
-
-
-def _attempt(name: str, action: Any) -> list[str]:
-    try:
-        action()
-    except StoreError as exc:
-        log.warning("result action %s failed: %s", name, exc)
-        return [name]
-    return []
+    jobs: list[Job] = []
+    if a.write_results and result.outcome.is_success:
+        body = msgspec.json.encode({"key": result.key, "task_type": result.task_type, "task_id": result.task_id,
+                                    "outcome": result.outcome.value, "detections": result.detections})
+        jobs.append(Job(kind="put", keys=(result.key,), action="write_results", target=results_key(cfg, result.key),
+                        body=body, line=line))
+    if a.copy_alerts and result.outcome is Outcome.INFERRED:
+        jobs.append(Job(kind="copy", keys=(result.key,), action="copy_alerts", target=alerts_key(cfg, result.key),
+                        line=line))
+    if a.delete_no_detection and result.outcome is Outcome.NO_DETECTION:
+        jobs.append(Job(kind="delete", keys=(result.key,), action="delete_no_detection", line=line))
+    return jobs

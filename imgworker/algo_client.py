@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Any
 
@@ -45,10 +46,30 @@ _request_encoder = msgspec.json.Encoder()
 _response_decoder = msgspec.json.Decoder(AlgoResponse)
 _COUNT_FIELDS = ("total_count", "count", "num")
 _LIST_FIELDS = ("detections", "objects")
+MAX_DETECTIONS = 1_000_000
+"""A count above this is a broken answer, not a busy image (it would also overflow msgpack)."""
+
+
+def _short(value: int | float) -> str:
+    """A short rendering of a number for an error message (no 40-digit integers)."""
+    text = repr(value)
+    return text if len(text) <= 20 else f"{len(text)}-digit integer"
+
+
+def _checked_count(name: str, value: int | float) -> int:
+    """``value`` as a count: negatives clamp to 0; non-finite or above MAX_DETECTIONS is AlgoPermanent."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise AlgoPermanent("malformed_result", f"{name} is not finite: {value!r}")
+    if value > MAX_DETECTIONS:
+        raise AlgoPermanent("malformed_result", f"{name} {_short(value)} is above {MAX_DETECTIONS}")
+    return max(0, int(value))
 
 
 def detection_count(result: Any) -> int:
-    """Detections in ``result``: total_count, count, num, len(detections), len(objects)."""
+    """Detections in ``result``: total_count, count, num, len(detections), len(objects).
+
+    An absurd count (non-finite, or above MAX_DETECTIONS) raises AlgoPermanent('malformed_result').
+    """
     if isinstance(result, list):
         return len(result)
     if not isinstance(result, dict):
@@ -56,7 +77,7 @@ def detection_count(result: Any) -> int:
     for name in _COUNT_FIELDS:
         value = result.get(name)
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return max(0, int(value))
+            return _checked_count(name, value)
     for name in _LIST_FIELDS:
         value = result.get(name)
         if isinstance(value, list):
@@ -76,7 +97,10 @@ def classify_status(status: int, body_head: bytes) -> None:
 
 
 def decode_answer(body: bytes, elapsed_ms: float) -> AlgoAnswer:
-    """Decode a 200 body; malformed JSON, HTML or wrong types are AlgoTransient('malformed')."""
+    """Decode a 200 body; malformed JSON, HTML or wrong types are AlgoTransient('malformed').
+
+    An absurd detection count is AlgoPermanent('malformed_result'): asking again will not fix it.
+    """
     try:
         resp = _response_decoder.decode(body)
     except msgspec.DecodeError as exc:

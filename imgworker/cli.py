@@ -115,6 +115,11 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("results", help="results JSON-lines file")
     report.add_argument("--json", action="store_true", help="print JSON instead of the table")
     report.set_defaults(func=cmd_report)
+
+    repair = sub.add_parser("repair", help="move corrupt results lines aside; the next run rebuilds its state")
+    repair.add_argument("--state-dir", required=True, help="the run's state directory")
+    repair.add_argument("--results", help="results file (default: STATE_DIR/results.jsonl)")
+    repair.set_defaults(func=cmd_repair)
     return parser
 
 
@@ -378,9 +383,12 @@ def _write(path: str | None, data: bytes) -> None:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    from .errors import ConfigError
     from .results import read_results
     from .stats import stats_from_results
 
+    if not os.path.isfile(args.results):
+        raise ConfigError(f"results file {args.results} does not exist")
     results = list(read_results(args.results))
     stats = stats_from_results(results)
     wall = (max(r.finished_at for r in results) - min(r.started_at or r.finished_at for r in results)) if results else 0
@@ -390,3 +398,36 @@ def cmd_report(args: argparse.Namespace) -> int:
     else:
         print(format_report(report))
     return int(ExitCode.OK)
+
+
+def cmd_repair(args: argparse.Namespace) -> int:
+    """Move corrupt results lines to RESULTS.corrupt and drop state.json, whose offset no longer fits."""
+    from .errors import ConfigError
+    from .journal import RunLock
+
+    path = args.results or os.path.join(args.state_dir, "results.jsonl")
+    if not os.path.isfile(path):
+        raise ConfigError(f"results file {path} does not exist (check --state-dir / --results)")
+    lock = RunLock(args.state_dir)
+    if os.path.isdir(args.state_dir):
+        lock.acquire()  # a run appending to the file would lose lines to the rewrite
+    try:
+        _repair(path, args.state_dir)
+    finally:
+        lock.release()
+    return int(ExitCode.OK)
+
+
+def _repair(path: str, state_dir: str) -> None:
+    from .results import repair_results
+
+    kept, moved = repair_results(path)
+    print(f"repair: {path}: kept {kept:,} lines, moved {moved:,} corrupt lines to {path}.corrupt")
+    if moved:
+        print("repair: images whose lines were moved are analysed again if they are still in the bucket")
+    state = os.path.join(state_dir, "state.json")
+    if os.path.exists(state):
+        os.unlink(state)
+        print(f"repair: removed {state}; the next run rebuilds the processed set from the whole results file")
+    else:
+        print(f"repair: no {state}; the next run builds the processed set from the whole results file")

@@ -100,6 +100,7 @@ class WorkerConfig(msgspec.Struct, **_STRUCT):
     max_attempts: PositiveInt = 3
     max_tasks: NonNegativeInt = 0
     max_memory_mb: NonNegativeInt = 0
+    item_deadline_s: NonNegative = 0.0  # 0: derived from the store and algorithm timeouts (Config.item_deadline_s)
 
 
 class AlgoConfig(msgspec.Struct, **_STRUCT):
@@ -159,6 +160,21 @@ class Config(msgspec.Struct, **_STRUCT):
     @property
     def results_path(self) -> str:
         return self.run.results_file or os.path.join(self.run.state_dir, "results.jsonl")
+
+    @property
+    def item_deadline_s(self) -> float:
+        """How long a worker may hold one item before the supervisor kills it (cause ``deadline``).
+
+        Unless set, the longest a healthy worker can legitimately take: the store retries of the
+        stat and the presign, every algorithm attempt at its full connect and read timeouts, the
+        backoffs between them, and 10 s of slack.
+        """
+        if self.worker.item_deadline_s:
+            return self.worker.item_deadline_s
+        w, a = self.worker, self.algo
+        store_s = 2 * w.store_retry_budget_s + (w.stat_timeout_s if w.stat_check else 0.0)
+        algo_s = (a.retries + 1) * (a.connect_timeout_s + a.timeout_s) + a.retries * a.backoff_cap_s
+        return store_s + algo_s + 10.0
 
 
 SECTIONS: dict[str, type[msgspec.Struct]] = {
@@ -319,6 +335,29 @@ def _check_semantics(config: Config) -> None:
     bad = [e for e in config.scan.extensions if not e.startswith(".")]
     if bad:
         raise ConfigError(f"invalid config key scan.extensions: value {bad!r} is not allowed (each starts with '.')")
+    _check_action_prefixes(config)
+
+
+def _check_action_prefixes(config: Config) -> None:
+    """An enabled copy action must write below an excluded prefix, or its copies are listed again forever."""
+    actions, excluded = config.actions, list(config.scan.exclude_prefixes)
+    checks = (
+        ("alerts_prefix", actions.copy_alerts, actions.alerts_prefix),
+        ("results_prefix", actions.write_results, actions.results_prefix),
+    )
+    for name, on, prefix in checks:
+        if not on:
+            continue
+        if not prefix:
+            raise ConfigError(
+                f"invalid config key actions.{name}: value '' is not allowed while the action is on "
+                "(a prefix below store.prefix, listed in scan.exclude_prefixes)"
+            )
+        if not any(prefix.startswith(e) for e in excluded):
+            raise ConfigError(
+                f"invalid config key actions.{name}: value {prefix!r} is not allowed (it must start with one of "
+                f"scan.exclude_prefixes {excluded!r}, or the copies would be analysed again)"
+            )
 
 
 def load_credentials(*, env: Mapping[str, str], credentials_file: str) -> Credentials:

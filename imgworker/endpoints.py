@@ -30,6 +30,7 @@ class EndpointState:
         self.in_flight = 0
         self.consecutive_failures = 0
         self.ejected_until = 0.0
+        self.down_since = 0.0  # first ejection of the current outage; 0 while healthy
         self.probing = False
         self.requests = 0
         self.failures = 0
@@ -68,6 +69,17 @@ class EndpointPool:
         fallbacks = [s.url for s in usable[1:] if s.ejected_until <= 0]
         return (primary.url, *fallbacks)
 
+    def down_since(self, task_type: str) -> float:
+        """When the task type's route lost its last healthy endpoint (0 if one is healthy).
+
+        A route is down while every endpoint of it is ejected; a probe let through after a
+        cooldown does not bring it back, only a healthy answer does.
+        """
+        states = [self.states[u] for u in self.candidates(task_type)]
+        if any(s.ejected_until <= 0 for s in states):
+            return 0.0
+        return max(s.down_since for s in states)
+
     def _usable(self, state: EndpointState, now: float) -> bool:
         limit = self.cfg.max_in_flight_per_endpoint
         if limit and state.in_flight >= limit:
@@ -98,6 +110,7 @@ class EndpointPool:
         if call.healthy:
             state.consecutive_failures = 0
             state.ejected_until = 0.0
+            state.down_since = 0.0
             state.probing = False
             return
         state.failures += 1
@@ -105,6 +118,8 @@ class EndpointPool:
         if state.probing or state.consecutive_failures >= self.cfg.eject_after_failures:
             if state.ejected_until <= 0 or state.probing:
                 state.ejections += 1
+            if state.ejected_until <= 0:
+                state.down_since = self.clock()
             state.ejected_until = self.clock() + self.cfg.eject_cooldown_s
             state.probing = False
 

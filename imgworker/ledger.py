@@ -3,22 +3,33 @@
 Every call takes a whole listing page (one round trip per page, not per key). Entries for
 objects that no longer exist are pruned by sweeps: a sweep marks every key a complete listing
 saw, and ``end_sweep`` drops the rest. ``save`` writes atomically (temp file, fsync, rename).
+
+``Ledger`` is the supervisor's handle. It buffers finished keys and flushes them before any
+call that reads the set, so no caller has to place flushes by hand. If the Manager process
+dies, the next call starts a new one and rebuilds the set from disk (the state file, then the
+results written after it), which is the same set: every outcome is in the results journal.
 """
 
 from __future__ import annotations
 
-import multiprocessing
+import logging
 import os
-import signal
-import tempfile
 import threading
+from collections.abc import Callable
 from multiprocessing.connection import Connection
 from multiprocessing.managers import BaseManager
-from typing import Any
+from typing import Any, TypeVar
 
 import msgspec
 
-from .proctitle import set_title
+from .children import CTX, child_setup, signals_blocked
+from .errors import StateError
+from .files import write_atomic
+from .outcomes import Result
+from .results import read_results
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class LedgerState(msgspec.Struct):
@@ -81,31 +92,14 @@ class ProcessedSet:
                 state = msgspec.json.decode(f.read(), type=LedgerState)
         except FileNotFoundError:
             return LedgerState()
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            raise StateError(
+                f"state file {path} is corrupt ({str(exc)[:120]}); run `imgworker repair --state-dir "
+                f"{os.path.dirname(os.path.abspath(path))}` to rebuild it from the results file"
+            ) from None
         self._seen = dict.fromkeys(state.processed, self._generation)
         state.processed = []
         return state
-
-
-def write_atomic(path: str, data: bytes) -> None:
-    """Write to a temp file in the same directory, fsync, rename over, fsync the directory."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    dir_fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 class LedgerManager(BaseManager):
@@ -116,8 +110,7 @@ LedgerManager.register("ProcessedSet", ProcessedSet)
 
 
 def _manager_init(lifeline: Connection) -> None:
-    set_title("ledger")
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides when the Manager stops
+    child_setup("ledger", None)
     threading.Thread(target=_exit_when_closed, args=(lifeline,), daemon=True, name="lifeline").start()
 
 
@@ -130,11 +123,121 @@ def _exit_when_closed(lifeline: Connection) -> None:
     os._exit(0)
 
 
-def start_ledger() -> tuple[LedgerManager, Any, Connection]:
-    """Start the Manager (spawn context); return it, a ProcessedSet proxy and the lifeline to keep open."""
-    ctx = multiprocessing.get_context("spawn")
-    theirs, ours = ctx.Pipe(duplex=False)
-    manager = LedgerManager(ctx=ctx)
-    manager.start(initializer=_manager_init, initargs=(theirs,))
-    theirs.close()
-    return manager, manager.ProcessedSet(), ours  # type: ignore[attr-defined]
+class LocalBackend:
+    """The processed set in this process: for tests that drive the supervisor without processes."""
+
+    def __init__(self) -> None:
+        self.processed = ProcessedSet()
+
+    def start(self) -> Any:
+        return self.processed
+
+    def stop(self) -> None:
+        pass
+
+
+class ManagerBackend:
+    """The processed set in a Manager process, tied to the supervisor by a lifeline pipe."""
+
+    def __init__(self) -> None:
+        self._manager: LedgerManager | None = None
+        self._lifeline: Connection | None = None
+
+    def start(self) -> Any:
+        theirs, ours = CTX.Pipe(duplex=False)
+        manager = LedgerManager(ctx=CTX)
+        with signals_blocked():
+            manager.start(initializer=_manager_init, initargs=(theirs,))
+        theirs.close()
+        self._manager, self._lifeline = manager, ours
+        return manager.ProcessedSet()  # type: ignore[attr-defined]
+
+    def stop(self) -> None:
+        if self._manager is not None:
+            try:
+                self._manager.shutdown()
+            except OSError:
+                pass
+            self._manager = None
+        if self._lifeline is not None:
+            self._lifeline.close()
+            self._lifeline = None
+
+
+_LOST = (EOFError, BrokenPipeError, ConnectionError, OSError)
+
+
+class Restored(msgspec.Struct):
+    """What a restore found: unfinished keys, and the results written after the last checkpoint."""
+
+    pending: list[str]
+    replayed: list[Result]
+    offset: int
+
+
+class Ledger:
+    """The supervisor's handle on the processed set: buffered adds, own flush order, restart on loss."""
+
+    def __init__(self, state_path: str, results_path: str, backend: Any = None) -> None:
+        self.state_path = state_path
+        self.results_path = results_path
+        self.backend = backend if backend is not None else ManagerBackend()
+        self._set: Any = None
+        self._done: list[str] = []
+        self.restarts = 0
+
+    def start(self) -> Restored:
+        """Start the backend and load the processed set from disk."""
+        self._set = self.backend.start()
+        return self._restore()
+
+    def _restore(self) -> Restored:
+        state = self._set.load(self.state_path)
+        replayed: list[Result] = []
+        if os.path.exists(self.results_path):
+            replayed = list(read_results(self.results_path, offset=state.results_offset))
+            for start in range(0, len(replayed), 1000):
+                self._set.add_many([r.key for r in replayed[start : start + 1000]])
+        return Restored(pending=state.pending, replayed=replayed, offset=state.results_offset)
+
+    def _call(self, op: Callable[[Any], T]) -> T:
+        """Flush finished keys, then run ``op``; a lost Manager is restarted and rebuilt once."""
+        try:
+            self._flush()
+            return op(self._set)
+        except _LOST as exc:
+            log.warning("the ledger process was lost (%s); starting a new one from the state on disk",
+                        type(exc).__name__)
+            self.restarts += 1
+            self.backend.stop()
+            self._set = self.backend.start()
+            self._restore()
+            self._flush()
+            return op(self._set)
+
+    def _flush(self) -> None:
+        if self._done:
+            self._set.add_many(self._done)
+            self._done = []
+
+    def add(self, key: str) -> None:
+        """Record a finished image (sent with the next call)."""
+        self._done.append(key)
+
+    def filter_new(self, keys: list[str]) -> set[str]:
+        return set(self._call(lambda s: s.filter_new(keys)))
+
+    def begin_sweep(self) -> None:
+        self._call(lambda s: s.begin_sweep())
+
+    def end_sweep(self) -> int:
+        return int(self._call(lambda s: s.end_sweep()))
+
+    def size(self) -> int:
+        return int(self._call(lambda s: s.size()))
+
+    def save(self, offset: int, unfinished: list[str]) -> None:
+        self._call(lambda s: s.save(self.state_path, offset, unfinished))
+
+    def stop(self) -> None:
+        self.backend.stop()

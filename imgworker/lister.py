@@ -8,19 +8,20 @@ pipe gives back-pressure: while the supervisor does not read, the lister waits.
 
 from __future__ import annotations
 
+import collections
+from collections.abc import Iterator
 import logging
-import signal
 import time
 from multiprocessing.connection import Connection
-from multiprocessing.context import SpawnContext
+from typing import Any
 
 import msgspec
 
+from .children import CTX, child_setup, spawn
 from .config import Config
 from .errors import StoreError
-from .logs import LogSettings, setup_logging
+from .logs import LogSettings
 from .outcomes import ImageRef
-from .proctitle import set_title
 from .scanner import select_images
 
 log = logging.getLogger(__name__)
@@ -45,9 +46,7 @@ _decoder = msgspec.msgpack.Decoder(ListingMessage)
 
 def lister_main(cfg: Config, conn: Connection, log_settings: LogSettings) -> None:
     """Entry point of the lister process: one sweep per request, until STOP or the supervisor is gone."""
-    set_title("scanner")
-    setup_logging(log_settings)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    child_setup("scanner", log_settings)
     from .store import Store
 
     store = Store(cfg.store, cfg.credentials, read_timeout_s=cfg.store.list_timeout_s)
@@ -60,32 +59,43 @@ def lister_main(cfg: Config, conn: Connection, log_settings: LogSettings) -> Non
             return
 
 
-def sweep(store: object, cfg: Config, conn: Connection) -> None:
+def sweep(store: Any, cfg: Config, conn: Connection) -> None:
     """List once: filtered pages, then the end marker."""
+    for message in sweep_messages(store, cfg):
+        conn.send_bytes(_encoder.encode(message))
+
+
+def sweep_messages(store: Any, cfg: Config) -> Iterator[ListingMessage]:
+    """One listing as messages: filtered pages, then the end marker (ok or the store's error)."""
     try:
-        for page in store.list_pages(cfg.store.prefix, cfg.scan.page_size):  # type: ignore[attr-defined]
+        for page in store.list_pages(cfg.store.prefix, cfg.scan.page_size):
             images = select_images(page, prefix=cfg.store.prefix, cfg=cfg.scan)
             if images:
-                conn.send_bytes(_encoder.encode(ListingPage(refs=images)))
+                yield ListingPage(refs=images)
     except StoreError as exc:
-        conn.send_bytes(_encoder.encode(ListingEnd(ok=False, error=str(exc))))
+        yield ListingEnd(ok=False, error=str(exc))
         return
-    conn.send_bytes(_encoder.encode(ListingEnd(ok=True)))
+    yield ListingEnd(ok=True)
 
 
 class Lister:
     """The supervisor's handle on the lister process."""
 
-    def __init__(self, ctx: SpawnContext, cfg: Config, log_settings: LogSettings) -> None:
-        ours, theirs = ctx.Pipe(duplex=True)
+    def __init__(self, cfg: Config, log_settings: LogSettings) -> None:
+        ours, theirs = CTX.Pipe(duplex=True)
         self.conn: Connection = ours
-        self.process = ctx.Process(target=lister_main, args=(cfg, theirs, log_settings), name="imgworker-scanner")
-        self.process.start()
+        self.process = spawn(lister_main, (cfg, theirs, log_settings), "imgworker-scanner")
         theirs.close()
 
-    @property
-    def sentinel(self) -> int:
-        return self.process.sentinel
+    def waitables(self) -> list[Any]:
+        return [self.conn, self.process.sentinel]
+
+    def alive(self) -> bool:
+        return self.process.is_alive()
+
+    def exitcode(self) -> int | None:
+        self.process.join(0)
+        return self.process.exitcode
 
     def request_sweep(self) -> None:
         self.conn.send_bytes(SWEEP)
@@ -113,3 +123,32 @@ class Lister:
             self.process.kill()
             self.process.join()
         self.conn.close()
+
+
+class InlineLister:
+    """Lists in the calling process when a sweep is requested: for tests with an in-memory store."""
+
+    def __init__(self, cfg: Config, store: Any) -> None:
+        self.cfg = cfg
+        self.store = store
+        self._messages: collections.deque[ListingMessage] = collections.deque()
+        self.sweeps = 0
+
+    def waitables(self) -> list[Any]:
+        return []
+
+    def alive(self) -> bool:
+        return True
+
+    def exitcode(self) -> int | None:
+        return None
+
+    def request_sweep(self) -> None:
+        self.sweeps += 1
+        self._messages.extend(sweep_messages(self.store, self.cfg))
+
+    def poll(self) -> ListingMessage | None:
+        return self._messages.popleft() if self._messages else None
+
+    def stop(self, timeout: float = 2.0) -> None:
+        self._messages.clear()

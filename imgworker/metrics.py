@@ -60,14 +60,19 @@ class SupervisorCollector:
         yield _histogram("imgworker_stat_latency", "StatObject time of the existence check.", stats.stat_ms)
         yield _gauge("imgworker_queue_depth", "Images waiting in the queue.", sup.dispatch.pending)
         yield _gauge("imgworker_in_flight", "Images held by workers.", sup.dispatch.in_flight)
-        yield _gauge("imgworker_workers_alive", "Worker processes alive.",
-                     sum(1 for h in list(sup.workers.values()) if h.process.is_alive()))
+        yield _gauge("imgworker_workers_alive", "Worker processes alive.", sup.pool.alive())
         yield _counter("imgworker_worker_restarts", "Workers replaced after an unexpected exit.", stats.worker_restarts)
         yield _counter("imgworker_worker_recycles", "Workers replaced after max_tasks or max_memory.",
                        stats.worker_recycles)
         yield _counter("imgworker_retries", "Items dispatched again after their worker died.", stats.retries)
-        yield _counter("imgworker_scans", "Complete listings of the bucket.", sup.scans_completed)
-        yield _gauge("imgworker_scan_duration_seconds", "Duration of the last complete listing.", sup.last_scan_s)
+        yield _counter("imgworker_deadline_kills", "Workers killed for holding an item past its deadline.",
+                       stats.deadline_kills)
+        yield _counter("imgworker_scans", "Complete listings of the bucket.", sup.intake.scans_completed)
+        yield _gauge("imgworker_scan_duration_seconds", "Duration of the last complete listing.",
+                     sup.intake.last_scan_s)
+        yield _gauge("imgworker_backlog", "Images found but not yet queued (queue full).", len(sup.intake.backlog))
+        yield _gauge("imgworker_objects_listed_peak", "Most images one complete listing found in the bucket.",
+                     sup.cleaner.peak_objects_listed)
         yield from self._cleaner(sup)
         yield from self._endpoints(sup)
 

@@ -1,44 +1,21 @@
-"""The append-only results file: one msgspec JSON line per terminal outcome."""
+"""The append-only results file: one msgspec JSON line per terminal outcome.
+
+A corrupt complete line is a StateError when read (``imgworker repair`` moves it aside); an
+incomplete last line is a crash mid-write and is not a result.
+"""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 import msgspec
 
+from .errors import StateError
+from .files import write_atomic
 from .outcomes import Result
 
-_encoder = msgspec.json.Encoder()
 _decoder = msgspec.json.Decoder(Result)
-
-
-class ResultsWriter:
-    """Appends result lines; a line is only a result once its newline is written."""
-
-    def __init__(self, path: str) -> None:
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        truncate_partial_line(path)
-        self.path = path
-        self._file = open(path, "ab")
-
-    def write(self, result: Result) -> None:
-        self._file.write(_encoder.encode(result) + b"\n")
-
-    def sync(self) -> int:
-        """Flush and fsync; return the byte offset everything before which is durable."""
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        return self._file.tell()
-
-    @property
-    def closed(self) -> bool:
-        return self._file.closed
-
-    def close(self) -> None:
-        if not self._file.closed:
-            self.sync()
-            self._file.close()
 
 
 def truncate_partial_line(path: str) -> None:
@@ -59,13 +36,67 @@ def truncate_partial_line(path: str) -> None:
 
 
 def read_results(path: str, *, offset: int = 0) -> Iterator[Result]:
-    """Yield complete result lines from ``offset``; an incomplete last line is ignored."""
+    """Yield complete result lines from ``offset``; an incomplete last line is ignored.
+
+    A complete line that does not decode raises StateError naming the line (1-based, counted from
+    ``offset``) and its byte offset: skipping it would analyse that image again without a word.
+    """
+    position = offset
     with open(path, "rb") as f:
         f.seek(offset)
-        for line in f:
+        for number, line in enumerate(f, start=1):
             if not line.endswith(b"\n"):
                 return
             try:
                 yield _decoder.decode(line)
-            except msgspec.DecodeError:
-                continue
+            except msgspec.DecodeError as exc:
+                raise StateError(_corrupt_message(path, number, position, exc)) from None
+            position += len(line)
+
+
+def _corrupt_message(path: str, number: int, position: int, exc: msgspec.DecodeError) -> str:
+    """What is wrong, where, and the command that moves corrupt lines aside."""
+    directory, name = os.path.split(os.path.abspath(path))
+    fix = f"--state-dir {directory}" if name == "results.jsonl" else f"--state-dir DIR --results {path}"
+    return (
+        f"results file {path}: line {number} (byte offset {position}) is corrupt ({str(exc)[:120]}); "
+        f"run `imgworker repair {fix}` to move corrupt lines to {path}.corrupt"
+    )
+
+
+def repair_results(path: str) -> tuple[int, int]:
+    """Move corrupt lines of ``path`` to ``<path>.corrupt`` (appended) and keep the rest; return (kept, moved).
+
+    An incomplete last line (a crash mid-write) is moved too, with a newline added. The results file is
+    rewritten atomically, after the moved lines are durable, and only when something was moved.
+    """
+    with open(path, "rb") as f:
+        good, bad = _split_lines(f)
+    if bad:
+        _append_durably(path + ".corrupt", bad)
+        write_atomic(path, b"".join(good))
+    return len(good), len(bad)
+
+
+def _split_lines(lines: Iterable[bytes]) -> tuple[list[bytes], list[bytes]]:
+    """(lines that decode as results, lines that do not), every line ending in a newline."""
+    good: list[bytes] = []
+    bad: list[bytes] = []
+    for line in lines:
+        if not line.endswith(b"\n"):
+            bad.append(line + b"\n")
+            continue
+        try:
+            _decoder.decode(line)
+        except msgspec.DecodeError:
+            bad.append(line)
+            continue
+        good.append(line)
+    return good, bad
+
+
+def _append_durably(path: str, lines: list[bytes]) -> None:
+    with open(path, "ab") as f:
+        f.writelines(lines)
+        f.flush()
+        os.fsync(f.fileno())

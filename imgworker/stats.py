@@ -74,6 +74,7 @@ class Report(msgspec.Struct, frozen=True):
     retries: int
     worker_restarts: int
     worker_recycles: int
+    deadline_kills: int
     avg_inference_ms: float
     p50_inference_ms: float
     p95_inference_ms: float
@@ -86,6 +87,8 @@ class Report(msgspec.Struct, frozen=True):
     cleaner: dict[str, int] = {}
     endpoints: dict[str, dict[str, int]] = {}
     action_errors: dict[str, int] = {}
+    duplicates: int = 0
+    """Keys with more than one outcome (a report rebuilt from a results file); 0 in a live run."""
 
 
 class Stats:
@@ -97,11 +100,13 @@ class Stats:
         self.retries = 0
         self.worker_restarts = 0
         self.worker_recycles = 0
+        self.deadline_kills = 0
         self.counts: dict[Outcome, int] = {o: 0 for o in Outcome}
         self.algo_ms = LogHistogram()
         self.e2e_ms = LogHistogram()
         self.stat_ms = LogHistogram()
         self.action_errors: dict[str, int] = {}
+        self.duplicates = 0
 
     def record(self, result: Result) -> None:
         self.counts[result.outcome] += 1
@@ -129,7 +134,7 @@ class Stats:
             outcomes={o.value: counts[o] for o in Outcome},
             pending=pending,
             in_flight=in_flight,
-            conserved=self.scanned == finished + pending + in_flight,
+            conserved=self.scanned == finished + pending + in_flight and not self.duplicates,
             inferences=successes,
             failures=failures,
             attempted=attempted,
@@ -141,6 +146,7 @@ class Stats:
             retries=self.retries,
             worker_restarts=self.worker_restarts,
             worker_recycles=self.worker_recycles,
+            deadline_kills=self.deadline_kills,
             avg_inference_ms=round(self.algo_ms.mean, 2),
             p50_inference_ms=round(self.algo_ms.percentile(50), 2),
             p95_inference_ms=round(self.algo_ms.percentile(95), 2),
@@ -151,15 +157,22 @@ class Stats:
             wall_s=round(wall_s, 3),
             workers=self.workers,
             action_errors=dict(self.action_errors),
+            duplicates=self.duplicates,
         )
 
 
 def stats_from_results(results: Iterable[Result], workers: int = 0) -> Stats:
-    """Rebuild totals from result records (every line is a scanned, finished image)."""
+    """Rebuild totals from result records: scanned is the distinct keys, every line an outcome.
+
+    A key with more than one line counts in ``duplicates``, and the report is then not conserved.
+    """
     stats = Stats(workers)
+    lines: dict[str, int] = {}
     for result in results:
-        stats.scanned += 1
+        lines[result.key] = lines.get(result.key, 0) + 1
         stats.record(result)
+    stats.scanned = len(lines)
+    stats.duplicates = sum(1 for n in lines.values() if n > 1)
     return stats
 
 
@@ -185,8 +198,8 @@ def format_report(report: Report) -> str:
         f" / {report.p99_inference_ms:.1f} ms |",
         f"| p50 / p99 end to end | {report.p50_e2e_ms:.1f} / {report.p99_e2e_ms:.1f} ms |",
         f"| throughput | {report.throughput_per_s:.2f} img/s over {report.wall_s:.1f} s, {report.workers} workers |",
-        f"| retries / worker restarts / recycles | {report.retries} / {report.worker_restarts}"
-        f" / {report.worker_recycles} |",
+        f"| retries / worker restarts / recycles / deadline kills | {report.retries} / {report.worker_restarts}"
+        f" / {report.worker_recycles} / {report.deadline_kills} |",
         "",
         "| outcome | images |",
         "|---|---|",
@@ -197,8 +210,10 @@ def format_report(report: Report) -> str:
         f"| (in flight) | {report.in_flight:,} |",
         "",
         f"conserved: {report.conserved} (scanned = outcomes + pending + in flight)",
-        f"failure rate denominator: {report.failure_rate_denominator}",
     ]
+    if report.duplicates:
+        lines.append(f"keys with more than one outcome: {report.duplicates}")
+    lines.append(f"failure rate denominator: {report.failure_rate_denominator}")
     if report.cleaner:
         lines += ["", "cleaner: " + ", ".join(f"{k}={v:,}" for k, v in report.cleaner.items())]
     if len(report.endpoints) > 1:

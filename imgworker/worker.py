@@ -2,7 +2,11 @@
 
 A worker blocks on its channel (no polling). It exits when it receives the stop message,
 when the supervisor's end of the channel closes (the supervisor died), or after answering
-an item it was told to retire on (max_tasks, max_memory_mb).
+an item it was told to retire on (max_tasks, max_memory_mb). It ignores SIGTERM and SIGINT:
+the supervisor decides when it leaves. An unexpected exception while handling an item gives
+that item an outcome (``failed_algo``, cause ``internal_error``): a bug is never a reason to
+POST the same image again. The worker changes nothing in the store: result actions and every
+delete are done by the supervisor's janitor once the outcome is written.
 """
 
 from __future__ import annotations
@@ -10,7 +14,6 @@ from __future__ import annotations
 import logging
 import os
 import random
-import signal
 import time
 from collections.abc import Callable
 from multiprocessing.connection import Connection
@@ -20,13 +23,12 @@ import msgspec
 import psutil
 
 from .algo_client import AlgoAnswer, AlgoClient, AlgoRequest
+from .children import child_setup
 from .endpoints import Call
-from . import actions
 from .config import Config
 from .errors import AlgoError, AlgoPermanent, AlgoTransient, ImageGone, ObjectMissing, StoreError, StoreUnavailable
 from .outcomes import Outcome, Result, WorkItem
-from .logs import LogSettings, setup_logging
-from .proctitle import set_title
+from .logs import LogSettings
 
 log = logging.getLogger(__name__)
 
@@ -41,14 +43,12 @@ class Reply(msgspec.Struct, frozen=True, array_like=True):
     result: Result
     retiring: bool = False
     calls: list[Call] = []
+    undecodable: str = ""
 
 
 class StoreOps(Protocol):
     def stat(self, key: str) -> int: ...
     def presign(self, key: str, expiry_s: int) -> str: ...
-    def put(self, key: str, data: bytes, content_type: str = ...) -> None: ...
-    def copy(self, source: str, target: str) -> None: ...
-    def delete(self, keys: list[str]) -> list[str]: ...
 
 
 class AlgoOps(Protocol):
@@ -101,7 +101,6 @@ class ItemProcessor:
         fields = _Trace()
         outcome, cause = self._run(item, fields)
         log.debug("worker %d: %s -> %s %s", self.worker_id, item.ref.key, outcome.value, cause)
-        action_errors = actions.apply(self.cfg, self.store, item.ref, outcome, fields.detections)
         result = Result(
             key=item.ref.key,
             outcome=outcome,
@@ -116,7 +115,6 @@ class ItemProcessor:
             algo_calls=fields.algo_calls,
             cause=cause,
             endpoint=fields.calls[-1].endpoint if fields.calls else "",
-            action_errors=action_errors,
             started_at=started,
             finished_at=time.time(),
         )
@@ -208,9 +206,7 @@ def _short(exc: BaseException) -> str:
 
 def worker_main(worker_id: int, cfg: Config, conn: Connection, log_settings: LogSettings) -> None:
     """Entry point of a worker process (top-level so the spawn context can import it)."""
-    set_title(f"worker {worker_id}")
-    setup_logging(log_settings)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides how Ctrl-C ends a run
+    child_setup(f"worker {worker_id}", log_settings)
     processor = _build_processor(worker_id, cfg)
     done = 0
     me = psutil.Process()
@@ -221,15 +217,43 @@ def worker_main(worker_id: int, cfg: Config, conn: Connection, log_settings: Log
             return  # the supervisor is gone: exit on our own, no orphans
         if message == STOP:
             return
-        result, calls = processor.process_item(_item_decoder.decode(message))
+        item = _item_decoder.decode(message)
         done += 1
-        retiring = _should_retire(cfg, done, me)
+        reply = answer(processor, item, retiring=_should_retire(cfg, done, me))
         try:
-            conn.send_bytes(_result_encoder.encode(Reply(result=result, retiring=retiring, calls=calls)))
+            conn.send_bytes(encode_reply(reply, item, worker_id))
         except (BrokenPipeError, OSError):
             return
-        if retiring:
+        if reply.retiring:
             return
+
+
+def answer(processor: ItemProcessor, item: WorkItem, *, retiring: bool) -> Reply:
+    """Process one item; an unexpected exception is that item's outcome, not a worker crash."""
+    try:
+        result, calls = processor.process_item(item)
+    except Exception as exc:  # a bug must end this image once, not kill the worker and re-POST it
+        log.exception("worker %d: unexpected error on %s", processor.worker_id, item.ref.key)
+        return Reply(result=internal_error(item, processor.worker_id, exc), retiring=retiring)
+    return Reply(result=result, retiring=retiring, calls=calls)
+
+
+def internal_error(item: WorkItem, worker_id: int, exc: BaseException | str) -> Result:
+    """The outcome of an item whose handling raised something imgworker did not expect."""
+    detail = exc if isinstance(exc, str) else type(exc).__name__
+    log.error("worker %d: %s ends failed_algo (internal_error: %s)", worker_id, item.ref.key, detail)
+    return Result(key=item.ref.key, outcome=Outcome.FAILED_ALGO, task_type=item.ref.task_type,
+                  task_id=item.ref.task_id, worker=worker_id, attempt=item.attempt, cause="internal_error",
+                  finished_at=time.time())
+
+
+def encode_reply(reply: Reply, item: WorkItem, worker_id: int) -> bytes:
+    """Encode a reply; one that cannot be encoded becomes an internal_error reply for the same item."""
+    try:
+        return _result_encoder.encode(reply)
+    except (OverflowError, TypeError, ValueError) as exc:
+        fallback = Reply(result=internal_error(item, worker_id, exc), retiring=reply.retiring, calls=reply.calls)
+        return _result_encoder.encode(fallback)
 
 
 def _should_retire(cfg: Config, done: int, me: psutil.Process) -> bool:

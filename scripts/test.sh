@@ -1,4 +1,9 @@
 #!/usr/bin/env bash
-# Run the whole test suite. Arguments go to pytest.
+# Type-check imgworker (mypy, configured in setup.cfg), then run the whole test suite.
+# Arguments go to pytest.
 source "$(dirname "$0")/_env.sh"
+if ! .venv/bin/python -m mypy; then
+  echo "test.sh: mypy found type errors (above); fix them before the tests run" >&2
+  exit 1
+fi
 exec .venv/bin/python -m pytest "$@"

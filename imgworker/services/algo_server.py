@@ -4,6 +4,9 @@ Backends:
 - ``face``: scikit-image's LBP frontal-face cascade (shipped inside scikit-image) on the decoded image.
 - ``synthetic``: no model; lognormal latency and configurable fault rates, for benchmarks and tests.
 
+Every POST /infer is counted per image_path once its body decodes; GET /calls returns the counts,
+so a test can tell how often the far end was really called.
+
 Built on aiohttp: one event loop holds hundreds of slow requests, and aiohttp sets TCP_NODELAY,
 so a response is not held back by Nagle's algorithm.
 """
@@ -24,6 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import msgspec
+import requests
 import yarl
 from aiohttp import ClientError, ClientSession, ClientTimeout, web
 
@@ -44,6 +48,10 @@ class SyntheticParams(msgspec.Struct, frozen=True, kw_only=True):
     detection_rate: float = 0.3
     hang_s: float = 3600.0
     seed: int = 0
+    trickle_s: float = 0.0
+    """> 0: for an image_path containing "trickle", send 200 and headers, then a byte every trickle_s for hang_s."""
+    count_override: float = -1.0
+    """>= 0: for an image_path containing "huge", answer result {"count": count_override}."""
 
 
 class InferRequest(msgspec.Struct):
@@ -52,6 +60,13 @@ class InferRequest(msgspec.Struct):
     task_type: str = ""
     image_path: str = ""
     algo_config: dict[str, Any] | None = None
+
+
+class CallCounts(msgspec.Struct, frozen=True):
+    """The answer of GET /calls."""
+
+    calls: dict[str, int]
+    total: int
 
 
 def lognormal_ms(rng: random.Random, mean_ms: float, sigma: float) -> float:
@@ -88,7 +103,7 @@ class FaceDetector:
 
 
 class AlgoApp:
-    """The aiohttp application: POST /infer, GET /health."""
+    """The aiohttp application: POST /infer, GET /health, GET /calls."""
 
     def __init__(self, backend: str, params: SyntheticParams) -> None:
         self.backend = backend
@@ -98,11 +113,13 @@ class AlgoApp:
         self.pool = ThreadPoolExecutor(max_workers=max(1, os.cpu_count() or 1))
         self.session: ClientSession | None = None
         self.served = 0
+        self.calls: dict[str, int] = {}
 
     def build(self) -> web.Application:
         app = web.Application(client_max_size=1 << 20)
         app.router.add_post("/infer", self.infer)
         app.router.add_get("/health", self.health)
+        app.router.add_get("/calls", self.call_counts)
         app.on_startup.append(self._open)
         app.on_cleanup.append(self._close)
         return app
@@ -118,19 +135,25 @@ class AlgoApp:
     async def health(self, request: web.Request) -> web.Response:
         return web.json_response({"status": "ok", "backend": self.backend, "served": self.served})
 
-    async def infer(self, request: web.Request) -> web.Response:
+    async def call_counts(self, request: web.Request) -> web.Response:
+        counts = CallCounts(calls=dict(self.calls), total=sum(self.calls.values()))
+        return web.Response(body=msgspec.json.encode(counts), content_type="application/json")
+
+    async def infer(self, request: web.Request) -> web.StreamResponse:
         started = time.perf_counter()
         try:
             req = msgspec.json.decode(await request.read(), type=InferRequest)
         except msgspec.DecodeError as exc:
             return _answer(400, {"success": False, "error": f"bad request: {exc}"})
+        self.calls[req.image_path] = self.calls.get(req.image_path, 0) + 1
         status, image = await self._fetch(req.image_url)
         if image is None:
             return _answer(404 if status == 404 else 502, {"success": False, "error": f"image fetch failed ({status})"})
+        response: web.StreamResponse
         if self.backend == "face":
             response = await self._face(image, started)
         else:
-            response = await self._synthetic(started)
+            response = await self._synthetic(request, req.image_path, started)
         self.served += 1
         return response
 
@@ -156,7 +179,7 @@ class AlgoApp:
         return _answer(200, {"success": True, "result": {"total_count": len(faces), "detections": faces},
                              "confidence": 0.9 if faces else 0.0, "inference_time_ms": round(elapsed, 2)})
 
-    async def _synthetic(self, started: float) -> web.Response:
+    async def _synthetic(self, request: web.Request, image_path: str, started: float) -> web.StreamResponse:
         p, rng = self.params, self.rng
         roll = rng.random()
         await asyncio.sleep(lognormal_ms(rng, p.latency_ms, p.sigma) / 1000.0)
@@ -172,9 +195,29 @@ class AlgoApp:
         if roll < p.false_rate:
             return _answer(200, {"success": False, "error": "nothing detected"})
         count = 1 + int(rng.random() * 3) if rng.random() < p.detection_rate else 0
+        result: dict[str, float] = {"total_count": count}
+        if p.count_override >= 0 and "huge" in image_path:
+            result = {"count": p.count_override}
         elapsed = (time.perf_counter() - started) * 1000.0
-        return _answer(200, {"success": True, "result": {"total_count": count}, "confidence": 0.8,
-                             "inference_time_ms": round(elapsed, 2)})
+        body = {"success": True, "result": result, "confidence": 0.8, "inference_time_ms": round(elapsed, 2)}
+        if p.trickle_s > 0 and "trickle" in image_path:
+            return await self._trickle(request, msgspec.json.encode(body))
+        return _answer(200, body)
+
+    async def _trickle(self, request: web.Request, body: bytes) -> web.StreamResponse:
+        """200 and headers now, then one byte of leading whitespace per trickle_s for hang_s, then ``body``."""
+        response = web.StreamResponse(status=200, headers={"Content-Type": "application/json"})
+        await response.prepare(request)
+        deadline = time.monotonic() + self.params.hang_s
+        try:
+            while time.monotonic() < deadline:
+                await response.write(b" ")
+                await asyncio.sleep(self.params.trickle_s)
+            await response.write(body)
+            await response.write_eof()
+        except ConnectionResetError:  # the client gave up, as it should
+            pass
+        return response
 
 
 def _answer(status: int, body: dict[str, Any]) -> web.Response:
@@ -209,6 +252,12 @@ class AlgoService:
         for field in msgspec.structs.fields(SyntheticParams):
             cmd += [f"--{field.name.replace('_', '-')}", str(getattr(self.params, field.name))]
         return cmd
+
+    def calls(self) -> dict[str, int]:
+        """How many POST /infer each image_path got at the service, since it started."""
+        resp = requests.get(f"http://127.0.0.1:{self.port}/calls", timeout=5)
+        resp.raise_for_status()
+        return msgspec.json.decode(resp.content, type=CallCounts).calls
 
     def start(self, timeout_s: float = 60.0) -> AlgoService:
         self._proc = subprocess.Popen(self.command(), stdin=subprocess.DEVNULL, preexec_fn=die_with_parent)

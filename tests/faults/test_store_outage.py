@@ -81,7 +81,7 @@ def test_outage_beyond_budget_ends_as_failed_store(tmp_path, own_store, creds, a
     sup.start()
     try:
         while sup.dispatch.pending < 3:
-            sup.scan_step(time.monotonic())
+            sup.intake_step()
         own_store.stop()
         deadline = time.monotonic() + 60
         while sup.stats.finished < 3 and time.monotonic() < deadline:

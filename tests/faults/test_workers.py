@@ -81,7 +81,7 @@ def _poison(cfg, store, prefix):
     try:
         while not sup.finished():
             sup.step()
-            for slot, handle in list(sup.workers.items()):
+            for slot, handle in list(sup.pool.workers.items()):
                 held = sup.dispatch.held_by(slot)
                 if held is not None and held.ref.key == poison and handle.process.is_alive():
                     os.kill(handle.process.pid, signal.SIGKILL)

@@ -123,3 +123,83 @@ def test_json_logs_on_request(tmp_path, store_server, algo_server, creds, store,
     records = [json.loads(line) for line in proc.stderr.splitlines() if line.strip()]
     assert {"ts", "level", "logger", "message", "pid"} <= set(records[0])
     assert any(r["logger"] == "imgworker.worker" and f"{prefix}p/t/" in r["message"] for r in records)
+
+
+def results_line(key: str, outcome: str = "inferred") -> str:
+    return json.dumps({"key": key, "outcome": outcome, "finished_at": 2.0, "started_at": 1.0}) + "\n"
+
+
+def plain_env() -> dict[str, str]:
+    import os
+
+    return {k: v for k, v in os.environ.items() if not k.startswith(("IMGWORKER_", "AWS_"))}
+
+
+def test_report_counts_distinct_keys_and_names_duplicates(tmp_path):
+    path = tmp_path / "results.jsonl"
+    path.write_text(results_line("a") + results_line("b") + results_line("a", "failed_algo"))
+    proc = imgworker("report", "--json", str(path), env=plain_env(), timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert (report["scanned"], report["duplicates"], report["conserved"]) == (2, 1, False)
+    assert sum(report["outcomes"].values()) == 3
+    proc = imgworker("report", str(path), env=plain_env(), timeout=60)
+    assert "conserved: False" in proc.stdout
+    assert "keys with more than one outcome: 1" in proc.stdout
+
+
+def test_report_of_a_sound_file_is_conserved_without_a_duplicates_line(tmp_path):
+    path = tmp_path / "results.jsonl"
+    path.write_text(results_line("a") + results_line("b"))
+    proc = imgworker("report", str(path), env=plain_env(), timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "conserved: True" in proc.stdout
+    assert "more than one outcome" not in proc.stdout
+
+
+def test_report_refuses_a_corrupt_line_and_repair_fixes_it(tmp_path):
+    state_dir = tmp_path / "state"
+    state_dir.mkdir()
+    path = state_dir / "results.jsonl"
+    path.write_text(results_line("a") + "{not json\n" + results_line("b"))
+    (state_dir / "state.json").write_text('{"version": 1, "results_offset": 99}')
+    proc = imgworker("report", str(path), env=plain_env(), timeout=60)
+    assert proc.returncode == 7
+    assert proc.stderr.startswith(f"imgworker: error: results file {path}: line 2 (byte offset ")
+    assert f"imgworker repair --state-dir {state_dir}" in proc.stderr
+    assert "Traceback" not in proc.stderr and proc.stderr.strip().count("\n") == 0
+
+    proc = imgworker("repair", "--state-dir", str(state_dir), env=plain_env(), timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "kept 2 lines, moved 1 corrupt lines" in proc.stdout
+    assert "rebuilds the processed set from the whole results file" in proc.stdout
+    assert not (state_dir / "state.json").exists()
+    assert (state_dir / "results.jsonl.corrupt").read_text() == "{not json\n"
+    proc = imgworker("report", "--json", str(path), env=plain_env(), timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["scanned"] == 2
+
+
+def test_repair_with_an_explicit_results_file_and_a_missing_one(tmp_path):
+    path = tmp_path / "elsewhere.jsonl"
+    path.write_text(results_line("a") + "\n")
+    proc = imgworker("repair", "--state-dir", str(tmp_path / "none"), "--results", str(path), env=plain_env(),
+                     timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert path.read_text() == results_line("a")
+    proc = imgworker("repair", "--state-dir", str(tmp_path / "none"), env=plain_env(), timeout=60)
+    assert proc.returncode == 2
+    assert "results.jsonl does not exist" in proc.stderr
+
+
+def test_repair_refuses_while_a_run_holds_the_state_directory(tmp_path):
+    import fcntl
+
+    path = tmp_path / "results.jsonl"
+    path.write_text(results_line("a") + "bad\n")
+    with open(tmp_path / "lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        proc = imgworker("repair", "--state-dir", str(tmp_path), env=plain_env(), timeout=60)
+    assert proc.returncode == 8
+    assert "another imgworker run" in proc.stderr
+    assert path.read_text() == results_line("a") + "bad\n"

@@ -72,7 +72,7 @@ def test_image_deleted_while_queued(make_config, store, prefix, check, outcome):
         import time
 
         while sup.dispatch.pending < len(keys):
-            sup.scan_step(time.monotonic())
+            sup.intake_step()
         store.delete(keys[3:])
         while not sup.finished():
             sup.step()

@@ -1,11 +1,18 @@
 from __future__ import annotations
 
-from imgworker.actions import alerts_key, apply, results_key
+import pytest
+
+from imgworker.actions import alerts_key, plan, results_key
 from imgworker.config import load_config
 from imgworker.errors import StoreUnavailable
-from imgworker.outcomes import ImageRef, Outcome
+from imgworker.janitor import Janitor, Job
+from imgworker.outcomes import Outcome, Result
 
-REF = ImageRef(key="cam/person/t1/20240101-000000.000.jpg", task_type="person", task_id="t1")
+KEY = "cam/person/t1/20240101-000000.000.jpg"
+
+
+def result(outcome: Outcome, detections: int = 0) -> Result:
+    return Result(key=KEY, outcome=outcome, task_type="person", task_id="t1", detections=detections)
 
 
 class BrokenStore:
@@ -31,18 +38,54 @@ def cfg(**actions):
 
 def test_keys_stay_out_of_the_scanned_tree():
     c = cfg()
-    assert alerts_key(c, REF.key) == "cam/alerts/person/t1/20240101-000000.000.jpg"
-    assert results_key(c, REF.key) == "cam/results/person/t1/20240101-000000.000.jpg.json"
+    assert alerts_key(c, KEY) == "cam/alerts/person/t1/20240101-000000.000.jpg"
+    assert results_key(c, KEY) == "cam/results/person/t1/20240101-000000.000.jpg.json"
 
 
-def test_each_failed_action_is_named():
+def test_plan_per_outcome_puts_the_delete_last():
     c = cfg(delete_no_detection=True, copy_alerts=True, write_results=True)
-    store = BrokenStore()
-    assert apply(c, store, REF, Outcome.INFERRED, 2) == ("write_results", "copy_alerts")
-    assert apply(c, store, REF, Outcome.NO_DETECTION, 0) == ("write_results", "delete_no_detection")
-    assert apply(c, store, REF, Outcome.FAILED_ALGO, 0) == ()
+    assert [j.action for j in plan(c, result(Outcome.INFERRED, 2), line=7)] == ["write_results", "copy_alerts"]
+    assert [j.action for j in plan(c, result(Outcome.NO_DETECTION), line=7)] == ["write_results",
+                                                                                   "delete_no_detection"]
+    assert plan(c, result(Outcome.FAILED_ALGO), line=7) == []
+    assert {j.line for j in plan(c, result(Outcome.INFERRED, 1), line=7)} == {7}
 
 
 def test_actions_are_off_by_default():
+    assert plan(cfg(), result(Outcome.INFERRED, 1), line=0) == []
+
+
+def test_each_failed_action_is_reported_and_the_watermark_moves_on():
+    c = cfg(delete_no_detection=True, copy_alerts=True, write_results=True)
     store = BrokenStore()
-    assert apply(cfg(), store, REF, Outcome.INFERRED, 1) == () and store.calls == []
+    synced: list[int] = []
+    janitor = Janitor(store, sync=lambda: synced.append(1), inline=True)
+    janitor.submit(plan(c, result(Outcome.INFERRED, 2), line=0) + plan(c, result(Outcome.NO_DETECTION), line=100))
+    assert janitor.watermark(200) == 0 and janitor.has_open_actions(KEY)
+    done = janitor.collect()
+    assert [(d.job.action, d.failed) for d in done] == [("write_results", True), ("copy_alerts", True),
+                                                        ("write_results", True), ("delete_no_detection", True)]
+    assert synced == [1]  # the journal is fsynced before the delete
+    assert janitor.watermark(200) == 200 and not janitor.has_open_actions(KEY)
+
+
+@pytest.mark.timeout(30)
+def test_threaded_janitor_batches_consecutive_deletes():
+    class Store:
+        def __init__(self) -> None:
+            self.batches: list[list[str]] = []
+
+        def delete(self, keys):
+            self.batches.append(list(keys))
+            return []
+
+    store = Store()
+    janitor = Janitor(store, sync=lambda: None, batch_size=3)  # type: ignore[arg-type]
+    with janitor._lock:  # hold the thread back so the jobs queue up
+        janitor.submit([Job(kind="delete", keys=(f"k{i}",), action="delete_no_detection", line=i) for i in range(5)])
+    import time
+
+    done = janitor.close(time.monotonic() + 10)
+    assert sorted(d.job.keys[0] for d in done) == [f"k{i}" for i in range(5)]
+    assert sorted(len(b) for b in store.batches) == [2, 3]
+    assert janitor.watermark(99) == 99

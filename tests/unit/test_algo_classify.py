@@ -54,3 +54,39 @@ def test_malformed_bodies_are_transient(body):
     with pytest.raises(AlgoTransient) as err:
         decode_answer(body, 1.0)
     assert err.value.cause == "malformed"
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"success": true, "result": {"count": 1e30}}',
+        b'{"success": true, "result": {"total_count": 10000000000000000000000000000000000000000}}',
+        b'{"success": true, "result": {"num": 1000001}}',
+        b'{"success": true, "result": {"count": 1000000.5}}',
+    ],
+)
+def test_absurd_counts_are_permanent_malformed_result(body):
+    with pytest.raises(AlgoPermanent) as err:
+        decode_answer(body, 1.0)
+    assert err.value.cause == "malformed_result"
+    assert len(str(err.value)) < 200
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("-inf"), float("nan")])
+def test_non_finite_counts_are_permanent_malformed_result(value):
+    with pytest.raises(AlgoPermanent) as err:
+        detection_count({"count": value})
+    assert err.value.cause == "malformed_result"
+
+
+@pytest.mark.parametrize(
+    ("body", "count"),
+    [
+        (b'{"success": true, "result": {"count": 1000000}}', 1_000_000),
+        (b'{"success": true, "result": {"count": -1e30}}', 0),
+        (b'{"success": true, "result": {"count": -10000000000000000000000000000000000000000}}', 0),
+        (b'{"success": false, "result": {"count": 1e30}}', 0),
+    ],
+)
+def test_counts_at_the_limit_negative_or_unsuccessful_are_accepted(body, count):
+    assert decode_answer(body, 1.0).detections == count

@@ -115,3 +115,40 @@ def test_retention_needs_a_rule_and_routes_need_urls():
         load_config(env={}, overrides={"algo": {"routes": {"car": ["x"]}}})
     with pytest.raises(ConfigError, match="retention.protect: value 'all' is not allowed .one of none, inflight"):
         load_config(env={}, overrides={"retention": {"protect": "all"}})
+
+
+@pytest.mark.parametrize(
+    ("actions", "scan", "expected"),
+    [
+        ({"copy_alerts": True, "alerts_prefix": "myalerts/"}, {},
+         "invalid config key actions.alerts_prefix: value 'myalerts/' is not allowed (it must start with one of "
+         "scan.exclude_prefixes ['alerts/', 'results/'], or the copies would be analysed again)"),
+        ({"write_results": True, "results_prefix": "out/"}, {"exclude_prefixes": ["alerts/"]},
+         "invalid config key actions.results_prefix: value 'out/' is not allowed (it must start with one of "
+         "scan.exclude_prefixes ['alerts/'], or the copies would be analysed again)"),
+        ({"copy_alerts": True}, {"exclude_prefixes": []},
+         "invalid config key actions.alerts_prefix: value 'alerts/' is not allowed"),
+        ({"copy_alerts": True, "alerts_prefix": ""}, {},
+         "invalid config key actions.alerts_prefix: value '' is not allowed while the action is on"),
+        ({"write_results": True, "results_prefix": ""}, {},
+         "invalid config key actions.results_prefix: value '' is not allowed while the action is on"),
+    ],
+)
+def test_action_prefixes_must_be_excluded_from_the_scan(actions, scan, expected):
+    with pytest.raises(ConfigError) as err:
+        load_config(env={}, overrides={"actions": actions, "scan": scan})
+    assert expected in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("actions", "scan"),
+    [
+        ({"copy_alerts": True, "write_results": True}, {}),
+        ({"copy_alerts": True, "alerts_prefix": "alerts/cam-7/"}, {}),
+        ({"copy_alerts": True, "alerts_prefix": "myalerts/"}, {"exclude_prefixes": ["myalerts/"]}),
+        ({"copy_alerts": False, "alerts_prefix": "myalerts/", "results_prefix": ""}, {}),
+    ],
+)
+def test_action_prefixes_below_an_excluded_prefix_or_unused_are_accepted(actions, scan):
+    cfg = load_config(env={}, overrides={"actions": actions, "scan": scan})
+    assert cfg.actions.alerts_prefix == actions.get("alerts_prefix", "alerts/")

@@ -4,9 +4,12 @@ import json
 import os
 
 
-from imgworker.ledger import ProcessedSet, start_ledger
+import pytest
+
+from imgworker.journal import ResultsJournal as ResultsWriter
+from imgworker.ledger import Ledger, ManagerBackend, ProcessedSet
 from imgworker.outcomes import Outcome, Result
-from imgworker.results import ResultsWriter, read_results
+from imgworker.results import read_results
 
 
 def test_sweep_prunes_only_unseen_keys():
@@ -32,8 +35,10 @@ def test_save_is_atomic_and_loadable(tmp_path):
     assert ProcessedSet().load(str(tmp_path / "missing.json")).results_offset == 0
 
 
+@pytest.mark.timeout(60)
 def test_manager_serves_batched_operations(tmp_path):
-    manager, ledger, lifeline = start_ledger()
+    backend = ManagerBackend()
+    ledger = backend.start()
     try:
         ledger.add_many([f"k{i}" for i in range(1000)])
         assert ledger.filter_new([f"k{i}" for i in range(995, 1005)]) == [f"k{i}" for i in range(1000, 1005)]
@@ -41,7 +46,29 @@ def test_manager_serves_batched_operations(tmp_path):
         ledger.save(str(tmp_path / "s.json"), 0, [])
         assert len(json.loads((tmp_path / "s.json").read_text())["processed"]) == 1000
     finally:
-        manager.shutdown()
+        backend.stop()
+
+
+@pytest.mark.timeout(60)
+def test_lost_manager_is_restarted_and_rebuilt_from_disk(tmp_path):
+    results = str(tmp_path / "results.jsonl")
+    journal = ResultsWriter(results)
+    ledger = Ledger(str(tmp_path / "state.json"), results)
+    ledger.start()
+    try:
+        for key in ("a", "b"):
+            journal.write(Result(key=key, outcome=Outcome.INFERRED))
+            ledger.add(key)
+        ledger.save(journal.sync(), [])
+        journal.write(Result(key="c", outcome=Outcome.NO_DETECTION))  # after the checkpoint
+        ledger.add("d")  # buffered, not yet sent
+        ledger.backend._manager._process.kill()  # the Manager dies
+        ledger.backend._manager._process.join()
+        assert ledger.filter_new(["a", "b", "c", "d", "e"]) == {"e"}
+        assert ledger.restarts == 1
+    finally:
+        ledger.stop()
+        journal.close()
 
 
 def test_partial_trailing_line_is_not_a_result(tmp_path):
@@ -50,6 +77,7 @@ def test_partial_trailing_line_is_not_a_result(tmp_path):
     writer.write(Result(key="a", outcome=Outcome.INFERRED))
     offset = writer.sync()
     writer.close()
+    assert [r.key for r in read_results(path)] == ["a"]  # written through: readable before any flush
     with open(path, "ab") as f:
         f.write(b'{"key":"b","outcome":"infer')  # crash mid-write
     assert [r.key for r in read_results(path)] == ["a"]

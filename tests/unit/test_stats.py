@@ -82,3 +82,19 @@ def test_histogram_handles_sub_millisecond_and_zero_values():
     assert hist.percentile(30) == pytest.approx(0.05, rel=0.01)
     counts, total = hist.cumulative([0.0, 0.1, 1.0, 5.0])
     assert counts == [1, 2, 5, 6] and total == pytest.approx(3.85)
+
+
+def test_results_with_a_key_twice_are_not_conserved():
+    lines = results(inferred=2) + [Result(key="inferred-0", outcome=Outcome.FAILED_ALGO)]
+    report = stats_from_results(lines).report(pending=0, in_flight=0, wall_s=1.0)
+    assert (report.scanned, report.duplicates, report.conserved) == (2, 1, False)
+    assert sum(report.outcomes.values()) == 3
+    text = format_report(report)
+    assert "conserved: False" in text
+    assert "keys with more than one outcome: 1" in text
+
+
+def test_results_with_each_key_once_are_conserved_without_a_duplicates_line():
+    report = stats_from_results(results(inferred=2, no_detection=1)).report(pending=0, in_flight=0, wall_s=1.0)
+    assert (report.scanned, report.duplicates, report.conserved) == (3, 0, True)
+    assert "more than one outcome" not in format_report(report)

@@ -1,0 +1,80 @@
+"""The one helper for child processes: spawn context, signal hygiene, titles, death with the parent, stop.
+
+Every child (worker, lister, ledger Manager) leaves only when the supervisor tells it to. A service
+manager's stop signals the whole process group (systemd ``KillMode=control-group``, ``timeout``,
+Ctrl-C in a terminal), so children ignore SIGTERM and SIGINT: the supervisor alone decides how a
+run ends. SIGTERM and SIGINT are blocked in the supervisor while a child starts, so a signal that
+lands between fork and the child's own set-up cannot kill it; the child inherits the blocked mask,
+sets the signals to ignored, then unblocks them. A child also gets SIGKILL if the supervisor dies
+(``PR_SET_PDEATHSIG``): nothing keeps calling the algorithm service for a supervisor that is gone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import multiprocessing
+import signal
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from multiprocessing.connection import wait
+from multiprocessing.context import SpawnContext, SpawnProcess
+from typing import Any
+
+from .logs import LogSettings, setup_logging
+from .proctitle import set_title
+
+CTX: SpawnContext = multiprocessing.get_context("spawn")
+_STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
+
+
+@contextlib.contextmanager
+def signals_blocked() -> Iterator[None]:
+    """Block SIGTERM/SIGINT in this thread while children start; pending ones are delivered after."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def child_setup(role: str, log_settings: LogSettings | None) -> None:
+    """First call in every child: title, logging, ignore stop signals, die with the supervisor."""
+    set_title(role)
+    if log_settings is not None:
+        setup_logging(log_settings)
+    for sig in _STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+    die_with_parent(signal.SIGKILL)
+
+
+def die_with_parent(sig: int) -> None:
+    """On Linux, receive ``sig`` when the parent process exits."""
+    if sys.platform.startswith("linux"):
+        pr_set_pdeathsig = 1
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, int(sig))
+
+
+def spawn(target: Callable[..., None], args: tuple[Any, ...], name: str) -> SpawnProcess:
+    """Start ``target(*args)`` in a spawned child, with stop signals blocked around the start."""
+    process = CTX.Process(target=target, args=args, name=name)
+    with signals_blocked():
+        process.start()
+    return process
+
+
+def stop_processes(processes: Sequence[Any], deadline: float) -> None:
+    """Wait for every process until one shared deadline, then SIGKILL the rest; always join.
+
+    The caller has already told each process to leave (a stop message, or its channel closed).
+    """
+    alive = [p for p in processes if p.is_alive()]
+    while alive and time.monotonic() < deadline:
+        wait([p.sentinel for p in alive], max(0.0, deadline - time.monotonic()))
+        alive = [p for p in alive if p.is_alive()]
+    for process in alive:
+        process.kill()
+    for process in processes:
+        process.join()

@@ -1,0 +1,286 @@
+"""The supervisor driven step by step through an in-memory store, an inline pool and an inline lister.
+
+Every invariant is counted at the far end: the calls the in-memory algorithm received, the
+objects left in the in-memory bucket, the lines in the results file.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from typing import Any
+
+import pytest
+
+from imgworker.config import Config, load_config
+from imgworker.errors import AlreadyRunning, StateError
+from imgworker.memstore import MemoryAlgo, MemoryStore
+from imgworker.outcomes import WorkItem
+from imgworker.results import read_results
+from imgworker.supervisor import Supervisor, memory_parts
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def config(tmp_path: Any, **sections: dict[str, Any]) -> Config:
+    overrides: dict[str, dict[str, Any]] = {
+        "run": {"state_dir": str(tmp_path / "state"), "until_idle": True, "checkpoint_interval_s": 3600.0},
+        "scan": {"interval_s": 0.01},
+        "worker": {"count": 2},
+    }
+    for name, values in sections.items():
+        overrides.setdefault(name, {}).update(values)
+    return load_config(env={}, overrides=overrides)
+
+
+def fill(store: MemoryStore, groups: list[str], per_group: int) -> list[str]:
+    keys = [f"{g}/20240101-000000.{i:03d}.jpg" for g in groups for i in range(per_group)]
+    for key in keys:
+        store.put(key, b"\xff\xd8jpeg")
+    return keys
+
+
+def lines(cfg: Config) -> Counter[str]:
+    return Counter(r.key for r in read_results(cfg.results_path))
+
+
+def outcomes(cfg: Config) -> dict[str, str]:
+    return {r.key: r.outcome.value for r in read_results(cfg.results_path)}
+
+
+def supervisor(cfg: Config, store: MemoryStore, algo: MemoryAlgo, **kwargs: Any) -> Supervisor:
+    die_on = kwargs.pop("die_on", lambda item: False)
+    return Supervisor(cfg, show_progress=False, parts=memory_parts(cfg, store, algo, die_on=die_on), **kwargs)
+
+
+def crash(sup: Supervisor) -> None:
+    """What SIGKILL leaves behind: no shutdown, no checkpoint; the kernel drops the lock."""
+    sup.lock.release()
+    if sup.journal is not None:
+        os.close(sup.journal._fd)  # type: ignore[arg-type]
+        sup.journal._fd = None
+
+
+def test_every_image_one_outcome_and_one_call(tmp_path):
+    cfg = config(tmp_path)
+    store = MemoryStore()
+    keys = fill(store, ["p/a", "p/b"], 5)
+    algo = MemoryAlgo(store, detections=lambda path: int(path.endswith("1.jpg")))
+    report = supervisor(cfg, store, algo).run()
+    assert report.conserved and report.scanned == 10
+    assert lines(cfg) == Counter(keys) and algo.calls == Counter(keys)
+
+
+def test_crash_after_results_were_written_analyses_nothing_twice(tmp_path):
+    cfg = config(tmp_path, worker={"count": 1})
+    store = MemoryStore()
+    keys = fill(store, ["p/a"], 8)
+    algo = MemoryAlgo(store)
+    first = supervisor(cfg, store, algo)
+    first.start()
+    while len(lines(cfg)) < 4:
+        first.step()
+    crash(first)  # no checkpoint was ever written: only the results journal survives
+    supervisor(cfg, store, algo).run()
+    assert lines(cfg) == Counter(keys)
+    assert algo.calls == Counter(keys)
+
+
+def test_crash_before_delete_action_redoes_it_and_keeps_the_real_outcome(tmp_path):
+    cfg = config(tmp_path, worker={"count": 1}, actions={"delete_no_detection": True})
+    store = MemoryStore()
+    keys = fill(store, ["p/a"], 6)
+    algo = MemoryAlgo(store)
+    first = supervisor(cfg, store, algo)
+    first.start()
+    assert first.janitor is not None
+    first.janitor.collect = lambda: []  # type: ignore[method-assign]  # crash before any delete ran
+    while len(lines(cfg)) < 3:
+        first.step()
+    first.checkpoint()  # the watermark stays at the first line whose delete is not done
+    crash(first)
+    assert all(key in store for key in keys)
+    supervisor(cfg, store, algo).run()
+    assert outcomes(cfg) == {key: "no_detection" for key in keys}
+    assert len(store) == 0 and algo.calls == Counter(keys)
+
+
+def test_result_line_is_written_before_the_image_is_deleted(tmp_path):
+    cfg = config(tmp_path, actions={"delete_no_detection": True})
+    store = MemoryStore()
+    keys = fill(store, ["p/a", "p/b"], 4)
+    seen_at_delete: list[bool] = []
+    real_delete = store.delete
+
+    def delete(batch: Any) -> list[str]:
+        batch = list(batch)
+        written = set(lines(cfg))
+        seen_at_delete.extend(key in written for key in batch)
+        return real_delete(batch)
+
+    store.delete = delete  # type: ignore[method-assign]
+    supervisor(cfg, store, MemoryAlgo(store)).run()
+    assert len(seen_at_delete) == len(keys) and all(seen_at_delete)
+
+
+def test_cleaner_never_deletes_an_image_whose_alert_copy_is_pending(tmp_path):
+    cfg = config(tmp_path, actions={"copy_alerts": True},
+                 retention={"enabled": True, "max_count": 1, "protect": "queued"})
+    store = MemoryStore()
+    keys = fill(store, ["p/a"], 5)
+    algo = MemoryAlgo(store, detections=lambda path: 1)
+    sup = supervisor(cfg, store, algo)
+    sup.start()
+    assert sup.janitor is not None
+    held_back = sup.janitor.collect
+    sup.janitor.collect = lambda: []  # type: ignore[method-assign]  # copies wait
+    while len(lines(cfg)) < len(keys):
+        sup.step()
+    sup.intake.next_sweep = 0.0
+    while sup.cleaner.passes == 0:
+        sup.step()
+    assert all(key in store for key in keys)  # every image still has an alert copy to make
+    sup.janitor.collect = held_back  # type: ignore[method-assign]
+    sup.request_stop("test")
+    while not sup.finished():
+        sup.step()
+    sup.shutdown()
+    assert sorted(k for k in store.keys() if k.startswith("alerts/")) == sorted(f"alerts/{k}" for k in keys)
+    assert outcomes(cfg) == {key: "inferred" for key in keys}
+
+
+def test_unexpected_exception_is_one_outcome_and_one_call(tmp_path):
+    cfg = config(tmp_path)
+    store = MemoryStore()
+    keys = fill(store, ["p/a"], 4)
+    algo = MemoryAlgo(store, fail=lambda path: RuntimeError("bug") if path == keys[1] else None)
+    report = supervisor(cfg, store, algo).run()
+    assert outcomes(cfg)[keys[1]] == "failed_algo"
+    assert [r.cause for r in read_results(cfg.results_path) if r.key == keys[1]] == ["internal_error"]
+    assert algo.calls[keys[1]] == 1 and report.worker_restarts == 0
+
+
+def test_worker_death_retries_then_fails_the_item(tmp_path):
+    cfg = config(tmp_path, worker={"count": 1, "max_attempts": 2})
+    store = MemoryStore()
+    keys = fill(store, ["p/a"], 3)
+    sup = supervisor(cfg, store, MemoryAlgo(store), die_on=lambda item: item.ref.key == keys[0])
+    report = sup.run()
+    assert outcomes(cfg)[keys[0]] == "failed_worker" and report.retries == 1
+    assert [r.cause for r in read_results(cfg.results_path) if r.key == keys[0]] == ["worker_died_exit_-9"]
+    assert lines(cfg) == Counter(keys)
+
+
+def test_a_dead_route_does_not_hold_up_the_others(tmp_path):
+    dead = "http://127.0.0.1:9/infer"
+    cfg = config(tmp_path, worker={"count": 1},
+                 algo={"routes": {"vehicle": [dead]}, "eject_after_failures": 1, "retries": 0,
+                       "no_endpoint_budget_s": 3600.0, "eject_cooldown_s": 3600.0})
+    store = MemoryStore()
+    vehicles = fill(store, ["vehicle/t"], 4)
+    people = fill(store, ["person/t"], 4)
+    algo = MemoryAlgo(store)
+    algo.down.add(dead)
+    sup = supervisor(cfg, store, algo)
+    sup.start()
+    for _ in range(200):
+        sup.step()
+        if all(k in lines(cfg) for k in people):
+            break
+    done = outcomes(cfg)
+    sup.request_stop("test", force=True)
+    sup.shutdown()
+    assert all(done[k] == "no_detection" for k in people)
+    assert sum(algo.calls[k] for k in vehicles) == 1  # one failed call ejected the route; the rest wait
+    assert sup.dispatch.pending == len(vehicles) - 1
+
+
+def test_no_endpoint_budget_is_counted_per_image(tmp_path):
+    cfg = config(tmp_path, algo={"no_endpoint_budget_s": 60.0, "eject_after_failures": 1, "retries": 0})
+    store = MemoryStore()
+    sup = supervisor(cfg, store, MemoryAlgo(store))
+    sup.start()
+    try:
+        sup.endpoints.states[cfg.algo.endpoint].ejected_until = 1e18
+        sup.endpoints.states[cfg.algo.endpoint].down_since = 1000.0
+        old, young = (WorkItem(ref=sup_ref(f"p/a/{n}.jpg")) for n in ("old", "young"))
+        sup.dispatch.append(old)
+        sup.dispatch.append(young)
+        sup.dispatch._queues["p"]["p/a/young.jpg"].queued_at = 1050.0
+        sup.dispatch._queues["p"]["p/a/old.jpg"].queued_at = 900.0
+        sup._fail_waited_out(1065.0)  # old waited 65 s of outage, young only 15 s
+        assert outcomes(cfg) == {"p/a/old.jpg": "failed_algo"}
+        assert sup.dispatch.pending_keys() == ["p/a/young.jpg"]
+    finally:
+        sup.request_stop("test", force=True)
+        sup.shutdown()
+
+
+def sup_ref(key: str) -> Any:
+    from imgworker.outcomes import ImageRef
+
+    return ImageRef(key=key, task_type="p", task_id="a")
+
+
+def test_full_queue_takes_directories_in_turn_and_keeps_cleaning(tmp_path):
+    cfg = config(tmp_path, worker={"count": 1}, dispatch={"queue_capacity": 2},
+                 retention={"enabled": True, "max_count": 3, "protect": "lease"})
+    store = MemoryStore()
+    fill(store, ["p/a", "p/b", "p/c", "p/d"], 6)
+    sup = supervisor(cfg, store, MemoryAlgo(store))
+    sup.start()
+    try:
+        while sup.cleaner.passes < 1:
+            sup.step()
+        groups = Counter(k.split("/")[1] for k in lines(cfg))
+        assert len(store) <= 4 * 3  # the limit held while the queue was full
+        assert set(groups) == {"a", "b", "c", "d"}  # no directory starved behind the first
+    finally:
+        sup.request_stop("test", force=True)
+        sup.shutdown()
+    assert sum(1 for _ in read_results(cfg.results_path)) == len(lines(cfg))
+
+
+def test_until_idle_waits_for_a_sweep_that_began_after_intake_ended(tmp_path):
+    cfg = config(tmp_path)
+    store = MemoryStore()
+    fill(store, ["p/a"], 2)
+    uploading = [True]
+    sup = supervisor(cfg, store, MemoryAlgo(store), intake_done=lambda: not uploading[0])
+    sup.start()
+    try:
+        for _ in range(20):
+            sup.step()
+        assert not sup.draining  # intake is not done: never idle
+        late = fill(store, ["p/z"], 1)
+        uploading[0] = False
+        while not sup.finished():
+            sup.step()
+    finally:
+        sup.shutdown()
+    assert late[0] in lines(cfg)
+
+
+def test_second_run_on_the_same_state_directory_is_refused(tmp_path):
+    cfg = config(tmp_path)
+    store = MemoryStore()
+    first = supervisor(cfg, store, MemoryAlgo(store))
+    first.start()
+    try:
+        with pytest.raises(AlreadyRunning, match="another imgworker run"):
+            supervisor(cfg, store, MemoryAlgo(store)).start()
+    finally:
+        first.request_stop("test", force=True)
+        first.shutdown()
+    supervisor(cfg, store, MemoryAlgo(store)).start()  # the lock was released
+
+
+def test_corrupt_state_file_is_refused_with_the_repair_command(tmp_path):
+    cfg = config(tmp_path)
+    os.makedirs(cfg.run.state_dir)
+    with open(os.path.join(cfg.run.state_dir, "state.json"), "w") as f:
+        f.write('{"version": 1, "processed": [')
+    store = MemoryStore()
+    with pytest.raises(StateError, match="imgworker repair"):
+        supervisor(cfg, store, MemoryAlgo(store)).start()
+    supervisor(cfg, store, MemoryAlgo(store)).lock.acquire()  # a refused start leaves no lock behind
