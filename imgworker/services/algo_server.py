@@ -260,7 +260,10 @@ class AlgoService:
         return msgspec.json.decode(resp.content, type=CallCounts).calls
 
     def start(self, timeout_s: float = 60.0) -> AlgoService:
-        self._proc = subprocess.Popen(self.command(), stdin=subprocess.DEVNULL, preexec_fn=die_with_parent)
+        # Its own session: a stop signal to imgworker's process group (Ctrl-C on the demo) must not
+        # take the service away from the items still in flight; it still dies with its parent.
+        self._proc = subprocess.Popen(self.command(), stdin=subprocess.DEVNULL, preexec_fn=die_with_parent,
+                                      start_new_session=True)
         wait_until(lambda: port_open("127.0.0.1", self.port), timeout_s=timeout_s, what="the algorithm service",
                    alive=self.alive)
         return self

@@ -9,6 +9,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from ..children import die_with_parent as on_parent_death
+
 
 def free_port(host: str = "127.0.0.1") -> int:
     """A port the kernel just reported free on ``host``."""
@@ -39,12 +41,7 @@ def port_open(host: str, port: int) -> bool:
 
 def die_with_parent() -> None:
     """For ``preexec_fn``: on Linux, the child gets SIGTERM when the process that started it dies."""
-    import ctypes
-    import sys
-
-    if sys.platform.startswith("linux"):
-        pr_set_pdeathsig = 1
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+    on_parent_death(signal.SIGTERM)
 
 
 def stop_process(proc: subprocess.Popen[Any], timeout_s: float = 10.0) -> None:
