@@ -36,6 +36,7 @@ class Dispatch:
         self._queues: dict[str, OrderedDict[str, _Entry]] = {}
         self._type_of: dict[str, str] = {}
         self._held: dict[int, WorkItem] = {}
+        self._held_queued_at: dict[int, float] = {}
         self._holder: dict[str, int] = {}
         self._next_seq = 0
         self._front_seq = 0
@@ -81,15 +82,22 @@ class Dispatch:
         self._next_seq += 1
         self._put(item, self._next_seq, at_end=True)
 
-    def requeue_front(self, item: WorkItem) -> None:
-        """Put an item back at the head of the queue (its holder died); capacity is not enforced."""
-        self._front_seq -= 1
-        self._put(item, self._front_seq, at_end=False)
+    def requeue_front(self, item: WorkItem, queued_at: float | None = None) -> None:
+        """Put an item back where ``take`` looks first (its holder died); capacity is not enforced.
 
-    def _put(self, item: WorkItem, seq: int, *, at_end: bool) -> None:
+        ``queued_at`` keeps the time it first entered the queue (its no-endpoint budget goes on).
+        """
+        if self.newest_first:
+            self._next_seq += 1
+            self._put(item, self._next_seq, at_end=True, queued_at=queued_at)
+        else:
+            self._front_seq -= 1
+            self._put(item, self._front_seq, at_end=False, queued_at=queued_at)
+
+    def _put(self, item: WorkItem, seq: int, *, at_end: bool, queued_at: float | None = None) -> None:
         kind = item.ref.task_type
         queue = self._queues.setdefault(kind, OrderedDict())
-        queue[item.ref.key] = _Entry(item, seq, self.clock())
+        queue[item.ref.key] = _Entry(item, seq, self.clock() if queued_at is None else queued_at)
         if not at_end:
             queue.move_to_end(item.ref.key, last=False)
         self._type_of[item.ref.key] = kind
@@ -115,6 +123,7 @@ class Dispatch:
         self.withdraw(entry.item.ref.key)
         item = msgspec.structs.replace(entry.item, endpoints=endpoints) if endpoints else entry.item
         self._held[worker] = item
+        self._held_queued_at[worker] = entry.queued_at
         self._holder[item.ref.key] = worker
         return item
 
@@ -135,9 +144,14 @@ class Dispatch:
     def release(self, worker: int) -> WorkItem | None:
         """The worker finished (or died holding) its item; return that item."""
         item = self._held.pop(worker, None)
+        self._held_queued_at.pop(worker, None)
         if item is not None:
             self._holder.pop(item.ref.key, None)
         return item
+
+    def held_queued_at(self, worker: int) -> float | None:
+        """When the item ``worker`` holds first entered the queue."""
+        return self._held_queued_at.get(worker)
 
     def withdraw(self, key: str) -> WorkItem | None:
         """Remove a queued (not held) item; None if it is not queued."""

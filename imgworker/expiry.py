@@ -49,6 +49,8 @@ class ExpiryEstimator:
     def would_expire(self, ref: ImageRef, *, within_s: float, now: float) -> bool:
         """True if the image is likely gone ``within_s`` seconds from ``now``."""
         ts = image_time(ref)
+        if ts <= 0:
+            return False  # capture time unknown (e.g. resumed from state): never guess it expired
         if self.max_age_s and ts + self.max_age_s < now + within_s:
             return True
         if not self.max_count:

@@ -2,9 +2,11 @@
 
 Cleaner deletes and result actions (``copy_alerts``, ``write_results``, ``delete_no_detection``)
 are jobs, run in order by one background thread of the supervisor, so the loop never waits on
-the store. A job is submitted only after the image's result line is written; before any delete
-the janitor fsyncs the results journal (durable before destructive). Consecutive delete jobs
-are coalesced into one batch request.
+the store. A job is submitted only after the image's result line is written; before running
+jobs the janitor fsyncs the results journal (durable before destructive, even across a power
+loss). Consecutive delete jobs are coalesced into one batch request. A failed action (store
+unreachable) is retried with capped backoff, and its image stays protected from the cleaner
+until it succeeds or is given up after ``MAX_ATTEMPTS`` (counted in ``action_errors``).
 
 The janitor also keeps the checkpoint's *watermark*: the offset of the oldest result line whose
 actions are not done yet. A checkpoint records that offset, so after a crash the actions of
@@ -25,7 +27,7 @@ from typing import Protocol
 
 import msgspec
 
-from .errors import StoreError
+from .errors import ObjectMissing, StoreError
 
 log = logging.getLogger(__name__)
 
@@ -46,10 +48,12 @@ class Job(msgspec.Struct, frozen=True):
     body: bytes = b""
     content_type: str = "application/json"
     line: int = -1
+    attempt: int = 0
+    not_before: float = 0.0
 
 
 class Done(msgspec.Struct, frozen=True):
-    """What a finished job did: keys deleted or refused, and a failed action's name."""
+    """What a finished job did: keys deleted or refused, and whether an action was given up."""
 
     job: Job
     deleted: int = 0
@@ -57,22 +61,27 @@ class Done(msgspec.Struct, frozen=True):
     failed: bool = False
 
 
+MAX_ATTEMPTS = 8  # about two minutes of capped backoff, then an action is given up (and counted)
+
+
 class Janitor:
-    """Runs store jobs in submission order on one thread; reports what they did."""
+    """Runs store jobs in submission order on one thread; retries failed actions; reports what they did."""
 
     def __init__(self, store: JanitorStore, *, sync: Callable[[], object], batch_size: int = 1000,
-                 inline: bool = False) -> None:
+                 inline: bool = False, clock: Callable[[], float] = time.monotonic) -> None:
         self.store = store
         self.sync = sync
         self.batch_size = batch_size
         self.inline = inline
+        self.clock = clock
         self._jobs: collections.deque[Job] = collections.deque()
         self._done: collections.deque[Done] = collections.deque()
-        self._open_lines: collections.deque[int] = collections.deque()  # line of each unfinished action job
+        self._open_lines: collections.Counter[int] = collections.Counter()  # result lines with unfinished actions
         self._open_keys: collections.Counter[str] = collections.Counter()  # images with unfinished actions
         self._lock = threading.Condition()
         self._busy = False
         self._closing = False
+        self._give_up_at = float("inf")
         self._thread: threading.Thread | None = None
         if not inline:
             self._thread = threading.Thread(target=self._run, name="imgworker-janitor", daemon=True)
@@ -83,7 +92,7 @@ class Janitor:
             for job in jobs:
                 self._jobs.append(job)
                 if job.line >= 0:
-                    self._open_lines.append(job.line)
+                    self._open_lines[job.line] += 1
                     self._open_keys.update(job.keys)
             self._lock.notify()
 
@@ -99,7 +108,7 @@ class Janitor:
     def watermark(self, end: int) -> int:
         """Offset before which every result line's actions are done (``end`` if none is open)."""
         with self._lock:
-            return self._open_lines[0] if self._open_lines else end
+            return min(self._open_lines) if self._open_lines else end
 
     @property
     def outstanding(self) -> int:
@@ -107,7 +116,7 @@ class Janitor:
             return len(self._jobs) + int(self._busy)
 
     def collect(self) -> list[Done]:
-        """Reports of finished jobs since the last call (inline: run the queued jobs now)."""
+        """Reports of finished jobs since the last call (inline: run the jobs that are due now)."""
         if self.inline:
             while self._step(block=False):
                 pass
@@ -117,57 +126,103 @@ class Janitor:
         return out
 
     def close(self, deadline: float) -> list[Done]:
-        """Finish queued jobs until ``deadline``; what is left is redone after a restart (see watermark)."""
+        """Work until ``deadline``, then stop; what is left is redone after a restart (see watermark)."""
         with self._lock:
             self._closing = True
+            self._give_up_at = deadline
             self._lock.notify()
         if self._thread is not None:
-            self._thread.join(max(0.0, deadline - time.monotonic()))
-            if self._thread.is_alive():
-                log.warning("janitor: %d store jobs not finished at exit; they are redone at the next start",
-                            self.outstanding)
-        return self.collect()
+            self._thread.join(max(0.0, deadline - self.clock()) + 0.1)
+        else:
+            while self.clock() < deadline and self._step(block=False):
+                pass
+        if self.outstanding:
+            log.warning("janitor: %d store jobs not finished at exit; they are redone at the next start",
+                        self.outstanding)
+        with self._lock:
+            out = list(self._done)
+            self._done.clear()
+        return out
 
     def _run(self) -> None:
         while self._step(block=True):
             pass
 
     def _step(self, *, block: bool) -> bool:
-        """Run the next job (or batch of deletes); False when there is nothing more to do."""
+        """Run the next due job (or batch of deletes); False when there is nothing more to do now."""
         with self._lock:
-            while block and not self._jobs and not self._closing:
-                self._lock.wait()
-            if not self._jobs:
+            batch = self._wait_for_batch(block)
+            if not batch:
                 return False
-            batch = self._next_batch()
             self._busy = True
+        done: list[Done] = []
         try:
             done = self._execute(batch)
+        except Exception:  # never let the thread die: the job is retried like a store failure
+            log.exception("janitor: unexpected error on %s %s", batch[0].kind, batch[0].keys[:1])
+            done = [Done(job=job, failed=True) for job in batch]
         finally:
             with self._lock:
                 self._busy = False
-                self._done.extend(done)
-                for job in batch:
-                    if job.line >= 0:
-                        self._open_lines.popleft()
-                        self._open_keys.subtract(job.keys)
-                        for key in job.keys:
-                            if self._open_keys[key] <= 0:
-                                del self._open_keys[key]
+                for report in done:
+                    self._settle(report)
         return True
 
+    def _wait_for_batch(self, block: bool) -> list[Job]:
+        """The next due batch, waiting for one if ``block`` (called with the lock held)."""
+        while True:
+            now = self.clock()
+            if self._closing and now >= self._give_up_at:
+                return []
+            if self._jobs and self._jobs[0].not_before <= now:
+                return self._next_batch()
+            if not block or (self._closing and not self._jobs):
+                return []
+            due = self._jobs[0].not_before if self._jobs else float("inf")
+            self._lock.wait(max(0.01, min(due, self._give_up_at) - now) if due < float("inf") or self._closing
+                            else None)
+
+    def _settle(self, report: Done) -> None:
+        """Book a finished job; a failed action is queued again with backoff until MAX_ATTEMPTS."""
+        job = report.job
+        if report.failed and job.line >= 0 and job.attempt + 1 < MAX_ATTEMPTS:
+            delay = min(30.0, 0.5 * 2**job.attempt)
+            self._jobs.append(msgspec.structs.replace(job, attempt=job.attempt + 1, not_before=self.clock() + delay))
+            return
+        if report.failed and job.line >= 0:
+            log.error("janitor: %s of %s given up after %d attempts", job.action, job.keys[0], MAX_ATTEMPTS)
+        self._done.append(report)
+        if job.line >= 0:
+            self._release(job)
+
+    def _release(self, job: Job) -> None:
+        self._open_lines[job.line] -= 1
+        if self._open_lines[job.line] <= 0:
+            del self._open_lines[job.line]
+        self._open_keys.subtract(job.keys)
+        for key in job.keys:
+            if self._open_keys[key] <= 0:
+                del self._open_keys[key]
+
     def _next_batch(self) -> list[Job]:
-        """One job, or consecutive delete jobs up to the batch size (called with the lock held)."""
+        """One job, or consecutive due delete jobs up to the batch size (called with the lock held)."""
         batch = [self._jobs.popleft()]
         if batch[0].kind != "delete":
             return batch
         size = len(batch[0].keys)
-        while self._jobs and self._jobs[0].kind == "delete" and size + len(self._jobs[0].keys) <= self.batch_size:
+        while (self._jobs and self._jobs[0].kind == "delete" and self._jobs[0].not_before <= self.clock()
+               and size + len(self._jobs[0].keys) <= self.batch_size):
             size += len(self._jobs[0].keys)
             batch.append(self._jobs.popleft())
         return batch
 
     def _execute(self, batch: list[Job]) -> list[Done]:
+        """fsync the results journal first (the job acts on written outcomes), then run the batch."""
+        try:
+            self.sync()
+        except OSError as exc:
+            log.warning("janitor: cannot fsync the results file (%s); store changes wait", exc)
+            return [Done(job=job, failed=True, refused=len(job.keys) if job.kind == "delete" else 0) for job in batch]
         if batch[0].kind == "delete":
             return self._delete(batch)
         job = batch[0]
@@ -176,19 +231,21 @@ class Janitor:
                 self.store.copy(job.keys[0], job.target)
             else:
                 self.store.put(job.target, job.body, job.content_type)
+        except ObjectMissing as exc:
+            log.warning("janitor: %s of %s impossible: %s", job.action, job.keys[0], exc)
+            return [Done(job=msgspec.structs.replace(job, attempt=MAX_ATTEMPTS), failed=True)]
         except StoreError as exc:
-            log.warning("janitor: %s of %s failed: %s", job.action, job.keys[0], exc)
+            log.warning("janitor: %s of %s failed (attempt %d): %s", job.action, job.keys[0], job.attempt + 1, exc)
             return [Done(job=job, failed=True)]
         return [Done(job=job)]
 
     def _delete(self, batch: list[Job]) -> list[Done]:
-        """fsync the results journal, then one batch delete for every key of the batch."""
+        """One batch delete for every key of the batch."""
         keys = [key for job in batch for key in job.keys]
         try:
-            self.sync()
             refused = set(self.store.delete(keys))
-        except (StoreError, OSError) as exc:
-            log.warning("janitor: delete of %d images failed (%s); the next pass retries", len(keys), exc)
+        except StoreError as exc:
+            log.warning("janitor: delete of %d images failed (%s)", len(keys), exc)
             refused = set(keys)
         return [_delete_done(job, refused) for job in batch]
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import threading
 
 import msgspec
 
@@ -72,31 +73,50 @@ class ResultsJournal:
         self.path = path
         self._fd: int | None = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         self.offset = os.fstat(self._fd).st_size
+        self._lock = threading.Lock()  # the janitor thread fsyncs while the supervisor writes and closes
+        self._failure = ""
 
     def write(self, result: Result) -> int:
-        """Append one line; return the offset it starts at."""
-        assert self._fd is not None, "the results journal is closed"
+        """Append one line; return the offset it starts at. A failed write is cut back and is fatal."""
+        if self._failure or self._fd is None:
+            raise StateError(f"results file {self.path} cannot be written: {self._failure or 'closed'}")
         data = _encoder.encode(result) + b"\n"
         start = self.offset
         view = memoryview(data)
-        while view:
-            view = view[os.write(self._fd, view):]
+        try:
+            while view:
+                view = view[os.write(self._fd, view):]
+        except OSError as exc:
+            self._fail(exc)
         self.offset += len(data)
         return start
 
+    def _fail(self, exc: OSError) -> None:
+        """Cut a partly written line (disk full, I/O error) and refuse every later write."""
+        self._failure = exc.strerror or type(exc).__name__
+        try:
+            os.ftruncate(self._fd, self.offset)  # type: ignore[arg-type]
+        except OSError:
+            pass
+        raise StateError(f"results file {self.path} cannot be written: {self._failure}") from None
+
     def sync(self) -> int:
         """fsync; return the offset everything before which is on disk."""
-        fd = self._fd
-        if fd is not None:
-            os.fsync(fd)
-        return self.offset
+        with self._lock:
+            if self._fd is not None:
+                os.fsync(self._fd)
+            return self.offset
 
     @property
     def closed(self) -> bool:
         return self._fd is None
 
     def close(self) -> None:
-        if self._fd is not None:
-            self.sync()
-            os.close(self._fd)
-            self._fd = None
+        with self._lock:
+            if self._fd is None:
+                return
+            fd, self._fd = self._fd, None
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)

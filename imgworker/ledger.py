@@ -132,6 +132,9 @@ class LocalBackend:
     def start(self) -> Any:
         return self.processed
 
+    def alive(self) -> bool:
+        return True
+
     def stop(self) -> None:
         pass
 
@@ -152,6 +155,10 @@ class ManagerBackend:
         self._manager, self._lifeline = manager, ours
         return manager.ProcessedSet()  # type: ignore[attr-defined]
 
+    def alive(self) -> bool:
+        process = getattr(self._manager, "_process", None)
+        return process is not None and process.is_alive()
+
     def stop(self) -> None:
         if self._manager is not None:
             try:
@@ -164,7 +171,7 @@ class ManagerBackend:
             self._lifeline = None
 
 
-_LOST = (EOFError, BrokenPipeError, ConnectionError, OSError)
+_LOST = (EOFError, OSError)
 
 
 class Restored(msgspec.Struct):
@@ -194,7 +201,14 @@ class Ledger:
     def _restore(self) -> Restored:
         state = self._set.load(self.state_path)
         replayed: list[Result] = []
-        if os.path.exists(self.results_path):
+        size = os.path.getsize(self.results_path) if os.path.exists(self.results_path) else 0
+        if state.results_offset > size:
+            raise StateError(
+                f"results file {self.results_path} is shorter ({size} bytes) than the state file says "
+                f"({state.results_offset}); it was replaced or truncated. Run `imgworker repair --state-dir "
+                f"{os.path.dirname(os.path.abspath(self.state_path))}` to rebuild the state from it"
+            )
+        if size:
             replayed = list(read_results(self.results_path, offset=state.results_offset))
             for start in range(0, len(replayed), 1000):
                 self._set.add_many([r.key for r in replayed[start : start + 1000]])
@@ -206,14 +220,27 @@ class Ledger:
             self._flush()
             return op(self._set)
         except _LOST as exc:
+            if self.backend.alive():
+                raise  # the Manager answered with an error of its own (a full disk on save): not lost
             log.warning("the ledger process was lost (%s); starting a new one from the state on disk",
                         type(exc).__name__)
             self.restarts += 1
             self.backend.stop()
-            self._set = self.backend.start()
-            self._restore()
+            self._set = None
+            fresh = self.backend.start()
+            self._restore_into(fresh)
+            self._set = fresh
             self._flush()
             return op(self._set)
+
+    def _restore_into(self, fresh: Any) -> None:
+        """Rebuild a new set from disk; only a complete rebuild replaces the lost one."""
+        lost, self._set = self._set, fresh
+        try:
+            self._restore()
+        except BaseException:
+            self._set = lost
+            raise
 
     def _flush(self) -> None:
         if self._done:

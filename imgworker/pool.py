@@ -134,7 +134,7 @@ class ProcessPool:
         except msgspec.DecodeError as exc:
             reply = undecodable_reply(worker.slot, exc)
         worker.retiring = reply.retiring
-        if not reply.retiring:
+        if not reply.retiring and not worker.overdue:  # a worker being killed gets nothing more
             self.idle.append(worker.slot)
         return Answer(slot=worker.slot, reply=reply, dispatched_at=worker.dispatched_at)
 

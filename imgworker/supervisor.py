@@ -154,28 +154,43 @@ class Supervisor:
 
     def run(self) -> Report:
         """Start, loop until a stop condition, shut down in order; return the report."""
-        self.start()
-        previous = self._install_signals()
+        previous = self._install_signals()  # first: a signal during start-up drains, it does not kill
         try:
-            while not self.finished():
-                self.step()
+            try:
+                self.start()
+                while not self.finished():
+                    self.step()
+            finally:
+                self.shutdown()
+            return self.report()
         finally:
-            self.shutdown()
             self._restore_signals(previous)
-        return self.report()
 
     def shutdown(self) -> None:
         """Stop every worker against one deadline, stop the lister, finish store jobs, write state."""
-        grace = 0.2 if self.stopping.forced else 1.0
-        for event in self.pool.stop(time.monotonic() + grace):
-            self._on_event(event)
-        self.intake.close()
+        forced = self.stopping.forced
+        self._stage("stopping workers", lambda: self._stop_pool(0.2 if forced else 1.0))
+        self._stage("stopping the lister", self.intake.close)
         if self.janitor is not None:
-            self._on_janitor(self.janitor.close(time.monotonic() + (0.5 if self.stopping.forced else 3.0)))
+            janitor = self.janitor
+            self._stage("finishing store jobs",
+                        lambda: self._on_janitor(janitor.close(time.monotonic() + (0.5 if forced else 3.0))))
         if self.journal is not None and not self.journal.closed:
-            self.checkpoint()
-        self._close_durable()
+            self._stage("writing state", self.checkpoint)
+        self._stage("closing files", self._close_durable)
         self.progress.close()
+
+    def _stop_pool(self, grace_s: float) -> None:
+        for event in self.pool.stop(time.monotonic() + grace_s):
+            self._on_event(event)
+
+    @staticmethod
+    def _stage(what: str, action: Callable[[], object]) -> None:
+        """One shutdown stage; a failure is logged and the next stages still run."""
+        try:
+            action()
+        except Exception:
+            log.exception("shutdown: %s failed", what)
 
     def _close_durable(self) -> None:
         if self.journal is not None:
@@ -270,7 +285,7 @@ class Supervisor:
             if pruned:
                 log.info("processed set: pruned %d entries whose objects are gone", pruned)
             self.cleaner.peak_objects_listed = max(self.cleaner.peak_objects_listed, end.listed)
-            if self.cfg.retention.enabled:
+            if self.cfg.retention.enabled and not self.stopping.draining:  # a stop is not held up by deletes
                 self.clean(end.inventory)
         self._sample_rate()
         self.drop_doomed()
@@ -437,7 +452,7 @@ class Supervisor:
             self._on_exit(event)
 
     def _on_answer(self, event: Answer) -> None:
-        item = self.dispatch.release(event.slot)
+        item = self.dispatch.held_by(event.slot)
         if item is None:
             log.error("worker %d answered without holding an item; ignored", event.slot)
             return
@@ -450,9 +465,10 @@ class Supervisor:
             result = internal_error(item, event.slot, "unusable reply")
         e2e_ms = (time.monotonic() - event.dispatched_at) * 1000.0
         self._finish(msgspec.structs.replace(result, e2e_ms=e2e_ms))
+        self.dispatch.release(event.slot)  # only once the outcome is written: until then it is in flight
 
     def _on_exit(self, event: Exit) -> None:
-        item = self.dispatch.release(event.slot)
+        item = self.dispatch.held_by(event.slot)
         if item is not None:
             self.endpoints.finished(item.endpoints, [])
             self._on_lost_item(item, event)
@@ -478,9 +494,12 @@ class Supervisor:
             self._finish(Result(key=ref.key, outcome=Outcome.FAILED_WORKER, task_type=ref.task_type,
                                 task_id=ref.task_id, worker=event.slot, attempt=item.attempt, cause=cause,
                                 finished_at=time.time()))
+            self.dispatch.release(event.slot)
             return
         self.stats.retries += 1
-        self.dispatch.requeue_front(WorkItem(ref=ref, attempt=item.attempt + 1))
+        queued_at = self.dispatch.held_queued_at(event.slot)
+        self.dispatch.release(event.slot)
+        self.dispatch.requeue_front(WorkItem(ref=ref, attempt=item.attempt + 1), queued_at=queued_at)
 
     def _drop(self, ref: ImageRef, outcome: Outcome, cause: str) -> None:
         """End an image that no worker will see."""

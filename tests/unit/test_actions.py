@@ -5,7 +5,7 @@ import pytest
 from imgworker.actions import alerts_key, plan, results_key
 from imgworker.config import load_config
 from imgworker.errors import StoreUnavailable
-from imgworker.janitor import Janitor, Job
+from imgworker.janitor import MAX_ATTEMPTS, Janitor, Job
 from imgworker.outcomes import Outcome, Result
 
 KEY = "cam/person/t1/20240101-000000.000.jpg"
@@ -55,18 +55,37 @@ def test_actions_are_off_by_default():
     assert plan(cfg(), result(Outcome.INFERRED, 1), line=0) == []
 
 
-def test_each_failed_action_is_reported_and_the_watermark_moves_on():
+def test_failed_actions_are_retried_then_given_up_and_keep_the_image_protected_meanwhile():
     c = cfg(delete_no_detection=True, copy_alerts=True, write_results=True)
     store = BrokenStore()
     synced: list[int] = []
-    janitor = Janitor(store, sync=lambda: synced.append(1), inline=True)
+    now = [0.0]
+    janitor = Janitor(store, sync=lambda: synced.append(1), inline=True, clock=lambda: now[0])
     janitor.submit(plan(c, result(Outcome.INFERRED, 2), line=0) + plan(c, result(Outcome.NO_DETECTION), line=100))
+    assert janitor.collect() == []  # first attempts failed: queued again with backoff
     assert janitor.watermark(200) == 0 and janitor.has_open_actions(KEY)
-    done = janitor.collect()
-    assert [(d.job.action, d.failed) for d in done] == [("write_results", True), ("copy_alerts", True),
-                                                        ("write_results", True), ("delete_no_detection", True)]
-    assert synced == [1]  # the journal is fsynced before the delete
+    done = []
+    for _ in range(MAX_ATTEMPTS):
+        now[0] += 60.0
+        done += janitor.collect()
+    assert sorted((d.job.action, d.failed) for d in done) == [("copy_alerts", True), ("delete_no_detection", True),
+                                                              ("write_results", True), ("write_results", True)]
+    assert store.calls.count("copy") == MAX_ATTEMPTS
+    assert len(synced) == len(store.calls)  # the journal is fsynced before every store change
     assert janitor.watermark(200) == 200 and not janitor.has_open_actions(KEY)
+
+
+def test_an_action_succeeds_once_the_store_is_back():
+    c = cfg(copy_alerts=True)
+    store = BrokenStore()
+    now = [0.0]
+    janitor = Janitor(store, sync=lambda: None, inline=True, clock=lambda: now[0])
+    janitor.submit(plan(c, result(Outcome.INFERRED, 1), line=5))
+    assert janitor.collect() == [] and janitor.watermark(50) == 5
+    store.copy = lambda source, target: None  # type: ignore[method-assign]
+    now[0] += 60.0
+    assert [(d.job.action, d.failed) for d in janitor.collect()] == [("copy_alerts", False)]
+    assert janitor.watermark(50) == 50
 
 
 @pytest.mark.timeout(30)
