@@ -24,6 +24,7 @@ from .config import Config
 from .dispatch import Dispatch
 from .lister import ListingEnd, ListingMessage
 from .outcomes import ImageRef
+from .scanner import relative_key
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +38,11 @@ class ListingSource(Protocol):
     def request_sweep(self) -> None: ...
     def poll(self) -> ListingMessage | None: ...
     def stop(self, timeout: float = ...) -> None: ...
+
+
+def task_directory(key: str, prefix: str) -> str:
+    """The directory an image belongs to below the prefix (``<task_type>/<task_id>``): the fairness unit."""
+    return relative_key(key, prefix).rpartition("/")[0]
 
 
 class SweepEnd(msgspec.Struct):
@@ -179,7 +185,7 @@ class Intake:
             if ref.key in new:
                 self._seen_new.add(ref.key)
                 self._found += 1
-                self.backlog.add(ref, stored_image(ref, self.cfg.store.prefix).group)
+                self.backlog.add(ref, task_directory(ref.key, self.cfg.store.prefix))
 
     def _end(self, end: ListingEnd) -> SweepEnd:
         self.sweeping = False
