@@ -91,6 +91,7 @@ class Stopping:
         self.deadline = 0.0
         self.reason = ""
         self.signals = 0
+        self.announced = (False, False)  # (draining, forced) already logged
 
     def request(self, reason: str, grace_s: float, *, force: bool = False) -> bool:
         """Stop intake and drain (or, forced, stop at once); True the first time."""
@@ -229,6 +230,7 @@ class Supervisor:
     def finished(self) -> bool:
         s = self.stopping
         if s.forced:
+            self._announce_stop()
             return True
         return s.draining and (self.dispatch.in_flight == 0 or time.monotonic() >= s.deadline)
 
@@ -238,14 +240,23 @@ class Supervisor:
 
     def request_stop(self, reason: str, *, force: bool = False) -> None:
         """Stop intake and drain in-flight work (or, forced, stop at once)."""
-        if self.stopping.request(reason, self.cfg.run.grace_s, force=force):
-            log.info("stopping (%s): no new items, letting %d in flight finish within %.0f s", reason,
+        self.stopping.request(reason, self.cfg.run.grace_s, force=force)
+        self._announce_stop()
+
+    def _announce_stop(self) -> None:
+        """Log a stop once it is requested (a signal handler only sets the flags)."""
+        s = self.stopping
+        if s.draining and not s.announced[0]:
+            log.info("stopping (%s): no new items, letting %d in flight finish within %.0f s", s.reason,
                      self.dispatch.in_flight, self.cfg.run.grace_s)
-        if force:
-            log.warning("stopping at once (%s): items in flight are resumed at the next start", reason)
+        if s.forced and not s.announced[1]:
+            log.warning("stopping at once (%s): %d items in flight are resumed at the next start", s.reason,
+                        self.dispatch.in_flight)
+        s.announced = (s.draining, s.forced)
 
     def _check_stop_conditions(self, now: float) -> None:
         if self.stopping.draining:
+            self._announce_stop()
             return
         if self.cfg.run.duration_s and now - self._started >= self.cfg.run.duration_s:
             self.request_stop("duration reached")
