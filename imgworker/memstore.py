@@ -82,6 +82,12 @@ class MemoryStore:
             self._enter("stat")
             return len(self._get(key)[0])
 
+    def probe(self, key: str) -> None:
+        """Read the object's first byte; ObjectMissing if it is gone."""
+        with self._lock:
+            self._enter("probe")
+            self._get(key)
+
     def presign(self, key: str, expiry_s: int) -> str:
         """A fake presigned GET URL that resolve() understands; like S3, the object need not exist."""
         with self._lock:

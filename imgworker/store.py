@@ -81,6 +81,18 @@ class Store:
         except Exception as exc:
             raise translate(exc) from exc
 
+    def probe(self, key: str) -> None:
+        """Read the first byte, as the algorithm service's GET would: is the data path up?"""
+        try:
+            response = self._client.get_object(self.bucket, key, offset=0, length=1)
+            try:
+                response.read()
+            finally:
+                response.close()
+                response.release_conn()
+        except Exception as exc:
+            raise translate(exc) from exc
+
     def presign(self, key: str, expiry_s: int) -> str:
         """A presigned GET URL; needs no network call since the region is configured."""
         try:

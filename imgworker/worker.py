@@ -49,6 +49,7 @@ class Reply(msgspec.Struct, frozen=True, array_like=True):
 class StoreOps(Protocol):
     def stat(self, key: str) -> int: ...
     def presign(self, key: str, expiry_s: int) -> str: ...
+    def probe(self, key: str) -> None: ...
 
 
 class AlgoOps(Protocol):
@@ -145,15 +146,22 @@ class ItemProcessor:
         return self._infer(request, item.endpoints, fields)
 
     def _infer(self, request: AlgoRequest, endpoints: tuple[str, ...], fields: _Trace) -> tuple[Outcome, str]:
-        """Call the service, retrying transient failures on the next endpoint; failures record their time."""
+        """Call the service, retrying transient failures on the next endpoint; failures record their time.
+
+        After a transient failure the image is read back from the store: if the store was the one
+        failing (the service could not fetch the image), the worker waits for it within
+        ``store_retry_budget_s`` and the attempt is not charged to the service.
+        """
         attempts = self.cfg.algo.retries + 1
         targets = endpoints or (self.cfg.algo.endpoint,)
         last: AlgoError | None = None
         spent = 0.0
-        for attempt in range(attempts):
+        attempt = refunds = 0
+        while attempt < attempts:
             if attempt:
                 self.sleep(self._delay(attempt - 1, self.cfg.algo.backoff_base_s, self.cfg.algo.backoff_cap_s))
             endpoint = targets[attempt % len(targets)]
+            attempt += 1
             fields.algo_calls += 1
             t = time.monotonic()
             try:
@@ -167,10 +175,17 @@ class ItemProcessor:
                 fields.algo_ms = spent + (time.monotonic() - t) * 1000.0
                 return Outcome.FAILED_ALGO, exc.cause
             except AlgoTransient as exc:
-                fields.calls.append(Call(endpoint, False))
                 spent += (time.monotonic() - t) * 1000.0
                 last = exc
-                log.info("worker %d: %s attempt %d: %s", self.worker_id, request.image_path, attempt + 1, exc.cause)
+                log.info("worker %d: %s attempt %d: %s", self.worker_id, request.image_path, attempt, exc.cause)
+                store = self._store_after_failure(request.image_path)
+                fields.calls.append(Call(endpoint, store == "waited"))  # a store outage is not the service's fault
+                if store in _STORE_ENDS:
+                    fields.algo_ms = spent
+                    return _STORE_ENDS[store]
+                if store == "waited" and refunds < 3:
+                    refunds += 1
+                    attempt -= 1
                 continue
             fields.calls.append(Call(endpoint, True))
             fields.algo_ms = answer.elapsed_ms
@@ -181,6 +196,25 @@ class ItemProcessor:
         assert last is not None
         fields.algo_ms = spent
         return Outcome.FAILED_ALGO, last.cause
+
+    def _store_after_failure(self, key: str) -> str:
+        """Read the image back after a failed call: "ok", "waited" (the store was down), "gone", "unavailable"."""
+        try:
+            self.store.probe(key)
+            return "ok"
+        except ObjectMissing:
+            return "gone"
+        except StoreUnavailable:
+            pass
+        log.warning("worker %d: the store is unavailable after a failed call for %s; waiting for it", self.worker_id,
+                    key)
+        try:
+            self._with_store_retry(lambda: self.store.probe(key))
+        except ObjectMissing:
+            return "gone"
+        except StoreError:
+            return "unavailable"
+        return "waited"
 
     def _with_store_retry(self, op: Callable[[], object]) -> str:
         """Retry StoreUnavailable with backoff until the store budget is spent."""
@@ -198,6 +232,10 @@ class ItemProcessor:
 
     def _delay(self, attempt: int, base: float, cap: float) -> float:
         return backoff_delay(attempt, base_s=base, cap_s=cap, rng=self.rng)
+
+
+_STORE_ENDS = {"gone": (Outcome.FAILED_MISSING, "object_missing"),
+               "unavailable": (Outcome.FAILED_STORE, "store_unavailable")}
 
 
 def _short(exc: BaseException) -> str:

@@ -9,6 +9,7 @@ import msgspec
 import pytest
 
 from imgworker.config import load_config
+from imgworker.results import read_results
 from imgworker.services.algo_server import AlgoService, SyntheticParams
 from imgworker.services.store_server import EmbeddedStore
 from imgworker.store import Store
@@ -33,6 +34,10 @@ def algo():
         yield service
 
 
+OUTAGE_S = 6.0
+MARGIN_S = 2.5  # stop() returning -> a worker's next existence check begins (an in-flight item ends first)
+
+
 def test_outage_mid_run_loses_nothing(tmp_path, own_store, creds, algo):
     cfg = load_config(env={}, overrides={"store": {"endpoint": own_store.endpoint, "bucket": "outage"},
                                          "run": {"state_dir": str(tmp_path / "s")}})
@@ -44,28 +49,40 @@ def test_outage_mid_run_loses_nothing(tmp_path, own_store, creds, algo):
     proc = start_run(env, "run", "--workers", "2", "--until-idle", "--no-progress", "--report-json", str(report_path),
                      log_path=str(tmp_path / "log"))
     try:
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 60
         while not read_outcomes_safe(cfg) and time.monotonic() < deadline:
+            assert proc.poll() is None, (tmp_path / "log").read_text()[-3000:]
             time.sleep(0.05)
+        done_at_stop = len(read_outcomes_safe(cfg))
         own_store.stop()
         down_since = time.monotonic()
-        time.sleep(4)
+        time.sleep(OUTAGE_S)
         assert proc.poll() is None, "the run must not end while the store is down"
         done_during_outage = len(read_outcomes_safe(cfg))
+        down_for = time.monotonic() - down_since  # the store was down at least this long
         own_store.start()
-        outage = time.monotonic() - down_since
         assert reap(proc, 150) == 0, (tmp_path / "log").read_text()[-3000:]
     finally:
         if proc.poll() is None:
             reap(proc, 1)
     report = json.loads(report_path.read_text())
     outcomes = read_outcomes(cfg)
+    results = list(read_results(cfg.results_path))
     assert sorted(outcomes) == sorted(keys)
     assert all(len(v) == 1 for v in outcomes.values())
+    not_analysed = [r for r in results if r.outcome.value not in ("inferred", "no_detection")]
+    assert not not_analysed, f"images the outage cost (not inferred/no_detection): {not_analysed}"
     assert report["outcomes"]["failed_store"] == 0 and report["failures"] == 0
     assert report["conserved"] and report["scanned"] == 60
-    assert done_during_outage < 60 and outage >= 4
-    assert "store unreachable" in (tmp_path / "log").read_text() or "scan failed" in (tmp_path / "log").read_text()
+    # images were still queued when the store went away, and the outage held them up
+    assert 0 < done_at_stop < 60 and done_during_outage < 60 and down_for >= OUTAGE_S
+    # a worker waited through the outage: its existence check (retried, not failed) spanned it
+    longest_stat = max(r.stat_ms or 0.0 for r in results)
+    longest_e2e = max(r.e2e_ms or 0.0 for r in results)
+    assert longest_stat >= (down_for - MARGIN_S) * 1000, (longest_stat, longest_e2e, down_for)
+    assert longest_e2e >= longest_stat
+    log_text = (tmp_path / "log").read_text()
+    assert "store unreachable" in log_text or "scan failed" in log_text
 
 
 def test_outage_beyond_budget_ends_as_failed_store(tmp_path, own_store, creds, algo):

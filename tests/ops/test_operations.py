@@ -17,7 +17,9 @@ from imgworker.actions import alerts_key, results_key
 from imgworker.dispatch import Dispatch
 from imgworker.config import DispatchConfig
 from imgworker.metrics import serve_metrics
+from imgworker.outcomes import Outcome
 from imgworker.progress import Progress
+from imgworker.results import read_results
 from imgworker.services.algo_server import AlgoService, SyntheticParams
 from imgworker.services.netutil import free_port
 from imgworker.stats import Stats
@@ -38,23 +40,29 @@ def scrape(port: int) -> dict[str, float]:
 
 
 def test_metrics_match_the_final_report(make_config, store, prefix):
-    cfg = make_config(worker={"count": 2})
-    upload(store, [f"{prefix}p/t/20240101-120000.{i:03d}.jpg" for i in range(12)])
-    sup = Supervisor(cfg, show_progress=False)
-    port = free_port()
-    server = serve_metrics(lambda: sup, port)
-    sup.start()
-    try:
-        during = None
-        while not sup.finished():
-            sup.step()
-            if during is None and sup.dispatch.in_flight:
-                during = scrape(port)
-        after = scrape(port)
-    finally:
-        sup.shutdown()
-        server.shutdown()
-        server.server_close()
+    params = SyntheticParams(latency_ms=20.0, sigma=0.0, detection_rate=0.5, seed=11)
+    keys = [f"{prefix}p/t/20240101-120000.{i:03d}.jpg" for i in range(12)]
+    upload(store, keys)
+    with AlgoService("synthetic", params) as algo:  # its own service: its call counts are this test's alone
+        cfg = make_config(worker={"count": 2}, algo={"endpoint": algo.endpoint})
+        sup = Supervisor(cfg, show_progress=False)
+        port = free_port()
+        server = serve_metrics(lambda: sup, port)
+        sup.start()
+        try:
+            during = None
+            deadline = time.monotonic() + 120
+            while not sup.finished():
+                assert time.monotonic() < deadline, "the run did not end"
+                sup.step()
+                if during is None and sup.dispatch.in_flight:
+                    during = scrape(port)
+            after = scrape(port)
+        finally:
+            sup.shutdown()
+            server.shutdown()
+            server.server_close()
+        calls = algo.calls()
     report = sup.report()
     assert during is not None and during["imgworker_workers_alive"] == 2
     for outcome, count in report.outcomes.items():
@@ -67,6 +75,28 @@ def test_metrics_match_the_final_report(make_config, store, prefix):
     assert after["imgworker_queue_depth"] == 0 and after["imgworker_in_flight"] == 0
     assert after["imgworker_scans_total"] >= 1
     assert after[f"imgworker_algorithm_requests_total{{endpoint={cfg.algo.endpoint}}}"] == 12
+
+    # independent counts: the results file, line by line, and the far end's own call counts
+    results = list(read_results(cfg.results_path))
+    assert sorted(r.key for r in results) == sorted(keys)
+    per_outcome = {o.value: 0 for o in Outcome}
+    for r in results:
+        per_outcome[r.outcome.value] += 1
+    for outcome, count in per_outcome.items():
+        assert after[f"imgworker_images_total{{outcome={outcome}}}"] == count, outcome
+    assert per_outcome["inferred"] > 0 and per_outcome["no_detection"] > 0  # detection_rate 0.5 over 12 images
+    analysed = [r for r in results if r.outcome.is_success]
+    assert after["imgworker_algorithm_latency_seconds_count"] == len(analysed)
+    assert after["imgworker_algorithm_latency_seconds_sum"] == pytest.approx(
+        sum(r.algo_ms for r in analysed) / 1000, rel=1e-6)
+    assert after["imgworker_algorithm_latency_seconds_sum"] >= len(analysed) * 0.020  # the service sleeps 20 ms
+    assert after["imgworker_stat_latency_seconds_count"] == sum(1 for r in results if r.stat_ms is not None)
+    assert after["imgworker_end_to_end_latency_seconds_count"] == sum(
+        1 for r in results if r.e2e_ms is not None and r.outcome.reached_algo)
+    assert after["imgworker_images_scanned_total"] == len(results)
+    assert calls == {k: 1 for k in keys}, calls
+    assert after[f"imgworker_algorithm_requests_total{{endpoint={algo.endpoint}}}"] == sum(calls.values())
+    assert sum(r.algo_calls for r in results) == sum(calls.values())
 
 
 def test_metrics_flag_on_run_serves_on_loopback(tmp_path, store_server, creds, store, prefix, algo_server):

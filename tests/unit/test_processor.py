@@ -24,6 +24,9 @@ class FakeStore:
             raise self.stat_errors.pop(0)
         return 10
 
+    def probe(self, key):
+        return None
+
     def presign(self, key, expiry_s):
         if self.presign_errors:
             raise self.presign_errors.pop(0)
@@ -137,3 +140,61 @@ def test_retries_go_to_the_next_endpoint_and_calls_are_reported():
     assert algo.endpoints == ["http://a/infer", "http://b/infer"]
     assert [(c.endpoint, c.healthy) for c in calls] == [("http://a/infer", False), ("http://b/infer", True)]
     assert (result.outcome, result.endpoint) == (Outcome.INFERRED, "http://b/infer")
+
+
+def test_a_store_outage_during_the_call_is_waited_for_and_not_charged_to_the_service():
+    from imgworker.memstore import MemoryAlgo, MemoryStore
+
+    cfg = load_config(env={}, overrides={"algo": {"retries": 0}})
+    store = MemoryStore()
+    store.put(ITEM.ref.key, b"jpeg")
+    first = [True]
+
+    def fail(path):  # the store goes down while the service fetches the image
+        if first.pop() if first else False:
+            store.set_outage(True)
+            return AlgoTransient("http_502")
+        return None
+
+    naps = []
+
+    def sleep(seconds):
+        naps.append(seconds)
+        store.set_outage(False)  # the store comes back while the worker waits
+
+    algo = MemoryAlgo(store, fail=fail)
+    result, calls = ItemProcessor(cfg, store=store, algo=algo, worker_id=0, sleep=sleep).process_item(ITEM)
+    assert result.outcome is Outcome.NO_DETECTION and result.algo_calls == 2
+    assert naps and [c.healthy for c in calls] == [True, True]
+
+
+def test_a_store_that_stays_down_after_a_failed_call_is_failed_store():
+    from imgworker.memstore import MemoryAlgo, MemoryStore
+
+    cfg = load_config(env={}, overrides={"algo": {"retries": 2}, "worker": {"store_retry_budget_s": 0.0}})
+    store = MemoryStore()
+    store.put(ITEM.ref.key, b"jpeg")
+
+    def fail(path):
+        store.set_outage(True)
+        return AlgoTransient("http_502")
+
+    algo = MemoryAlgo(store, fail=fail)
+    result = ItemProcessor(cfg, store=store, algo=algo, worker_id=0, sleep=lambda s: None).process(ITEM)
+    assert (result.outcome, result.cause, result.algo_calls) == (Outcome.FAILED_STORE, "store_unavailable", 1)
+
+
+def test_an_image_deleted_during_a_failed_call_is_failed_missing():
+    from imgworker.memstore import MemoryAlgo, MemoryStore
+
+    cfg = load_config(env={}, overrides={"algo": {"retries": 2}})
+    store = MemoryStore()
+    store.put(ITEM.ref.key, b"jpeg")
+
+    def fail(path):
+        store.delete([path])
+        return AlgoTransient("timeout")
+
+    algo = MemoryAlgo(store, fail=fail)
+    result = ItemProcessor(cfg, store=store, algo=algo, worker_id=0, sleep=lambda s: None).process(ITEM)
+    assert (result.outcome, result.cause, result.algo_calls) == (Outcome.FAILED_MISSING, "object_missing", 1)
