@@ -128,6 +128,7 @@ class Supervisor:
         self.stopping = Stopping()
         self._started = time.monotonic()
         self._next_checkpoint = 0.0
+        self._next_deadline = 0.0
         self._rate_samples: list[tuple[float, int]] = []
 
     # ----- lifecycle -----------------------------------------------------------------
@@ -220,7 +221,7 @@ class Supervisor:
         events, _ = self.pool.wait(self._wait_timeout(now), self.intake.waitables())
         for event in events:
             self._on_event(event)
-        self.pool.kill_overdue(time.monotonic())
+        self._next_deadline = self.pool.kill_overdue(time.monotonic())
         assert self.janitor is not None
         self._on_janitor(self.janitor.collect())
         if time.monotonic() >= self._next_checkpoint:
@@ -269,7 +270,7 @@ class Supervisor:
     def _wait_timeout(self, now: float) -> float:
         if self.stopping.draining:
             return 0.2
-        wake = [now + 0.5, self._next_checkpoint, self.intake.wake_at() or now]
+        wake = [now + 0.5, self._next_checkpoint, self.intake.wake_at() or now, self._next_deadline or now + 0.5]
         return max(0.0, min(wake) - now)
 
     # ----- intake --------------------------------------------------------------------
