@@ -50,16 +50,20 @@ def read_results(path: str, *, offset: int = 0) -> Iterator[Result]:
             try:
                 yield _decoder.decode(line)
             except msgspec.DecodeError as exc:
-                raise StateError(_corrupt_message(path, number, position, exc)) from None
+                raise StateError(_corrupt_message(path, number, offset, position, exc)) from None
             position += len(line)
 
 
-def _corrupt_message(path: str, number: int, position: int, exc: msgspec.DecodeError) -> str:
+def _corrupt_message(path: str, number: int, start: int, position: int, exc: msgspec.DecodeError) -> str:
     """What is wrong, where, and the command that moves corrupt lines aside."""
     directory, name = os.path.split(os.path.abspath(path))
     fix = f"--state-dir {directory}" if name == "results.jsonl" else f"--state-dir DIR --results {path}"
+    if start:
+        where = f"the line at byte offset {position} (line {number} after the checkpoint at byte {start})"
+    else:
+        where = f"line {number} (byte offset {position})"
     return (
-        f"results file {path}: line {number} (byte offset {position}) is corrupt ({str(exc)[:120]}); "
+        f"results file {path}: {where} is corrupt ({str(exc)[:120]}); "
         f"run `imgworker repair {fix}` to move corrupt lines to {path}.corrupt"
     )
 

@@ -82,6 +82,7 @@ class Report(msgspec.Struct, frozen=True):
     p50_e2e_ms: float
     p99_e2e_ms: float
     throughput_per_s: float
+    analysed_per_s: float
     wall_s: float
     workers: int
     cleaner: dict[str, int] = {}
@@ -154,6 +155,7 @@ class Stats:
             p50_e2e_ms=round(self.e2e_ms.percentile(50), 2),
             p99_e2e_ms=round(self.e2e_ms.percentile(99), 2),
             throughput_per_s=round(finished / wall_s, 3) if wall_s > 0 else 0.0,
+            analysed_per_s=round(successes / wall_s, 3) if wall_s > 0 else 0.0,
             wall_s=round(wall_s, 3),
             workers=self.workers,
             action_errors=dict(self.action_errors),
@@ -197,7 +199,9 @@ def format_report(report: Report) -> str:
         f"| p50 / p95 / p99 inference | {report.p50_inference_ms:.1f} / {report.p95_inference_ms:.1f}"
         f" / {report.p99_inference_ms:.1f} ms |",
         f"| p50 / p99 end to end | {report.p50_e2e_ms:.1f} / {report.p99_e2e_ms:.1f} ms |",
-        f"| throughput | {report.throughput_per_s:.2f} img/s over {report.wall_s:.1f} s, {report.workers} workers |",
+        f"| throughput | {report.analysed_per_s:.2f} img/s answered by the service, {report.throughput_per_s:.2f}"
+        f" outcomes/s (skips and drops included) over {report.wall_s:.1f} s, "
+        f"{report.workers or 'unknown number of'} workers |",
         f"| retries / worker restarts / recycles / deadline kills | {report.retries} / {report.worker_restarts}"
         f" / {report.worker_recycles} / {report.deadline_kills} |",
         "",

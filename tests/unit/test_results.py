@@ -37,7 +37,8 @@ def test_corrupt_line_number_counts_from_offset(tmp_path):
     offset = len(line("a"))
     with pytest.raises(StateError) as err:
         list(read_results(path, offset=offset))
-    assert f"line 2 (byte offset {offset + len(line('b'))})" in str(err.value)
+    assert (f"the line at byte offset {offset + len(line('b'))} (line 2 after the checkpoint at byte {offset})"
+            in str(err.value))
     assert f"--results {path}" in str(err.value)
 
 

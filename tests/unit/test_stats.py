@@ -30,6 +30,7 @@ def test_report_arithmetic_and_denominators():
     assert report.outcomes["skipped_missing"] == 50
     assert set(report.outcomes) == {o.value for o in Outcome}
     assert report.throughput_per_s == pytest.approx(16.0)
+    assert report.analysed_per_s == pytest.approx(9.0)  # only what the service answered
 
 
 def test_conservation_detects_a_lost_image():
