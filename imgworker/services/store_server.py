@@ -52,12 +52,19 @@ class EmbeddedStore:
         if s3_port:
             self.ports["s3.port"] = s3_port
         self.https_port = free_port() if tls else 0
+        # grpc ports default to port + 10000; give each its own free port to avoid clashes.
+        self.grpc_ports = {name: free_port() for name in _SERVICE_PORTS if name != "s3.port"}
         self._proc: subprocess.Popen[bytes] | None = None
         self._log_file = os.path.join(self.data_dir, "weed.log")
 
     @property
     def endpoint(self) -> str:
         return f"127.0.0.1:{self.ports['s3.port']}"
+
+    @property
+    def filer_address(self) -> str:
+        """The filer as SeaweedFS tools take it, ``host:httpport.grpcport`` (metadata subscriptions)."""
+        return f"127.0.0.1:{self.ports['filer.port']}.{self.grpc_ports['filer.port']}"
 
     @property
     def tls_endpoint(self) -> str:
@@ -67,8 +74,7 @@ class EmbeddedStore:
     def _command(self) -> list[str]:
         cmd = [weed_binary(), "mini", f"-dir={self.data_dir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1"]
         cmd += [f"-{name}={port}" for name, port in self.ports.items()]
-        # grpc ports default to port + 10000; give each its own free port to avoid clashes.
-        cmd += [f"-{name}.grpc={free_port()}" for name in _SERVICE_PORTS if name != "s3.port"]
+        cmd += [f"-{name}.grpc={port}" for name, port in self.grpc_ports.items()]
         cmd += ["-admin.ui=false", "-webdav=false", "-master.telemetry=false", "-s3.port.iceberg=0"]
         cmd += ["-s3.port.lance=0", f"-bucket={self.bucket}"]
         if self.tls:
