@@ -426,6 +426,9 @@ def _repair(path: str, state_dir: str) -> None:
     if moved:
         print("repair: images whose lines were moved are analysed again if they are still in the bucket")
     state = os.path.join(state_dir, "state.json")
+    for name in os.listdir(state_dir) if os.path.isdir(state_dir) else []:
+        if name.startswith("processed.") and name.endswith(".log"):
+            os.unlink(os.path.join(state_dir, name))  # the key logs the state file named
     if os.path.exists(state):
         os.unlink(state)
         print(f"repair: removed {state}; the next run rebuilds the processed set from the whole results file")

@@ -2,7 +2,17 @@
 
 Every call takes a whole listing page (one round trip per page, not per key). Entries for
 objects that no longer exist are pruned by sweeps: a sweep marks every key a complete listing
-saw, and ``end_sweep`` drops the rest. ``save`` writes atomically (temp file, fsync, rename).
+saw, and ``end_sweep`` drops the rest, so the set is bounded by what the bucket holds.
+
+Saving costs time proportional to what changed, not to the set: keys finished since the last
+checkpoint are appended to a key log (one JSON line per change: ``"key"`` added, ``{"pruned": "key"}``
+removed; fsynced), and the small state file
+(results offset, unfinished keys, the log's name and valid length, the change-event position) is
+replaced atomically. When the log holds more than twice the live set (pruned keys), it is
+compacted into a new log file named in the next state file, so a crash at any point leaves a
+state file and the log it names consistent. A log longer than the state file says (a crash
+between the two writes) is cut back: those keys' result lines come after the saved offset and
+are replayed.
 
 ``Ledger`` is the supervisor's handle. It buffers finished keys and flushes them before any
 call that reads the set, so no caller has to place flushes by hand. If the Manager process
@@ -33,12 +43,24 @@ T = TypeVar("T")
 
 
 class LedgerState(msgspec.Struct):
-    """What the state file holds."""
+    """What the state file holds (version 1 kept every processed key in ``processed``)."""
 
-    version: int = 1
+    version: int = 2
     results_offset: int = 0
     processed: list[str] = []
     pending: list[str] = []
+    log_name: str = ""
+    log_bytes: int = 0
+    events_ts_ns: int = 0
+
+
+class _Pruned(msgspec.Struct, frozen=True):
+    pruned: str
+
+
+_key_encoder = msgspec.json.Encoder()
+_key_decoder = msgspec.json.Decoder(str | _Pruned)
+_COMPACT_SLACK = 10_000
 
 
 class ProcessedSet:
@@ -47,6 +69,9 @@ class ProcessedSet:
     def __init__(self) -> None:
         self._seen: dict[str, int] = {}
         self._generation = 0
+        self._unsaved: list[bytes] = []  # key-log lines written since the last save
+        self._log_name = ""
+        self._log_lines = 0
 
     def filter_new(self, keys: list[str]) -> list[str]:
         """Keys not yet processed; processed ones are marked as seen by the current sweep."""
@@ -63,6 +88,7 @@ class ProcessedSet:
         gen = self._generation
         for key in keys:
             self._seen[key] = gen
+        self._unsaved.extend(_key_encoder.encode(k) + b"\n" for k in keys)
 
     def contains(self, key: str) -> bool:
         return key in self._seen
@@ -79,11 +105,42 @@ class ProcessedSet:
         stale = [k for k, g in self._seen.items() if g < gen]
         for key in stale:
             del self._seen[key]
+        self._unsaved.extend(_key_encoder.encode(_Pruned(k)) + b"\n" for k in stale)
         return len(stale)
 
-    def save(self, path: str, results_offset: int, pending: list[str]) -> None:
-        state = LedgerState(results_offset=results_offset, processed=list(self._seen), pending=pending)
+    def save(self, path: str, results_offset: int, pending: list[str], events_ts_ns: int = 0) -> None:
+        """Append new keys to the key log (or compact it), then replace the small state file."""
+        directory = os.path.dirname(os.path.abspath(path))
+        previous = self._log_name
+        if not self._log_name or self._log_lines > 2 * len(self._seen) + _COMPACT_SLACK:
+            size = self._compact(directory)
+        else:
+            size = self._append(directory)
+        state = LedgerState(results_offset=results_offset, pending=pending, log_name=self._log_name,
+                            log_bytes=size, events_ts_ns=events_ts_ns)
         write_atomic(path, msgspec.json.encode(state))
+        if previous and previous != self._log_name:
+            _unlink(os.path.join(directory, previous))
+
+    def _append(self, directory: str) -> int:
+        with open(os.path.join(directory, self._log_name), "ab") as f:
+            f.write(b"".join(self._unsaved))
+            f.flush()
+            os.fsync(f.fileno())
+            size = f.tell()
+        self._log_lines += len(self._unsaved)
+        self._unsaved = []
+        return size
+
+    def _compact(self, directory: str) -> int:
+        """Write the live set to a new log file (its name goes into the next state file)."""
+        generation = int(self._log_name.split(".")[1]) + 1 if self._log_name else 1
+        self._log_name = f"processed.{generation}.log"
+        data = b"".join(_key_encoder.encode(k) + b"\n" for k in self._seen)
+        write_atomic(os.path.join(directory, self._log_name), data)
+        self._log_lines = len(self._seen)
+        self._unsaved = []
+        return len(data)
 
     def load(self, path: str) -> LedgerState:
         """Load a state file (its processed keys replace ours); a missing file is an empty state."""
@@ -97,9 +154,48 @@ class ProcessedSet:
                 f"state file {path} is corrupt ({str(exc)[:120]}); run `imgworker repair --state-dir "
                 f"{os.path.dirname(os.path.abspath(path))}` to rebuild it from the results file"
             ) from None
-        self._seen = dict.fromkeys(state.processed, self._generation)
+        if state.version < 2:
+            self._seen = dict.fromkeys(state.processed, self._generation)
+            self._log_name, self._log_lines = "", 0
+        else:
+            self._load_log(os.path.dirname(os.path.abspath(path)), state)
+        self._unsaved = []
         state.processed = []
         return state
+
+    def _load_log(self, directory: str, state: LedgerState) -> None:
+        """Read the key log up to the length the state file names; cut off what a crash added after."""
+        self._seen, self._log_name, self._log_lines = {}, state.log_name, 0
+        if not state.log_name:
+            return
+        log_path = os.path.join(directory, state.log_name)
+        try:
+            with open(log_path, "rb+") as f:
+                data = f.read(state.log_bytes)
+                if len(data) < state.log_bytes:
+                    raise StateError(f"key log {log_path} is shorter than state.json says; "
+                                     f"run `imgworker repair --state-dir {directory}`")
+                f.truncate(state.log_bytes)
+        except FileNotFoundError:
+            raise StateError(f"key log {log_path} is missing; run `imgworker repair --state-dir {directory}`") from None
+        try:
+            changes = [_key_decoder.decode(line) for line in data.splitlines()]
+        except msgspec.DecodeError as exc:
+            raise StateError(f"key log {log_path} is corrupt ({exc}); run `imgworker repair --state-dir "
+                             f"{directory}`") from None
+        for change in changes:
+            if isinstance(change, str):
+                self._seen[change] = self._generation
+            else:
+                self._seen.pop(change.pruned, None)
+        self._log_lines = len(changes)
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
 
 
 class LedgerManager(BaseManager):
@@ -180,6 +276,7 @@ class Restored(msgspec.Struct):
     pending: list[str]
     replayed: list[Result]
     offset: int
+    events_ts_ns: int = 0
 
 
 class Ledger:
@@ -212,7 +309,8 @@ class Ledger:
             replayed = list(read_results(self.results_path, offset=state.results_offset))
             for start in range(0, len(replayed), 1000):
                 self._set.add_many([r.key for r in replayed[start : start + 1000]])
-        return Restored(pending=state.pending, replayed=replayed, offset=state.results_offset)
+        return Restored(pending=state.pending, replayed=replayed, offset=state.results_offset,
+                        events_ts_ns=state.events_ts_ns)
 
     def _call(self, op: Callable[[Any], T]) -> T:
         """Flush finished keys, then run ``op``; a lost Manager is restarted and rebuilt once."""
@@ -263,8 +361,8 @@ class Ledger:
     def size(self) -> int:
         return int(self._call(lambda s: s.size()))
 
-    def save(self, offset: int, unfinished: list[str]) -> None:
-        self._call(lambda s: s.save(self.state_path, offset, unfinished))
+    def save(self, offset: int, unfinished: list[str], events_ts_ns: int = 0) -> None:
+        self._call(lambda s: s.save(self.state_path, offset, unfinished, events_ts_ns))
 
     def stop(self) -> None:
         self.backend.stop()

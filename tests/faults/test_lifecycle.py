@@ -82,7 +82,7 @@ def test_second_signal_forces_a_quick_exit_and_still_writes_state(setup):
     assert reap(proc, 30) == 0
     with open(f"{cfg.run.state_dir}/state.json") as f:
         state = json.load(f)
-    assert len(state["processed"]) + len(state["pending"]) <= len(keys)
+    assert 0 < len(state["pending"]) <= len(keys)
     finish(env, tmp_path, "second")
     outcomes = read_outcomes(cfg)
     assert sorted(outcomes) == sorted(keys)

@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from imgworker.ledger import ProcessedSet
 from imgworker.services.loadgen import photo_frames
 from imgworker.services.algo_server import AlgoService
 from imgworker.supervisor import Supervisor
@@ -100,9 +101,10 @@ def test_restart_does_not_analyse_again_and_prunes_deleted(make_config, store, p
     outcomes = read_outcomes(cfg)
     assert sorted(outcomes) == sorted(first + later)
     assert all(len(v) == 1 for v in outcomes.values())
-    with open(f"{cfg.run.state_dir}/state.json") as f:
-        processed = set(json.load(f)["processed"])
-    assert processed == set(first[2:] + later)  # entries of deleted objects were pruned
+    loaded = ProcessedSet()
+    loaded.load(f"{cfg.run.state_dir}/state.json")
+    processed = {k for k in first + later if loaded.contains(k)}
+    assert processed == set(first[2:] + later) and loaded.size() == len(processed)  # deleted objects pruned
 
 
 def test_drop_oldest_counts_every_drop(make_config, store, prefix):

@@ -44,7 +44,9 @@ def test_manager_serves_batched_operations(tmp_path):
         assert ledger.filter_new([f"k{i}" for i in range(995, 1005)]) == [f"k{i}" for i in range(1000, 1005)]
         assert ledger.size() == 1000
         ledger.save(str(tmp_path / "s.json"), 0, [])
-        assert len(json.loads((tmp_path / "s.json").read_text())["processed"]) == 1000
+        loaded = ProcessedSet()
+        loaded.load(str(tmp_path / "s.json"))
+        assert loaded.size() == 1000
     finally:
         backend.stop()
 
@@ -96,3 +98,58 @@ def test_results_line_round_trips_unicode_keys(tmp_path):
     writer.close()
     (result,) = read_results(path)
     assert (result.key, result.outcome, result.cause) == ("人员/任务 1/a %+#.jpg", Outcome.FAILED_ALGO, "http_500")
+
+
+def test_saving_appends_only_what_changed_and_compacts_pruned_keys(tmp_path, monkeypatch):
+    import imgworker.ledger as ledger_module
+
+    monkeypatch.setattr(ledger_module, "_COMPACT_SLACK", 2)
+    path = str(tmp_path / "state.json")
+    ps = ProcessedSet()
+    ps.add_many(["a", "b", "中文 %+#\n"])
+    ps.save(path, 10, [])
+    first_log = json.loads((tmp_path / "state.json").read_text())["log_name"]
+    size_after_first = (tmp_path / first_log).stat().st_size
+    ps.add_many(["c"])
+    ps.save(path, 20, ["p"])
+    grown = (tmp_path / first_log).stat().st_size - size_after_first
+    assert grown == len(b'"c"\n')  # a checkpoint writes what changed, not the whole set
+    loaded = ProcessedSet()
+    state = loaded.load(path)
+    assert (state.results_offset, state.pending, loaded.size()) == (20, ["p"], 4)
+    assert loaded.contains("中文 %+#\n")
+    ps.begin_sweep()
+    ps.filter_new(["c"])
+    assert ps.end_sweep() == 3  # a, b and the unicode key are gone from the bucket
+    for n in range(8):
+        ps.begin_sweep()
+        ps.add_many([f"k{n}"])
+        ps.end_sweep()  # churn: the log grows with pruned keys
+        ps.save(path, 30, [])
+    current = json.loads((tmp_path / "state.json").read_text())["log_name"]
+    assert current != first_log and not (tmp_path / first_log).exists()  # compacted into a new log
+    reloaded = ProcessedSet()
+    reloaded.load(path)
+    assert reloaded.size() == ps.size() and not reloaded.contains("a")
+
+
+def test_a_crash_between_log_append_and_state_write_is_cut_back(tmp_path):
+    path = str(tmp_path / "state.json")
+    ps = ProcessedSet()
+    ps.add_many(["a"])
+    ps.save(path, 5, [])
+    log_name = json.loads((tmp_path / "state.json").read_text())["log_name"]
+    with open(tmp_path / log_name, "ab") as f:
+        f.write(b'"b"\n"c')  # appended, then the crash came before the state file was replaced
+    loaded = ProcessedSet()
+    loaded.load(path)
+    assert loaded.contains("a") and not loaded.contains("b")
+    assert (tmp_path / log_name).read_bytes() == b'"a"\n'
+
+
+def test_version_1_state_files_still_load(tmp_path):
+    path = tmp_path / "state.json"
+    path.write_text(json.dumps({"version": 1, "results_offset": 7, "processed": ["a", "b"], "pending": ["c"]}))
+    loaded = ProcessedSet()
+    state = loaded.load(str(path))
+    assert (state.results_offset, state.pending, loaded.size()) == (7, ["c"], 2)
