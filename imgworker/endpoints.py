@@ -36,9 +36,10 @@ class EndpointState:
         self.failures = 0
         self.ejections = 0
 
-    def figures(self, now: float) -> dict[str, int]:
+    def figures(self) -> dict[str, int]:
+        """Counters; healthy means it answered since its last ejection (a passed cooldown is not health)."""
         return {"requests": self.requests, "failures": self.failures, "ejections": self.ejections,
-                "in_flight": self.in_flight, "healthy": int(self.ejected_until <= now and not self.probing)}
+                "in_flight": self.in_flight, "healthy": int(self.ejected_until <= 0)}
 
 
 class EndpointPool:
@@ -124,5 +125,4 @@ class EndpointPool:
             state.probing = False
 
     def figures(self) -> dict[str, dict[str, int]]:
-        now = self.clock()
-        return {url: state.figures(now) for url, state in self.states.items()}
+        return {url: state.figures() for url, state in self.states.items()}

@@ -55,6 +55,7 @@ def test_ejection_cooldown_and_half_open_probe():
     p.finished(probe, [Call(A, False)])
     assert p.figures()[A]["ejections"] == 2 and p.figures()[A]["healthy"] == 0
     clock.now += 6
+    assert p.figures()[A]["healthy"] == 0  # a passed cooldown is not health: only an answer is
     probe = p.choose("")
     while probe[0] != A:
         p.dispatched(probe)
