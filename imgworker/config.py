@@ -33,9 +33,11 @@ class Credentials(msgspec.Struct, frozen=True):
 
     access_key: str = ""
     secret_key: str = ""
+    webhook_token: str = ""  # the bearer token MinIO sends to imgworker's webhook (IMGWORKER_WEBHOOK_TOKEN)
 
     def __repr__(self) -> str:
-        return f"Credentials(access_key={'***' if self.access_key else ''!r}, secret_key='***')"
+        return (f"Credentials(access_key={'***' if self.access_key else ''!r}, secret_key='***', "
+                f"webhook_token={'***' if self.webhook_token else ''!r})")
 
     __str__ = __repr__
 
@@ -56,9 +58,20 @@ class StoreConfig(msgspec.Struct, **_STRUCT):
 
 
 class ScanConfig(msgspec.Struct, **_STRUCT):
-    """How the supervisor finds new images."""
+    """How the supervisor finds new images: by listing the bucket, or from change events.
 
+    With ``mode = "events"`` new images arrive as the store reports them (``events_source``:
+    SeaweedFS's filer metadata subscription, or MinIO bucket notifications to imgworker's webhook),
+    and a reconciliation listing every ``reconcile_interval_s`` finds whatever the events missed.
+    """
+
+    mode: Literal["listing", "events"] = "listing"
     interval_s: Positive = 1.0
+    reconcile_interval_s: Positive = 60.0
+    events_source: Literal["seaweed", "minio_webhook"] = "seaweed"
+    events_filer: str = ""
+    webhook_host: str = "127.0.0.1"
+    webhook_port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 0
     page_size: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 1000
     extensions: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
     exclude_prefixes: tuple[str, ...] = ("alerts/", "results/")
@@ -192,6 +205,7 @@ _ENV_PREFIX = "IMGWORKER_"
 _CREDENTIAL_ENV = {
     "access_key": ("IMGWORKER_ACCESS_KEY", "AWS_ACCESS_KEY_ID"),
     "secret_key": ("IMGWORKER_SECRET_KEY", "AWS_SECRET_ACCESS_KEY"),
+    "webhook_token": ("IMGWORKER_WEBHOOK_TOKEN",),
 }
 
 
@@ -208,6 +222,9 @@ def load_config(
     _merge(raw, {k: dict(v) for k, v in (overrides or {}).items()})
     config = _convert(raw)
     creds = load_credentials(env=env, credentials_file=config.store.credentials_file)
+    if config.scan.mode == "events" and config.scan.events_source == "minio_webhook" and not creds.webhook_token:
+        raise ConfigError("scan.events_source = 'minio_webhook' needs a token: set IMGWORKER_WEBHOOK_TOKEN "
+                          "(the auth_token of MinIO's webhook target)")
     return msgspec.structs.replace(config, credentials=creds)
 
 
@@ -233,7 +250,8 @@ def env_overrides(env: Mapping[str, str]) -> dict[str, dict[str, Any]]:
     """Map ``IMGWORKER_SECTION_KEY=value`` variables onto config sections."""
     out: dict[str, dict[str, Any]] = {}
     for name, value in env.items():
-        if not name.startswith(_ENV_PREFIX) or name in ("IMGWORKER_ACCESS_KEY", "IMGWORKER_SECRET_KEY"):
+        if not name.startswith(_ENV_PREFIX) or name in ("IMGWORKER_ACCESS_KEY", "IMGWORKER_SECRET_KEY",
+                                                          "IMGWORKER_WEBHOOK_TOKEN"):
             continue
         rest = name[len(_ENV_PREFIX):].lower()
         section = next((s for s in SECTIONS if rest.startswith(s + "_")), None)
@@ -332,6 +350,10 @@ def _check_semantics(config: Config) -> None:
             "invalid config key retention.enabled: value True is not allowed without a rule "
             "(set retention.max_count, retention.max_age_s or retention.max_bytes)"
         )
+    scan = config.scan
+    if scan.mode == "events" and scan.events_source == "seaweed" and not scan.events_filer:
+        raise ConfigError("invalid config key scan.events_filer: value '' is not allowed with scan.mode = 'events' "
+                          "and events_source = 'seaweed' (the filer as host:port.grpcport, e.g. 127.0.0.1:8888.18888)")
     bad = [e for e in config.scan.extensions if not e.startswith(".")]
     if bad:
         raise ConfigError(f"invalid config key scan.extensions: value {bad!r} is not allowed (each starts with '.')")

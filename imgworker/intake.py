@@ -1,4 +1,12 @@
-"""Intake: sweeps of the bucket, the backlog of images found but not yet queued, and fairness.
+"""Intake: change events and sweeps of the bucket, the backlog of images found but not yet queued, fairness.
+
+With ``scan.mode = "events"`` a watcher process reports new objects as the store records them;
+they go to the backlog at once, and a sweep (a reconciliation listing) runs every
+``scan.reconcile_interval_s`` to find whatever the events missed: the listing stays the source of
+truth, the events make it rare. The position in the event stream is checkpointed (the oldest
+event-found image still in the backlog, else the last event handled), so after a restart the
+watcher resumes without a gap; a watcher that dies is restarted from that position. When intake
+is declared done (the demo's cameras stopped), one reconciliation listing runs at once.
 
 A sweep always runs to its end, whatever room the queue has: a full queue never holds up the
 listing, so the cleaner, the pruning of the processed set and the expiry checks that follow
@@ -24,11 +32,19 @@ from .config import Config
 from .dispatch import Dispatch
 from .lister import ListingEnd, ListingMessage
 from .outcomes import ImageRef
-from .scanner import relative_key
+from .scanner import relative_key, select_images
 
 log = logging.getLogger(__name__)
 
 _PAGES_PER_STEP = 16  # bounded work per loop step: replies and dispatch are never held up for long
+
+
+class EventSource(Protocol):
+    def waitables(self) -> list[Any]: ...
+    def alive(self) -> bool: ...
+    def exitcode(self) -> int | None: ...
+    def poll(self) -> Any: ...
+    def stop(self, timeout: float = ...) -> None: ...
 
 
 class ListingSource(Protocol):
@@ -97,20 +113,31 @@ class Backlog:
             self.discard(ref.key)
         return out
 
-    def keep_only(self, keys: set[str]) -> int:
-        """Forget entries not in ``keys``; return how many were forgotten."""
-        gone = [key for key in self._group_of if key not in keys]
+    def keys(self) -> set[str]:
+        return set(self._group_of)
+
+    def forget_unlisted(self, listed: set[str], among: set[str]) -> list[str]:
+        """Forget the entries of ``among`` (those present when a listing began) it did not list."""
+        gone = [key for key in among if key in self._group_of and key not in listed]
         for key in gone:
             self.discard(key)
-        return len(gone)
+        return gone
 
 
 class Intake:
     """Finds new images: sweeps through a listing source, feeds the backlog, hands out fair batches."""
 
     def __init__(self, cfg: Config, *, ledger: Any, dispatch: Dispatch, make_lister: Callable[[], ListingSource],
+                 make_watcher: Callable[[int], EventSource] | None = None,
                  intake_done: Callable[[], bool] = lambda: True, clock: Callable[[], float] = time.monotonic) -> None:
         self.cfg = cfg
+        self.make_watcher = make_watcher if cfg.scan.mode == "events" else None
+        self.interval_s = cfg.scan.reconcile_interval_s if self.make_watcher else cfg.scan.interval_s
+        self.watcher: EventSource | None = None
+        self.events_received = 0
+        self._events_ts = 0
+        self._event_ts_of: dict[str, int] = {}  # backlog keys found by an event, with the event's time
+        self._intake_was_done = False
         self.ledger = ledger
         self.dispatch = dispatch
         self.make_lister = make_lister
@@ -128,15 +155,25 @@ class Intake:
         self._listed = 0
         self._found = 0
         self._seen_new: set[str] = set()
+        self._backlog_at_start: set[str] = set()
         self._inventory: list[StoredImage] = []
         self._after_intake_done = False
         self._last_idle = False
 
-    def start(self) -> None:
+    def start(self, events_ts_ns: int = 0) -> None:
         self.lister = self.make_lister()
+        self._events_ts = events_ts_ns
+        if self.make_watcher is not None:
+            self.watcher = self.make_watcher(events_ts_ns)
 
     def waitables(self) -> list[Any]:
-        return self.lister.waitables() if self.lister is not None else []
+        out = self.lister.waitables() if self.lister is not None else []
+        return out + (self.watcher.waitables() if self.watcher is not None else [])
+
+    def events_position(self) -> int:
+        """Where the event stream resumes after a restart: nothing found by events is lost from the backlog."""
+        pending = min(self._event_ts_of.values(), default=0)
+        return pending - 1 if pending else self._events_ts
 
     # ----- one step ------------------------------------------------------------------
 
@@ -146,6 +183,11 @@ class Intake:
             return None
         if not self.lister.alive():
             return self._lister_died(draining=draining)
+        if self.watcher is not None:
+            self._watch(draining=draining)
+        if not self._intake_was_done and self.make_watcher is not None and self.intake_done():
+            self._intake_was_done = True
+            self.next_sweep = 0.0  # intake ended: reconcile now rather than at the next interval
         if not self.sweeping and not draining and self.clock() >= self.next_sweep:
             self._begin()
         for _ in range(_PAGES_PER_STEP if self.sweeping else 0):
@@ -168,6 +210,7 @@ class Intake:
         self._listed = self._found = 0
         self._seen_new = set()
         self._inventory = []
+        self._backlog_at_start = self.backlog.keys()  # entries added during the sweep may sort before it
         self._after_intake_done = self.intake_done()
         try:
             self.lister.request_sweep()
@@ -194,11 +237,13 @@ class Intake:
         self.scans_completed += 1
         self.last_scan_s = self.clock() - self._started
         self.peak_listed = max(self.peak_listed, self._listed)
-        forgotten = self.backlog.keep_only(self._seen_new)
+        forgotten = self.backlog.forget_unlisted(self._seen_new, self._backlog_at_start)
+        for key in forgotten:
+            self._event_ts_of.pop(key, None)
         if forgotten:
-            log.info("backlog: %d images found earlier are no longer listed (deleted elsewhere)", forgotten)
+            log.info("backlog: %d images found earlier are no longer listed (deleted elsewhere)", len(forgotten))
         self._last_idle = self._after_intake_done and self._found == 0
-        self.next_sweep = self.clock() + self.cfg.scan.interval_s
+        self.next_sweep = self.clock() + self.interval_s
         inventory, self._inventory, self._seen_new = self._inventory, [], set()
         return SweepEnd(complete=True, listed=self._listed, inventory=inventory)
 
@@ -227,11 +272,52 @@ class Intake:
 
     def take(self, limit: int) -> list[ImageRef]:
         """New images for the queue, fair across task directories."""
-        return self.backlog.take(limit)
+        refs = self.backlog.take(limit)
+        if self._event_ts_of:
+            for ref in refs:
+                self._event_ts_of.pop(ref.key, None)
+        return refs
 
     def forget(self, key: str) -> None:
         """An image in the backlog got an outcome without being queued (the cleaner gave it up)."""
         self.backlog.discard(key)
+        self._event_ts_of.pop(key, None)
+
+    # ----- change events -------------------------------------------------------------
+
+    def _watch(self, *, draining: bool) -> None:
+        """Read what the watcher sent (bounded); restart it from the checkpointed position if it died."""
+        assert self.watcher is not None
+        if not self.watcher.alive():
+            log.warning("the event watcher exited (exit code %s)%s", self.watcher.exitcode(),
+                        "" if draining else "; starting a new one from the last position")
+            self.watcher.stop(0.0)
+            self.watcher = None if draining or self.make_watcher is None else self.make_watcher(self.events_position())
+            return
+        for _ in range(_PAGES_PER_STEP):
+            try:
+                message = self.watcher.poll()
+            except (EOFError, OSError):
+                return
+            if message is None:
+                return
+            if hasattr(message, "events"):
+                self._on_events(message.events, message.ts_ns)
+
+    def _on_events(self, events: list[Any], ts_ns: int) -> None:
+        """New objects from the store's change stream go to the backlog, as a listing page would."""
+        self.events_received += len(events)
+        refs = {e.key: ImageRef(key=e.key, size=e.size, mtime=e.mtime) for e in events}
+        outside = [key for key in refs if key not in self.dispatch and key not in self.backlog]
+        new = self.ledger.filter_new(outside) if outside else set()
+        times = {e.key: e.ts_ns for e in events}
+        for key in outside:
+            if key in new:
+                ref = select_images([refs[key]], prefix=self.cfg.store.prefix, cfg=self.cfg.scan)
+                if ref:
+                    self.backlog.add(ref[0], task_directory(key, self.cfg.store.prefix))
+                    self._event_ts_of[key] = times[key]
+        self._events_ts = max(self._events_ts, ts_ns)
 
     def idle(self) -> bool:
         """The last complete sweep began after intake was done and found nothing; nothing waits."""
@@ -245,3 +331,6 @@ class Intake:
         if self.lister is not None:
             self.lister.stop()
             self.lister = None
+        if self.watcher is not None:
+            self.watcher.stop()
+            self.watcher = None

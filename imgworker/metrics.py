@@ -58,6 +58,10 @@ class SupervisorCollector:
                          stats.algo_ms)
         yield _histogram("imgworker_end_to_end_latency", "Dispatch to result, per image.", stats.e2e_ms)
         yield _histogram("imgworker_stat_latency", "StatObject time of the existence check.", stats.stat_ms)
+        yield _histogram("imgworker_discovery_latency", "Upload (object mtime or event time) to dispatch.",
+                         stats.discovery_ms)
+        yield _counter("imgworker_change_events", "Change events received from the store.",
+                       sup.intake.events_received)
         yield _gauge("imgworker_queue_depth", "Images waiting in the queue.", sup.dispatch.pending)
         yield _gauge("imgworker_in_flight", "Images held by workers.", sup.dispatch.in_flight)
         yield _gauge("imgworker_workers_alive", "Worker processes alive.", sup.pool.alive())

@@ -81,6 +81,8 @@ class Report(msgspec.Struct, frozen=True):
     p99_inference_ms: float
     p50_e2e_ms: float
     p99_e2e_ms: float
+    p50_discovery_ms: float
+    p99_discovery_ms: float
     throughput_per_s: float
     analysed_per_s: float
     wall_s: float
@@ -106,6 +108,7 @@ class Stats:
         self.algo_ms = LogHistogram()
         self.e2e_ms = LogHistogram()
         self.stat_ms = LogHistogram()
+        self.discovery_ms = LogHistogram()
         self.action_errors: dict[str, int] = {}
         self.duplicates = 0
 
@@ -154,6 +157,8 @@ class Stats:
             p99_inference_ms=round(self.algo_ms.percentile(99), 2),
             p50_e2e_ms=round(self.e2e_ms.percentile(50), 2),
             p99_e2e_ms=round(self.e2e_ms.percentile(99), 2),
+            p50_discovery_ms=round(self.discovery_ms.percentile(50), 2),
+            p99_discovery_ms=round(self.discovery_ms.percentile(99), 2),
             throughput_per_s=round(finished / wall_s, 3) if wall_s > 0 else 0.0,
             analysed_per_s=round(successes / wall_s, 3) if wall_s > 0 else 0.0,
             wall_s=round(wall_s, 3),
@@ -199,6 +204,7 @@ def format_report(report: Report) -> str:
         f"| p50 / p95 / p99 inference | {report.p50_inference_ms:.1f} / {report.p95_inference_ms:.1f}"
         f" / {report.p99_inference_ms:.1f} ms |",
         f"| p50 / p99 end to end | {report.p50_e2e_ms:.1f} / {report.p99_e2e_ms:.1f} ms |",
+        f"| p50 / p99 discovery (upload to dispatch) | {report.p50_discovery_ms:.1f} / {report.p99_discovery_ms:.1f} ms |",
         f"| throughput | {report.analysed_per_s:.2f} img/s answered by the service, {report.throughput_per_s:.2f}"
         f" outcomes/s (skips and drops included) over {report.wall_s:.1f} s, "
         f"{report.workers or 'unknown number of'} workers |",

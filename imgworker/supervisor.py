@@ -35,7 +35,7 @@ from .config import Config
 from .dispatch import Dispatch
 from .endpoints import EndpointPool
 from .expiry import ExpiryEstimator
-from .intake import Intake, ListingSource, SweepEnd
+from .intake import EventSource, Intake, ListingSource, SweepEnd
 from .janitor import Done, Janitor, Job
 from .journal import ResultsJournal, RunLock
 from .ledger import Ledger, LocalBackend, Restored
@@ -61,25 +61,33 @@ class Parts:
     pool: Pool
     ledger_backend: Any = None
     janitor_inline: bool = False
+    make_watcher: Callable[[int], EventSource] | None = None
 
 
 def process_parts(cfg: Config) -> Parts:
-    """Real parts: the minio store, a lister process, worker processes, a Manager for the ledger."""
+    """Real parts: the minio store, a lister process, worker processes, a Manager, a watcher for events."""
+    from .events import Watcher, WatchSource
     from .store import Store
 
     settings = current_settings()
+    scan = cfg.scan
+    source = WatchSource(kind=scan.events_source, filer=scan.events_filer, host=scan.webhook_host,
+                         port=scan.webhook_port, token=cfg.credentials.webhook_token)
     return Parts(store=Store(cfg.store, cfg.credentials, read_timeout_s=cfg.store.list_timeout_s),
-                 make_lister=lambda: Lister(cfg, settings), pool=ProcessPool(cfg, settings))
+                 make_lister=lambda: Lister(cfg, settings), pool=ProcessPool(cfg, settings),
+                 make_watcher=lambda since_ns: Watcher(cfg, settings, since_ns, source))
 
 
-def memory_parts(cfg: Config, store: Any, algo: Any, *, die_on: Callable[[WorkItem], bool] = lambda i: False) -> Parts:
+def memory_parts(cfg: Config, store: Any, algo: Any, *, die_on: Callable[[WorkItem], bool] = lambda i: False,
+                 make_watcher: Callable[[int], EventSource] | None = None) -> Parts:
     """In-memory parts: everything runs in this process, deterministically (see memstore)."""
     def process(slot: int, item: WorkItem) -> Any:
         processor = ItemProcessor(cfg, store=store, algo=algo, worker_id=slot, sleep=lambda s: None)
         return answer(processor, item, retiring=False)
 
     return Parts(store=store, make_lister=lambda: InlineLister(cfg, store),
-                 pool=InlinePool(cfg.worker.count, process, die_on), ledger_backend=LocalBackend(), janitor_inline=True)
+                 pool=InlinePool(cfg.worker.count, process, die_on), ledger_backend=LocalBackend(), janitor_inline=True,
+                 make_watcher=make_watcher)
 
 
 class Stopping:
@@ -122,7 +130,7 @@ class Supervisor:
         self.lock = RunLock(cfg.run.state_dir)
         self.ledger = Ledger(os.path.join(cfg.run.state_dir, "state.json"), cfg.results_path, parts.ledger_backend)
         self.intake = Intake(cfg, ledger=self.ledger, dispatch=self.dispatch, make_lister=parts.make_lister,
-                             intake_done=intake_done)
+                             make_watcher=parts.make_watcher, intake_done=intake_done)
         self.journal: ResultsJournal | None = None
         self.janitor: Janitor | None = None
         self.stopping = Stopping()
@@ -144,7 +152,7 @@ class Supervisor:
             self.janitor = Janitor(self.store, sync=self.journal.sync, batch_size=self.cfg.retention.batch_size,
                                    inline=self.parts.janitor_inline)
             resumed = self._resume(restored)
-            self.intake.start()
+            self.intake.start(restored.events_ts_ns)
             self.pool.start()
         except BaseException:
             self._close_durable()
@@ -435,6 +443,8 @@ class Supervisor:
             assert sent is not None and sent.ref.key == item.ref.key
             self.endpoints.dispatched(endpoints)
             self.pool.send(slot, sent)
+            if sent.ref.mtime > 0:  # upload (object mtime or event time) to dispatch
+                self.stats.discovery_ms.add(max(0.0, time.time() - sent.ref.mtime) * 1000.0)
 
     def _fail_waited_out(self, now: float) -> None:
         """An image whose route has no healthy endpoint waits up to its own budget, then fails."""
@@ -536,7 +546,8 @@ class Supervisor:
         """fsync the results, then write the processed set, the unfinished keys and the watermark."""
         assert self.journal is not None and self.janitor is not None
         offset = self.janitor.watermark(self.journal.sync())
-        self.ledger.save(offset, self.dispatch.held_keys() + self.dispatch.pending_keys())
+        self.ledger.save(offset, self.dispatch.held_keys() + self.dispatch.pending_keys(),
+                         self.intake.events_position())
         self._next_checkpoint = time.monotonic() + self.cfg.run.checkpoint_interval_s
 
     def _resume(self, restored: Restored) -> int:

@@ -284,3 +284,105 @@ def test_corrupt_state_file_is_refused_with_the_repair_command(tmp_path):
     with pytest.raises(StateError, match="imgworker repair"):
         supervisor(cfg, store, MemoryAlgo(store)).start()
     supervisor(cfg, store, MemoryAlgo(store)).lock.acquire()  # a refused start leaves no lock behind
+
+
+class InlineWatcher:
+    """Change events a test hands over, as the watcher process would send them."""
+
+    def __init__(self, since_ns: int) -> None:
+        self.since_ns = since_ns
+        self.batches: list[Any] = []
+
+    def waitables(self) -> list[Any]:
+        return []
+
+    def alive(self) -> bool:
+        return True
+
+    def exitcode(self) -> int | None:
+        return None
+
+    def poll(self) -> Any:
+        return self.batches.pop(0) if self.batches else None
+
+    def stop(self, timeout: float = 2.0) -> None:
+        pass
+
+
+def events_supervisor(cfg: Config, store: MemoryStore, algo: MemoryAlgo, watchers: list[InlineWatcher],
+                      **kwargs: Any) -> Supervisor:
+    def make_watcher(since_ns: int) -> InlineWatcher:
+        watchers.append(InlineWatcher(since_ns))
+        return watchers[-1]
+
+    return Supervisor(cfg, show_progress=False, parts=memory_parts(cfg, store, algo, make_watcher=make_watcher),
+                      **kwargs)
+
+
+def event_batch(store: MemoryStore, keys: list[str], ts_ns: int) -> Any:
+    from imgworker.events import ChangeEvent, EventBatch
+
+    return EventBatch(events=[ChangeEvent(key=k, size=4, mtime=1.7e9, ts_ns=ts_ns) for k in keys], ts_ns=ts_ns)
+
+
+def test_events_find_images_without_listing_and_reconciliation_finds_what_they_missed(tmp_path):
+    cfg = config(tmp_path, scan={"mode": "events", "events_filer": "127.0.0.1:1.2", "reconcile_interval_s": 3600.0},
+                 run={"until_idle": False})
+    store = MemoryStore()
+    watchers: list[InlineWatcher] = []
+    algo = MemoryAlgo(store)
+    sup = events_supervisor(cfg, store, algo, watchers)
+    sup.start()
+    try:
+        while sup.intake.scans_completed < 1:
+            sup.step()  # the first reconciliation runs at start; the bucket is empty
+        announced = fill(store, ["p/a"], 3)
+        missed = fill(store, ["p/b"], 2)  # uploaded, but the event stream never said so
+        watchers[0].batches.append(event_batch(store, announced, ts_ns=500))
+        for _ in range(20):
+            sup.step()
+        assert set(lines(cfg)) == set(announced)  # found by events alone: no listing ran
+        assert sup.intake.scans_completed == 1
+        sup.intake.next_sweep = 0.0  # the reconciliation interval comes round
+        while len(lines(cfg)) < 5:
+            sup.step()
+    finally:
+        sup.request_stop("test")
+        while not sup.finished():
+            sup.step()
+        sup.shutdown()
+    assert lines(cfg) == Counter(announced + missed) and algo.calls == Counter(announced + missed)
+    assert sup.stats.discovery_ms.count == 5
+
+
+def test_the_event_position_survives_a_restart_without_a_gap(tmp_path):
+    cfg = config(tmp_path, scan={"mode": "events", "events_filer": "127.0.0.1:1.2", "reconcile_interval_s": 3600.0},
+                 worker={"count": 1}, dispatch={"queue_capacity": 1}, run={"until_idle": False})
+    store = MemoryStore()
+    keys = fill(store, ["p/a"], 4)
+    watchers: list[InlineWatcher] = []
+    first = events_supervisor(cfg, store, MemoryAlgo(store), watchers)
+    first.start()
+    first.intake.next_sweep = float("inf")  # no reconciliation: only events
+    watchers[0].batches += [event_batch(store, keys[:2], ts_ns=100), event_batch(store, keys[2:], ts_ns=200)]
+    for _ in range(3):
+        first.step()
+    first.checkpoint()
+    position = first.intake.events_position()
+    first.request_stop("test", force=True)
+    first.shutdown()
+    done = set(lines(cfg))
+    assert done != set(keys)  # a full queue kept some event-found images in the backlog
+    assert position < 200  # so the saved position is before their events
+    second = events_supervisor(cfg, store, MemoryAlgo(store), watchers)
+    second.start()
+    assert watchers[-1].since_ns == position
+    second.intake.next_sweep = float("inf")
+    watchers[-1].batches.append(event_batch(store, [k for k in keys if k not in done], ts_ns=200))
+    for _ in range(20):
+        second.step()
+    second.request_stop("test")
+    while not second.finished():
+        second.step()
+    second.shutdown()
+    assert lines(cfg) == Counter(keys)
