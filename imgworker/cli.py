@@ -63,6 +63,8 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--rate", type=float, default=6.0, help="images per second uploaded (default 6)")
     demo.add_argument("--backend", choices=["face", "synthetic"], default="face")
     demo.add_argument("--data-dir", default=".imgworker-demo", help="where the demo keeps store data and state")
+    demo.add_argument("--scan-mode", choices=["events", "listing"], default="events",
+                      help="find new images from the store's change events (default) or by listing it")
     demo.set_defaults(func=cmd_demo)
 
     store = sub.add_parser("store-serve", help="the embedded S3 store alone (SeaweedFS weed mini on 127.0.0.1)")
@@ -224,9 +226,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     algo = AlgoService(args.backend)
     print(f"demo: starting the embedded store and the {args.backend} algorithm service on 127.0.0.1 ...", flush=True)
     with store, algo:
-        cfg = _demo_config(args, store.endpoint, algo.endpoint, creds, data_dir)
+        cfg = _demo_config(args, store, algo.endpoint, creds, data_dir)
         cameras = _start_cameras(args, cfg, creds)
-        print(f"demo: cameras upload {args.rate:g} img/s for {args.duration:g} s; {cfg.worker.count} workers analyse",
+        print(f"demo: cameras upload {args.rate:g} img/s for {args.duration:g} s; {cfg.worker.count} workers analyse; "
+              f"new images found by {'change events' if args.scan_mode == 'events' else 'listing the bucket'}",
               flush=True)
         try:
             _run_pipeline(cfg, args, intake_done=lambda: cameras.poll() is not None)
@@ -236,12 +239,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return int(ExitCode.OK)
 
 
-def _demo_config(args: argparse.Namespace, endpoint: str, algo: str, creds: Credentials, data_dir: str) -> Config:
+def _demo_config(args: argparse.Namespace, store: Any, algo: str, creds: Credentials, data_dir: str) -> Config:
     overrides = _overrides(args)
     overrides.setdefault("worker", {}).setdefault("count", 4)
-    overrides["store"] = {"endpoint": endpoint, "bucket": "imgworker-demo"}
+    overrides["store"] = {"endpoint": store.endpoint, "bucket": "imgworker-demo"}
     overrides["algo"] = {"endpoint": algo, "timeout_s": 30.0}
-    overrides["scan"] = {"interval_s": 0.5}
+    overrides["scan"] = {"interval_s": 0.5, "mode": args.scan_mode, "events_filer": store.filer_address,
+                         "reconcile_interval_s": 10.0}
     overrides.setdefault("run", {}).update(
         {"state_dir": os.path.join(data_dir, "state"), "until_idle": True, "grace_s": 30.0}
     )

@@ -68,6 +68,7 @@ class ScanConfig(msgspec.Struct, **_STRUCT):
     mode: Literal["listing", "events"] = "listing"
     interval_s: Positive = 1.0
     reconcile_interval_s: Positive = 60.0
+    reconcile: Literal["full", "incremental"] = "full"
     events_source: Literal["seaweed", "minio_webhook"] = "seaweed"
     events_filer: str = ""
     webhook_host: str = "127.0.0.1"
@@ -354,6 +355,9 @@ def _check_semantics(config: Config) -> None:
     if scan.mode == "events" and scan.events_source == "seaweed" and not scan.events_filer:
         raise ConfigError("invalid config key scan.events_filer: value '' is not allowed with scan.mode = 'events' "
                           "and events_source = 'seaweed' (the filer as host:port.grpcport, e.g. 127.0.0.1:8888.18888)")
+    if scan.reconcile == "incremental" and config.retention.enabled:
+        raise ConfigError("invalid config key scan.reconcile: value 'incremental' is not allowed with "
+                          "retention.enabled (the cleaner needs a complete listing every pass)")
     bad = [e for e in config.scan.extensions if not e.startswith(".")]
     if bad:
         raise ConfigError(f"invalid config key scan.extensions: value {bad!r} is not allowed (each starts with '.')")

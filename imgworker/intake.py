@@ -8,6 +8,11 @@ event-found image still in the backlog, else the last event handled), so after a
 watcher resumes without a gap; a watcher that dies is restarted from that position. When intake
 is declared done (the demo's cameras stopped), one reconciliation listing runs at once.
 
+With ``scan.reconcile = "incremental"`` (keys time-ordered within each ``<task_type>/<task_id>/``),
+each directory is listed from a checkpoint: the last key below which every image has an outcome.
+A pass then reads only what is new; processed keys below a checkpoint are never listed again and
+leave the processed set at the next prune.
+
 A sweep always runs to its end, whatever room the queue has: a full queue never holds up the
 listing, so the cleaner, the pruning of the processed set and the expiry checks that follow
 every complete listing keep working during a backlog. New images that do not fit in the queue
@@ -31,7 +36,7 @@ from .cleaner import StoredImage, stored_image
 from .config import Config
 from .dispatch import Dispatch
 from .lister import ListingEnd, ListingMessage
-from .outcomes import ImageRef
+from .outcomes import ImageRef, IntakePosition
 from .scanner import relative_key, select_images
 
 log = logging.getLogger(__name__)
@@ -51,7 +56,7 @@ class ListingSource(Protocol):
     def waitables(self) -> list[Any]: ...
     def alive(self) -> bool: ...
     def exitcode(self) -> int | None: ...
-    def request_sweep(self) -> None: ...
+    def request_sweep(self, checkpoints: dict[str, str] | None = ...) -> None: ...
     def poll(self) -> ListingMessage | None: ...
     def stop(self, timeout: float = ...) -> None: ...
 
@@ -138,6 +143,10 @@ class Intake:
         self._events_ts = 0
         self._event_ts_of: dict[str, int] = {}  # backlog keys found by an event, with the event's time
         self._intake_was_done = False
+        self.incremental = cfg.scan.reconcile == "incremental"
+        self.checkpoints: dict[str, str] = {}
+        self._advance: dict[str, str] = {}  # this sweep: directory -> last key of its unbroken run of done keys
+        self._blocked: set[str] = set()
         self.ledger = ledger
         self.dispatch = dispatch
         self.make_lister = make_lister
@@ -160,11 +169,16 @@ class Intake:
         self._after_intake_done = False
         self._last_idle = False
 
-    def start(self, events_ts_ns: int = 0) -> None:
+    def start(self, position: IntakePosition = IntakePosition()) -> None:
         self.lister = self.make_lister()
-        self._events_ts = events_ts_ns
+        self._events_ts = position.events_ts_ns
+        self.checkpoints = dict(position.checkpoints)
         if self.make_watcher is not None:
-            self.watcher = self.make_watcher(events_ts_ns)
+            self.watcher = self.make_watcher(position.events_ts_ns)
+
+    def position(self) -> IntakePosition:
+        """What a checkpoint saves so intake resumes without a gap."""
+        return IntakePosition(events_ts_ns=self.events_position(), checkpoints=dict(self.checkpoints))
 
     def waitables(self) -> list[Any]:
         out = self.lister.waitables() if self.lister is not None else []
@@ -211,9 +225,10 @@ class Intake:
         self._seen_new = set()
         self._inventory = []
         self._backlog_at_start = self.backlog.keys()  # entries added during the sweep may sort before it
+        self._advance, self._blocked = {}, set()
         self._after_intake_done = self.intake_done()
         try:
-            self.lister.request_sweep()
+            self.lister.request_sweep(self.checkpoints if self.incremental else None)
         except OSError:
             self.sweeping = False  # the lister died; the next step replaces it
 
@@ -229,6 +244,19 @@ class Intake:
                 self._seen_new.add(ref.key)
                 self._found += 1
                 self.backlog.add(ref, task_directory(ref.key, self.cfg.store.prefix))
+        if self.incremental:
+            self._track_checkpoints(refs, new)
+
+    def _track_checkpoints(self, refs: list[ImageRef], new: set[str]) -> None:
+        """Per directory, how far the listed keys (in key order) all have an outcome."""
+        for ref in refs:
+            directory = task_directory(ref.key, self.cfg.store.prefix)
+            if directory in self._blocked:
+                continue
+            if ref.key in new or ref.key in self.dispatch:
+                self._blocked.add(directory)
+            else:
+                self._advance[directory] = ref.key
 
     def _end(self, end: ListingEnd) -> SweepEnd:
         self.sweeping = False
@@ -236,6 +264,8 @@ class Intake:
             return self._failed(end.error)
         self.scans_completed += 1
         self.last_scan_s = self.clock() - self._started
+        for directory, key in self._advance.items():
+            self.checkpoints[directory] = max(key, self.checkpoints.get(directory, ""))
         self.peak_listed = max(self.peak_listed, self._listed)
         forgotten = self.backlog.forget_unlisted(self._seen_new, self._backlog_at_start)
         for key in forgotten:

@@ -35,7 +35,7 @@ import msgspec
 from .children import CTX, child_setup, signals_blocked
 from .errors import StateError
 from .files import write_atomic
-from .outcomes import Result
+from .outcomes import IntakePosition, Result
 from .results import read_results
 
 log = logging.getLogger(__name__)
@@ -51,7 +51,7 @@ class LedgerState(msgspec.Struct):
     pending: list[str] = []
     log_name: str = ""
     log_bytes: int = 0
-    events_ts_ns: int = 0
+    intake: IntakePosition = IntakePosition()
 
 
 class _Pruned(msgspec.Struct, frozen=True):
@@ -108,7 +108,8 @@ class ProcessedSet:
         self._unsaved.extend(_key_encoder.encode(_Pruned(k)) + b"\n" for k in stale)
         return len(stale)
 
-    def save(self, path: str, results_offset: int, pending: list[str], events_ts_ns: int = 0) -> None:
+    def save(self, path: str, results_offset: int, pending: list[str],
+             intake: IntakePosition = IntakePosition()) -> None:
         """Append new keys to the key log (or compact it), then replace the small state file."""
         directory = os.path.dirname(os.path.abspath(path))
         previous = self._log_name
@@ -117,7 +118,7 @@ class ProcessedSet:
         else:
             size = self._append(directory)
         state = LedgerState(results_offset=results_offset, pending=pending, log_name=self._log_name,
-                            log_bytes=size, events_ts_ns=events_ts_ns)
+                            log_bytes=size, intake=intake)
         write_atomic(path, msgspec.json.encode(state))
         if previous and previous != self._log_name:
             _unlink(os.path.join(directory, previous))
@@ -276,7 +277,7 @@ class Restored(msgspec.Struct):
     pending: list[str]
     replayed: list[Result]
     offset: int
-    events_ts_ns: int = 0
+    intake: IntakePosition = IntakePosition()
 
 
 class Ledger:
@@ -310,7 +311,7 @@ class Ledger:
             for start in range(0, len(replayed), 1000):
                 self._set.add_many([r.key for r in replayed[start : start + 1000]])
         return Restored(pending=state.pending, replayed=replayed, offset=state.results_offset,
-                        events_ts_ns=state.events_ts_ns)
+                        intake=state.intake)
 
     def _call(self, op: Callable[[Any], T]) -> T:
         """Flush finished keys, then run ``op``; a lost Manager is restarted and rebuilt once."""
@@ -361,8 +362,8 @@ class Ledger:
     def size(self) -> int:
         return int(self._call(lambda s: s.size()))
 
-    def save(self, offset: int, unfinished: list[str], events_ts_ns: int = 0) -> None:
-        self._call(lambda s: s.save(self.state_path, offset, unfinished, events_ts_ns))
+    def save(self, offset: int, unfinished: list[str], intake: IntakePosition = IntakePosition()) -> None:
+        self._call(lambda s: s.save(self.state_path, offset, unfinished, intake))
 
     def stop(self) -> None:
         self.backend.stop()

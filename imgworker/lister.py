@@ -26,8 +26,13 @@ from .scanner import select_images
 
 log = logging.getLogger(__name__)
 
-SWEEP = b"sweep"
 STOP = b""
+
+
+class SweepRequest(msgspec.Struct, array_like=True):
+    """One listing; with ``scan.reconcile = "incremental"``, each task directory from its checkpoint."""
+
+    checkpoints: dict[str, str] = {}
 
 
 class ListingPage(msgspec.Struct, tag="page", array_like=True):
@@ -42,6 +47,7 @@ class ListingEnd(msgspec.Struct, tag="end", array_like=True):
 ListingMessage = ListingPage | ListingEnd
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(ListingMessage)
+_request_decoder = msgspec.msgpack.Decoder(SweepRequest)
 
 
 def lister_main(cfg: Config, conn: Connection, log_settings: LogSettings) -> None:
@@ -52,23 +58,20 @@ def lister_main(cfg: Config, conn: Connection, log_settings: LogSettings) -> Non
     store = Store(cfg.store, cfg.credentials, read_timeout_s=cfg.store.list_timeout_s)
     while True:
         try:
-            if conn.recv_bytes() != SWEEP:
+            message = conn.recv_bytes()
+            if message == STOP:
                 return
-            sweep(store, cfg, conn)
+            request = _request_decoder.decode(message)
+            for reply in sweep_messages(store, cfg, request.checkpoints):
+                conn.send_bytes(_encoder.encode(reply))
         except (EOFError, OSError):
             return
 
 
-def sweep(store: Any, cfg: Config, conn: Connection) -> None:
-    """List once: filtered pages, then the end marker."""
-    for message in sweep_messages(store, cfg):
-        conn.send_bytes(_encoder.encode(message))
-
-
-def sweep_messages(store: Any, cfg: Config) -> Iterator[ListingMessage]:
+def sweep_messages(store: Any, cfg: Config, checkpoints: dict[str, str] | None = None) -> Iterator[ListingMessage]:
     """One listing as messages: filtered pages, then the end marker (ok or the store's error)."""
     try:
-        for page in store.list_pages(cfg.store.prefix, cfg.scan.page_size):
+        for page in _pages(store, cfg, checkpoints or {}):
             images = select_images(page, prefix=cfg.store.prefix, cfg=cfg.scan)
             if images:
                 yield ListingPage(refs=images)
@@ -76,6 +79,18 @@ def sweep_messages(store: Any, cfg: Config) -> Iterator[ListingMessage]:
         yield ListingEnd(ok=False, error=str(exc))
         return
     yield ListingEnd(ok=True)
+
+
+def _pages(store: Any, cfg: Config, checkpoints: dict[str, str]) -> Iterator[list[ImageRef]]:
+    """The whole prefix, or (incremental) each ``<task_type>/<task_id>/`` after its checkpoint key."""
+    prefix = cfg.store.prefix
+    if cfg.scan.reconcile != "incremental":
+        yield from store.list_pages(prefix, cfg.scan.page_size)
+        return
+    for kind in store.list_dirs(prefix):
+        for directory in store.list_dirs(kind):
+            relative = directory[len(prefix):].rstrip("/")
+            yield from store.list_pages(directory, cfg.scan.page_size, start_after=checkpoints.get(relative, ""))
 
 
 class Lister:
@@ -97,8 +112,8 @@ class Lister:
         self.process.join(0)
         return self.process.exitcode
 
-    def request_sweep(self) -> None:
-        self.conn.send_bytes(SWEEP)
+    def request_sweep(self, checkpoints: dict[str, str] | None = None) -> None:
+        self.conn.send_bytes(_encoder.encode(SweepRequest(checkpoints=checkpoints or {})))
 
     def poll(self) -> ListingMessage | None:
         """The next message if one is buffered; EOFError/OSError if the lister is gone."""
@@ -143,9 +158,9 @@ class InlineLister:
     def exitcode(self) -> int | None:
         return None
 
-    def request_sweep(self) -> None:
+    def request_sweep(self, checkpoints: dict[str, str] | None = None) -> None:
         self.sweeps += 1
-        self._messages.extend(sweep_messages(self.store, self.cfg))
+        self._messages.extend(sweep_messages(self.store, self.cfg, checkpoints))
 
     def poll(self) -> ListingMessage | None:
         return self._messages.popleft() if self._messages else None

@@ -118,7 +118,14 @@ class MemoryStore:
                     self.deletes.append(key)
             return refused
 
-    def list_pages(self, prefix: str, page_size: int) -> Iterator[list[ImageRef]]:
+    def list_dirs(self, prefix: str) -> list[str]:
+        """Common prefixes (ending in /) directly below ``prefix``, like a delimiter listing."""
+        with self._lock:
+            self._enter("list_dirs")
+            below = (k[len(prefix):] for k in self._objects if k.startswith(prefix))
+            return sorted({prefix + rest.split("/", 1)[0] + "/" for rest in below if "/" in rest})
+
+    def list_pages(self, prefix: str, page_size: int, start_after: str = "") -> Iterator[list[ImageRef]]:
         """Lazily list keys under prefix in lexicographic order, page_size ImageRefs at a time.
 
         Each page is read like an S3 continuation (keys after the last one seen), so objects
@@ -129,7 +136,7 @@ class MemoryStore:
             raise ValueError(f"page_size must be at least 1, not {page_size}")
         with self._lock:
             self.calls["list_pages"] += 1
-        return self._pages(prefix, page_size)
+        return self._pages(prefix, page_size, start_after or None)
 
     # -- test helpers ---------------------------------------------------------------------------
 
@@ -179,8 +186,7 @@ class MemoryStore:
         except KeyError:
             raise ObjectMissing(f"NoSuchKey: {key}") from None
 
-    def _pages(self, prefix: str, page_size: int) -> Iterator[list[ImageRef]]:
-        after: str | None = None
+    def _pages(self, prefix: str, page_size: int, after: str | None) -> Iterator[list[ImageRef]]:
         while True:
             page = self._page(prefix, page_size, after)
             if not page:

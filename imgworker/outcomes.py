@@ -44,6 +44,17 @@ class ImageRef(msgspec.Struct, frozen=True, array_like=True):
     mtime: float = 0.0
 
 
+class IntakePosition(msgspec.Struct, frozen=True):
+    """Where intake resumes after a restart: the change-event stream, and per-directory listing checkpoints.
+
+    ``checkpoints`` maps a task directory to the last key below which every image has an outcome
+    (incremental reconciliation lists only what sorts after it).
+    """
+
+    events_ts_ns: int = 0
+    checkpoints: dict[str, str] = {}
+
+
 class WorkItem(msgspec.Struct, frozen=True, array_like=True):
     """What the supervisor hands a worker: the image and which attempt this is."""
 

@@ -123,9 +123,18 @@ class Store:
         except Exception as exc:
             raise translate(exc) from exc
 
-    def list_pages(self, prefix: str, page_size: int) -> Iterator[list[ImageRef]]:
-        """Lazily list objects under prefix, one page of ImageRefs (no task fields) at a time."""
-        objects = self._client.list_objects(self.bucket, prefix=prefix or None, recursive=True)
+    def list_dirs(self, prefix: str) -> list[str]:
+        """The "directories" (common prefixes, ending in /) directly below ``prefix``."""
+        try:
+            return [o.object_name or "" for o in self._client.list_objects(self.bucket, prefix=prefix or None)
+                    if o.is_dir]
+        except Exception as exc:
+            raise translate(exc) from exc
+
+    def list_pages(self, prefix: str, page_size: int, start_after: str = "") -> Iterator[list[ImageRef]]:
+        """Lazily list objects under prefix (after ``start_after``), one page of ImageRefs at a time."""
+        objects = self._client.list_objects(self.bucket, prefix=prefix or None, recursive=True,
+                                            start_after=start_after or None)
         page: list[ImageRef] = []
         try:
             for obj in objects:

@@ -152,7 +152,7 @@ class Supervisor:
             self.janitor = Janitor(self.store, sync=self.journal.sync, batch_size=self.cfg.retention.batch_size,
                                    inline=self.parts.janitor_inline)
             resumed = self._resume(restored)
-            self.intake.start(restored.events_ts_ns)
+            self.intake.start(restored.intake)
             self.pool.start()
         except BaseException:
             self._close_durable()
@@ -547,7 +547,7 @@ class Supervisor:
         assert self.journal is not None and self.janitor is not None
         offset = self.janitor.watermark(self.journal.sync())
         self.ledger.save(offset, self.dispatch.held_keys() + self.dispatch.pending_keys(),
-                         self.intake.events_position())
+                         self.intake.position())
         self._next_checkpoint = time.monotonic() + self.cfg.run.checkpoint_interval_s
 
     def _resume(self, restored: Restored) -> int:

@@ -147,3 +147,19 @@ def test_face_backend_detects_faces_and_rejects_non_images(make_config, store, p
     }
     assert report.conserved
     assert len(photo_frames()) >= 4
+
+
+@pytest.mark.timeout(120)
+def test_incremental_reconciliation_against_the_real_store(make_config, store, prefix):
+    cfg = make_config(scan={"reconcile": "incremental"})
+    first = [f"{prefix}person/t{n}/20240101-120000.{i:03d}.jpg" for n in (1, 2) for i in range(4)]
+    upload(store, first)
+    Supervisor(cfg, show_progress=False).run()
+    later = [f"{prefix}person/t1/20240101-120001.{i:03d}.jpg" for i in range(3)]
+    upload(store, later)
+    sup = Supervisor(cfg, show_progress=False)
+    report = sup.run()
+    assert report.scanned == 3
+    assert sup.intake.checkpoints == {"person/t1": later[-1], "person/t2": first[-1]}
+    outcomes = read_outcomes(cfg)
+    assert sorted(outcomes) == sorted(first + later) and all(len(v) == 1 for v in outcomes.values())

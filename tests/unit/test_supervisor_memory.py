@@ -386,3 +386,57 @@ def test_the_event_position_survives_a_restart_without_a_gap(tmp_path):
         second.step()
     second.shutdown()
     assert lines(cfg) == Counter(keys)
+
+
+def test_incremental_reconciliation_reads_only_what_is_new_and_keeps_its_checkpoints(tmp_path):
+    cfg = config(tmp_path, scan={"reconcile": "incremental"}, run={"until_idle": False})
+    store = MemoryStore()
+    first_keys = fill(store, ["cam/a", "cam/b"], 5)
+    listed: list[str] = []
+    real_pages = store.list_pages
+
+    def counting_pages(prefix: str, page_size: int, start_after: str = "") -> Any:
+        for page in real_pages(prefix, page_size, start_after):
+            listed.extend(ref.key for ref in page)
+            yield page
+
+    store.list_pages = counting_pages  # type: ignore[method-assign]
+    sup = supervisor(cfg, store, MemoryAlgo(store))
+    sup.start()
+    try:
+        while len(lines(cfg)) < 10 or sup.intake.sweeping or sup.intake.checkpoints.get("cam/b") != first_keys[-1]:
+            sup.intake.next_sweep = 0.0
+            sup.step()
+        assert sup.intake.checkpoints == {"cam/a": first_keys[4], "cam/b": first_keys[-1]}
+        late = [f"cam/a/20240101-000001.{i:03d}.jpg" for i in range(2)]
+        for key in late:
+            store.put(key, b"jpeg")
+        listed.clear()
+        scans = sup.intake.scans_completed
+        sup.intake.next_sweep = 0.0
+        while sup.intake.scans_completed == scans:
+            sup.step()
+        assert sorted(listed) == late  # nothing below the checkpoints was read again
+        while len(lines(cfg)) < 12:
+            sup.step()
+        sup.checkpoint()
+    finally:
+        sup.request_stop("test")
+        while not sup.finished():
+            sup.step()
+        sup.shutdown()
+    assert lines(cfg) == Counter(first_keys + late)
+    restarted = supervisor(cfg, store, MemoryAlgo(store))
+    restarted.start()
+    try:
+        assert restarted.intake.checkpoints["cam/b"] == first_keys[-1]
+    finally:
+        restarted.request_stop("test", force=True)
+        restarted.shutdown()
+
+
+def test_incremental_reconciliation_is_refused_with_the_cleaner(tmp_path):
+    from imgworker.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="scan.reconcile"):
+        config(tmp_path, scan={"reconcile": "incremental"}, retention={"enabled": True, "max_count": 5})
