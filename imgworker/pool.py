@@ -82,6 +82,9 @@ class ProcessPool:
         self.deadline_s = cfg.item_deadline_s
         self.workers: dict[int, _Worker] = {}
         self.idle: list[int] = []
+        self._by_conn: dict[Any, _Worker] = {}  # rebuilt only when a worker starts or exits: wait() is per step
+        self._by_sentinel: dict[int, _Worker] = {}
+        self._next_due = 0.0  # earliest item deadline among busy workers (0: none known)
 
     def start(self) -> None:
         for slot in range(self.cfg.worker.count):
@@ -90,6 +93,11 @@ class ProcessPool:
     def respawn(self, slot: int) -> None:
         self.workers[slot] = _Worker(slot, self.cfg, self.log_settings)
         self.idle.append(slot)
+        self._index()
+
+    def _index(self) -> None:
+        self._by_conn = {w.conn: w for w in self.workers.values()}
+        self._by_sentinel = {w.process.sentinel: w for w in self.workers.values()}
 
     def alive(self) -> int:
         return sum(1 for w in list(self.workers.values()) if w.process.is_alive())
@@ -99,6 +107,8 @@ class ProcessPool:
         worker = self.workers[slot]
         worker.dispatched_at = time.monotonic()
         worker.busy = True
+        due = worker.dispatched_at + self.deadline_s
+        self._next_due = min(self._next_due, due) if self._next_due else due
         try:
             worker.conn.send_bytes(encode_item(item))
         except OSError:
@@ -106,8 +116,7 @@ class ProcessPool:
 
     def wait(self, timeout: float, extra: Sequence[Any]) -> tuple[list[Event], list[Any]]:
         """Block until an answer, a death or an extra waitable is ready; return events and ready extras."""
-        by_conn = {w.conn: w for w in self.workers.values()}
-        by_sentinel = {w.process.sentinel: w for w in self.workers.values()}
+        by_conn, by_sentinel = self._by_conn, self._by_sentinel
         ready = wait([*by_conn, *by_sentinel, *extra], timeout)
         events: list[Event] = []
         for obj in ready:
@@ -142,12 +151,18 @@ class ProcessPool:
         worker.process.join()
         worker.conn.close()
         self.workers.pop(worker.slot, None)
+        self._index()
         if worker.slot in self.idle:
             self.idle.remove(worker.slot)
         return Exit(slot=worker.slot, code=worker.process.exitcode, retiring=worker.retiring, overdue=worker.overdue)
 
     def kill_overdue(self, now: float) -> float:
-        """Kill workers whose item passed its deadline; return the next deadline (0 if none)."""
+        """Kill workers whose item passed its deadline; return the next deadline (0 if none).
+
+        Cheap on most steps: the workers are only looked at once the earliest deadline has come.
+        """
+        if not self._next_due or now < self._next_due:
+            return self._next_due
         upcoming = 0.0
         for worker in self.workers.values():
             if not worker.busy or worker.overdue:
@@ -158,6 +173,7 @@ class ProcessPool:
                 worker.process.kill()
             elif not upcoming or due < upcoming:
                 upcoming = due
+        self._next_due = upcoming
         return upcoming
 
     def stop(self, deadline: float) -> list[Event]:
@@ -181,6 +197,7 @@ class ProcessPool:
             worker.conn.close()
         self.workers.clear()
         self.idle.clear()
+        self._index()
         return events
 
 
