@@ -69,10 +69,14 @@ class ScanConfig(msgspec.Struct, **_STRUCT):
     interval_s: Positive = 1.0
     reconcile_interval_s: Positive = 60.0
     reconcile: Literal["full", "incremental"] = "full"
-    events_source: Literal["seaweed", "minio_webhook"] = "seaweed"
+    events_source: Literal["seaweed", "minio_webhook", "minio_nats"] = "seaweed"
     events_filer: str = ""
     webhook_host: str = "127.0.0.1"
     webhook_port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 0
+    nats_url: str = "nats://127.0.0.1:4222"
+    nats_subject: str = "minio.events"
+    nats_stream: str = ""
+    nats_durable: str = "imgworker"
     page_size: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 1000
     extensions: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
     exclude_prefixes: tuple[str, ...] = ("alerts/", "results/")

@@ -72,7 +72,8 @@ def process_parts(cfg: Config) -> Parts:
     settings = current_settings()
     scan = cfg.scan
     source = WatchSource(kind=scan.events_source, filer=scan.events_filer, host=scan.webhook_host,
-                         port=scan.webhook_port, token=cfg.credentials.webhook_token)
+                         port=scan.webhook_port, token=cfg.credentials.webhook_token, nats_url=scan.nats_url,
+                         subject=scan.nats_subject, stream=scan.nats_stream, durable=scan.nats_durable)
     return Parts(store=Store(cfg.store, cfg.credentials, read_timeout_s=cfg.store.list_timeout_s),
                  make_lister=lambda: Lister(cfg, settings), pool=ProcessPool(cfg, settings),
                  make_watcher=lambda since_ns: Watcher(cfg, settings, since_ns, source))

@@ -1,0 +1,141 @@
+"""The pipeline on change events from the real SeaweedFS filer, with reconciliation behind it.
+
+Counted at the far end: the calls the algorithm service received and the result lines.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections import Counter
+
+import psutil
+import pytest
+
+from imgworker.results import read_results
+from imgworker.services.algo_server import AlgoService, SyntheticParams
+from imgworker.supervisor import Supervisor
+from tests.conftest import upload
+
+pytestmark = pytest.mark.timeout(180)
+
+
+def events_config(make_config, store_server, **sections):
+    return make_config(scan={"mode": "events", "events_filer": store_server.filer_address,
+                             "reconcile_interval_s": 3600.0}, run={"until_idle": False}, **sections)
+
+
+def lines(cfg) -> Counter[str]:
+    try:
+        return Counter(r.key for r in read_results(cfg.results_path))
+    except FileNotFoundError:
+        return Counter()
+
+
+def step_until(sup: Supervisor, done, what: str, timeout: float = 90.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not done():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        sup.step()
+
+
+def watcher_process() -> psutil.Process:
+    me = psutil.Process(os.getpid())
+    found = [c for c in me.children() if "imgworker: watcher" in " ".join(c.cmdline())]
+    assert len(found) == 1, found
+    return found[0]
+
+
+def test_events_find_new_images_without_a_listing(make_config, store_server, store, prefix):
+    with AlgoService("synthetic", SyntheticParams(latency_ms=10.0, sigma=0.0)) as service:
+        cfg = events_config(make_config, store_server, algo={"endpoint": service.endpoint})
+        sup = Supervisor(cfg, show_progress=False)
+        sup.start()
+        try:
+            step_until(sup, lambda: sup.intake.scans_completed >= 1, "the start-up reconciliation")
+            keys = [f"{prefix}person/t1/20240101-120000.{i:03d}.jpg" for i in range(12)]
+            keys.append(f"{prefix}person/t1/with space %+ü.jpg")
+            upload(store, keys)
+            step_until(sup, lambda: len(lines(cfg)) >= len(keys), "the uploaded images")
+            assert sup.intake.scans_completed == 1  # found by events alone
+            assert sup.intake.events_received >= len(keys)
+        finally:
+            sup.request_stop("test")
+            while not sup.finished():
+                sup.step()
+            sup.shutdown()
+        calls = service.calls()
+    assert lines(cfg) == Counter(keys)
+    assert all(calls.get(k) == 1 for k in keys), calls
+    report = sup.report()
+    assert report.p99_discovery_ms > 0 and report.conserved
+
+
+def test_a_stopped_event_stream_is_covered_by_reconciliation_exactly_once(make_config, store_server, store, prefix,
+                                                                           algo_server):
+    cfg = events_config(make_config, store_server)
+    sup = Supervisor(cfg, show_progress=False)
+    sup.start()
+    watcher = None
+    try:
+        step_until(sup, lambda: sup.intake.scans_completed >= 1, "the start-up reconciliation")
+        watcher = watcher_process()
+        watcher.send_signal(signal.SIGSTOP)  # the event stream stops delivering
+        keys = [f"{prefix}vehicle/t2/20240101-120000.{i:03d}.jpg" for i in range(10)]
+        upload(store, keys)
+        for _ in range(20):
+            sup.step()
+        assert not lines(cfg)  # nothing can have found them yet
+        sup.intake.next_sweep = 0.0  # the reconciliation interval comes round
+        step_until(sup, lambda: len(lines(cfg)) >= len(keys), "reconciliation")
+        watcher.send_signal(signal.SIGCONT)  # the late events arrive: already analysed, not again
+        received = sup.intake.events_received
+        step_until(sup, lambda: sup.intake.events_received >= received + len(keys), "the late events")
+        for _ in range(20):
+            sup.step()
+    finally:
+        if watcher is not None:
+            watcher.send_signal(signal.SIGCONT)
+        sup.request_stop("test")
+        while not sup.finished():
+            sup.step()
+        sup.shutdown()
+    assert lines(cfg) == Counter(keys)
+    calls = algo_server.calls()
+    assert all(calls.get(k) == 1 for k in keys), {k: calls.get(k) for k in keys}
+
+
+def test_restart_resumes_the_event_stream_without_a_gap(make_config, store_server, store, prefix, algo_server):
+    cfg = events_config(make_config, store_server)
+    first = [f"{prefix}person/t3/20240101-120000.{i:03d}.jpg" for i in range(5)]
+    sup = Supervisor(cfg, show_progress=False)
+    sup.start()
+    try:
+        step_until(sup, lambda: sup.intake.scans_completed >= 1, "the start-up reconciliation")
+        upload(store, first)
+        step_until(sup, lambda: len(lines(cfg)) >= len(first), "the first images")
+    finally:
+        sup.request_stop("test")
+        while not sup.finished():
+            sup.step()
+        sup.shutdown()
+    position = sup.intake.position().events_ts_ns
+    assert position > 0
+    later = [f"{prefix}person/t3/20240101-120001.{i:03d}.jpg" for i in range(5)]
+    upload(store, later)  # while imgworker is down
+    again = Supervisor(cfg, show_progress=False, intake_done=lambda: False)  # no catch-up listing at start
+    again.start()
+    try:
+        again.intake.next_sweep = float("inf")  # no reconciliation: the events must bring them
+        step_until(again, lambda: len(lines(cfg)) >= len(first) + len(later), "the images uploaded while down")
+        assert again.intake.scans_completed == 0
+    finally:
+        again.request_stop("test")
+        while not again.finished():
+            again.step()
+        again.shutdown()
+    assert lines(cfg) == Counter(first + later)
+    calls = algo_server.calls()
+    assert all(calls.get(k) == 1 for k in first + later)
