@@ -69,6 +69,7 @@ class ScanConfig(msgspec.Struct, **_STRUCT):
     interval_s: Positive = 1.0
     reconcile_interval_s: Positive = 60.0
     reconcile: Literal["full", "incremental"] = "full"
+    full_every: PositiveInt = 60  # incremental: every Nth reconciliation lists everything (prunes, forgets)
     events_source: Literal["seaweed", "minio_webhook", "minio_nats"] = "seaweed"
     events_filer: str = ""
     webhook_host: str = "127.0.0.1"

@@ -37,7 +37,7 @@ from .config import Config
 from .dispatch import Dispatch
 from .lister import ListingEnd, ListingMessage
 from .outcomes import ImageRef, IntakePosition
-from .scanner import relative_key, select_images
+from .scanner import parse_task, relative_key, select_images
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +72,7 @@ class SweepEnd(msgspec.Struct):
     complete: bool
     listed: int
     inventory: list[StoredImage]
+    full: bool = True  # listed everything: only then may the processed set be pruned
 
 
 class Backlog:
@@ -141,9 +142,11 @@ class Intake:
         self.watcher: EventSource | None = None
         self.events_received = 0
         self._events_ts = 0
-        self._event_ts_of: dict[str, int] = {}  # backlog keys found by an event, with the event's time
+        self._watcher_failures = 0
+        self._watcher_restart_at = 0.0
         self._intake_was_done = False
         self.incremental = cfg.scan.reconcile == "incremental"
+        self._full = True  # this sweep lists everything (always, unless incremental)
         self.checkpoints: dict[str, str] = {}
         self._advance: dict[str, str] = {}  # this sweep: directory -> last key of its unbroken run of done keys
         self._blocked: set[str] = set()
@@ -173,21 +176,27 @@ class Intake:
         self.lister = self.make_lister()
         self._events_ts = position.events_ts_ns
         self.checkpoints = dict(position.checkpoints)
+        self._restore_backlog(position.backlog)
         if self.make_watcher is not None:
             self.watcher = self.make_watcher(position.events_ts_ns)
 
+    def _restore_backlog(self, keys: list[str]) -> None:
+        """Images found before the restart but never queued (an event stream is not replayed for them)."""
+        new = self.ledger.filter_new([k for k in keys if k not in self.dispatch]) if keys else set()
+        for key in keys:
+            if key in new:
+                task_type, task_id = parse_task(key, self.cfg.store.prefix)
+                self.backlog.add(ImageRef(key=key, task_type=task_type, task_id=task_id),
+                                 task_directory(key, self.cfg.store.prefix))
+
     def position(self) -> IntakePosition:
-        """What a checkpoint saves so intake resumes without a gap."""
-        return IntakePosition(events_ts_ns=self.events_position(), checkpoints=dict(self.checkpoints))
+        """What a checkpoint saves so intake resumes without a gap: the backlog is saved, not replayed."""
+        return IntakePosition(events_ts_ns=self._events_ts, checkpoints=dict(self.checkpoints),
+                              backlog=sorted(self.backlog.keys()))
 
     def waitables(self) -> list[Any]:
         out = self.lister.waitables() if self.lister is not None else []
         return out + (self.watcher.waitables() if self.watcher is not None else [])
-
-    def events_position(self) -> int:
-        """Where the event stream resumes after a restart: nothing found by events is lost from the backlog."""
-        pending = min(self._event_ts_of.values(), default=0)
-        return pending - 1 if pending else self._events_ts
 
     # ----- one step ------------------------------------------------------------------
 
@@ -197,6 +206,7 @@ class Intake:
             return None
         if not self.lister.alive():
             return self._lister_died(draining=draining)
+        self._restart_watcher(draining=draining)
         if self.watcher is not None:
             self._watch(draining=draining)
         if not self._intake_was_done and self.make_watcher is not None and self.intake_done():
@@ -227,8 +237,10 @@ class Intake:
         self._backlog_at_start = self.backlog.keys()  # entries added during the sweep may sort before it
         self._advance, self._blocked = {}, set()
         self._after_intake_done = self.intake_done()
+        every = self.cfg.scan.full_every
+        self._full = not self.incremental or self.scans_completed % every == every - 1
         try:
-            self.lister.request_sweep(self.checkpoints if self.incremental else None)
+            self.lister.request_sweep(None if self._full else self.checkpoints)
         except OSError:
             self.sweeping = False  # the lister died; the next step replaces it
 
@@ -267,15 +279,15 @@ class Intake:
         for directory, key in self._advance.items():
             self.checkpoints[directory] = max(key, self.checkpoints.get(directory, ""))
         self.peak_listed = max(self.peak_listed, self._listed)
-        forgotten = self.backlog.forget_unlisted(self._seen_new, self._backlog_at_start)
-        for key in forgotten:
-            self._event_ts_of.pop(key, None)
+        # Only a full listing can tell that an entry is gone: an incremental one skips what sorts low.
+        forgotten = self.backlog.forget_unlisted(self._seen_new, self._backlog_at_start) if self._full else []
         if forgotten:
             log.info("backlog: %d images found earlier are no longer listed (deleted elsewhere)", len(forgotten))
         self._last_idle = self._after_intake_done and self._found == 0
-        self.next_sweep = self.clock() + self.interval_s
+        late_end = self._intake_was_done and not self._after_intake_done  # intake ended during this sweep
+        self.next_sweep = self.clock() + (0.0 if late_end else self.interval_s)
         inventory, self._inventory, self._seen_new = self._inventory, [], set()
-        return SweepEnd(complete=True, listed=self._listed, inventory=inventory)
+        return SweepEnd(complete=True, listed=self._listed, inventory=inventory, full=self._full)
 
     def _failed(self, error: str) -> SweepEnd:
         """Capped exponential backoff with jitter (half fixed, half random) before the next sweep."""
@@ -302,16 +314,11 @@ class Intake:
 
     def take(self, limit: int) -> list[ImageRef]:
         """New images for the queue, fair across task directories."""
-        refs = self.backlog.take(limit)
-        if self._event_ts_of:
-            for ref in refs:
-                self._event_ts_of.pop(ref.key, None)
-        return refs
+        return self.backlog.take(limit)
 
     def forget(self, key: str) -> None:
         """An image in the backlog got an outcome without being queued (the cleaner gave it up)."""
         self.backlog.discard(key)
-        self._event_ts_of.pop(key, None)
 
     # ----- change events -------------------------------------------------------------
 
@@ -319,10 +326,7 @@ class Intake:
         """Read what the watcher sent (bounded); restart it from the checkpointed position if it died."""
         assert self.watcher is not None
         if not self.watcher.alive():
-            log.warning("the event watcher exited (exit code %s)%s", self.watcher.exitcode(),
-                        "" if draining else "; starting a new one from the last position")
-            self.watcher.stop(0.0)
-            self.watcher = None if draining or self.make_watcher is None else self.make_watcher(self.events_position())
+            self._watcher_died(draining=draining)
             return
         for _ in range(_PAGES_PER_STEP):
             try:
@@ -340,14 +344,30 @@ class Intake:
         refs = {e.key: ImageRef(key=e.key, size=e.size, mtime=e.mtime) for e in events}
         outside = [key for key in refs if key not in self.dispatch and key not in self.backlog]
         new = self.ledger.filter_new(outside) if outside else set()
-        times = {e.key: e.ts_ns for e in events}
         for key in outside:
             if key in new:
                 ref = select_images([refs[key]], prefix=self.cfg.store.prefix, cfg=self.cfg.scan)
                 if ref:
                     self.backlog.add(ref[0], task_directory(key, self.cfg.store.prefix))
-                    self._event_ts_of[key] = times[key]
         self._events_ts = max(self._events_ts, ts_ns)
+        self._watcher_failures = 0
+
+    def _watcher_died(self, *, draining: bool) -> None:
+        """Restart the watcher from the last event handled (the backlog is in memory), with backoff."""
+        assert self.watcher is not None
+        self._watcher_failures += 1
+        delay = min(30.0, 0.5 * 2 ** min(self._watcher_failures - 1, 6))
+        self._watcher_restart_at = self.clock() + delay
+        log.warning("the event watcher exited (exit code %s)%s", self.watcher.exitcode(),
+                    "" if draining else f"; starting a new one in {delay:.1f} s from the last position")
+        self.watcher.stop(0.0)
+        self.watcher = None  # a dead process's sentinel stays ready: never wait on it
+
+    def _restart_watcher(self, *, draining: bool) -> None:
+        if (self.watcher is None and self.make_watcher is not None and self._watcher_restart_at and not draining
+                and self.clock() >= self._watcher_restart_at):
+            self._watcher_restart_at = 0.0
+            self.watcher = self.make_watcher(self._events_ts)
 
     def idle(self) -> bool:
         """The last complete sweep began after intake was done and found nothing; nothing waits."""
@@ -355,7 +375,8 @@ class Intake:
 
     def wake_at(self) -> float:
         """When the loop must wake for intake (a due sweep), as a clock value; 0 while sweeping."""
-        return 0.0 if self.sweeping else self.next_sweep
+        wake = 0.0 if self.sweeping else self.next_sweep
+        return min(wake, self._watcher_restart_at) if wake and self._watcher_restart_at else wake
 
     def close(self) -> None:
         if self.lister is not None:

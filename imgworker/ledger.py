@@ -100,9 +100,13 @@ class ProcessedSet:
         self._generation += 1
 
     def end_sweep(self) -> int:
-        """Drop entries the completed sweep did not see (their objects are gone); return how many."""
+        """Drop entries the last two complete sweeps did not see (their objects are gone); return how many.
+
+        Two, not one: an entry pruned is an image that would be analysed again if an event for it came
+        back (a replay of the event stream after a restart overlaps the last seconds handled).
+        """
         gen = self._generation
-        stale = [k for k, g in self._seen.items() if g < gen]
+        stale = [k for k, g in self._seen.items() if g < gen - 1]
         for key in stale:
             del self._seen[key]
         self._unsaved.extend(_key_encoder.encode(_Pruned(k)) + b"\n" for k in stale)
@@ -125,9 +129,14 @@ class ProcessedSet:
 
     def _append(self, directory: str) -> int:
         with open(os.path.join(directory, self._log_name), "ab") as f:
-            f.write(b"".join(self._unsaved))
-            f.flush()
-            os.fsync(f.fileno())
+            good = f.tell()
+            try:
+                f.write(b"".join(self._unsaved))
+                f.flush()
+                os.fsync(f.fileno())
+            except OSError:
+                f.truncate(good)  # a partial line would make the log unreadable at the next start
+                raise
             size = f.tell()
         self._log_lines += len(self._unsaved)
         self._unsaved = []
@@ -136,10 +145,10 @@ class ProcessedSet:
     def _compact(self, directory: str) -> int:
         """Write the live set to a new log file (its name goes into the next state file)."""
         generation = int(self._log_name.split(".")[1]) + 1 if self._log_name else 1
-        self._log_name = f"processed.{generation}.log"
+        name = f"processed.{generation}.log"
         data = b"".join(_key_encoder.encode(k) + b"\n" for k in self._seen)
-        write_atomic(os.path.join(directory, self._log_name), data)
-        self._log_lines = len(self._seen)
+        write_atomic(os.path.join(directory, name), data)
+        self._log_name, self._log_lines = name, len(self._seen)  # only once the new log is written
         self._unsaved = []
         return len(data)
 

@@ -22,7 +22,7 @@ from .config import Config
 from .errors import StoreError
 from .logs import LogSettings
 from .outcomes import ImageRef
-from .scanner import select_images
+from .scanner import relative_key, select_images
 
 log = logging.getLogger(__name__)
 
@@ -88,8 +88,10 @@ def _pages(store: Any, cfg: Config, checkpoints: dict[str, str]) -> Iterator[lis
         yield from store.list_pages(prefix, cfg.scan.page_size)
         return
     for kind in store.list_dirs(prefix):
+        if any(relative_key(kind, prefix).startswith(p) for p in cfg.scan.exclude_prefixes):
+            continue  # alert copies and result objects are never analysed
         for directory in store.list_dirs(kind):
-            relative = directory[len(prefix):].rstrip("/")
+            relative = relative_key(directory, prefix).rstrip("/")
             yield from store.list_pages(directory, cfg.scan.page_size, start_after=checkpoints.get(relative, ""))
 
 

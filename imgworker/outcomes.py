@@ -48,11 +48,13 @@ class IntakePosition(msgspec.Struct, frozen=True):
     """Where intake resumes after a restart: the change-event stream, and per-directory listing checkpoints.
 
     ``checkpoints`` maps a task directory to the last key below which every image has an outcome
-    (incremental reconciliation lists only what sorts after it).
+    (incremental reconciliation lists only what sorts after it). ``backlog`` holds the images found
+    but not yet queued, so the event stream can resume from its high-water mark.
     """
 
     events_ts_ns: int = 0
     checkpoints: dict[str, str] = {}
+    backlog: list[str] = []
 
 
 class WorkItem(msgspec.Struct, frozen=True, array_like=True):

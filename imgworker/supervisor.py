@@ -301,7 +301,7 @@ class Supervisor:
                 self._drop(dropped, Outcome.DROPPED_BACKLOG, "queue_full")
 
     def _after_sweep(self, end: SweepEnd) -> None:
-        if end.complete:
+        if end.complete and end.full:
             pruned = self.ledger.end_sweep()
             if pruned:
                 log.info("processed set: pruned %d entries whose objects are gone", pruned)

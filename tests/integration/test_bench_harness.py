@@ -27,18 +27,21 @@ def test_tune_command_writes_points_table_and_plot(tmp_path):
     measured = [p["workers"] for p in data["points"]]
     assert measured == [1, 2]
     for p in data["points"]:
-        for field in ("throughput_per_s", "ideal_per_s", "efficiency", "p50_ms", "p95_ms", "p99_ms",
-                      "overhead_p50_ms", "cpu_s_per_1000"):
+        for field in ("throughput_per_s", "ideal_per_s", "efficiency", "efficiency_nominal", "p50_ms", "p95_ms",
+                      "p99_ms", "overhead_p50_ms", "cpu_s_per_1000"):
             assert field in p
         for field in ("throughput_per_s", "ideal_per_s", "efficiency", "p50_ms"):
             assert p[field] > 0, field
         assert p["p50_ms"] <= p["p95_ms"] <= p["p99_ms"]
         # both are rounded before they are written: compare as arithmetic, not as a measurement
         assert p["efficiency"] == pytest.approx(p["throughput_per_s"] / p["ideal_per_s"], rel=0.01, abs=1e-3)
+        # against the nominal --latency-ms 20, whatever the service really took
+        nominal = p["workers"] / 0.020
+        assert p["efficiency_nominal"] == pytest.approx(p["throughput_per_s"] / nominal, rel=0.01, abs=1e-3)
     assert data["recommended_workers"] in measured
     assert data["reason"]
     table = (tmp_path / "tune.md").read_text()
-    assert "Recommended:" in table
+    assert "Recommended:" in table and "efficiency vs nominal L" in table
     assert all(f"\n| {n} |" in table for n in measured)
     assert (tmp_path / "tune.png").read_bytes()[:4] == b"\x89PNG"
 

@@ -16,9 +16,12 @@ def test_sweep_prunes_only_unseen_keys():
     ps = ProcessedSet()
     ps.add_many(["a", "b", "c"])
     ps.begin_sweep()
+    ps.filter_new(["a"])
+    ps.end_sweep()
+    ps.begin_sweep()
     assert ps.filter_new(["a", "x"]) == ["x"]
     ps.add_many(["x"])  # finished during the sweep
-    assert ps.end_sweep() == 2  # b and c were not listed any more
+    assert ps.end_sweep() == 2  # b and c were not listed by two complete sweeps
     assert sorted(k for k in "abcx" if ps.contains(k)) == ["a", "x"]
 
 
@@ -118,9 +121,11 @@ def test_saving_appends_only_what_changed_and_compacts_pruned_keys(tmp_path, mon
     state = loaded.load(path)
     assert (state.results_offset, state.pending, loaded.size()) == (20, ["p"], 4)
     assert loaded.contains("中文 %+#\n")
-    ps.begin_sweep()
-    ps.filter_new(["c"])
-    assert ps.end_sweep() == 3  # a, b and the unicode key are gone from the bucket
+    for _ in range(2):
+        ps.begin_sweep()
+        ps.filter_new(["c"])
+        pruned = ps.end_sweep()
+    assert pruned == 3  # a, b and the unicode key are gone from the bucket
     for n in range(8):
         ps.begin_sweep()
         ps.add_many([f"k{n}"])
@@ -153,3 +158,37 @@ def test_version_1_state_files_still_load(tmp_path):
     loaded = ProcessedSet()
     state = loaded.load(str(path))
     assert (state.results_offset, state.pending, loaded.size()) == (7, ["c"], 2)
+
+
+def test_an_entry_is_pruned_only_after_two_complete_listings_missed_it():
+    ps = ProcessedSet()
+    ps.add_many(["kept", "gone"])
+    ps.begin_sweep()
+    ps.filter_new(["kept"])
+    assert ps.end_sweep() == 0  # one listing without it: an event replayed now must still find it
+    ps.begin_sweep()
+    ps.filter_new(["kept"])
+    assert ps.end_sweep() == 1 and not ps.contains("gone") and ps.contains("kept")
+
+
+def test_a_failed_compaction_keeps_the_previous_log(tmp_path, monkeypatch):
+    import imgworker.ledger as ledger_module
+
+    path = str(tmp_path / "state.json")
+    ps = ProcessedSet()
+    ps.add_many([f"k{i}" for i in range(50)])
+    ps.save(path, 1, [])
+    monkeypatch.setattr(ledger_module, "_COMPACT_SLACK", -1000)  # force a compaction
+
+    def full_disk(path: str, data: bytes) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ledger_module, "write_atomic", full_disk)
+    ps.add_many(["k50"])
+    with pytest.raises(OSError):
+        ps.save(path, 2, [])
+    monkeypatch.undo()
+    ps.save(path, 3, [])  # the next checkpoint appends to the log the state file names
+    loaded = ProcessedSet()
+    loaded.load(path)
+    assert loaded.size() == 51

@@ -355,37 +355,59 @@ def test_events_find_images_without_listing_and_reconciliation_finds_what_they_m
     assert sup.stats.discovery_ms.count == 5
 
 
-def test_the_event_position_survives_a_restart_without_a_gap(tmp_path):
+def test_the_event_position_and_the_backlog_survive_a_restart_without_a_gap(tmp_path):
     cfg = config(tmp_path, scan={"mode": "events", "events_filer": "127.0.0.1:1.2", "reconcile_interval_s": 3600.0},
                  worker={"count": 1}, dispatch={"queue_capacity": 1}, run={"until_idle": False})
     store = MemoryStore()
     keys = fill(store, ["p/a"], 4)
     watchers: list[InlineWatcher] = []
-    first = events_supervisor(cfg, store, MemoryAlgo(store), watchers)
+    first = events_supervisor(cfg, store, MemoryAlgo(store), watchers, intake_done=lambda: False)
     first.start()
     first.intake.next_sweep = float("inf")  # no reconciliation: only events
     watchers[0].batches += [event_batch(store, keys[:2], ts_ns=100), event_batch(store, keys[2:], ts_ns=200)]
     for _ in range(3):
         first.step()
     first.checkpoint()
-    position = first.intake.events_position()
     first.request_stop("test", force=True)
     first.shutdown()
     done = set(lines(cfg))
     assert done != set(keys)  # a full queue kept some event-found images in the backlog
-    assert position < 200  # so the saved position is before their events
-    second = events_supervisor(cfg, store, MemoryAlgo(store), watchers)
+    algo = MemoryAlgo(store)
+    second = events_supervisor(cfg, store, algo, watchers, intake_done=lambda: False)
     second.start()
-    assert watchers[-1].since_ns == position
+    assert watchers[-1].since_ns == 200  # the stream resumes after the last event handled ...
     second.intake.next_sweep = float("inf")
-    watchers[-1].batches.append(event_batch(store, [k for k in keys if k not in done], ts_ns=200))
-    for _ in range(20):
+    for _ in range(20):  # ... and no event is replayed: the saved backlog brings the rest
         second.step()
     second.request_stop("test")
     while not second.finished():
         second.step()
     second.shutdown()
     assert lines(cfg) == Counter(keys)
+    assert set(algo.calls) == set(keys) - done
+
+
+def test_a_dead_watcher_is_restarted_from_the_last_event_handled(tmp_path):
+    cfg = config(tmp_path, scan={"mode": "events", "events_filer": "127.0.0.1:1.2", "reconcile_interval_s": 3600.0},
+                 run={"until_idle": False})
+    store = MemoryStore()
+    keys = fill(store, ["p/a"], 2)
+    watchers: list[InlineWatcher] = []
+    sup = events_supervisor(cfg, store, MemoryAlgo(store), watchers, intake_done=lambda: False)
+    sup.start()
+    try:
+        sup.intake.next_sweep = float("inf")
+        watchers[0].batches.append(event_batch(store, keys, ts_ns=300))
+        sup.step()
+        watchers[0].alive = lambda: False  # type: ignore[method-assign]
+        sup.step()
+        assert sup.intake.watcher is None  # a dead watcher is not waited on
+        sup.intake._watcher_restart_at = 1.0  # its backoff has passed
+        sup.step()
+        assert len(watchers) == 2 and watchers[1].since_ns == 300
+    finally:
+        sup.request_stop("test", force=True)
+        sup.shutdown()
 
 
 def test_incremental_reconciliation_reads_only_what_is_new_and_keeps_its_checkpoints(tmp_path):
