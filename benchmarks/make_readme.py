@@ -12,6 +12,16 @@ from ._common import RESULTS
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 SECTIONS = [
+    ("peers", "imgworker beside its peers: bare threads and Celery",
+     "`python -m benchmarks.peers` (`--quick` for N = 4, 8). The same job (StatObject, presign, POST to a "
+     "200 ms service that fetches the image) done by imgworker finding images from change events "
+     "(`imgworker`) and by listing every second (`imgworker-listing`), by N bare threads in one process "
+     "(the floor: no dispatch, no discovery), and by Celery prefork workers with valkey as broker "
+     "(`-Ofair`, acks_late, prefetch 1), side by side in one run on the same store, service and images. "
+     "`cpu_s_per_1000_<role>` in the JSON splits imgworker's CPU by process.", "peers.png"),
+    ("discovery", "Finding new images in a bucket of 100,000: events against listing",
+     "`python -m benchmarks.discovery` (`--quick` for a small bucket). 100,000 objects already processed "
+     "are retained; then 30 new images a second arrive. Discovery = upload to dispatch.", "discovery.png"),
     ("tune", "Workers against throughput: `imgworker tune`",
      "`python -m benchmarks.tune --latency-ms 200` (the same as `imgworker tune` with its outputs here). "
      "The real pipeline (supervisor, N workers, Manager, scanner process) against the embedded store, "
