@@ -2,15 +2,16 @@
 
 Data flow (one direction)::
 
-    Intake (lister sweeps ─▶ ledger.filter_new ─▶ backlog, fair across directories)
+    Intake (watcher events, lister sweeps ─▶ ledger.filter_new ─▶ backlog, fair across directories)
         ─▶ Dispatch (bounded queue per task type) ─▶ Pool (worker i, own pipe, item deadline)
         ◀── Answer / Exit ── Pool
         ─▶ _finish: results journal (written through) ─▶ Stats, Ledger ─▶ Janitor (actions)
-    after each complete sweep: Ledger prune, cleaner plan ─▶ Janitor deletes, expiry drops
+    after each complete sweep: Ledger prune, CleanerPass ─▶ Janitor deletes, ExpiryGuard drops
 
 Who owns what: ``Intake`` finds images; ``Dispatch`` knows which worker holds what; ``Pool``
-spawns, stops and kills workers; ``Janitor`` makes every change in the store; ``Ledger`` owns
-the processed set and its flushes; ``RunLock`` and ``ResultsJournal`` own durability. The
+spawns, stops and kills workers; ``Janitor`` makes every change in the store; ``CleanerPass``
+and ``ExpiryGuard`` decide what retention gives up; ``Ledger`` owns the processed set and its
+flushes; ``RunLock`` and ``ResultsJournal`` own durability. The
 supervisor alone decides an image's terminal outcome (``_finish``) and installs the signal
 handlers. ``step()`` is one iteration; ``Parts`` lets a test drive it with an in-memory store,
 an inline pool and an inline lister, without processes or servers.
@@ -30,11 +31,10 @@ from typing import Any
 import msgspec
 
 from . import actions
-from .cleaner import CleanerStats, Plan, Status, StoredImage, plan_cleanup
+from .cleaner import CleanerStats, Plan, StoredImage
 from .config import Config
 from .dispatch import Dispatch
 from .endpoints import EndpointPool
-from .expiry import ExpiryEstimator
 from .intake import EventSource, Intake, ListingSource, SweepEnd
 from .janitor import Done, Janitor, Job
 from .journal import ResultsJournal, RunLock
@@ -44,6 +44,7 @@ from .logs import current_settings
 from .outcomes import ImageRef, Outcome, Result, WorkItem
 from .pool import Answer, Event, Exit, InlinePool, Pool, ProcessPool
 from .proctitle import set_title
+from .retention import CleanerPass, ExpiryGuard
 from .progress import Progress
 from .scanner import parse_task
 from .stats import Report, Stats
@@ -125,20 +126,21 @@ class Supervisor:
         self.stats = Stats(cfg.worker.count)
         self.dispatch = Dispatch(cfg.dispatch)
         self.endpoints = EndpointPool(cfg.algo)
-        self.expiry = ExpiryEstimator(cfg.retention, cfg.store.prefix)
         self.cleaner = CleanerStats()
         self.progress = Progress(cfg.run.progress_interval_s, enabled=show_progress)
         self.lock = RunLock(cfg.run.state_dir)
         self.ledger = Ledger(os.path.join(cfg.run.state_dir, "state.json"), cfg.results_path, parts.ledger_backend)
         self.intake = Intake(cfg, ledger=self.ledger, dispatch=self.dispatch, make_lister=parts.make_lister,
                              make_watcher=parts.make_watcher, intake_done=intake_done)
+        self.cleaning = CleanerPass(cfg, dispatch=self.dispatch, intake=self.intake, ledger=self.ledger,
+                                    stats=self.stats, cleaner=self.cleaner, drop=self._drop)
+        self.expiry = ExpiryGuard(cfg, dispatch=self.dispatch, stats=self.stats, drop=self._drop)
         self.journal: ResultsJournal | None = None
         self.janitor: Janitor | None = None
         self.stopping = Stopping()
         self._started = time.monotonic()
         self._next_checkpoint = 0.0
         self._next_deadline = 0.0
-        self._rate_samples: list[tuple[float, int]] = []
 
     # ----- lifecycle -----------------------------------------------------------------
 
@@ -308,66 +310,17 @@ class Supervisor:
             self.cleaner.peak_objects_listed = max(self.cleaner.peak_objects_listed, end.listed)
             if self.cfg.retention.enabled and not self.stopping.draining:  # a stop is not held up by deletes
                 self.clean(end.inventory)
-        self._sample_rate()
-        self.drop_doomed()
+        self.expiry.sample_rate()
+        self.expiry.drop_doomed()
 
-    # ----- retention -----------------------------------------------------------------
-
-    def status_of(self, new: set[str]) -> Callable[[str], Status]:
-        """An image's status for the cleaner; one with unfinished actions is protected like a held one."""
-        assert self.janitor is not None
-        janitor = self.janitor
-
-        def status(key: str) -> Status:
-            if self.dispatch.is_held(key) or janitor.has_open_actions(key):
-                return Status.HELD
-            if self.dispatch.is_queued(key):
-                return Status.QUEUED
-            return Status.NEW if key in new else Status.DONE
-
-        return status
+    # ----- store jobs ------------------------------------------------------------------
 
     def clean(self, inventory: list[StoredImage]) -> Plan:
-        """One cleaning pass over a complete listing, decided and executed without a window."""
+        """One cleaning pass over a complete listing (see retention.CleanerPass)."""
         assert self.janitor is not None
-        new = self.ledger.filter_new([img.key for img in inventory if img.key not in self.dispatch])
-        status = self.status_of(new)
-        plan = plan_cleanup(inventory, self.cfg.retention, now=time.time(), status=status)
-        self._count_plan(plan, status, inventory)
-        by_key = {img.key: img for img in inventory}
-        for key in plan.give_up:
-            self._give_up(by_key[key], status(key))
-        keys = plan.delete + plan.give_up
-        size = self.cfg.retention.batch_size
-        jobs = [Job(kind="delete", keys=tuple(keys[i : i + size])) for i in range(0, len(keys), size)]
-        self._on_janitor(self.janitor.run_now(jobs))
+        plan, done = self.cleaning.run(inventory, self.janitor)
+        self._on_janitor(done)
         return plan
-
-    def _count_plan(self, plan: Plan, status: Callable[[str], Status], inventory: list[StoredImage]) -> None:
-        c = self.cleaner
-        c.passes += 1
-        c.skipped_protected += plan.skipped_protected
-        c.passes_over_limit += int(plan.limit_exceeded)
-        c.given_up += len(plan.give_up)
-        for key in plan.delete:
-            st = status(key)
-            c.deleted_unaccepted += st is Status.NEW
-            c.deleted_queued += st is Status.QUEUED
-            c.deleted_held += st is Status.HELD
-        gone = set(plan.delete) | set(plan.give_up)
-        left = [img for img in inventory if img.key not in gone]
-        c.peak_objects = max(c.peak_objects, len(left))
-        c.peak_bytes = max(c.peak_bytes, sum(img.size for img in left))
-
-    def _give_up(self, img: StoredImage, status: Status) -> None:
-        """Storage wins: end a queued (or not yet accepted) image explicitly before it is deleted."""
-        if status is Status.NEW:
-            self.stats.scanned += 1
-            self.intake.forget(img.key)
-        else:
-            self.dispatch.withdraw(img.key)
-        task_type, task_id = parse_task(img.key, self.cfg.store.prefix)
-        self._drop(ImageRef(key=img.key, task_type=task_type, task_id=task_id), Outcome.DROPPED_EXPIRED, "retention")
 
     def _on_janitor(self, done: list[Done]) -> None:
         """Count what the janitor did: cleaner deletes, and failed result actions."""
@@ -378,46 +331,6 @@ class Supervisor:
                 self.cleaner.delete_errors += report.refused
             elif report.failed:
                 self.stats.action_errors[job.action] = self.stats.action_errors.get(job.action, 0) + 1
-
-    def _sample_rate(self) -> None:
-        now = time.monotonic()
-        self._rate_samples.append((now, self.stats.finished))
-        while len(self._rate_samples) > 2 and now - self._rate_samples[1][0] > 5.0:
-            self._rate_samples.pop(0)
-
-    def throughput_estimate(self) -> float:
-        """Images finished per second over the last ~5 s (0 until a second of it is measured)."""
-        if len(self._rate_samples) < 2:
-            return 0.0
-        (t0, n0), (t1, n1) = self._rate_samples[0], self._rate_samples[-1]
-        return (n1 - n0) / (t1 - t0) if t1 - t0 >= 1.0 else 0.0
-
-    def drop_doomed(self) -> int:
-        """With an external cleaner, drop queued images that would expire before a worker is done."""
-        if not self.expiry.enabled or not self.dispatch.pending:
-            return 0
-        now, rate = time.time(), self.throughput_estimate()
-        margin = self.stats.e2e_ms.mean / 1000.0
-        doomed = []
-        for position, item in enumerate(self.dispatch.in_take_order()):
-            wait = position / rate if rate > 0 else 0.0
-            if self.expiry.would_expire(item.ref, within_s=wait + margin, now=now):
-                doomed.append(item)
-        for item in doomed:
-            self.dispatch.withdraw(item.ref.key)
-            self._drop(item.ref, Outcome.DROPPED_EXPIRED, "would_expire")
-        if doomed:
-            log.info("dropped %d queued images that would expire before a worker reaches them", len(doomed))
-        return len(doomed)
-
-    def _would_expire(self, item: WorkItem) -> bool:
-        """Drop an item instead of dispatching it if it would expire before a worker is done."""
-        margin = self.stats.e2e_ms.mean / 1000.0
-        if not self.expiry.enabled or not self.expiry.would_expire(item.ref, within_s=margin, now=time.time()):
-            return False
-        self.dispatch.withdraw(item.ref.key)
-        self._drop(item.ref, Outcome.DROPPED_EXPIRED, "would_expire")
-        return True
 
     # ----- dispatch --------------------------------------------------------------------
 
@@ -432,7 +345,7 @@ class Supervisor:
             item = self.dispatch.peek(usable)
             if item is None:
                 return
-            if self._would_expire(item):
+            if self.expiry.drops(item):
                 continue
             kind = item.ref.task_type
             endpoints = self.endpoints.choose(kind)
