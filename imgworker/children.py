@@ -18,7 +18,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
-from multiprocessing.connection import wait
+from multiprocessing.connection import Connection, wait
 from multiprocessing.context import SpawnContext, SpawnProcess
 from typing import Any
 
@@ -78,3 +78,46 @@ def stop_processes(processes: Sequence[Any], deadline: float) -> None:
         process.kill()
     for process in processes:
         process.join()
+
+
+STOP = b""  # the message that tells a child to leave
+
+
+class ChildHandle:
+    """The supervisor's end of a helper child (lister, watcher): its pipe, its process, an ordered stop."""
+
+    def __init__(self, target: Callable[..., None], args: tuple[Any, ...], name: str) -> None:
+        ours, theirs = CTX.Pipe(duplex=True)
+        self.conn: Connection = ours
+        self.process = spawn(target, (*args[:1], theirs, *args[1:]), name)
+        theirs.close()  # only the child holds that end: its death closes ours
+
+    def waitables(self) -> list[Any]:
+        return [self.conn, self.process.sentinel]
+
+    def alive(self) -> bool:
+        return self.process.is_alive()
+
+    def exitcode(self) -> int | None:
+        self.process.join(0)
+        return self.process.exitcode
+
+    def receive(self) -> bytes | None:
+        """The next message if one is buffered; EOFError/OSError if the child is gone."""
+        return self.conn.recv_bytes() if self.conn.poll() else None
+
+    def stop(self, timeout: float = 2.0) -> None:
+        """Tell it to stop, drain the pipe meanwhile (a blocked send must finish), kill it after ``timeout``."""
+        try:
+            self.conn.send_bytes(STOP)
+        except OSError:
+            pass
+        deadline = time.monotonic() + timeout
+        while self.process.is_alive() and time.monotonic() < deadline:
+            try:
+                while self.conn.poll(0.05):
+                    self.conn.recv_bytes()
+            except (EOFError, OSError):
+                break
+        stop_processes([self.process], deadline)
+        self.conn.close()

@@ -39,7 +39,7 @@ from typing import IO, TYPE_CHECKING, Any, Literal, TypeVar
 
 import msgspec
 
-from .children import CTX, child_setup, die_with_parent, spawn
+from .children import ChildHandle, child_setup, die_with_parent
 from .config import Config
 from .errors import ImgworkerError
 from .logs import LogSettings
@@ -54,7 +54,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
 
-STOP = b""
 MAX_BATCH_EVENTS = 256
 MAX_BATCH_WAIT_S = 0.05
 PROGRESS_INTERVAL_S = 1.0  # an empty batch that only moves the resume position, at most this often
@@ -732,47 +731,14 @@ def check_source(source: WatchSource) -> None:
         raise EventError("the NATS source needs the nats-py package: pip install nats-py")
 
 
-class Watcher:
+class Watcher(ChildHandle):
     """The supervisor's handle on the watcher process."""
 
     def __init__(self, cfg: Config, log_settings: LogSettings, since_ns: int, source: WatchSource) -> None:
         check_source(source)
-        ours, theirs = CTX.Pipe(duplex=True)
-        self.conn: Connection = ours
-        self.process = spawn(watcher_main, (cfg, theirs, log_settings, since_ns, source), "imgworker-watcher")
-        theirs.close()
-
-    def waitables(self) -> list[Any]:
-        return [self.conn, self.process.sentinel]
-
-    def alive(self) -> bool:
-        return self.process.is_alive()
-
-    def exitcode(self) -> int | None:
-        self.process.join(0)
-        return self.process.exitcode
+        super().__init__(watcher_main, (cfg, log_settings, since_ns, source), "imgworker-watcher")
 
     def poll(self) -> WatcherMessage | None:
         """The next message if one is buffered; EOFError/OSError if the watcher is gone."""
-        if not self.conn.poll():
-            return None
-        return _decoder.decode(self.conn.recv_bytes())
-
-    def stop(self, timeout: float = 2.0) -> None:
-        """Tell it to stop, drain the pipe meanwhile (a blocked send must finish), kill it after ``timeout``."""
-        try:
-            self.conn.send_bytes(STOP)
-        except OSError:
-            pass
-        deadline = time.monotonic() + timeout
-        while self.process.is_alive() and time.monotonic() < deadline:
-            try:
-                while self.conn.poll(0.05):
-                    self.conn.recv_bytes()
-            except (EOFError, OSError):
-                break
-        self.process.join(max(0.0, deadline - time.monotonic()))
-        if self.process.is_alive():
-            self.process.kill()
-            self.process.join()
-        self.conn.close()
+        data = self.receive()
+        return None if data is None else _decoder.decode(data)

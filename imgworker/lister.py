@@ -11,13 +11,12 @@ from __future__ import annotations
 import collections
 from collections.abc import Iterator
 import logging
-import time
 from multiprocessing.connection import Connection
 from typing import Any
 
 import msgspec
 
-from .children import CTX, child_setup, spawn
+from .children import STOP, ChildHandle, child_setup
 from .config import Config
 from .errors import StoreError
 from .logs import LogSettings
@@ -25,8 +24,6 @@ from .outcomes import ImageRef
 from .scanner import relative_key, select_images
 
 log = logging.getLogger(__name__)
-
-STOP = b""
 
 
 class SweepRequest(msgspec.Struct, array_like=True):
@@ -95,51 +92,19 @@ def _pages(store: Any, cfg: Config, checkpoints: dict[str, str]) -> Iterator[lis
             yield from store.list_pages(directory, cfg.scan.page_size, start_after=checkpoints.get(relative, ""))
 
 
-class Lister:
+class Lister(ChildHandle):
     """The supervisor's handle on the lister process."""
 
     def __init__(self, cfg: Config, log_settings: LogSettings) -> None:
-        ours, theirs = CTX.Pipe(duplex=True)
-        self.conn: Connection = ours
-        self.process = spawn(lister_main, (cfg, theirs, log_settings), "imgworker-scanner")
-        theirs.close()
-
-    def waitables(self) -> list[Any]:
-        return [self.conn, self.process.sentinel]
-
-    def alive(self) -> bool:
-        return self.process.is_alive()
-
-    def exitcode(self) -> int | None:
-        self.process.join(0)
-        return self.process.exitcode
+        super().__init__(lister_main, (cfg, log_settings), "imgworker-scanner")
 
     def request_sweep(self, checkpoints: dict[str, str] | None = None) -> None:
         self.conn.send_bytes(_encoder.encode(SweepRequest(checkpoints=checkpoints or {})))
 
     def poll(self) -> ListingMessage | None:
         """The next message if one is buffered; EOFError/OSError if the lister is gone."""
-        if not self.conn.poll():
-            return None
-        return _decoder.decode(self.conn.recv_bytes())
-
-    def stop(self, timeout: float = 2.0) -> None:
-        try:
-            self.conn.send_bytes(STOP)
-        except OSError:
-            pass
-        deadline = time.monotonic() + timeout
-        while self.process.is_alive() and time.monotonic() < deadline:
-            try:
-                while self.conn.poll(0.05):  # a lister blocked on sending must be able to finish
-                    self.conn.recv_bytes()
-            except (EOFError, OSError):
-                break
-        self.process.join(max(0.0, deadline - time.monotonic()))
-        if self.process.is_alive():
-            self.process.kill()
-            self.process.join()
-        self.conn.close()
+        data = self.receive()
+        return None if data is None else _decoder.decode(data)
 
 
 class InlineLister:

@@ -36,7 +36,7 @@ from .config import Config
 from .dispatch import Dispatch
 from .endpoints import EndpointPool
 from .intake import EventSource, Intake, ListingSource, SweepEnd
-from .janitor import Done, Janitor, Job
+from .janitor import Done, Janitor
 from .journal import ResultsJournal, RunLock
 from .ledger import Ledger, LocalBackend, Restored
 from .lister import InlineLister, Lister

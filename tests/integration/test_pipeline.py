@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 
 import pytest
 
@@ -70,7 +69,6 @@ def test_image_deleted_while_queued(make_config, store, prefix, check, outcome):
     sup = Supervisor(cfg, show_progress=False)
     sup.start()
     try:
-        import time
 
         while sup.dispatch.pending < len(keys):
             sup.intake_step()
