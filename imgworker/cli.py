@@ -268,17 +268,17 @@ def cmd_store_serve(args: argparse.Namespace) -> int:
 
     cfg = load_config(overrides={})
     _require_credentials(cfg)
-    store = EmbeddedStore(args.data_dir, cfg.credentials, bucket=args.bucket, s3_port=args.port).start()
-    print(f"embedded store ready: endpoint {store.endpoint}, bucket {args.bucket}, data in {store.data_dir}")
-    print(f"use it with: IMGWORKER_STORE_ENDPOINT={store.endpoint} IMGWORKER_STORE_BUCKET={args.bucket} "
-          "and the same IMGWORKER_ACCESS_KEY / IMGWORKER_SECRET_KEY; Ctrl-C stops it", flush=True)
-    stopping: list[int] = []
-    signal.signal(signal.SIGTERM, lambda s, f: stopping.append(s))
+    stopping: list[int] = []  # signals only set a flag: a Ctrl-C at any instant still stops the store
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda s, f: stopping.append(s))
+    store = EmbeddedStore(args.data_dir, cfg.credentials, bucket=args.bucket, s3_port=args.port)
     try:
+        store.start()
+        print(f"embedded store ready: endpoint {store.endpoint}, bucket {args.bucket}, data in {store.data_dir}")
+        print(f"use it with: IMGWORKER_STORE_ENDPOINT={store.endpoint} IMGWORKER_STORE_BUCKET={args.bucket} "
+              "and the same IMGWORKER_ACCESS_KEY / IMGWORKER_SECRET_KEY; Ctrl-C stops it", flush=True)
         while store.alive() and not stopping:
             time.sleep(0.2)
-    except KeyboardInterrupt:
-        pass
     finally:
         store.stop()
     print("embedded store stopped")

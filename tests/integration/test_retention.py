@@ -40,9 +40,9 @@ def test_policies_against_a_real_queue(make_config, store, prefix, slow_algo, po
         from imgworker.cleaner import stored_image
         from imgworker.outcomes import ImageRef
 
-        sup.cfg = msgspec.structs.replace(cfg, retention=retention)  # one pass, at a moment the test chooses
+        sup.cleaning.cfg = msgspec.structs.replace(cfg, retention=retention)  # one pass, at a moment of our choosing
         plan = sup.clean([stored_image(ImageRef(key=k), prefix) for k in keys])
-        sup.cfg = cfg
+        sup.cleaning.cfg = cfg
         remaining = listed(store, prefix)
         while not sup.finished():
             sup.step()
