@@ -514,7 +514,7 @@ class _WebhookHandler(BaseHTTPRequestHandler):
     server: _WebhookServer
     protocol_version = "HTTP/1.1"
 
-    def do_HEAD(self) -> None:  # noqa: N802: MinIO checks the target with HEAD
+    def do_HEAD(self) -> None:  # noqa: N802 (MinIO checks the target with HEAD)
         self._answer(200)
 
     def do_GET(self) -> None:  # noqa: N802

@@ -11,7 +11,8 @@ import sysconfig
 from types import TracebackType
 
 from ..config import Credentials
-from .netutil import die_with_parent, free_port, port_open, wait_until
+from ..children import die_with_parent as on_parent_death
+from .netutil import free_port, port_open, wait_until
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +88,7 @@ class EmbeddedStore:
         with open(self._log_file, "ab") as out:
             self._proc = subprocess.Popen(
                 self._command(), stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                start_new_session=True, preexec_fn=die_with_parent,
+                start_new_session=True, preexec_fn=_killed_with_parent,
             )
         wait_until(self._ready, timeout_s=timeout_s, what="the embedded store", alive=self.alive)
         log.info("embedded store ready at %s (data in %s)", self.endpoint, self.data_dir)
@@ -132,6 +133,11 @@ class EmbeddedStore:
 
     def __exit__(self, *exc: tuple[type[BaseException], BaseException, TracebackType] | None) -> None:
         self.stop()
+
+
+def _killed_with_parent() -> None:
+    """For ``preexec_fn``: SIGKILL when the parent dies; ``weed`` does not always act on SIGTERM then."""
+    on_parent_death(signal.SIGKILL)
 
 
 def _signal_group(proc: subprocess.Popen[bytes], sig: int) -> None:
