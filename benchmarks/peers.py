@@ -7,6 +7,8 @@ it fetches every presigned URL it is given) serve three ways of doing the same j
 
 - ``imgworker``: the real Supervisor with N worker processes, configured as shipped (scan interval,
   existence check, checkpoints), driven step by step as ``imgworker tune`` does;
+- ``imgworker-lanes``: the same with N lanes in N / 8 worker processes (``worker.threads = 8``):
+  each lane a thread with its own clients, the way to spend less CPU per image;
 - ``floor``: N threads in this process, each with its own minio client and requests.Session,
   doing stat + presign + POST on keys taken from a pre-built list (``_floor``): no dispatch, no
   discovery, nothing recorded; the least this job costs here;
@@ -66,7 +68,8 @@ from ._common import RESULTS, embedded
 from ._floor import Target, Timing, run_floor
 from ._peer_procs import CeleryWorker, Valkey, cpu_seconds, tree, wait_quiet
 
-WAYS = ("imgworker", "imgworker-listing", "floor", "celery")
+WAYS = ("imgworker", "imgworker-lanes", "imgworker-listing", "floor", "celery")
+LANES = 8  # lanes per worker process in the imgworker-lanes way
 
 
 class Params(msgspec.Struct, frozen=True, kw_only=True):
@@ -178,18 +181,27 @@ def _not_servers(me: psutil.Process, servers: set[int]) -> list[psutil.Process]:
     return [me, *(p for p in me.children(recursive=True) if p.pid not in servers)]
 
 
+def lanes_per_process(workers: int) -> int:
+    """The most lanes per process, up to ``LANES``, that divide N exactly (N lanes in all)."""
+    return max(d for d in range(1, LANES + 1) if workers % d == 0)
+
+
 def run_imgworker(base: Config, *, prefix: str, images: int, workers: int, latency_ms: float,
                   way: str = "imgworker") -> Run:
     """The real supervisor and N worker processes on ``prefix``, until every image has its outcome.
 
     ``imgworker`` finds images from the store's change events (one reconciliation listing at start),
-    ``imgworker-listing`` by listing the bucket every second, as shipped for ``scan.mode = "listing"``.
+    ``imgworker-listing`` by listing the bucket every second, as shipped for ``scan.mode = "listing"``;
+    ``imgworker-lanes`` is ``imgworker`` with the N lanes in N / 8 processes.
     """
     state = tempfile.mkdtemp(prefix="peers-state-")
-    scan = ScanConfig(mode="events", events_filer=base.scan.events_filer) if way == "imgworker" else ScanConfig()
+    listing = way == "imgworker-listing"
+    scan = ScanConfig() if listing else ScanConfig(mode="events", events_filer=base.scan.events_filer)
+    threads = lanes_per_process(workers) if way == "imgworker-lanes" else 1
+    processes = workers // threads
     cfg = msgspec.structs.replace(
         base, scan=scan, store=msgspec.structs.replace(base.store, prefix=prefix),
-        worker=msgspec.structs.replace(base.worker, count=workers),
+        worker=msgspec.structs.replace(base.worker, count=processes, threads=threads),
         run=msgspec.structs.replace(base.run, state_dir=state, until_idle=False))
     results: list[Result] = []
     me = psutil.Process()
@@ -197,7 +209,7 @@ def run_imgworker(base: Config, *, prefix: str, images: int, workers: int, laten
     sup = Supervisor(cfg, show_progress=False, on_result=results.append)
     try:
         sup.start()
-        wait_quiet(lambda: _titled(me, "imgworker: worker"), workers, cap_s=300.0)
+        wait_quiet(lambda: _titled(me, "imgworker: worker"), processes, cap_s=300.0)
         cpu0 = cpu_seconds(_not_servers(me, server_pids))
         roles0 = cpu_by_role(me, server_pids)
         deadline = time.monotonic() + _cap_s(images, workers, latency_ms)
@@ -332,7 +344,7 @@ def _run_way(way: str, cfg: Config, valkey: Valkey, target: Target, prefix: str,
 
 def _line(r: Row) -> str:
     failed = f", {r.failed} FAILED" if r.failed else ""
-    return (f"peers: N={r.workers:3d} {r.way:9s} {r.images} images in {r.wall_s:.1f} s: "
+    return (f"peers: N={r.workers:3d} {r.way:17s} {r.images} images in {r.wall_s:.1f} s: "
             f"{r.throughput_per_s:.1f} img/s, "
             f"efficiency {r.efficiency:.3f}, {r.cpu_s_per_1000:.2f} CPU-s/1000, p50 {r.p50_ms:.1f} ms{failed}")
 
@@ -349,7 +361,8 @@ def markdown(rows: Sequence[Row], params: Params) -> str:
                      f"| {r.cpu_vs_floor:.2f} | {r.efficiency_vs_celery:.3f} | {r.cpu_vs_celery:.2f} |")
     failed = sum(r.failed for r in rows)
     lines += ["", f"Efficiency = throughput / (N / {params.latency_ms:g} ms), throughput from the first job start to "
-              "the last job end. CPU-s/1000: worker side only (imgworker: supervisor, workers, scanner, Manager; "
+              "the last job end; N = images at once (imgworker-lanes: N / 8 processes of 8 lanes, fewer lanes where 8 does not divide N). "
+              "CPU-s/1000: worker side only (imgworker: supervisor, workers, scanner, Manager; "
               "floor: its one process; Celery: worker and pool processes), not the store, the service or valkey. "
               "p50: one image's stat + presign + POST; algo p50: the POST alone. All on one machine."
               + (f" **{failed} images failed.**" if failed else "")]

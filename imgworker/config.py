@@ -109,9 +109,16 @@ class RetentionConfig(msgspec.Struct, **_STRUCT):
 
 
 class WorkerConfig(msgspec.Struct, **_STRUCT):
-    """What each worker process does with one image."""
+    """How many worker processes, how many lanes (threads) each, and what a lane does with one image.
+
+    ``count`` processes of ``threads`` lanes each: ``count * threads`` images are analysed at once.
+    A lane is a thread with its own minio client and ``requests`` session. More lanes per process
+    cost less CPU per image; a process that dies takes every image its lanes held (each is retried).
+    ``max_tasks`` and ``max_memory_mb`` recycle a whole process.
+    """
 
     count: Annotated[int, msgspec.Meta(ge=1, le=1024)] = 4
+    threads: Annotated[int, msgspec.Meta(ge=1, le=256)] = 1
     stat_check: bool = True
     stat_timeout_s: Positive = 2.0
     presign_expiry_s: Annotated[int, msgspec.Meta(ge=1, le=604800)] = 900
@@ -179,6 +186,11 @@ class Config(msgspec.Struct, **_STRUCT):
     @property
     def results_path(self) -> str:
         return self.run.results_file or os.path.join(self.run.state_dir, "results.jsonl")
+
+    @property
+    def concurrency(self) -> int:
+        """Images analysed at once: worker processes times lanes per process."""
+        return self.worker.count * self.worker.threads
 
     @property
     def item_deadline_s(self) -> float:

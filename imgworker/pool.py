@@ -1,10 +1,13 @@
 """The worker pool: spawns worker processes, hands them items, notices answers, deaths and overdue items.
 
-Each worker has its own duplex pipe and holds at most one item. ``wait`` blocks on every
-worker's pipe and process sentinel together (``multiprocessing.connection.wait``), plus any
-extra waitables the caller passes, so an answer or a death is seen at once without polling.
-A worker whose item is past its deadline is killed; its exit is reported with ``overdue`` set.
-Stopping sends every worker its stop message at once and waits against one deadline.
+Items are handed to lanes (slots): each worker process has ``worker.threads`` of them, and a
+lane holds at most one item. Each process has its own duplex pipe. ``wait`` blocks on every
+process's pipe and sentinel together (``multiprocessing.connection.wait``), plus any extra
+waitables the caller passes, so an answer or a death is seen at once without polling. A process
+holding an item past its deadline is killed; its exit names every lane it had, and the overdue
+ones. A process that asks to be recycled is told to stop at once and gets nothing more; it
+answers what it holds first. Stopping sends every process its stop message at once and waits
+against one deadline.
 
 ``InlinePool`` has the same interface and runs items in the calling process; with an
 in-memory store it drives the supervisor in tests without processes or servers.
@@ -12,6 +15,7 @@ in-memory store it drives the supervisor in tests without processes or servers.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Sequence
 from multiprocessing.connection import Connection, wait
@@ -23,11 +27,13 @@ from .children import CTX, spawn, stop_processes
 from .config import Config
 from .logs import LogSettings
 from .outcomes import Outcome, Result, WorkItem
-from .worker import STOP, Reply, decode_reply, encode_item, worker_main
+from .worker import STOP, Reply, decode_reply, encode_item, unframe, worker_main
+
+log = logging.getLogger(__name__)
 
 
 class Answer(msgspec.Struct, frozen=True):
-    """A worker answered for its item."""
+    """A lane answered for its item."""
 
     slot: int
     reply: Reply
@@ -35,12 +41,17 @@ class Answer(msgspec.Struct, frozen=True):
 
 
 class Exit(msgspec.Struct, frozen=True):
-    """A worker process exited; ``overdue`` if the pool killed it for passing the item deadline."""
+    """A worker process exited, with every item its lanes held.
 
-    slot: int
+    ``lanes`` are its lanes (the slots items are handed to); ``overdue`` those whose item passed its
+    deadline, for which the pool killed it; ``retiring`` if it left because it asked to be recycled.
+    """
+
+    worker: int
+    lanes: tuple[int, ...]
     code: int | None
     retiring: bool
-    overdue: bool
+    overdue: tuple[int, ...] = ()
 
 
 Event = Answer | Exit
@@ -53,28 +64,39 @@ class Pool(Protocol):
     def send(self, slot: int, item: WorkItem) -> None: ...
     def wait(self, timeout: float, extra: Sequence[Any]) -> tuple[list[Event], list[Any]]: ...
     def kill_overdue(self, now: float) -> float: ...
-    def respawn(self, slot: int) -> None: ...
+    def respawn(self, worker: int) -> None: ...
     def alive(self) -> int: ...
     def stop(self, deadline: float) -> list[Event]: ...
 
 
-class _Worker:
-    """One worker slot: process, channel, and what the pool knows of its current item."""
+def lanes_of(worker: int, threads: int) -> tuple[int, ...]:
+    """The lanes (slots) of worker process ``worker``: ``threads`` consecutive numbers."""
+    return tuple(range(worker * threads, (worker + 1) * threads))
 
-    def __init__(self, slot: int, cfg: Config, log_settings: LogSettings) -> None:
-        self.slot = slot
+
+class _Worker:
+    """One worker process: its pipe, its lanes, and what the pool knows of the items they hold."""
+
+    def __init__(self, index: int, lanes: tuple[int, ...], cfg: Config, log_settings: LogSettings) -> None:
+        self.index = index
+        self.lanes = lanes
         ours, theirs = CTX.Pipe(duplex=True)
         self.conn: Connection = ours
-        self.process = spawn(worker_main, (slot, cfg, theirs, log_settings), f"imgworker-worker-{slot}")
+        self.process = spawn(worker_main, (index, lanes, cfg, theirs, log_settings), f"imgworker-worker-{index}")
         theirs.close()  # only the worker holds that end: its death closes ours
-        self.dispatched_at = 0.0
-        self.busy = False
-        self.retiring = False
-        self.overdue = False
+        self.busy: dict[int, float] = {}  # lane -> when its item was sent
+        self.retiring = False  # asked to be recycled: told to stop, gets nothing more
+        self.overdue: set[int] = set()  # lanes whose item passed its deadline: the process is being killed
+
+    def tell_stop(self) -> None:
+        try:
+            self.conn.send_bytes(STOP)
+        except OSError:
+            pass
 
 
 class ProcessPool:
-    """N worker processes, each with its own pipe."""
+    """``worker.count`` processes of ``worker.threads`` lanes each, one pipe per process."""
 
     def __init__(self, cfg: Config, log_settings: LogSettings) -> None:
         self.cfg = cfg
@@ -82,20 +104,23 @@ class ProcessPool:
         self.deadline_s = cfg.item_deadline_s
         self.workers: dict[int, _Worker] = {}
         self.idle: list[int] = []
+        self._of_lane: dict[int, _Worker] = {}
         self._by_conn: dict[Any, _Worker] = {}  # rebuilt only when a worker starts or exits: wait() is per step
         self._by_sentinel: dict[int, _Worker] = {}
-        self._next_due = 0.0  # earliest item deadline among busy workers (0: none known)
+        self._next_due = 0.0  # earliest item deadline among busy lanes (0: none known)
 
     def start(self) -> None:
-        for slot in range(self.cfg.worker.count):
-            self.respawn(slot)
+        for index in range(self.cfg.worker.count):
+            self.respawn(index)
 
-    def respawn(self, slot: int) -> None:
-        self.workers[slot] = _Worker(slot, self.cfg, self.log_settings)
-        self.idle.append(slot)
+    def respawn(self, worker: int) -> None:
+        lanes = lanes_of(worker, self.cfg.worker.threads)
+        self.workers[worker] = _Worker(worker, lanes, self.cfg, self.log_settings)
+        self.idle.extend(reversed(lanes))  # idle.pop() hands out the lowest lane first
         self._index()
 
     def _index(self) -> None:
+        self._of_lane = {lane: w for w in self.workers.values() for lane in w.lanes}
         self._by_conn = {w.conn: w for w in self.workers.values()}
         self._by_sentinel = {w.process.sentinel: w for w in self.workers.values()}
 
@@ -103,14 +128,14 @@ class ProcessPool:
         return sum(1 for w in list(self.workers.values()) if w.process.is_alive())
 
     def send(self, slot: int, item: WorkItem) -> None:
-        """Hand an item to an idle worker; a dead one is reported by its sentinel."""
-        worker = self.workers[slot]
-        worker.dispatched_at = time.monotonic()
-        worker.busy = True
-        due = worker.dispatched_at + self.deadline_s
+        """Hand an item to an idle lane; a dead process is reported by its sentinel."""
+        worker = self._of_lane[slot]
+        now = time.monotonic()
+        worker.busy[slot] = now
+        due = now + self.deadline_s
         self._next_due = min(self._next_due, due) if self._next_due else due
         try:
-            worker.conn.send_bytes(encode_item(item))
+            worker.conn.send_bytes(encode_item(slot, item))
         except OSError:
             pass
 
@@ -131,67 +156,77 @@ class ProcessPool:
         out: list[Event] = []
         try:
             while not worker.conn.closed and worker.conn.poll():
-                out.append(self._answer(worker, worker.conn.recv_bytes()))
+                answer = self._answer(worker, worker.conn.recv_bytes())
+                if answer is not None:
+                    out.append(answer)
         except (EOFError, OSError):
             pass  # the sentinel reports the death
         return out
 
-    def _answer(self, worker: _Worker, data: bytes) -> Answer:
-        worker.busy = False
+    def _answer(self, worker: _Worker, data: bytes) -> Answer | None:
         try:
-            reply = decode_reply(data)
+            slot, payload = unframe(data)
+        except ValueError as exc:  # no lane to charge it to: that item's deadline ends it
+            log.error("worker %d sent a reply that names no lane (%s); ignored", worker.index, exc)
+            return None
+        dispatched_at = worker.busy.pop(slot, 0.0)
+        try:
+            reply = decode_reply(payload)
         except msgspec.DecodeError as exc:
-            reply = undecodable_reply(worker.slot, exc)
-        worker.retiring = reply.retiring
-        if not reply.retiring and not worker.overdue:  # a worker being killed gets nothing more
-            self.idle.append(worker.slot)
-        return Answer(slot=worker.slot, reply=reply, dispatched_at=worker.dispatched_at)
+            reply = undecodable_reply(slot, exc)
+        if reply.retiring and not worker.retiring:
+            worker.retiring = True
+            worker.tell_stop()  # it answers what it holds, then leaves; its lanes get nothing more
+            self.idle[:] = [lane for lane in self.idle if lane not in worker.lanes]
+        if not worker.retiring and not worker.overdue and slot in worker.lanes:
+            self.idle.append(slot)
+        return Answer(slot=slot, reply=reply, dispatched_at=dispatched_at)
 
     def _exited(self, worker: _Worker) -> Exit:
         worker.process.join()
         worker.conn.close()
-        self.workers.pop(worker.slot, None)
+        self.workers.pop(worker.index, None)
         self._index()
-        if worker.slot in self.idle:
-            self.idle.remove(worker.slot)
-        return Exit(slot=worker.slot, code=worker.process.exitcode, retiring=worker.retiring, overdue=worker.overdue)
+        self.idle[:] = [lane for lane in self.idle if lane not in worker.lanes]
+        return Exit(worker=worker.index, lanes=worker.lanes, code=worker.process.exitcode, retiring=worker.retiring,
+                    overdue=tuple(sorted(worker.overdue)))
 
     def kill_overdue(self, now: float) -> float:
-        """Kill workers whose item passed its deadline; return the next deadline (0 if none).
+        """Kill processes holding an item past its deadline; return the next deadline (0 if none).
 
-        Cheap on most steps: the workers are only looked at once the earliest deadline has come.
+        Cheap on most steps: the lanes are only looked at once the earliest deadline has come.
         """
         if not self._next_due or now < self._next_due:
             return self._next_due
         upcoming = 0.0
         for worker in self.workers.values():
-            if not worker.busy or worker.overdue:
+            if worker.overdue:
                 continue
-            due = worker.dispatched_at + self.deadline_s
-            if now >= due:
-                worker.overdue = True
+            for slot, sent_at in worker.busy.items():
+                due = sent_at + self.deadline_s
+                if now >= due:
+                    worker.overdue.add(slot)
+                elif not upcoming or due < upcoming:
+                    upcoming = due
+            if worker.overdue:
                 worker.process.kill()
-            elif not upcoming or due < upcoming:
-                upcoming = due
         self._next_due = upcoming
         return upcoming
 
     def stop(self, deadline: float) -> list[Event]:
         """Tell every worker to leave at once; answers that arrive before the deadline are returned."""
         for worker in self.workers.values():
-            try:
-                worker.conn.send_bytes(STOP)
-            except OSError:
-                pass
+            if not worker.retiring:
+                worker.tell_stop()
         events: list[Event] = []
-        while any(w.busy for w in self.workers.values()) and time.monotonic() < deadline:
-            busy = [w for w in self.workers.values() if w.busy]
+        while time.monotonic() < deadline:
+            busy = [w for w in self.workers.values() if w.busy and w.process.is_alive()]
+            if not busy:
+                break
             ready = wait([w.conn for w in busy] + [w.process.sentinel for w in busy], deadline - time.monotonic())
             for worker in busy:
                 if worker.conn in ready or worker.process.sentinel in ready:
-                    answers = self._answers(worker)
-                    events += answers
-                    worker.busy = worker.busy and not answers and worker.process.is_alive()
+                    events += self._answers(worker)
         stop_processes([w.process for w in self.workers.values()], deadline)
         for worker in self.workers.values():
             worker.conn.close()
@@ -209,6 +244,8 @@ def undecodable_reply(slot: int, exc: Exception) -> Reply:
 
 class InlinePool:
     """Runs each item in the calling process when ``wait`` is called; for tests without processes.
+
+    Each slot stands for a worker process with one lane.
 
     ``die_on(item)`` returning True makes that item's worker "die" holding it (an ``Exit``
     event, as if it had been SIGKILLed), so crash interleavings can be driven deterministically.
@@ -228,9 +265,9 @@ class InlinePool:
         for slot in range(self.count):
             self.respawn(slot)
 
-    def respawn(self, slot: int) -> None:
+    def respawn(self, worker: int) -> None:
         self.spawned += 1
-        self.idle.append(slot)
+        self.idle.append(worker)
 
     def alive(self) -> int:
         return self.count
@@ -247,7 +284,7 @@ class InlinePool:
 
     def _run(self, slot: int, item: WorkItem) -> Event:
         if self.die_on(item):
-            return Exit(slot=slot, code=-9, retiring=False, overdue=False)
+            return Exit(worker=slot, lanes=(slot,), code=-9, retiring=False)
         self.idle.append(slot)
         return Answer(slot=slot, reply=self.process(slot, item), dispatched_at=time.monotonic())
 

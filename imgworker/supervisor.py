@@ -88,7 +88,7 @@ def memory_parts(cfg: Config, store: Any, algo: Any, *, die_on: Callable[[WorkIt
         return answer(processor, item, retiring=False)
 
     return Parts(store=store, make_lister=lambda: InlineLister(cfg, store),
-                 pool=InlinePool(cfg.worker.count, process, die_on), ledger_backend=LocalBackend(), janitor_inline=True,
+                 pool=InlinePool(cfg.concurrency, process, die_on), ledger_backend=LocalBackend(), janitor_inline=True,
                  make_watcher=make_watcher)
 
 
@@ -123,7 +123,7 @@ class Supervisor:
         self.parts = parts
         self.store = parts.store
         self.pool = parts.pool
-        self.stats = Stats(cfg.worker.count)
+        self.stats = Stats(cfg.concurrency)
         self.dispatch = Dispatch(cfg.dispatch)
         self.endpoints = EndpointPool(cfg.algo)
         self.cleaner = CleanerStats()
@@ -162,8 +162,8 @@ class Supervisor:
             raise
         self._started = time.monotonic()
         self._next_checkpoint = self._started + self.cfg.run.checkpoint_interval_s
-        log.info("started: %d workers, bucket %s, prefix %r, %d processed known, %d pending resumed",
-                 self.cfg.worker.count, self.cfg.store.bucket, self.cfg.store.prefix, self.ledger.size(), resumed)
+        log.info("started: %d workers x %d lanes, bucket %s, prefix %r, %d processed known, %d pending resumed",
+                 self.cfg.worker.count, self.cfg.worker.threads, self.cfg.store.bucket, self.cfg.store.prefix, self.ledger.size(), resumed)
 
     def run(self) -> Report:
         """Start, loop until a stop condition, shut down in order; return the report."""
@@ -237,7 +237,7 @@ class Supervisor:
         self._on_janitor(self.janitor.collect())
         if time.monotonic() >= self._next_checkpoint:
             self.checkpoint()
-        self.progress.maybe_show(self.stats, self.dispatch, self.cfg.worker.count)
+        self.progress.maybe_show(self.stats, self.dispatch, self.cfg.concurrency)
 
     def finished(self) -> bool:
         s = self.stopping
@@ -404,38 +404,53 @@ class Supervisor:
         self.dispatch.release(event.slot)  # only once the outcome is written: until then it is in flight
 
     def _on_exit(self, event: Exit) -> None:
-        item = self.dispatch.held_by(event.slot)
-        if item is not None:
-            self.endpoints.finished(item.endpoints, [])
-            self._on_lost_item(item, event)
+        for lane in event.lanes:
+            item = self.dispatch.held_by(lane)
+            if item is not None:
+                self.endpoints.finished(item.endpoints, [])
+                self._on_lost_item(item, lane, event)
         if event.retiring:
             self.stats.worker_recycles += 1
         elif event.overdue:
-            self.stats.deadline_kills += 1
+            self.stats.deadline_kills += len(event.overdue)
         else:
             self.stats.worker_restarts += 1
-            log.warning("worker %d exited unexpectedly (exit code %s); starting a replacement", event.slot, event.code)
+            log.warning("worker %d exited unexpectedly (exit code %s); starting a replacement", event.worker,
+                        event.code)
         if not self.stopping.draining:
-            self.pool.respawn(event.slot)
+            self.pool.respawn(event.worker)
 
-    def _on_lost_item(self, item: WorkItem, event: Exit) -> None:
-        """The worker died holding an item (or was killed past its deadline): retry, or give up."""
+    def _on_lost_item(self, item: WorkItem, lane: int, event: Exit) -> None:
+        """A lane's process died holding an item (or was killed past a deadline): retry, or give up.
+
+        An item whose process was killed for another lane's deadline is retried without using up one
+        of its attempts: nothing says it was at fault. After any other death every item held is charged.
+        """
         ref = item.ref
-        cause = "deadline" if event.overdue else f"worker_died_exit_{event.code}"
-        if event.overdue:
-            log.warning("worker %d held %s past its %.0f s deadline; killed it", event.slot, ref.key,
+        if lane in event.overdue:
+            cause = "deadline"
+            log.warning("worker %d held %s past its %.0f s deadline; killed it", lane, ref.key,
                         self.cfg.item_deadline_s)
+        elif event.overdue:
+            self.stats.retries += 1
+            self._requeue(lane, WorkItem(ref=ref, attempt=item.attempt))
+            return
+        else:
+            cause = f"worker_died_exit_{event.code}"
         if item.attempt >= self.cfg.worker.max_attempts:
-            log.error("worker %d: %s lost %d times (%s); giving up on it", event.slot, ref.key, item.attempt, cause)
+            log.error("worker %d: %s lost %d times (%s); giving up on it", lane, ref.key, item.attempt, cause)
             self._finish(Result(key=ref.key, outcome=Outcome.FAILED_WORKER, task_type=ref.task_type,
-                                task_id=ref.task_id, worker=event.slot, attempt=item.attempt, cause=cause,
+                                task_id=ref.task_id, worker=lane, attempt=item.attempt, cause=cause,
                                 finished_at=time.time()))
-            self.dispatch.release(event.slot)
+            self.dispatch.release(lane)
             return
         self.stats.retries += 1
-        queued_at = self.dispatch.held_queued_at(event.slot)
-        self.dispatch.release(event.slot)
-        self.dispatch.requeue_front(WorkItem(ref=ref, attempt=item.attempt + 1), queued_at=queued_at)
+        self._requeue(lane, WorkItem(ref=ref, attempt=item.attempt + 1))
+
+    def _requeue(self, lane: int, item: WorkItem) -> None:
+        queued_at = self.dispatch.held_queued_at(lane)
+        self.dispatch.release(lane)
+        self.dispatch.requeue_front(item, queued_at=queued_at)
 
     def _drop(self, ref: ImageRef, outcome: Outcome, cause: str) -> None:
         """End an image that no worker will see."""

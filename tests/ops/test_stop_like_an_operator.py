@@ -224,18 +224,20 @@ def fast_algo() -> Iterator[AlgoService]:
 # ----- 1 and 7: a group stop signal drains ----------------------------------------------------
 
 
-def _drain_then_resume(tmp_path, store_server, creds, store, prefix, service, sig: int) -> None:
+def _drain_then_resume(tmp_path, store_server, creds, store, prefix, service, sig: int, *, workers: int = 4,
+                       threads: int = 1) -> None:
     keys = make_keys(prefix, 60)
     upload(store, keys)
     state = tmp_path / "state"
     env = run_env(store_server, creds, prefix, service, state, IMGWORKER_RUN_GRACE_S="30")
     runs: list[Run] = []
     try:
-        first = Run(tmp_path, "first", env, "--workers", "4", "--report-json", str(tmp_path / "first.json"))
+        first = Run(tmp_path, "first", env, "--workers", str(workers), "--threads", str(threads), "--report-json",
+                    str(tmp_path / "first.json"))
         runs.append(first)
         wait_for("8 result lines", lambda: count_lines(state) >= 8, 60, first)
         members = group_members(first.pgid)
-        assert len(members) >= 4 + 3, describe(members)  # supervisor, scanner, ledger, 4 workers
+        assert len(members) >= workers + 3, describe(members)  # supervisor, scanner, ledger, the workers
         first.signal_group(sig)
         rc = first.wait(60)
         assert rc == 0, first.tail()
@@ -271,6 +273,11 @@ def _drain_then_resume(tmp_path, store_server, creds, store, prefix, service, si
 def test_group_sigterm_mid_run_drains_and_a_second_run_finishes(tmp_path, store_server, creds, store, prefix,
                                                                fast_algo):
     _drain_then_resume(tmp_path, store_server, creds, store, prefix, fast_algo, signal.SIGTERM)
+
+
+def test_group_sigterm_drains_every_lane_of_threaded_workers(tmp_path, store_server, creds, store, prefix,
+                                                            fast_algo):
+    _drain_then_resume(tmp_path, store_server, creds, store, prefix, fast_algo, signal.SIGTERM, workers=2, threads=3)
 
 
 def test_group_sigint_like_ctrl_c_behaves_like_sigterm(tmp_path, store_server, creds, store, prefix, fast_algo):

@@ -41,7 +41,8 @@ def test_env_lists_and_tables():
         ({"algo": {"timeout_s": "soon"}}, "invalid config key algo.timeout_s: value 'soon' is not allowed"),
         ({"algo": {"endpoint": "ftp://x"}}, "invalid config key algo.endpoint: value 'ftp://x' is not allowed"),
         ({"store": {"endpoint": "http://minio:9000"}}, "invalid config key store.endpoint"),
-        ({"worker": {"threads": 3}}, "unknown field `threads` in [worker]"),
+        ({"worker": {"thread_count": 3}}, "unknown field `thread_count` in [worker]"),
+        ({"worker": {"threads": 0}}, "invalid config key worker.threads: value 0 is not allowed"),
     ],
 )
 def test_invalid_values_name_key_value_and_allowed(overrides, expected):

@@ -1,0 +1,130 @@
+"""Worker processes with several lanes (``worker.threads``): faults injected for real, counted at the far end.
+
+A process with lanes holds several images at once, so a death takes them all. These tests check
+that each one still ends in exactly one outcome, that a deadline kill does not use up the
+attempts of the images that only shared the process, and that recycling loses nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import signal
+import threading
+import time
+from collections import Counter
+
+import pytest
+
+from imgworker.services.algo_server import AlgoService, SyntheticParams
+from imgworker.supervisor import Supervisor
+from imgworker.worker import frame, unframe
+from imgworker.pool import lanes_of
+from tests.conftest import cli_env, read_outcomes, reap, start_run, upload, workers_of
+from tests.faults.test_far_end import SUCCESS, calls_under, drive, results_of
+
+pytestmark = pytest.mark.timeout(240)
+
+
+def test_frames_carry_their_lane_and_a_short_frame_is_refused():
+    assert unframe(frame(7, b"payload")) == (7, b"payload")
+    assert unframe(frame(0, b"")) == (0, b"")
+    with pytest.raises(ValueError, match="names no lane"):
+        unframe(b"\x01\x02")
+    assert lanes_of(0, 3) == (0, 1, 2) and lanes_of(2, 3) == (6, 7, 8)
+
+
+def test_random_sigkills_of_threaded_workers_lose_nothing(tmp_path, store_server, creds, store, prefix):
+    keys = [f"{prefix}p/cam-{i % 4}/20240101-1200{i // 100:02d}.{i % 100:03d}.jpg" for i in range(200)]
+    upload(store, keys)
+    with AlgoService("synthetic", SyntheticParams(latency_ms=60.0, sigma=0.3, detection_rate=0.5)) as service:
+        env = cli_env(store_server, creds, IMGWORKER_STORE_PREFIX=prefix, IMGWORKER_ALGO_ENDPOINT=service.endpoint,
+                      IMGWORKER_RUN_STATE_DIR=str(tmp_path / "s"), IMGWORKER_WORKER_MAX_ATTEMPTS="20")
+        report = tmp_path / "r.json"
+        proc = start_run(env, "run", "--workers", "2", "--threads", "4", "--until-idle", "--no-progress",
+                         "--report-json", str(report), log_path=str(tmp_path / "log"))
+        rng = random.Random(11)
+        kills = 0
+        try:
+            deadline = time.monotonic() + 60
+            while proc.poll() is None and kills < 8 and time.monotonic() < deadline:
+                time.sleep(0.2)
+                victims = workers_of(proc.pid)
+                if victims:
+                    rng.choice(victims).kill()
+                    kills += 1
+            assert reap(proc, 120) == 0, (tmp_path / "log").read_text()[-3000:]
+        finally:
+            if proc.poll() is None:
+                reap(proc, 1)
+        calls = calls_under(service, prefix)
+    data = json.loads(report.read_text())
+    outcomes = read_outcomes(results_cfg(tmp_path))
+    assert kills >= 4
+    assert sorted(outcomes) == sorted(keys)
+    assert all(len(v) == 1 for v in outcomes.values()), "an image was counted twice"
+    assert {v[0] for v in outcomes.values()} <= set(SUCCESS)
+    assert data["conserved"] and data["outcomes"]["failed_worker"] == 0
+    assert data["worker_restarts"] >= kills - 1 and data["retries"] >= 1
+    assert all(calls.get(k, 0) >= 1 for k in keys), "an image got an outcome without a call to the service"
+
+
+def results_cfg(tmp_path):
+    from imgworker.config import load_config
+
+    return load_config(env={}, overrides={"run": {"state_dir": str(tmp_path / "s")}})
+
+
+def test_deadline_kill_retries_the_other_lanes_without_using_their_attempts(make_config, store, prefix):
+    # lanes busy for about 6 s on 1.5 s calls: when the trickling image passes its 4 s deadline, the
+    # process is killed with other images in its lanes. max_attempts 1: if those were charged, they
+    # would end failed_worker.
+    params = SyntheticParams(latency_ms=1500.0, sigma=0.0, detection_rate=0.5, trickle_s=1.0, hang_s=60.0)
+    trickle = f"{prefix}p/t/a-trickle-000.jpg"  # listed first: it is taken while the other lanes are busy
+    normal = [f"{prefix}p/t/plain-{i:03d}.jpg" for i in range(8)]
+    uploaded = threading.Event()
+    with AlgoService("synthetic", params) as service:
+        cfg = make_config(worker={"count": 1, "threads": 3, "item_deadline_s": 4.0, "max_attempts": 1},
+                          algo={"endpoint": service.endpoint, "timeout_s": 60.0, "retries": 0})
+        sup = Supervisor(cfg, show_progress=False, intake_done=uploaded.is_set)
+        sup.start()
+        try:
+            warm = time.monotonic() + 4.0  # the lanes start with nothing to hold: start-up is not in the deadline
+            while time.monotonic() < warm:
+                sup.step()
+            upload(store, [trickle, *normal])
+            uploaded.set()
+            deadline = time.monotonic() + 150
+            while not sup.finished():
+                assert time.monotonic() < deadline, f"the run did not end: {sup.stats.counts}"
+                sup.step()
+        finally:
+            sup.shutdown()
+        report = sup.report()
+        calls = calls_under(service, prefix)
+    results = {r.key: r for r in results_of(cfg)}
+    assert sorted(results) == sorted([trickle, *normal])
+    assert (results[trickle].outcome.value, results[trickle].cause) == ("failed_worker", "deadline")
+    assert {k: results[k].outcome.value for k in normal} == {k: results[k].outcome.value for k in normal
+                                                               if results[k].outcome.value in SUCCESS}
+    assert calls.get(trickle) == 1, "max_attempts 1: the trickling image must not be posted again"
+    again = [k for k in normal if calls.get(k, 0) == 2]
+    assert again, f"no other lane held an image when the process was killed: calls {calls}"
+    assert max(calls.get(k, 0) for k in normal) <= 2
+    assert report.deadline_kills == 1 and report.worker_restarts == 0 and report.retries == len(again)
+    assert report.conserved
+
+
+def test_recycling_a_threaded_worker_finishes_every_lane_first(make_config, store, prefix):
+    keys = [f"{prefix}p/t/20240101-120000.{i:03d}.jpg" for i in range(18)]
+    upload(store, keys)
+    with AlgoService("synthetic", SyntheticParams(latency_ms=80.0, sigma=0.5, detection_rate=0.5)) as service:
+        cfg = make_config(worker={"count": 2, "threads": 3, "max_tasks": 2}, algo={"endpoint": service.endpoint})
+        report = drive(Supervisor(cfg, show_progress=False), timeout=180)
+        calls = calls_under(service, prefix)
+    assert report.inferences == 18 and report.conserved
+    assert report.worker_recycles >= 3
+    assert report.worker_restarts == 0 and report.retries == 0
+    assert Counter(calls.get(k, 0) for k in keys) == {1: 18}, "recycling re-posted or skipped an image"
+    outcomes = read_outcomes(cfg)
+    assert sorted(outcomes) == sorted(keys) and all(len(v) == 1 for v in outcomes.values())
