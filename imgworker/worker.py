@@ -1,10 +1,10 @@
 """The worker process: one or more lanes, each a thread with its own clients handling one item at a time.
 
 A worker process serves ``worker.threads`` lanes. A lane is the unit the supervisor hands an
-item to: one thread with its own minio client and ``requests`` session, holding at most one
-item. Frames on the process's one pipe carry the lane number in front (``frame``/``unframe``);
-the main thread reads the pipe (blocking, no polling) and passes each item to its lane's
-thread, which sends the reply itself. Waiting on the algorithm service releases the GIL, so
+item to: its own minio client and ``requests`` session, holding at most one item. Frames on the
+process's one pipe carry the lane number in front (``frame``/``unframe``). The process runs one
+thread per lane; the threads take turns blocking on the pipe (no polling), and the one that reads
+an item handles it with that lane's clients and sends the reply itself. Waiting on the algorithm service releases the GIL, so
 lanes in one process cost less CPU per image than one process per image: fewer processes to
 wake, and one interpreter's caches stay warm. The price is isolation: a process that dies takes
 every item its lanes held.
@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import logging
 import os
-import queue
 import random
 import struct
 import threading
@@ -269,68 +268,83 @@ def unframe(data: bytes) -> tuple[int, bytes]:
     return _LANE.unpack_from(data)[0], data[_LANE.size:]
 
 
-class _Outbox:
-    """The sending end of the pipe, shared by the lanes; tells whether the process should retire."""
+class _Channel:
+    """The worker's end of its pipe, shared by its threads: one reads at a time, one sends at a time.
 
-    def __init__(self, conn: Connection, cfg: Config) -> None:
+    The thread that reads an item handles it, as the lane the item names: no hand-off between
+    threads. A lane holds one item at a time, so no two threads ever use one lane's clients at once;
+    there are as many threads as lanes, so while a lane is free a thread is free to read.
+    """
+
+    def __init__(self, conn: Connection, cfg: Config, lanes: tuple[int, ...]) -> None:
         self.conn = conn
         self.cfg = cfg
+        self.lanes = frozenset(lanes)
         self.done = 0
         self.me = psutil.Process()
-        self._lock = threading.Lock()
+        self.ended = threading.Event()  # the stop message was read, or the pipe closed
+        self.gone = False  # the pipe closed: the supervisor is gone
+        self._reading = threading.Lock()
+        self._sending = threading.Lock()
+
+    def next_item(self) -> tuple[int, WorkItem] | None:
+        """The next (lane, item) for the calling thread; None once the process is to leave."""
+        with self._reading:
+            while not self.ended.is_set():
+                try:
+                    message = self.conn.recv_bytes()
+                except (EOFError, OSError):
+                    self.gone = True  # the supervisor is gone: exit on our own, no orphans
+                    self.ended.set()
+                    return None
+                if message == STOP:
+                    self.ended.set()
+                    return None
+                try:
+                    lane, payload = unframe(message)
+                    if lane not in self.lanes:
+                        raise ValueError(f"lane {lane} is not one of this worker's")
+                    return lane, _item_decoder.decode(payload)
+                except (ValueError, msgspec.DecodeError) as exc:
+                    log.error("worker: a message from the supervisor could not be used (%s); ignored", exc)
+            return None
 
     def count_one(self) -> bool:
         """Count one answered item; True if the process should now be retired."""
-        with self._lock:
+        with self._sending:
             self.done += 1
             return _should_retire(self.cfg, self.done, self.me)
 
     def send(self, lane: int, data: bytes) -> None:
-        with self._lock:
+        with self._sending:
             try:
                 self.conn.send_bytes(frame(lane, data))
             except (BrokenPipeError, OSError):
-                pass  # the supervisor is gone; the main thread sees the pipe close and exits
+                pass  # the supervisor is gone; the next read sees the pipe closed
 
 
 def worker_main(index: int, lanes: tuple[int, ...], cfg: Config, conn: Connection, log_settings: LogSettings) -> None:
     """Entry point of a worker process (top-level so the spawn context can import it)."""
     child_setup(f"worker {index}", log_settings)
-    outbox = _Outbox(conn, cfg)
-    inboxes: dict[int, queue.SimpleQueue[WorkItem | None]] = {lane: queue.SimpleQueue() for lane in lanes}
-    threads = [threading.Thread(target=_lane_loop, args=(_build_processor(lane, cfg), inboxes[lane], outbox),
-                                name=f"lane-{lane}", daemon=True) for lane in lanes]
+    channel = _Channel(conn, cfg, lanes)
+    processors = {lane: _build_processor(lane, cfg) for lane in lanes}
+    threads = [threading.Thread(target=_serve, args=(channel, processors), name=f"lane-{lane}", daemon=True)
+               for lane in lanes]
     for thread in threads:
         thread.start()
-    if _read_until_stop(conn, inboxes):
-        for inbox in inboxes.values():
-            inbox.put(None)
+    channel.ended.wait()
+    if not channel.gone:
         for thread in threads:
             thread.join()  # every item sent before the stop message gets its answer
 
 
-def _read_until_stop(conn: Connection, inboxes: dict[int, queue.SimpleQueue[WorkItem | None]]) -> bool:
-    """Pass items to their lanes; True on the stop message, False if the supervisor is gone."""
-    while True:
-        try:
-            message = conn.recv_bytes()
-        except (EOFError, OSError):
-            return False  # the supervisor is gone: exit on our own, no orphans
-        if message == STOP:
-            return True
-        try:
-            lane, payload = unframe(message)
-            inboxes[lane].put(_item_decoder.decode(payload))
-        except (ValueError, KeyError, msgspec.DecodeError) as exc:
-            log.error("worker: a message from the supervisor could not be used (%s); ignored", exc)
-
-
-def _lane_loop(processor: ItemProcessor, inbox: queue.SimpleQueue[WorkItem | None], outbox: _Outbox) -> None:
-    """One lane: answer each item its queue gets, until the stop marker."""
-    while (item := inbox.get()) is not None:
-        reply = answer(processor, item, retiring=False)
-        reply = msgspec.structs.replace(reply, retiring=outbox.count_one())
-        outbox.send(processor.worker_id, encode_reply(reply, item, processor.worker_id))
+def _serve(channel: _Channel, processors: dict[int, ItemProcessor]) -> None:
+    """One thread: answer each item it reads, as the lane the item names, until the process is to leave."""
+    while (got := channel.next_item()) is not None:
+        lane, item = got
+        reply = answer(processors[lane], item, retiring=False)
+        reply = msgspec.structs.replace(reply, retiring=channel.count_one())
+        channel.send(lane, encode_reply(reply, item, lane))
 
 
 def answer(processor: ItemProcessor, item: WorkItem, *, retiring: bool) -> Reply:
