@@ -16,7 +16,7 @@ from multiprocessing.connection import Connection, wait
 import msgspec
 
 from imgworker.outcomes import ImageRef, Outcome, Result, WorkItem
-from imgworker.worker import STOP, Reply, decode_reply, encode_item
+from imgworker.worker import STOP, Reply, decode_reply, encode_item, frame, unframe
 
 from ._common import write_results
 
@@ -30,12 +30,13 @@ def noop_result(item: WorkItem) -> Result:
 
 
 def pipe_worker(conn: Connection) -> None:
-    """imgworker's worker loop with the inference replaced by nothing."""
+    """imgworker's worker loop (one lane) with the inference replaced by nothing; frames as imgworker's."""
     while True:
         message = conn.recv_bytes()
         if message == STOP:
             return
-        conn.send_bytes(_replies.encode(Reply(result=noop_result(_items.decode(message)))))
+        lane, payload = unframe(message)
+        conn.send_bytes(frame(lane, _replies.encode(Reply(result=noop_result(_items.decode(payload))))))
 
 
 def queue_worker(tasks: mp.Queue, results: mp.Queue) -> None:
@@ -64,13 +65,13 @@ def bench_pipes(work: list[WorkItem], workers: int) -> float:
     todo, done = list(work), 0
     started = time.perf_counter()
     for conn in conns:
-        conn.send_bytes(encode_item(todo.pop()))
+        conn.send_bytes(encode_item(0, todo.pop()))
     while done < len(work):
         for conn in wait(conns):
-            decode_reply(conn.recv_bytes())  # type: ignore[union-attr]
+            decode_reply(unframe(conn.recv_bytes())[1])  # type: ignore[union-attr]
             done += 1
             if todo:
-                conn.send_bytes(encode_item(todo.pop()))  # type: ignore[union-attr]
+                conn.send_bytes(encode_item(0, todo.pop()))  # type: ignore[union-attr]
     elapsed = time.perf_counter() - started
     for conn in conns:
         conn.send_bytes(STOP)

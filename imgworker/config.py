@@ -146,6 +146,8 @@ class AlgoConfig(msgspec.Struct, **_STRUCT):
     eject_after_failures: PositiveInt = 3
     eject_cooldown_s: NonNegative = 10.0
     no_endpoint_budget_s: NonNegative = 300.0
+    trust_env: bool = False
+    """Read proxy settings (HTTP(S)_PROXY, NO_PROXY) and ~/.netrc from the environment for each call."""
 
 
 class ActionsConfig(msgspec.Struct, **_STRUCT):

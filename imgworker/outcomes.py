@@ -58,11 +58,16 @@ class IntakePosition(msgspec.Struct, frozen=True):
 
 
 class WorkItem(msgspec.Struct, frozen=True, array_like=True):
-    """What the supervisor hands a worker: the image and which attempt this is."""
+    """What the supervisor hands a worker: the image and which attempt this is.
+
+    ``spared``: it was once retried without using an attempt (its process was killed for another
+    lane's deadline); that happens at most once per image.
+    """
 
     ref: ImageRef
     attempt: int = 1
     endpoints: tuple[str, ...] = ()
+    spared: bool = False
 
 
 class Result(msgspec.Struct, frozen=True, omit_defaults=True):

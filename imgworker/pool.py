@@ -140,19 +140,35 @@ class ProcessPool:
             pass
 
     def wait(self, timeout: float, extra: Sequence[Any]) -> tuple[list[Event], list[Any]]:
-        """Block until an answer, a death or an extra waitable is ready; return events and ready extras."""
+        """Block until an answer, a death or an extra waitable is ready; return events and ready extras.
+
+        One message is read from each ready pipe (a pipe with more stays ready for the next call);
+        a process that exited has everything it sent read first, so its answers come before its exit.
+        """
         by_conn, by_sentinel = self._by_conn, self._by_sentinel
         ready = wait([*by_conn, *by_sentinel, *extra], timeout)
         events: list[Event] = []
         for obj in ready:
-            if obj in by_conn:
-                events += self._answers(by_conn[obj])
+            worker = by_conn.get(obj)
+            if worker is not None and worker.process.sentinel not in ready:
+                events += self._read_one(worker)
         for obj in ready:
             if obj in by_sentinel:
-                events.append(self._exited(by_sentinel[obj]))
+                worker = by_sentinel[obj]
+                events += self._answers(worker)
+                events.append(self._exited(worker))
         return events, [obj for obj in ready if obj in extra]
 
+    def _read_one(self, worker: _Worker) -> list[Event]:
+        """One message from a pipe that ``wait`` reported ready."""
+        try:
+            answer = self._answer(worker, worker.conn.recv_bytes())
+        except (EOFError, OSError):
+            return []  # the sentinel reports the death
+        return [answer] if answer is not None else []
+
     def _answers(self, worker: _Worker) -> list[Event]:
+        """Everything the worker sent that is still in its pipe."""
         out: list[Event] = []
         try:
             while not worker.conn.closed and worker.conn.poll():
@@ -169,7 +185,10 @@ class ProcessPool:
         except ValueError as exc:  # no lane to charge it to: that item's deadline ends it
             log.error("worker %d sent a reply that names no lane (%s); ignored", worker.index, exc)
             return None
-        dispatched_at = worker.busy.pop(slot, 0.0)
+        if slot not in worker.busy:  # a worker bug: nothing to release, and the lane must not be idle twice
+            log.error("worker %d answered for lane %d, which holds nothing; ignored", worker.index, slot)
+            return None
+        dispatched_at = worker.busy.pop(slot)
         try:
             reply = decode_reply(payload)
         except msgspec.DecodeError as exc:
@@ -210,6 +229,7 @@ class ProcessPool:
                     upcoming = due
             if worker.overdue:
                 worker.process.kill()
+                self.idle[:] = [lane for lane in self.idle if lane not in worker.lanes]  # nothing more for it
         self._next_due = upcoming
         return upcoming
 
@@ -219,13 +239,16 @@ class ProcessPool:
             if not worker.retiring:
                 worker.tell_stop()
         events: list[Event] = []
+        exited: set[int] = set()  # read to the end: nothing more can come from them
         while time.monotonic() < deadline:
-            busy = [w for w in self.workers.values() if w.busy and w.process.is_alive()]
+            busy = [w for w in self.workers.values() if w.busy and w.index not in exited]
             if not busy:
                 break
             ready = wait([w.conn for w in busy] + [w.process.sentinel for w in busy], deadline - time.monotonic())
             for worker in busy:
-                if worker.conn in ready or worker.process.sentinel in ready:
+                if worker.process.sentinel in ready:
+                    exited.add(worker.index)
+                if worker.conn in ready or worker.index in exited:
                     events += self._answers(worker)
         stop_processes([w.process for w in self.workers.values()], deadline)
         for worker in self.workers.values():

@@ -404,37 +404,42 @@ class Supervisor:
         self.dispatch.release(event.slot)  # only once the outcome is written: until then it is in flight
 
     def _on_exit(self, event: Exit) -> None:
+        lost = 0
         for lane in event.lanes:
             item = self.dispatch.held_by(lane)
             if item is not None:
+                lost += 1
                 self.endpoints.finished(item.endpoints, [])
                 self._on_lost_item(item, lane, event)
-        if event.retiring:
+        if event.overdue:
+            self.stats.deadline_kills += 1
+        elif event.retiring and not lost:
             self.stats.worker_recycles += 1
-        elif event.overdue:
-            self.stats.deadline_kills += len(event.overdue)
         else:
             self.stats.worker_restarts += 1
-            log.warning("worker %d exited unexpectedly (exit code %s); starting a replacement", event.worker,
-                        event.code)
+            log.warning("worker %d exited unexpectedly (exit code %s) holding %d images; starting a replacement",
+                        event.worker, event.code, lost)
         if not self.stopping.draining:
             self.pool.respawn(event.worker)
 
     def _on_lost_item(self, item: WorkItem, lane: int, event: Exit) -> None:
         """A lane's process died holding an item (or was killed past a deadline): retry, or give up.
 
-        An item whose process was killed for another lane's deadline is retried without using up one
-        of its attempts: nothing says it was at fault. After any other death every item held is charged.
+        An item whose process was killed for another lane's deadline is retried once without using up
+        one of its attempts: nothing says it was at fault. After any other death, or a second such kill,
+        every item held is charged.
         """
         ref = item.ref
         if lane in event.overdue:
             cause = "deadline"
             log.warning("worker %d held %s past its %.0f s deadline; killed it", lane, ref.key,
                         self.cfg.item_deadline_s)
-        elif event.overdue:
+        elif event.overdue and not item.spared:
             self.stats.retries += 1
-            self._requeue(lane, WorkItem(ref=ref, attempt=item.attempt))
+            self._requeue(lane, WorkItem(ref=ref, attempt=item.attempt, spared=True))
             return
+        elif event.overdue:
+            cause = "deadline_of_another_lane"
         else:
             cause = f"worker_died_exit_{event.code}"
         if item.attempt >= self.cfg.worker.max_attempts:
@@ -445,7 +450,7 @@ class Supervisor:
             self.dispatch.release(lane)
             return
         self.stats.retries += 1
-        self._requeue(lane, WorkItem(ref=ref, attempt=item.attempt + 1))
+        self._requeue(lane, WorkItem(ref=ref, attempt=item.attempt + 1, spared=item.spared))
 
     def _requeue(self, lane: int, item: WorkItem) -> None:
         queued_at = self.dispatch.held_queued_at(lane)

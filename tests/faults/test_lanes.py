@@ -127,3 +127,65 @@ def test_recycling_a_threaded_worker_finishes_every_lane_first(make_config, stor
     assert Counter(calls.get(k, 0) for k in keys) == {1: 18}, "recycling re-posted or skipped an image"
     outcomes = read_outcomes(cfg)
     assert sorted(outcomes) == sorted(keys) and all(len(v) == 1 for v in outcomes.values())
+
+
+def test_a_worker_channel_skips_unusable_frames_and_leaves_on_stop_or_a_closed_pipe(make_config):
+    from multiprocessing import Pipe
+
+    from imgworker.outcomes import ImageRef, WorkItem
+    from imgworker.worker import STOP, _Channel, encode_item
+
+    ours, theirs = Pipe(duplex=True)
+    channel = _Channel(theirs, make_config(), lanes=(4, 5))
+    item = WorkItem(ref=ImageRef(key="p/t/a b%+é.jpg", task_type="t", task_id="x"))
+    ours.send_bytes(encode_item(9, item))  # not one of this worker's lanes
+    ours.send_bytes(b"\x01")  # names no lane
+    ours.send_bytes(frame(4, b"\xc1"))  # not msgpack
+    ours.send_bytes(encode_item(5, item))
+    assert channel.next_item() == (5, item)
+    ours.send_bytes(STOP)
+    assert channel.next_item() is None and channel.ended.is_set() and not channel.gone
+    assert channel.next_item() is None, "after the stop message nothing more is read"
+
+    ours2, theirs2 = Pipe(duplex=True)
+    gone = _Channel(theirs2, make_config(), lanes=(0,))
+    ours2.close()
+    assert gone.next_item() is None and gone.gone
+
+
+def test_an_image_stuck_beside_another_is_spared_at_most_once(make_config, store, prefix):
+    # lane 0 holds trickling image A; lane 1 does quick images, then takes trickling image C. When A
+    # passes its deadline the process dies with C in it: C is retried once without using an attempt,
+    # then it is charged like any overdue image. So it is posted at most max_attempts + 1 times.
+    params = SyntheticParams(latency_ms=200.0, sigma=0.0, detection_rate=0.5, trickle_s=1.0, hang_s=60.0)
+    a = f"{prefix}p/t/a-trickle.jpg"
+    plain = [f"{prefix}p/t/b-plain-{i}.jpg" for i in range(5)]
+    c = f"{prefix}p/t/c-trickle.jpg"
+    uploaded = threading.Event()
+    with AlgoService("synthetic", params) as service:
+        cfg = make_config(worker={"count": 1, "threads": 2, "item_deadline_s": 4.0, "max_attempts": 2},
+                          algo={"endpoint": service.endpoint, "timeout_s": 60.0, "retries": 0})
+        sup = Supervisor(cfg, show_progress=False, intake_done=uploaded.is_set)
+        sup.start()
+        try:
+            warm = time.monotonic() + 4.0
+            while time.monotonic() < warm:
+                sup.step()
+            upload(store, [a, *plain, c])
+            uploaded.set()
+            deadline = time.monotonic() + 180
+            while not sup.finished():
+                assert time.monotonic() < deadline, f"the run did not end: {sup.stats.counts}"
+                sup.step()
+        finally:
+            sup.shutdown()
+        report = sup.report()
+        calls = calls_under(service, prefix)
+    results = {r.key: r for r in results_of(cfg)}
+    assert sorted(results) == sorted([a, *plain, c]) and report.conserved
+    for key in (a, c):
+        assert results[key].outcome.value == "failed_worker", results[key]
+        assert 1 <= calls.get(key, 0) <= cfg.worker.max_attempts + 1, (key, calls)
+    assert calls.get(a) == cfg.worker.max_attempts, "A was at fault each time: charged each time"
+    assert {results[k].outcome.value for k in plain} <= set(SUCCESS)
+    assert all(calls.get(k) == 1 for k in plain)

@@ -75,3 +75,24 @@ def test_trickled_body_is_complete_json_after_hang_s_and_a_timeout_for_the_clien
         algo.close()
     assert err.value.cause == "timeout"
     assert plain.success is True
+
+
+def test_proxy_settings_in_the_environment_are_ignored_unless_trust_env(store, prefix, monkeypatch):
+    from imgworker.services.netutil import free_port
+
+    key = f"{prefix}p/t/proxied.jpg"
+    upload(store, [key])
+    request = AlgoRequest(image_url=store.presign(key, 60), task_id="t", task_type="p", image_path=key)
+    dead_proxy = f"http://127.0.0.1:{free_port()}"
+    with AlgoService("synthetic", SyntheticParams(latency_ms=1.0, sigma=0.0)) as service:
+        trusting = load_config(env={}, overrides={"algo": {"endpoint": service.endpoint, "trust_env": True}})
+        with monkeypatch.context() as env:
+            for name in ("HTTP_PROXY", "http_proxy"):
+                env.setenv(name, dead_proxy)
+            for name in ("NO_PROXY", "no_proxy"):
+                env.delenv(name, raising=False)
+            assert client(service).infer(request).success  # the default: straight to the service
+            with pytest.raises(AlgoTransient) as err:
+                AlgoClient(trusting.algo).infer(request)  # through the proxy the environment names, which is down
+        assert err.value.cause == "connection_error"
+        assert service.calls() == {key: 1}

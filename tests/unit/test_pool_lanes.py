@@ -1,0 +1,100 @@
+"""The pool's lane bookkeeping, with stand-in processes over real pipes (no worker is started)."""
+
+from __future__ import annotations
+
+import os
+import time
+from multiprocessing import Pipe
+
+import pytest
+
+from imgworker.config import load_config
+from imgworker.outcomes import Outcome, Result
+from imgworker.pool import Answer, ProcessPool, _Worker
+from imgworker.worker import Reply, _result_encoder, frame
+
+pytestmark = pytest.mark.timeout(30)
+
+
+class StandIn:
+    """Stands for a worker process: ``alive`` is what is_alive answers; a dead one's sentinel is ready."""
+
+    def __init__(self, alive: bool) -> None:
+        self.alive = alive
+        self.killed = False
+        self._read, self._write = os.pipe()
+        if not alive:
+            os.close(self._write)
+        self.sentinel = self._read
+        self.exitcode = None if alive else 0
+
+    def is_alive(self) -> bool:
+        return self.alive
+
+    def kill(self) -> None:
+        self.killed = True
+
+    def join(self, timeout: float | None = None) -> None:
+        pass
+
+
+def stand_in(pool: ProcessPool, lanes: tuple[int, ...], *, alive: bool):
+    worker = object.__new__(_Worker)
+    ours, theirs = Pipe(duplex=True)
+    worker.index, worker.lanes, worker.conn = 0, lanes, ours
+    worker.process = StandIn(alive)
+    worker.busy, worker.retiring, worker.overdue = {}, False, set()
+    pool.workers[0] = worker
+    pool._index()
+    return worker, theirs
+
+
+def pool_of(threads: int) -> ProcessPool:
+    cfg = load_config(env={}, overrides={"worker": {"count": 1, "threads": threads, "item_deadline_s": 5.0}})
+    return ProcessPool(cfg, None)  # type: ignore[arg-type]
+
+
+def reply(key: str) -> bytes:
+    return _result_encoder.encode(Reply(result=Result(key=key, outcome=Outcome.NO_DETECTION)))
+
+
+def test_stop_reads_the_answers_of_a_process_that_already_exited():
+    pool = pool_of(2)
+    worker, theirs = stand_in(pool, (0, 1), alive=False)
+    worker.busy = {0: time.monotonic(), 1: time.monotonic()}
+    theirs.send_bytes(frame(0, reply("a.jpg")))
+    theirs.send_bytes(frame(1, reply("b.jpg")))
+    theirs.close()
+    events = pool.stop(time.monotonic() + 0.5)
+    assert sorted(e.reply.result.key for e in events if isinstance(e, Answer)) == ["a.jpg", "b.jpg"]
+
+
+def test_a_process_killed_past_a_deadline_gets_nothing_more_on_its_idle_lanes():
+    pool = pool_of(3)
+    worker, _ = stand_in(pool, (0, 1, 2), alive=True)
+    pool.idle[:] = [1]
+    worker.busy = {0: time.monotonic() - 10.0, 2: time.monotonic()}
+    pool._next_due = time.monotonic() - 5.0
+    pool.kill_overdue(time.monotonic())
+    assert worker.process.killed and worker.overdue == {0}
+    assert pool.idle == []
+
+
+def test_a_reply_for_a_lane_that_holds_nothing_is_ignored():
+    pool = pool_of(2)
+    _, theirs = stand_in(pool, (0, 1), alive=True)
+    pool.idle[:] = [1, 0]
+    theirs.send_bytes(frame(1, reply("x.jpg")))
+    events, _ = pool.wait(0.5, [])
+    assert events == [] and sorted(pool.idle) == [0, 1]
+
+
+def test_a_reply_is_an_answer_and_frees_its_lane_once():
+    pool = pool_of(2)
+    worker, theirs = stand_in(pool, (0, 1), alive=True)
+    pool.idle[:] = [0]
+    worker.busy = {1: time.monotonic()}
+    theirs.send_bytes(frame(1, reply("y.jpg")))
+    events, _ = pool.wait(0.5, [])
+    assert [e.reply.result.key for e in events if isinstance(e, Answer)] == ["y.jpg"]
+    assert sorted(pool.idle) == [0, 1] and worker.busy == {}
