@@ -15,7 +15,8 @@ SECTIONS = [
     ("peers", "imgworker beside its peers: bare threads and Celery",
      "`python -m benchmarks.peers` (`--quick` for N = 4, 8). The same job (StatObject, presign, POST to a "
      "200 ms service that fetches the image) done by imgworker finding images from change events "
-     "(`imgworker`) and by listing every second (`imgworker-listing`), by N bare threads in one process "
+     "(`imgworker`: N worker processes; `imgworker-lanes`: N lanes as N / 8 processes of 8 threads, "
+     "`--threads 8`) and by listing every second (`imgworker-listing`), by N bare threads in one process "
      "(the floor: no dispatch, no discovery), and by Celery prefork workers with valkey as broker "
      "(`-Ofair`, acks_late, prefetch 1), side by side in one run on the same store, service and images. "
      "`cpu_s_per_1000_<role>` in the JSON splits imgworker's CPU by process.", "peers.png"),

@@ -9,6 +9,8 @@ it fetches every presigned URL it is given) serve three ways of doing the same j
   existence check, checkpoints), driven step by step as ``imgworker tune`` does;
 - ``imgworker-lanes``: the same with N lanes in N / 8 worker processes (``worker.threads = 8``):
   each lane a thread with its own clients, the way to spend less CPU per image;
+  ``imgworker-lanes-env`` the same with ``algo.trust_env = true``, requests' default, which the
+  floor and Celery keep: what not reading proxy settings and ~/.netrc per call is worth;
 - ``floor``: N threads in this process, each with its own minio client and requests.Session,
   doing stat + presign + POST on keys taken from a pre-built list (``_floor``): no dispatch, no
   discovery, nothing recorded; the least this job costs here;
@@ -68,7 +70,7 @@ from ._common import RESULTS, embedded
 from ._floor import Target, Timing, run_floor
 from ._peer_procs import CeleryWorker, Valkey, cpu_seconds, tree, wait_quiet
 
-WAYS = ("imgworker", "imgworker-lanes", "imgworker-listing", "floor", "celery")
+WAYS = ("imgworker", "imgworker-lanes", "imgworker-lanes-env", "imgworker-listing", "floor", "celery")
 LANES = 8  # lanes per worker process in the imgworker-lanes way
 
 
@@ -192,15 +194,18 @@ def run_imgworker(base: Config, *, prefix: str, images: int, workers: int, laten
 
     ``imgworker`` finds images from the store's change events (one reconciliation listing at start),
     ``imgworker-listing`` by listing the bucket every second, as shipped for ``scan.mode = "listing"``;
-    ``imgworker-lanes`` is ``imgworker`` with the N lanes in N / 8 processes.
+    ``imgworker-lanes`` is ``imgworker`` with the N lanes in N / 8 processes; ``imgworker-lanes-env`` is
+    that with ``algo.trust_env = true`` (requests reads proxy settings and ~/.netrc on every call, as
+    the floor's and Celery's sessions do), which shows what that setting alone is worth.
     """
     state = tempfile.mkdtemp(prefix="peers-state-")
     listing = way == "imgworker-listing"
     scan = ScanConfig() if listing else ScanConfig(mode="events", events_filer=base.scan.events_filer)
-    threads = lanes_per_process(workers) if way == "imgworker-lanes" else 1
+    threads = lanes_per_process(workers) if way.startswith("imgworker-lanes") else 1
     processes = workers // threads
     cfg = msgspec.structs.replace(
         base, scan=scan, store=msgspec.structs.replace(base.store, prefix=prefix),
+        algo=msgspec.structs.replace(base.algo, trust_env=way == "imgworker-lanes-env"),
         worker=msgspec.structs.replace(base.worker, count=processes, threads=threads),
         run=msgspec.structs.replace(base.run, state_dir=state, until_idle=False))
     results: list[Result] = []
@@ -344,7 +349,7 @@ def _run_way(way: str, cfg: Config, valkey: Valkey, target: Target, prefix: str,
 
 def _line(r: Row) -> str:
     failed = f", {r.failed} FAILED" if r.failed else ""
-    return (f"peers: N={r.workers:3d} {r.way:17s} {r.images} images in {r.wall_s:.1f} s: "
+    return (f"peers: N={r.workers:3d} {r.way:19s} {r.images} images in {r.wall_s:.1f} s: "
             f"{r.throughput_per_s:.1f} img/s, "
             f"efficiency {r.efficiency:.3f}, {r.cpu_s_per_1000:.2f} CPU-s/1000, p50 {r.p50_ms:.1f} ms{failed}")
 
