@@ -119,9 +119,11 @@ class AlgoClient:
         self.session = session or requests.Session()
         self.session.headers["Content-Type"] = "application/json"
         # Off by default: the service is usually on the local network, a proxy set for internet access
-        # should not carry its calls, ~/.netrc credentials should not reach it, and reading both on
-        # every call costs CPU (about 0.15 ms per call, see benchmarks/README.md).
+        # should not carry its calls, ~/.netrc credentials should not reach it, and reading the
+        # environment on every call costs CPU (see the peers benchmark). A private CA goes in ca_bundle.
         self.session.trust_env = cfg.trust_env
+        if cfg.ca_bundle:
+            self.session.verify = cfg.ca_bundle
 
     def infer(self, request: AlgoRequest, endpoint: str = "") -> AlgoAnswer:
         """One call to ``endpoint`` (default: the configured one)."""

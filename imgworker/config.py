@@ -147,7 +147,9 @@ class AlgoConfig(msgspec.Struct, **_STRUCT):
     eject_cooldown_s: NonNegative = 10.0
     no_endpoint_budget_s: NonNegative = 300.0
     trust_env: bool = False
-    """Read proxy settings (HTTP(S)_PROXY, NO_PROXY) and ~/.netrc from the environment for each call."""
+    """Read proxy settings (HTTP(S)_PROXY, NO_PROXY), ~/.netrc and REQUESTS_CA_BUNDLE from the environment."""
+    ca_bundle: str = ""
+    """CA certificates to verify an https service with (default: certifi's); used whatever trust_env says."""
 
 
 class ActionsConfig(msgspec.Struct, **_STRUCT):

@@ -87,6 +87,7 @@ class _Worker:
         self.busy: dict[int, float] = {}  # lane -> when its item was sent
         self.retiring = False  # asked to be recycled: told to stop, gets nothing more
         self.overdue: set[int] = set()  # lanes whose item passed its deadline: the process is being killed
+        self.eof = False  # its end of the pipe closed: only its sentinel is watched now
 
     def tell_stop(self) -> None:
         try:
@@ -121,7 +122,7 @@ class ProcessPool:
 
     def _index(self) -> None:
         self._of_lane = {lane: w for w in self.workers.values() for lane in w.lanes}
-        self._by_conn = {w.conn: w for w in self.workers.values()}
+        self._by_conn = {w.conn: w for w in self.workers.values() if not w.eof}  # an EOF pipe is always ready
         self._by_sentinel = {w.process.sentinel: w for w in self.workers.values()}
 
     def alive(self) -> int:
@@ -164,8 +165,16 @@ class ProcessPool:
         try:
             answer = self._answer(worker, worker.conn.recv_bytes())
         except (EOFError, OSError):
-            return []  # the sentinel reports the death
+            self._at_eof(worker)  # the sentinel reports the death
+            return []
         return [answer] if answer is not None else []
+
+    def _at_eof(self, worker: _Worker) -> None:
+        """The process closed its pipe (it is exiting): watch only its sentinel, give its lanes nothing."""
+        if not worker.eof:
+            worker.eof = True
+            self.idle[:] = [lane for lane in self.idle if lane not in worker.lanes]
+            self._index()
 
     def _answers(self, worker: _Worker) -> list[Event]:
         """Everything the worker sent that is still in its pipe."""
@@ -176,7 +185,7 @@ class ProcessPool:
                 if answer is not None:
                     out.append(answer)
         except (EOFError, OSError):
-            pass  # the sentinel reports the death
+            self._at_eof(worker)  # the sentinel reports the death
         return out
 
     def _answer(self, worker: _Worker, data: bytes) -> Answer | None:
@@ -197,7 +206,7 @@ class ProcessPool:
             worker.retiring = True
             worker.tell_stop()  # it answers what it holds, then leaves; its lanes get nothing more
             self.idle[:] = [lane for lane in self.idle if lane not in worker.lanes]
-        if not worker.retiring and not worker.overdue and slot in worker.lanes:
+        if not worker.retiring and not worker.overdue and not worker.eof and slot in worker.lanes:
             self.idle.append(slot)
         return Answer(slot=slot, reply=reply, dispatched_at=dispatched_at)
 
@@ -227,7 +236,10 @@ class ProcessPool:
                     worker.overdue.add(slot)
                 elif not upcoming or due < upcoming:
                     upcoming = due
-            if worker.overdue:
+            if worker.overdue and not worker.eof and worker.conn.poll():
+                worker.overdue.clear()  # an answer is waiting, maybe the overdue one's: read it first
+                upcoming = now
+            elif worker.overdue:
                 worker.process.kill()
                 self.idle[:] = [lane for lane in self.idle if lane not in worker.lanes]  # nothing more for it
         self._next_due = upcoming
@@ -244,7 +256,8 @@ class ProcessPool:
             busy = [w for w in self.workers.values() if w.busy and w.index not in exited]
             if not busy:
                 break
-            ready = wait([w.conn for w in busy] + [w.process.sentinel for w in busy], deadline - time.monotonic())
+            ready = wait([w.conn for w in busy if not w.eof] + [w.process.sentinel for w in busy],
+                         deadline - time.monotonic())
             for worker in busy:
                 if worker.process.sentinel in ready:
                     exited.add(worker.index)
@@ -252,6 +265,7 @@ class ProcessPool:
                     events += self._answers(worker)
         stop_processes([w.process for w in self.workers.values()], deadline)
         for worker in self.workers.values():
+            events += self._answers(worker)  # what arrived after the last wait, before the process ended
             worker.conn.close()
         self.workers.clear()
         self.idle.clear()

@@ -417,7 +417,7 @@ class Supervisor:
             self.stats.worker_recycles += 1
         else:
             self.stats.worker_restarts += 1
-            log.warning("worker %d exited unexpectedly (exit code %s) holding %d images; starting a replacement",
+            log.warning("worker process %d exited unexpectedly (exit code %s) holding %d images; starting a replacement",
                         event.worker, event.code, lost)
         if not self.stopping.draining:
             self.pool.respawn(event.worker)

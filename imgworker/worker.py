@@ -300,13 +300,28 @@ class _Channel:
                 if message == STOP:
                     self.ended.set()
                     return None
-                try:
-                    lane, payload = unframe(message)
-                    if lane not in self.lanes:
-                        raise ValueError(f"lane {lane} is not one of this worker's")
-                    return lane, _item_decoder.decode(payload)
-                except (ValueError, msgspec.DecodeError) as exc:
-                    log.error("worker: a message from the supervisor could not be used (%s); ignored", exc)
+                got = self._item_of(message)
+                if got is not None:
+                    return got
+            return None
+
+    def _item_of(self, message: bytes) -> tuple[int, WorkItem] | None:
+        """The (lane, item) a frame carries; a frame that cannot be used is logged, and answered if it names a lane."""
+        try:
+            lane, payload = unframe(message)
+        except ValueError as exc:
+            log.error("worker: a message from the supervisor names no lane (%s); ignored", exc)
+            return None
+        if lane not in self.lanes:
+            log.error("worker: a message from the supervisor names lane %d, not one of this worker's; ignored", lane)
+            return None
+        try:
+            return lane, _item_decoder.decode(payload)
+        except msgspec.DecodeError as exc:  # the lane waits for an answer: give it one at once
+            log.error("worker: the item for lane %d could not be decoded (%s)", lane, exc)
+            self.send(lane, _result_encoder.encode(Reply(result=Result(key="", outcome=Outcome.FAILED_ALGO,
+                                                                        cause="internal_error"),
+                                                         undecodable=f"item not decodable: {exc}"[:200])))
             return None
 
     def count_one(self) -> bool:
@@ -339,12 +354,20 @@ def worker_main(index: int, lanes: tuple[int, ...], cfg: Config, conn: Connectio
 
 
 def _serve(channel: _Channel, processors: dict[int, ItemProcessor]) -> None:
-    """One thread: answer each item it reads, as the lane the item names, until the process is to leave."""
-    while (got := channel.next_item()) is not None:
-        lane, item = got
-        reply = answer(processors[lane], item, retiring=False)
-        reply = msgspec.structs.replace(reply, retiring=channel.count_one())
-        channel.send(lane, encode_reply(reply, item, lane))
+    """One thread: answer each item it reads, as the lane the item names, until the process is to leave.
+
+    Anything that escapes (a bug outside ``answer``) ends the whole process at once, so the supervisor
+    sees the death now rather than a lane that never answers until its item deadline.
+    """
+    try:
+        while (got := channel.next_item()) is not None:
+            lane, item = got
+            reply = answer(processors[lane], item, retiring=False)
+            reply = msgspec.structs.replace(reply, retiring=channel.count_one())
+            channel.send(lane, encode_reply(reply, item, lane))
+    except BaseException:
+        log.exception("worker: a lane failed outside an item; the process exits")
+        os._exit(70)
 
 
 def answer(processor: ItemProcessor, item: WorkItem, *, retiring: bool) -> Reply:

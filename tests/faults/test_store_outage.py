@@ -76,10 +76,12 @@ def test_outage_mid_run_loses_nothing(tmp_path, own_store, creds, algo):
     assert report["conserved"] and report["scanned"] == 60
     # images were still queued when the store went away, and the outage held them up
     assert 0 < done_at_stop < 60 and done_during_outage < 60 and down_for >= OUTAGE_S
-    # a worker waited through the outage: its existence check (retried, not failed) spanned it
+    # a worker waited through the outage, retrying rather than failing: in its existence check, or in
+    # reading the image back after the service could not fetch it (which of the two depends on where
+    # in its work the outage found it)
     longest_stat = max(r.stat_ms or 0.0 for r in results)
     longest_e2e = max(r.e2e_ms or 0.0 for r in results)
-    assert longest_stat >= (down_for - MARGIN_S) * 1000, (longest_stat, longest_e2e, down_for)
+    assert longest_e2e >= (down_for - MARGIN_S) * 1000, (longest_stat, longest_e2e, down_for)
     assert longest_e2e >= longest_stat
     log_text = (tmp_path / "log").read_text()
     assert "store unreachable" in log_text or "scan failed" in log_text

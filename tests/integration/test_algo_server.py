@@ -96,3 +96,13 @@ def test_proxy_settings_in_the_environment_are_ignored_unless_trust_env(store, p
                 AlgoClient(trusting.algo).infer(request)  # through the proxy the environment names, which is down
         assert err.value.cause == "connection_error"
         assert service.calls() == {key: 1}
+
+
+def test_ca_bundle_is_what_an_https_service_is_verified_with(tmp_path, monkeypatch):
+    bundle = tmp_path / "ca.pem"
+    bundle.write_text("-----BEGIN CERTIFICATE-----\n")
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", "/nonexistent/env-ca.pem")
+    plain = load_config(env={}, overrides={"algo": {"endpoint": "https://127.0.0.1:1/infer"}})
+    assert AlgoClient(plain.algo).session.verify is True  # certifi's; the environment's is not read
+    own = load_config(env={}, overrides={"algo": {"endpoint": "https://127.0.0.1:1/infer", "ca_bundle": str(bundle)}})
+    assert AlgoClient(own.algo).session.verify == str(bundle)

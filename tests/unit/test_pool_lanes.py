@@ -43,7 +43,7 @@ def stand_in(pool: ProcessPool, lanes: tuple[int, ...], *, alive: bool):
     ours, theirs = Pipe(duplex=True)
     worker.index, worker.lanes, worker.conn = 0, lanes, ours
     worker.process = StandIn(alive)
-    worker.busy, worker.retiring, worker.overdue = {}, False, set()
+    worker.busy, worker.retiring, worker.overdue, worker.eof = {}, False, set(), False
     pool.workers[0] = worker
     pool._index()
     return worker, theirs
@@ -98,3 +98,39 @@ def test_a_reply_is_an_answer_and_frees_its_lane_once():
     events, _ = pool.wait(0.5, [])
     assert [e.reply.result.key for e in events if isinstance(e, Answer)] == ["y.jpg"]
     assert sorted(pool.idle) == [0, 1] and worker.busy == {}
+
+
+def test_stop_reads_an_answer_that_arrives_after_its_last_wait():
+    pool = pool_of(1)
+    worker, theirs = stand_in(pool, (0,), alive=True)
+    worker.busy = {0: time.monotonic()}
+    worker.process.is_alive = lambda: False  # type: ignore[method-assign]  # joined by the time it is read
+    theirs.send_bytes(frame(0, reply("late.jpg")))
+    events = pool.stop(time.monotonic())  # the deadline has passed: no wait at all
+    assert [e.reply.result.key for e in events if isinstance(e, Answer)] == ["late.jpg"]
+
+
+def test_a_closed_pipe_is_not_waited_on_again_and_its_lanes_get_nothing():
+    pool = pool_of(2)
+    worker, theirs = stand_in(pool, (0, 1), alive=True)  # its sentinel is not ready yet
+    pool.idle[:] = [0, 1]
+    theirs.close()
+    events, _ = pool.wait(0.5, [])
+    assert events == [] and worker.eof and pool.idle == []
+    started = time.monotonic()
+    events, _ = pool.wait(0.2, [])
+    assert events == [] and time.monotonic() - started >= 0.15, "an EOF pipe made wait return at once"
+
+
+def test_no_kill_while_an_answer_is_waiting_to_be_read():
+    pool = pool_of(2)
+    worker, theirs = stand_in(pool, (0, 1), alive=True)
+    worker.busy = {0: time.monotonic() - 10.0, 1: time.monotonic()}
+    pool._next_due = time.monotonic() - 5.0
+    theirs.send_bytes(frame(0, reply("late.jpg")))
+    pool.kill_overdue(time.monotonic())
+    assert not worker.process.killed and worker.overdue == set()
+    events, _ = pool.wait(0.5, [])
+    assert [e.reply.result.key for e in events if isinstance(e, Answer)] == ["late.jpg"]
+    pool.kill_overdue(time.monotonic())
+    assert not worker.process.killed, "the overdue lane answered: nothing left to kill for"
