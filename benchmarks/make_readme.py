@@ -55,16 +55,19 @@ Rebuild this page with `python -m benchmarks.make_readme`.
 
 ## What the figures say
 
-- **Beside its peers** (peers, L = 200 ms, 16/32/64 workers): imgworker on change events reaches the
-  bare-thread floor's efficiency (1.00-1.01x of it at every N) and Celery's or better (1.01x at 16 and
-  32, 1.24x at 64, where Celery's prefork pool falls to 0.76). It uses 1.74-1.78x the floor's CPU per
-  image and 0.57-0.65x Celery's. Listing the bucket every second instead costs 1.2 CPU-s more per 1,000
-  images (the scanner re-lists, the supervisor filters every page through the Manager): 2.3-2.6x the
-  floor. Split by process at N = 32 (events): workers 2.35, supervisor 0.34, scanner 0.04, Manager
-  0.004 CPU-s per 1,000 against the floor's 1.57. One worker step in isolation costs what one floor job
-  costs (1.29 against 1.22 ms of CPU per image, measured in one process): the remainder is the price
-  of N processes, each woken through its pipe, on a 2-core machine shared with the store and the
-  service. The goal of 1.3x the floor's CPU at N = 32 is not reached.
+- **Beside its peers** (peers, L = 200 ms, N = 16/32/64 images at once): with lanes (`--threads 8`,
+  N / 8 processes) imgworker on change events reaches 0.98-1.02x the bare-thread floor's efficiency
+  and uses 1.15x, 1.18x and 1.35x its CPU per image at N = 16, 32, 64 (the goal at N = 32: 0.97x and
+  1.3x). The setting `algo.trust_env = false` (no proxy or ~/.netrc lookup per call; the floor and
+  Celery keep requests' default) is part of that: with it on (`imgworker-lanes-env`) the figures are
+  0.97-1.02x and 1.26x, 1.27x, 1.44x. With one process per image (`--threads 1`, the default) CPU is
+  1.73-1.84x the floor's at the same efficiency (0.98-1.00x). Split by process at N = 32, in CPU-s per
+  1,000 images: workers 1.99 with lanes against 3.04 without, supervisor 0.34 against 0.44 (fewer
+  pipes to wait on), scanner 0.06, Manager 0.01; the floor spends 2.05 in all. One process per image
+  costs more because every image wakes its own process through its pipe, with caches cold, on a
+  2-core machine shared with the store and the service; lanes wake one of N / 8. Celery prefork needs
+  2.5-3.1x the floor's CPU and falls to 0.75x its efficiency at N = 64; listing the bucket every
+  second instead of change events costs 0.8-1.7 CPU-s more per 1,000 images.
 - **Discovery in a bucket of 100,000** (discovery, 30 new images a second): on change events an image
   reaches a worker 50 ms after its upload at p50 and p99 (the watcher's 50 ms batching window), against
   3.3 s and 6.4 s when listing (one listing of 100,000 objects takes 5-7 s here). With incremental
