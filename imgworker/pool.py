@@ -173,8 +173,12 @@ class ProcessPool:
         """The process closed its pipe (it is exiting): watch only its sentinel, give its lanes nothing."""
         if not worker.eof:
             worker.eof = True
-            self.idle[:] = [lane for lane in self.idle if lane not in worker.lanes]
+            self._withdraw_lanes(worker)
             self._index()
+
+    def _withdraw_lanes(self, worker: _Worker) -> None:
+        """The worker's idle lanes get nothing more (it is stopping, exiting or being killed)."""
+        self.idle[:] = [lane for lane in self.idle if lane not in worker.lanes]
 
     def _answers(self, worker: _Worker) -> list[Event]:
         """Everything the worker sent that is still in its pipe."""
@@ -205,8 +209,8 @@ class ProcessPool:
         if reply.retiring and not worker.retiring:
             worker.retiring = True
             worker.tell_stop()  # it answers what it holds, then leaves; its lanes get nothing more
-            self.idle[:] = [lane for lane in self.idle if lane not in worker.lanes]
-        if not worker.retiring and not worker.overdue and not worker.eof and slot in worker.lanes:
+            self._withdraw_lanes(worker)
+        if not worker.retiring and not worker.overdue and not worker.eof:
             self.idle.append(slot)
         return Answer(slot=slot, reply=reply, dispatched_at=dispatched_at)
 
@@ -215,7 +219,7 @@ class ProcessPool:
         worker.conn.close()
         self.workers.pop(worker.index, None)
         self._index()
-        self.idle[:] = [lane for lane in self.idle if lane not in worker.lanes]
+        self._withdraw_lanes(worker)
         return Exit(worker=worker.index, lanes=worker.lanes, code=worker.process.exitcode, retiring=worker.retiring,
                     overdue=tuple(sorted(worker.overdue)))
 
@@ -241,7 +245,7 @@ class ProcessPool:
                 upcoming = now
             elif worker.overdue:
                 worker.process.kill()
-                self.idle[:] = [lane for lane in self.idle if lane not in worker.lanes]  # nothing more for it
+                self._withdraw_lanes(worker)  # nothing more for it
         self._next_due = upcoming
         return upcoming
 

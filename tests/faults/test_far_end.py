@@ -73,6 +73,27 @@ def drive(sup: Supervisor, timeout: float):
     return sup.report()
 
 
+def drive_after_warm_up(cfg, store, keys: list[str], timeout: float):
+    """Start the workers with nothing to hold and step 4 s, so item deadlines do not count their start-up;
+    then upload ``keys`` and run to the end (never past ``timeout``); always shut down. The report."""
+    uploaded = threading.Event()
+    sup = Supervisor(cfg, show_progress=False, intake_done=uploaded.is_set)
+    sup.start()
+    try:
+        warm = time.monotonic() + 4.0
+        while time.monotonic() < warm:
+            sup.step()
+        upload(store, keys)
+        uploaded.set()
+        deadline = time.monotonic() + timeout
+        while not sup.finished():
+            assert time.monotonic() < deadline, f"the run did not end: {sup.stats.counts}"
+            sup.step()
+    finally:
+        sup.shutdown()
+    return sup.report()
+
+
 def kill_tree_leftovers(procs: list[psutil.Process]) -> list[str]:
     """SIGKILL whatever of ``procs`` is still alive; return descriptions of those found alive."""
     alive = []
@@ -222,26 +243,10 @@ def test_trickling_answer_is_ended_by_the_item_deadline(make_config, store, pref
     params = SyntheticParams(latency_ms=20.0, sigma=0.0, detection_rate=0.5, trickle_s=1.0, hang_s=60.0)
     trickle = f"{prefix}p/t/trickle-000.jpg"
     normal = [f"{prefix}p/t/plain-{i:03d}.jpg" for i in range(8)]
-    uploaded = threading.Event()
     with AlgoService("synthetic", params) as service:
         cfg = make_config(worker={"count": 2, "item_deadline_s": 3.0, "max_attempts": 1},
                           algo={"endpoint": service.endpoint, "timeout_s": 60.0, "retries": 0})
-        sup = Supervisor(cfg, show_progress=False, intake_done=uploaded.is_set)
-        sup.start()
-        try:
-            # the workers start with no images to hold: the 3 s deadline must not count their start-up
-            warm = time.monotonic() + 4.0
-            while time.monotonic() < warm:
-                sup.step()
-            upload(store, [trickle, *normal])
-            uploaded.set()
-            deadline = time.monotonic() + 120
-            while not sup.finished():
-                assert time.monotonic() < deadline, f"the run did not end: {sup.stats.counts}"
-                sup.step()
-        finally:
-            sup.shutdown()
-        report = sup.report()
+        report = drive_after_warm_up(cfg, store, [trickle, *normal], timeout=120)
         calls = calls_under(service, prefix)
     results = {r.key: r for r in results_of(cfg)}
     assert sorted(results) == sorted([trickle, *normal])

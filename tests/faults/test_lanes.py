@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import random
-import threading
-import time
 from collections import Counter
 
 import pytest
@@ -19,8 +17,8 @@ from imgworker.services.algo_server import AlgoService, SyntheticParams
 from imgworker.supervisor import Supervisor
 from imgworker.worker import frame, unframe
 from imgworker.pool import lanes_of
-from tests.conftest import cli_env, read_outcomes, reap, start_run, upload, workers_of
-from tests.faults.test_far_end import SUCCESS, calls_under, drive, results_of
+from tests.conftest import cli_env, kill_workers_at_random, read_outcomes, reap, start_run, upload
+from tests.faults.test_far_end import SUCCESS, calls_under, drive, drive_after_warm_up, results_of
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -42,16 +40,8 @@ def test_random_sigkills_of_threaded_workers_lose_nothing(tmp_path, store_server
         report = tmp_path / "r.json"
         proc = start_run(env, "run", "--workers", "2", "--threads", "4", "--until-idle", "--no-progress",
                          "--report-json", str(report), log_path=str(tmp_path / "log"))
-        rng = random.Random(11)
-        kills = 0
         try:
-            deadline = time.monotonic() + 60
-            while proc.poll() is None and kills < 8 and time.monotonic() < deadline:
-                time.sleep(0.2)
-                victims = workers_of(proc.pid)
-                if victims:
-                    rng.choice(victims).kill()
-                    kills += 1
+            kills = kill_workers_at_random(proc, random.Random(11), most=8, every_s=0.2)
             assert reap(proc, 120) == 0, (tmp_path / "log").read_text()[-3000:]
         finally:
             if proc.poll() is None:
@@ -81,25 +71,10 @@ def test_deadline_kill_retries_the_other_lanes_without_using_their_attempts(make
     params = SyntheticParams(latency_ms=1500.0, sigma=0.0, detection_rate=0.5, trickle_s=1.0, hang_s=60.0)
     trickle = f"{prefix}p/t/a-trickle-000.jpg"  # listed first: it is taken while the other lanes are busy
     normal = [f"{prefix}p/t/plain-{i:03d}.jpg" for i in range(8)]
-    uploaded = threading.Event()
     with AlgoService("synthetic", params) as service:
         cfg = make_config(worker={"count": 1, "threads": 3, "item_deadline_s": 4.0, "max_attempts": 1},
                           algo={"endpoint": service.endpoint, "timeout_s": 60.0, "retries": 0})
-        sup = Supervisor(cfg, show_progress=False, intake_done=uploaded.is_set)
-        sup.start()
-        try:
-            warm = time.monotonic() + 4.0  # the lanes start with nothing to hold: start-up is not in the deadline
-            while time.monotonic() < warm:
-                sup.step()
-            upload(store, [trickle, *normal])
-            uploaded.set()
-            deadline = time.monotonic() + 150
-            while not sup.finished():
-                assert time.monotonic() < deadline, f"the run did not end: {sup.stats.counts}"
-                sup.step()
-        finally:
-            sup.shutdown()
-        report = sup.report()
+        report = drive_after_warm_up(cfg, store, [trickle, *normal], timeout=150)
         calls = calls_under(service, prefix)
     results = {r.key: r for r in results_of(cfg)}
     assert sorted(results) == sorted([trickle, *normal])
@@ -168,25 +143,10 @@ def test_an_image_stuck_beside_another_is_spared_at_most_once(make_config, store
     a = f"{prefix}p/t/a-trickle.jpg"
     plain = [f"{prefix}p/t/b-plain-{i}.jpg" for i in range(5)]
     c = f"{prefix}p/t/c-trickle.jpg"
-    uploaded = threading.Event()
     with AlgoService("synthetic", params) as service:
         cfg = make_config(worker={"count": 1, "threads": 2, "item_deadline_s": 4.0, "max_attempts": 2},
                           algo={"endpoint": service.endpoint, "timeout_s": 60.0, "retries": 0})
-        sup = Supervisor(cfg, show_progress=False, intake_done=uploaded.is_set)
-        sup.start()
-        try:
-            warm = time.monotonic() + 4.0
-            while time.monotonic() < warm:
-                sup.step()
-            upload(store, [a, *plain, c])
-            uploaded.set()
-            deadline = time.monotonic() + 180
-            while not sup.finished():
-                assert time.monotonic() < deadline, f"the run did not end: {sup.stats.counts}"
-                sup.step()
-        finally:
-            sup.shutdown()
-        report = sup.report()
+        report = drive_after_warm_up(cfg, store, [a, *plain, c], timeout=180)
         calls = calls_under(service, prefix)
     results = {r.key: r for r in results_of(cfg)}
     assert sorted(results) == sorted([a, *plain, c]) and report.conserved

@@ -12,7 +12,7 @@ import pytest
 
 from imgworker.services.algo_server import AlgoService, SyntheticParams
 from imgworker.supervisor import Supervisor
-from tests.conftest import cli_env, read_outcomes, reap, start_run, upload, workers_of
+from tests.conftest import cli_env, kill_workers_at_random, read_outcomes, reap, start_run, upload, workers_of
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -31,16 +31,8 @@ def test_random_sigkills_lose_nothing(tmp_path, store_server, creds, store, pref
     report = tmp_path / "r.json"
     proc = start_run(env, "run", "--workers", "8", "--until-idle", "--no-progress", "--report-json", str(report),
                      log_path=str(tmp_path / "log"))
-    rng = random.Random(7)
-    kills = 0
     try:
-        deadline = time.monotonic() + 60
-        while proc.poll() is None and kills < 15 and time.monotonic() < deadline:
-            time.sleep(0.15)
-            victims = workers_of(proc.pid)
-            if victims:
-                rng.choice(victims).send_signal(signal.SIGKILL)
-                kills += 1
+        kills = kill_workers_at_random(proc, random.Random(7), most=15, every_s=0.15)
         assert reap(proc, 90) == 0, (tmp_path / "log").read_text()[-3000:]
     finally:
         if proc.poll() is None:
