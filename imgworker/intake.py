@@ -228,7 +228,9 @@ class Intake:
 
     def _begin(self) -> None:
         assert self.lister is not None
-        self.ledger.begin_sweep()
+        self._full = self._next_is_full()
+        if self._full:  # only a full listing marks what exists: generations count full listings
+            self.ledger.begin_sweep()
         self.sweeping = True
         self._started = self.clock()
         self._listed = self._found = 0
@@ -237,12 +239,20 @@ class Intake:
         self._backlog_at_start = self.backlog.keys()  # entries added during the sweep may sort before it
         self._advance, self._blocked = {}, set()
         self._after_intake_done = self.intake_done()
-        every = self.cfg.scan.full_every
-        self._full = not self.incremental or self.scans_completed % every == every - 1
         try:
             self.lister.request_sweep(None if self._full else self.checkpoints)
         except OSError:
             self.sweeping = False  # the lister died; the next step replaces it
+
+    def _next_is_full(self) -> bool:
+        """Full unless incremental; the first listing after a start and every ``full_every``-th are full.
+
+        The first one is full so that the start-up reconciliation finds every object that still
+        exists, whatever its key layout: an event acknowledged to the store but not yet checkpointed
+        when the supervisor died is found again by it.
+        """
+        every = self.cfg.scan.full_every
+        return not self.incremental or self.scans_completed == 0 or self.scans_completed % every == every - 1
 
     def _on_page(self, refs: list[ImageRef]) -> None:
         self._failures = 0
@@ -374,9 +384,20 @@ class Intake:
         return self._last_idle and not self.backlog and not (self.sweeping and self._found)
 
     def wake_at(self) -> float:
-        """When the loop must wake for intake (a due sweep), as a clock value; 0 while sweeping."""
-        wake = 0.0 if self.sweeping else self.next_sweep
-        return min(wake, self._watcher_restart_at) if wake and self._watcher_restart_at else wake
+        """When the loop must wake for intake, as a clock value (0: no time of its own to wake at).
+
+        While a sweep runs, the lister's pipe is among ``waitables()``: a page arriving wakes the
+        loop, so no timeout is needed. Only a listing source with nothing to wait on (the inline
+        lister of the in-memory tests) has its pages polled at once.
+        """
+        if self.sweeping:
+            polled = self.lister is not None and not self.lister.waitables()
+            wake = self.clock() if polled else 0.0
+        else:
+            wake = self.next_sweep
+        if self._watcher_restart_at:
+            wake = min(wake, self._watcher_restart_at) if wake else self._watcher_restart_at
+        return wake
 
     def close(self) -> None:
         if self.lister is not None:

@@ -27,9 +27,10 @@ log = logging.getLogger(__name__)
 
 
 class SweepRequest(msgspec.Struct, array_like=True):
-    """One listing; with ``scan.reconcile = "incremental"``, each task directory from its checkpoint."""
+    """One listing: the whole prefix (``full``), or each task directory from its checkpoint (incremental)."""
 
     checkpoints: dict[str, str] = {}
+    full: bool = True
 
 
 class ListingPage(msgspec.Struct, tag="page", array_like=True):
@@ -59,16 +60,20 @@ def lister_main(cfg: Config, conn: Connection, log_settings: LogSettings) -> Non
             if message == STOP:
                 return
             request = _request_decoder.decode(message)
-            for reply in sweep_messages(store, cfg, request.checkpoints):
+            for reply in sweep_messages(store, cfg, None if request.full else request.checkpoints):
                 conn.send_bytes(_encoder.encode(reply))
         except (EOFError, OSError):
             return
 
 
 def sweep_messages(store: Any, cfg: Config, checkpoints: dict[str, str] | None = None) -> Iterator[ListingMessage]:
-    """One listing as messages: filtered pages, then the end marker (ok or the store's error)."""
+    """One listing as messages: filtered pages, then the end marker (ok or the store's error).
+
+    ``checkpoints`` None lists the whole prefix, whatever the key layout; a dict (incremental) lists
+    each ``<task_type>/<task_id>/`` from its checkpoint and nothing outside those directories.
+    """
     try:
-        for page in _pages(store, cfg, checkpoints or {}):
+        for page in _pages(store, cfg, checkpoints):
             images = select_images(page, prefix=cfg.store.prefix, cfg=cfg.scan)
             if images:
                 yield ListingPage(refs=images)
@@ -78,10 +83,10 @@ def sweep_messages(store: Any, cfg: Config, checkpoints: dict[str, str] | None =
     yield ListingEnd(ok=True)
 
 
-def _pages(store: Any, cfg: Config, checkpoints: dict[str, str]) -> Iterator[list[ImageRef]]:
-    """The whole prefix, or (incremental) each ``<task_type>/<task_id>/`` after its checkpoint key."""
+def _pages(store: Any, cfg: Config, checkpoints: dict[str, str] | None) -> Iterator[list[ImageRef]]:
+    """The whole prefix (``checkpoints`` None), or each ``<task_type>/<task_id>/`` after its checkpoint key."""
     prefix = cfg.store.prefix
-    if cfg.scan.reconcile != "incremental":
+    if checkpoints is None:
         yield from store.list_pages(prefix, cfg.scan.page_size)
         return
     for kind in store.list_dirs(prefix):
@@ -99,7 +104,9 @@ class Lister(ChildHandle):
         super().__init__(lister_main, (cfg, log_settings), "imgworker-scanner")
 
     def request_sweep(self, checkpoints: dict[str, str] | None = None) -> None:
-        self.conn.send_bytes(_encoder.encode(SweepRequest(checkpoints=checkpoints or {})))
+        """A listing of the whole prefix (``checkpoints`` None) or an incremental one from ``checkpoints``."""
+        request = SweepRequest(checkpoints=checkpoints or {}, full=checkpoints is None)
+        self.conn.send_bytes(_encoder.encode(request))
 
     def poll(self) -> ListingMessage | None:
         """The next message if one is buffered; EOFError/OSError if the lister is gone."""

@@ -52,6 +52,10 @@ from .worker import ItemProcessor, answer, internal_error
 
 log = logging.getLogger(__name__)
 
+#: The longest the loop blocks with nothing ready: bounds how late progress, stop conditions and
+#: the janitor's finished jobs are looked at.
+_MAX_WAIT_S = 0.5
+
 
 @dataclass(frozen=True)
 class Parts:
@@ -281,7 +285,8 @@ class Supervisor:
     def _wait_timeout(self, now: float) -> float:
         if self.stopping.draining:
             return 0.2
-        wake = [now + 0.5, self._next_checkpoint, self.intake.wake_at() or now, self._next_deadline or now + 0.5]
+        wake = [now + _MAX_WAIT_S, self._next_checkpoint, self.intake.wake_at() or now + _MAX_WAIT_S,
+                self._next_deadline or now + _MAX_WAIT_S]
         return max(0.0, min(wake) - now)
 
     # ----- intake --------------------------------------------------------------------

@@ -462,3 +462,161 @@ def test_incremental_reconciliation_is_refused_with_the_cleaner(tmp_path):
 
     with pytest.raises(ConfigError, match="scan.reconcile"):
         config(tmp_path, scan={"reconcile": "incremental"}, retention={"enabled": True, "max_count": 5})
+
+
+def drive(sup: Supervisor, *, steps: int, sweep_every_step: bool = True) -> None:
+    for _ in range(steps):
+        if sweep_every_step and not sup.intake.sweeping:
+            sup.intake.next_sweep = 0.0
+        sup.step()
+
+
+def stop_and_shut(sup: Supervisor) -> None:
+    sup.request_stop("test")
+    while not sup.finished():
+        sup.step()
+    sup.shutdown()
+
+
+def test_a_full_pass_keeps_backlog_keys_outside_task_directories(tmp_path):
+    """Incremental reconciliation: event-found keys beside the ``<type>/<id>/`` directories are listed by full passes."""
+    cfg = config(tmp_path, scan={"mode": "events", "events_filer": "127.0.0.1:1.2", "reconcile": "incremental",
+                                 "full_every": 1}, worker={"count": 1}, dispatch={"queue_capacity": 1},
+                 run={"until_idle": False})
+    store = MemoryStore()
+    loose = [f"person/snap-{i}.jpg" for i in range(8)]
+    nested = [f"person/cam{i}/20240101-000000.000.jpg" for i in range(8)]
+    for key in loose + nested:
+        store.put(key, b"\xff\xd8jpeg")
+    watchers: list[InlineWatcher] = []
+    algo = MemoryAlgo(store)
+    sup = events_supervisor(cfg, store, algo, watchers, intake_done=lambda: False)
+    sup.start()
+    try:
+        watchers[0].batches.append(event_batch(store, loose + nested, ts_ns=100))
+        drive(sup, steps=400)  # a full pass after nearly every step, while the queue holds one image
+    finally:
+        stop_and_shut(sup)
+    assert lines(cfg) == Counter(loose + nested) and algo.calls == Counter(loose + nested)
+
+
+def test_a_key_outside_task_directories_stays_processed_while_it_exists(tmp_path):
+    """Pruning follows complete listings of the whole prefix: a replayed event for a key that still exists is absorbed."""
+    cfg = config(tmp_path, scan={"mode": "events", "events_filer": "127.0.0.1:1.2", "reconcile": "incremental",
+                                 "full_every": 2}, run={"until_idle": False})
+    store = MemoryStore()
+    loose = ["person/snap-1.jpg", "person/snap-2.jpg"]
+    for key in loose:
+        store.put(key, b"\xff\xd8jpeg")
+    watchers: list[InlineWatcher] = []
+    algo = MemoryAlgo(store)
+    sup = events_supervisor(cfg, store, algo, watchers, intake_done=lambda: False)
+    sup.start()
+    try:
+        watchers[0].batches.append(event_batch(store, loose, ts_ns=100))
+        drive(sup, steps=50)
+        assert lines(cfg) == Counter(loose)
+        while sup.intake.scans_completed < 10:  # five full passes and five incremental ones
+            drive(sup, steps=1)
+        watchers[0].batches.append(event_batch(store, loose, ts_ns=200))  # a redelivery of the same events
+        drive(sup, steps=20)
+    finally:
+        stop_and_shut(sup)
+    assert lines(cfg) == Counter(loose) and algo.calls == Counter(loose)
+
+
+def test_the_first_listing_after_a_start_is_full_in_incremental_mode(tmp_path):
+    """A key no event reported and no directory holds (its event was lost in a crash) is found at start."""
+    cfg = config(tmp_path, scan={"reconcile": "incremental", "full_every": 60}, run={"until_idle": False})
+    store = MemoryStore()
+    keys = fill(store, ["cam/a"], 2) + ["cam/loose.jpg", "top.jpg"]
+    for key in keys[2:]:
+        store.put(key, b"\xff\xd8jpeg")
+    algo = MemoryAlgo(store)
+    sup = supervisor(cfg, store, algo)
+    sup.start()
+    try:
+        while sup.intake.scans_completed < 1:
+            drive(sup, steps=1, sweep_every_step=False)
+        drive(sup, steps=50, sweep_every_step=False)  # no second listing: only the first one found anything
+    finally:
+        stop_and_shut(sup)
+    assert lines(cfg) == Counter(keys)
+
+
+class PipedLister:
+    """A listing source like the lister process: its pages come through a pipe the loop can wait on."""
+
+    def __init__(self, cfg: Config, store: MemoryStore) -> None:
+        import multiprocessing
+
+        from imgworker.lister import InlineLister
+
+        self.inner = InlineLister(cfg, store)
+        self.ours, self.theirs = multiprocessing.Pipe()
+        self.released = 0  # messages the "process" has sent so far
+
+    def waitables(self) -> list[Any]:
+        return [self.ours]
+
+    def alive(self) -> bool:
+        return True
+
+    def exitcode(self) -> int | None:
+        return None
+
+    def request_sweep(self, checkpoints: dict[str, str] | None = None) -> None:
+        self.inner.request_sweep(checkpoints)
+
+    def release(self) -> None:
+        self.theirs.send_bytes(b"x")
+
+    def poll(self) -> Any:
+        if not self.ours.poll():
+            return None
+        self.ours.recv_bytes()
+        return self.inner.poll()
+
+    def stop(self, timeout: float = 2.0) -> None:
+        self.ours.close()
+        self.theirs.close()
+
+
+def test_the_loop_blocks_while_a_sweep_waits_for_its_next_page(tmp_path):
+    """No zero timeout while listing: the lister's pipe wakes the loop when a page comes."""
+    from imgworker.supervisor import Parts
+
+    cfg = config(tmp_path, run={"until_idle": False})
+    store = MemoryStore()
+    keys = fill(store, ["p/a"], 3)
+    listers: list[PipedLister] = []
+
+    def make_lister() -> PipedLister:
+        listers.append(PipedLister(cfg, store))
+        return listers[-1]
+
+    base = memory_parts(cfg, store, MemoryAlgo(store))
+    sup = Supervisor(cfg, show_progress=False, parts=Parts(store=store, make_lister=make_lister, pool=base.pool,
+                                                           ledger_backend=base.ledger_backend, janitor_inline=True))
+    timeouts: list[float] = []
+    real_wait = sup.pool.wait
+
+    def recording_wait(timeout: float, extra: Any) -> Any:
+        timeouts.append(timeout)
+        return real_wait(timeout, extra)
+
+    sup.pool.wait = recording_wait  # type: ignore[method-assign]
+    sup.start()
+    try:
+        sup.step()
+        assert sup.intake.sweeping and len(timeouts) == 1
+        sup.step()  # the lister has sent nothing yet: the loop waits on its pipe
+        assert all(t > 0 for t in timeouts), timeouts
+        for _ in range(2):  # one page, then the end marker
+            listers[0].release()
+            sup.step()
+        assert not sup.intake.sweeping and sup.intake.scans_completed == 1
+    finally:
+        sup.request_stop("test", force=True)
+        sup.shutdown()
+    assert set(lines(cfg)) <= set(keys)
