@@ -379,6 +379,15 @@ class Intake:
             self._watcher_restart_at = 0.0
             self.watcher = self.make_watcher(self._events_ts)
 
+    def reconcile_when_drained(self) -> None:
+        """The queue ran empty in a run that ends when idle: the listing that can tell idleness runs now.
+
+        Only once intake is done, and only after a listing that found something: otherwise an
+        events-mode run would wait out ``reconcile_interval_s`` after its last image before ending.
+        """
+        if self.intake_done() and not self.sweeping and not self.backlog and not self._last_idle:
+            self.next_sweep = min(self.next_sweep, self.clock())
+
     def idle(self) -> bool:
         """The last complete sweep began after intake was done and found nothing; nothing waits."""
         return self._last_idle and not self.backlog and not (self.sweeping and self._found)

@@ -87,6 +87,10 @@ class Report(msgspec.Struct, frozen=True):
     analysed_per_s: float
     wall_s: float
     workers: int
+    busy_s: float = 0.0
+    """First image started to last outcome, from the results' own timestamps (the run's wall time
+    also holds start-up, waiting for new images and the stop)."""
+    analysed_per_busy_s: float = 0.0
     cleaner: dict[str, int] = {}
     endpoints: dict[str, dict[str, int]] = {}
     action_errors: dict[str, int] = {}
@@ -111,6 +115,8 @@ class Stats:
         self.discovery_ms = LogHistogram()
         self.action_errors: dict[str, int] = {}
         self.duplicates = 0
+        self.first_at = 0.0  # epoch seconds: the earliest start (or end) of an outcome recorded
+        self.last_at = 0.0  # epoch seconds: the latest end of an outcome recorded
 
     def record(self, result: Result) -> None:
         self.counts[result.outcome] += 1
@@ -122,6 +128,16 @@ class Stats:
             self.stat_ms.add(result.stat_ms)
         for action in result.action_errors:
             self.action_errors[action] = self.action_errors.get(action, 0) + 1
+        self._span(result.started_at or result.finished_at, result.finished_at)
+
+    def _span(self, began: float, ended: float) -> None:
+        if began > 0:
+            self.first_at = min(self.first_at, began) if self.first_at else began
+        self.last_at = max(self.last_at, ended)
+
+    @property
+    def busy_s(self) -> float:
+        return max(0.0, self.last_at - self.first_at) if self.first_at else 0.0
 
     @property
     def finished(self) -> int:
@@ -163,6 +179,8 @@ class Stats:
             analysed_per_s=round(successes / wall_s, 3) if wall_s > 0 else 0.0,
             wall_s=round(wall_s, 3),
             workers=self.workers,
+            busy_s=round(self.busy_s, 3),
+            analysed_per_busy_s=round(successes / self.busy_s, 3) if self.busy_s > 0 else 0.0,
             action_errors=dict(self.action_errors),
             duplicates=self.duplicates,
         )
@@ -205,9 +223,11 @@ def format_report(report: Report) -> str:
         f" / {report.p99_inference_ms:.1f} ms |",
         f"| p50 / p99 end to end | {report.p50_e2e_ms:.1f} / {report.p99_e2e_ms:.1f} ms |",
         f"| p50 / p99 discovery (upload to dispatch) | {report.p50_discovery_ms:.1f} / {report.p99_discovery_ms:.1f} ms |",
-        f"| throughput | {report.analysed_per_s:.2f} img/s answered by the service, {report.throughput_per_s:.2f}"
-        f" outcomes/s (skips and drops included) over {report.wall_s:.1f} s, "
-        f"{report.workers or 'unknown number of'} workers |",
+        f"| throughput while busy | {report.analysed_per_busy_s:.2f} img/s answered by the service over"
+        f" {report.busy_s:.1f} s from the first image started to the last outcome |",
+        f"| throughput over the run | {report.analysed_per_s:.2f} img/s answered, {report.throughput_per_s:.2f}"
+        f" outcomes/s (skips and drops included) over {report.wall_s:.1f} s of wall time (start-up, waiting"
+        f" for images and the stop included), {report.workers or 'unknown number of'} lanes |",
         f"| retries / worker restarts / recycles / deadline kills | {report.retries} / {report.worker_restarts}"
         f" / {report.worker_recycles} / {report.deadline_kills} |",
         "",

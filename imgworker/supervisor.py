@@ -278,6 +278,8 @@ class Supervisor:
             self.request_stop("duration reached")
         elif self.cfg.run.until_idle and self._idle():
             self.request_stop("idle")
+        elif self.cfg.run.until_idle and self.dispatch.pending == 0 and self.dispatch.in_flight == 0:
+            self.intake.reconcile_when_drained()
 
     def _idle(self) -> bool:
         return self.intake.idle() and self.dispatch.pending == 0 and self.dispatch.in_flight == 0

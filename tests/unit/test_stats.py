@@ -99,3 +99,16 @@ def test_results_with_each_key_once_are_conserved_without_a_duplicates_line():
     report = stats_from_results(results(inferred=2, no_detection=1)).report(pending=0, in_flight=0, wall_s=1.0)
     assert (report.scanned, report.duplicates, report.conserved) == (3, 0, True)
     assert "more than one outcome" not in format_report(report)
+
+
+def test_the_busy_rate_runs_from_the_first_start_to_the_last_outcome_not_over_the_wall_time():
+    lines = [Result(key=f"k{i}", outcome=Outcome.INFERRED, started_at=1000.0 + i, finished_at=1000.5 + i)
+             for i in range(10)]
+    lines.append(Result(key="dropped", outcome=Outcome.DROPPED_BACKLOG, finished_at=1004.0))  # never started
+    report = stats_from_results(lines).report(pending=0, in_flight=0, wall_s=60.0)
+    assert report.busy_s == pytest.approx(9.5)
+    assert report.analysed_per_busy_s == pytest.approx(10 / 9.5, rel=1e-3)
+    assert report.analysed_per_s == pytest.approx(10 / 60.0, abs=1e-3)
+    text = format_report(report)
+    assert "over 9.5 s from the first image started to the last outcome" in text
+    assert "over 60.0 s of wall time" in text

@@ -620,3 +620,25 @@ def test_the_loop_blocks_while_a_sweep_waits_for_its_next_page(tmp_path):
         sup.request_stop("test", force=True)
         sup.shutdown()
     assert set(lines(cfg)) <= set(keys)
+
+
+def test_until_idle_in_events_mode_ends_when_the_work_does_not_at_the_next_reconciliation(tmp_path):
+    """A pre-filled bucket: once every image has its outcome, the listing that proves idleness runs at once."""
+    cfg = config(tmp_path, scan={"mode": "events", "events_filer": "127.0.0.1:1.2", "reconcile_interval_s": 3600.0})
+    store = MemoryStore()
+    keys = fill(store, ["p/a", "p/b"], 6)
+    watchers: list[InlineWatcher] = []
+    algo = MemoryAlgo(store)
+    sup = events_supervisor(cfg, store, algo, watchers)
+    sup.start()
+    try:
+        for _ in range(200):
+            if sup.finished():
+                break
+            sup.step()
+        assert sup.finished() and sup.stopping.reason == "idle"
+        assert sup.intake.scans_completed == 2  # the one at start, the one after the last outcome
+    finally:
+        sup.request_stop("test", force=True)
+        sup.shutdown()
+    assert lines(cfg) == Counter(keys) and algo.calls == Counter(keys)
