@@ -37,6 +37,7 @@ from .config import Config
 from .dispatch import Dispatch
 from .lister import ListingEnd, ListingMessage
 from .outcomes import ImageRef, IntakePosition
+from .ports import OutcomeLedger
 from .scanner import parse_task, relative_key, select_images
 
 log = logging.getLogger(__name__)
@@ -133,7 +134,7 @@ class Backlog:
 class Intake:
     """Finds new images: sweeps through a listing source, feeds the backlog, hands out fair batches."""
 
-    def __init__(self, cfg: Config, *, ledger: Any, dispatch: Dispatch, make_lister: Callable[[], ListingSource],
+    def __init__(self, cfg: Config, *, ledger: OutcomeLedger, dispatch: Dispatch, make_lister: Callable[[], ListingSource],
                  make_watcher: Callable[[int], EventSource] | None = None,
                  intake_done: Callable[[], bool] = lambda: True, clock: Callable[[], float] = time.monotonic) -> None:
         self.cfg = cfg

@@ -36,6 +36,8 @@ from .children import CTX, child_setup, signals_blocked
 from .errors import StateError
 from .files import write_atomic
 from .outcomes import IntakePosition, Result
+from .ports import ProcessedSet as ProcessedSetPort
+from .ports import ProcessedSetBackend
 from .results import read_results
 
 log = logging.getLogger(__name__)
@@ -235,7 +237,7 @@ class LocalBackend:
     def __init__(self) -> None:
         self.processed = ProcessedSet()
 
-    def start(self) -> Any:
+    def start(self) -> ProcessedSetPort:
         return self.processed
 
     def alive(self) -> bool:
@@ -252,14 +254,15 @@ class ManagerBackend:
         self._manager: LedgerManager | None = None
         self._lifeline: Connection | None = None
 
-    def start(self) -> Any:
+    def start(self) -> ProcessedSetPort:
         theirs, ours = CTX.Pipe(duplex=False)
         manager = LedgerManager(ctx=CTX)
         with signals_blocked():
             manager.start(initializer=_manager_init, initargs=(theirs,))
         theirs.close()
         self._manager, self._lifeline = manager, ours
-        return manager.ProcessedSet()  # type: ignore[attr-defined]
+        proxy: ProcessedSetPort = manager.ProcessedSet()  # type: ignore[attr-defined]
+        return proxy
 
     def alive(self) -> bool:
         process = getattr(self._manager, "_process", None)
@@ -292,10 +295,10 @@ class Restored(msgspec.Struct):
 class Ledger:
     """The supervisor's handle on the processed set: buffered adds, own flush order, restart on loss."""
 
-    def __init__(self, state_path: str, results_path: str, backend: Any = None) -> None:
+    def __init__(self, state_path: str, results_path: str, backend: ProcessedSetBackend | None = None) -> None:
         self.state_path = state_path
         self.results_path = results_path
-        self.backend = backend if backend is not None else ManagerBackend()
+        self.backend: ProcessedSetBackend = backend if backend is not None else ManagerBackend()
         self._set: Any = None
         self._done: list[str] = []
         self.restarts = 0

@@ -21,6 +21,7 @@ from .config import Config
 from .errors import StoreError
 from .logs import LogSettings
 from .outcomes import ImageRef
+from .ports import ObjectStore
 from .scanner import relative_key, select_images
 
 log = logging.getLogger(__name__)
@@ -66,7 +67,7 @@ def lister_main(cfg: Config, conn: Connection, log_settings: LogSettings) -> Non
             return
 
 
-def sweep_messages(store: Any, cfg: Config, checkpoints: dict[str, str] | None = None) -> Iterator[ListingMessage]:
+def sweep_messages(store: ObjectStore, cfg: Config, checkpoints: dict[str, str] | None = None) -> Iterator[ListingMessage]:
     """One listing as messages: filtered pages, then the end marker (ok or the store's error).
 
     ``checkpoints`` None lists the whole prefix, whatever the key layout; a dict (incremental) lists
@@ -83,7 +84,7 @@ def sweep_messages(store: Any, cfg: Config, checkpoints: dict[str, str] | None =
     yield ListingEnd(ok=True)
 
 
-def _pages(store: Any, cfg: Config, checkpoints: dict[str, str] | None) -> Iterator[list[ImageRef]]:
+def _pages(store: ObjectStore, cfg: Config, checkpoints: dict[str, str] | None) -> Iterator[list[ImageRef]]:
     """The whole prefix (``checkpoints`` None), or each ``<task_type>/<task_id>/`` after its checkpoint key."""
     prefix = cfg.store.prefix
     if checkpoints is None:
@@ -117,7 +118,7 @@ class Lister(ChildHandle):
 class InlineLister:
     """Lists in the calling process when a sweep is requested: for tests with an in-memory store."""
 
-    def __init__(self, cfg: Config, store: Any) -> None:
+    def __init__(self, cfg: Config, store: ObjectStore) -> None:
         self.cfg = cfg
         self.store = store
         self._messages: collections.deque[ListingMessage] = collections.deque()

@@ -41,7 +41,9 @@ from .journal import ResultsJournal, RunLock
 from .ledger import Ledger, LocalBackend, Restored
 from .lister import InlineLister, Lister
 from .logs import current_settings
+from .memstore import MemoryStore
 from .outcomes import ImageRef, Outcome, Result, WorkItem
+from .ports import ObjectStore, ProcessedSetBackend
 from .pool import Answer, Event, Exit, InlinePool, Pool, ProcessPool
 from .proctitle import set_title
 from .retention import CleanerPass, ExpiryGuard
@@ -61,10 +63,10 @@ _MAX_WAIT_S = 0.5
 class Parts:
     """The collaborators that touch processes or the network; swapped for in-memory ones in tests."""
 
-    store: Any
+    store: ObjectStore
     make_lister: Callable[[], ListingSource]
     pool: Pool
-    ledger_backend: Any = None
+    ledger_backend: ProcessedSetBackend | None = None
     janitor_inline: bool = False
     make_watcher: Callable[[int], EventSource] | None = None
 
@@ -84,7 +86,7 @@ def process_parts(cfg: Config) -> Parts:
                  make_watcher=lambda since_ns: Watcher(cfg, settings, since_ns, source))
 
 
-def memory_parts(cfg: Config, store: Any, algo: Any, *, die_on: Callable[[WorkItem], bool] = lambda i: False,
+def memory_parts(cfg: Config, store: MemoryStore, algo: Any, *, die_on: Callable[[WorkItem], bool] = lambda i: False,
                  make_watcher: Callable[[int], EventSource] | None = None) -> Parts:
     """In-memory parts: everything runs in this process, deterministically (see memstore)."""
     def process(slot: int, item: WorkItem) -> Any:
