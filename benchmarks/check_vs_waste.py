@@ -81,8 +81,7 @@ def run_case(cfg, *, p: float, check: bool, images: int, workers: int, seed: int
         if doomed:
             store.delete(doomed)
         started = time.monotonic()
-        while not sup.finished():
-            sup.step()
+        sup.step_until(sup.finished)
         wall = time.monotonic() - started
     finally:
         sup.shutdown()

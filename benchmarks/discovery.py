@@ -296,8 +296,7 @@ class Driver:
         self.sweeps: list[float] = []
         self._seen = sup.intake.scans_completed
 
-    def step(self) -> None:
-        self.sup.step()
+    def _note_sweeps(self) -> None:
         done = self.sup.intake.scans_completed
         if done != self._seen:
             self.sweeps.extend([self.sup.intake.last_scan_s] * (done - self._seen))
@@ -306,20 +305,23 @@ class Driver:
     def until(self, condition: Callable[[], bool], cap_s: float, what: str, *, required: bool = True) -> float:
         """Step until ``condition``; past ``cap_s`` raise (or, not ``required``, log and return)."""
         t0 = time.monotonic()
-        while not condition():
-            if time.monotonic() - t0 > cap_s:
-                if required:
-                    raise RuntimeError(f"{what}: not reached within {cap_s:.0f} s")
-                log.warning("%s: not reached within %.0f s; going on", what, cap_s)
-                break
-            self.step()
+        if not self._step_until(condition, cap_s):
+            if required:
+                raise RuntimeError(f"{what}: not reached within {cap_s:.0f} s")
+            log.warning("%s: not reached within %.0f s; going on", what, cap_s)
         return time.monotonic() - t0
 
     def for_seconds(self, seconds: float) -> float:
         t0 = time.monotonic()
-        while time.monotonic() - t0 < seconds:
-            self.step()
+        self._step_until(lambda: False, seconds)
         return time.monotonic() - t0
+
+    def _step_until(self, condition: Callable[[], bool], cap_s: float) -> bool:
+        def noted() -> bool:
+            self._note_sweeps()
+            return condition()
+
+        return self.sup.step_until(noted, timeout_s=cap_s)
 
 
 def workers_quiet(driver: Driver, uploader_pid: int, *, window_s: float = 0.5, cap_s: float = 120.0) -> float:
@@ -373,8 +375,7 @@ def run_mode(mode: str, base: Config, server: EmbeddedStore, pristine_state: str
         try:
             figures = _phases(mode, sup, uploader, results, params, progress, t_start)
             sup.request_stop("benchmark done")
-            while not sup.finished():
-                sup.step()
+            sup.step_until(sup.finished)
         finally:
             if not sup.finished():
                 sup.request_stop("benchmark stopped", force=True)

@@ -217,11 +217,8 @@ def run_imgworker(base: Config, *, prefix: str, images: int, workers: int, laten
         wait_quiet(lambda: _titled(me, "imgworker: worker"), processes, cap_s=300.0)
         cpu0 = cpu_seconds(_not_servers(me, server_pids))
         roles0 = cpu_by_role(me, server_pids)
-        deadline = time.monotonic() + _cap_s(images, workers, latency_ms)
-        while len(results) < images:
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"imgworker N={workers}: {len(results)} of {images} images done in time")
-            sup.step()
+        if not sup.step_until(lambda: len(results) >= images, timeout_s=_cap_s(images, workers, latency_ms)):
+            raise RuntimeError(f"imgworker N={workers}: {len(results)} of {images} images done in time")
         cpu = cpu_seconds(_not_servers(me, server_pids)) - cpu0
         roles = {role: seconds - roles0.get(role, 0.0) for role, seconds in cpu_by_role(me, server_pids).items()}
     finally:

@@ -19,11 +19,12 @@ an inline pool and an inline lister, without processes or servers.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from types import FrameType
 from typing import Any
@@ -184,6 +185,35 @@ class Supervisor:
             return self.report()
         finally:
             self._restore_signals(previous)
+
+    @contextlib.contextmanager
+    def running(self, *, drain: bool = True) -> Iterator[Supervisor]:
+        """Started, then stopped in order whatever happens inside: drained (or, on an error, forced), shut down.
+
+        For callers that drive ``step()`` themselves (tests, benchmarks, ``tune``) instead of ``run()``.
+        """
+        self.start()
+        try:
+            yield self
+            if drain:
+                self.request_stop("driver done")
+                self.step_until(self.finished)
+        finally:
+            if not self.finished():
+                self.request_stop("driver stopped", force=True)
+            self.shutdown()
+
+    def step_until(self, done: Callable[[], bool], *, timeout_s: float | None = None,
+                   max_steps: int | None = None) -> bool:
+        """Step until ``done()``; False if ``timeout_s`` or ``max_steps`` ran out first."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        steps = 0
+        while not done():
+            if (max_steps is not None and steps >= max_steps) or (deadline is not None and time.monotonic() > deadline):
+                return False
+            self.step()
+            steps += 1
+        return True
 
     def shutdown(self) -> None:
         """Stop every worker against one deadline, stop the lister, finish store jobs, write state."""

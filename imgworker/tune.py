@@ -193,12 +193,9 @@ def measure_point(cfg: Config, params: TuneParams, workers: int) -> Point:
 
 
 def _run_windows(sup: Supervisor, params: TuneParams, workers: int, finished: list[Result]) -> Point:
-    t0 = time.monotonic()
-    while len({r.worker for r in finished}) < workers and time.monotonic() - t0 < params.startup_cap_s:
-        sup.step()  # every worker started and answered once (spawning many takes a while)
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < params.warmup_s:
-        sup.step()
+    # every worker started and answered once (spawning many takes a while), then the warm-up
+    sup.step_until(lambda: len({r.worker for r in finished}) >= workers, timeout_s=params.startup_cap_s)
+    sup.step_until(lambda: False, timeout_s=params.warmup_s)
     procs = _own_processes()
     cpu0, start, n0 = _cpu_seconds(procs), time.monotonic(), len(finished)
     window = window_length(params, workers)
@@ -206,8 +203,7 @@ def _run_windows(sup: Supervisor, params: TuneParams, workers: int, finished: li
     while len(rates) < params.max_windows and not is_stable(rates, windows=params.stable_windows,
                                                                tolerance=params.tolerance):
         end = start + (len(rates) + 1) * window
-        while time.monotonic() < end:
-            sup.step()
+        sup.step_until(lambda: time.monotonic() >= end)
         rates.append(window_rates([r.finished_at for r in finished], end - window, window, 1)[0])
     elapsed = time.monotonic() - start
     procs = _own_processes()
