@@ -131,6 +131,37 @@ class Backlog:
         return gone
 
 
+class Sweep:
+    """One listing in progress: how it was begun, and what it has listed and found so far."""
+
+    def __init__(self, *, full: bool, started: float, backlog_at_start: set[str], after_intake_done: bool) -> None:
+        self.full = full  # lists the whole prefix: only then may the processed set be pruned
+        self.started = started
+        self.backlog_at_start = backlog_at_start  # entries added during the sweep may sort before it
+        self.after_intake_done = after_intake_done  # began once intake was done: may prove idleness
+        self.listed = 0
+        self.found = 0
+        self.seen_new: set[str] = set()
+        self.inventory: list[StoredImage] = []
+        self.advance: dict[str, str] = {}  # directory -> last key of its unbroken run of done keys
+        self.blocked: set[str] = set()  # directories whose run of done keys has ended
+
+    def track_checkpoints(self, refs: list[ImageRef], undone: Callable[[str], bool], prefix: str) -> None:
+        """Per directory, how far the listed keys (in key order) all have an outcome."""
+        for ref in refs:
+            directory = task_directory(ref.key, prefix)
+            if directory in self.blocked:
+                continue
+            if undone(ref.key):
+                self.blocked.add(directory)
+            else:
+                self.advance[directory] = ref.key
+
+    def end(self, complete: bool) -> SweepEnd:
+        return SweepEnd(complete=complete, listed=self.listed, inventory=self.inventory if complete else [],
+                        full=self.full)
+
+
 class Intake:
     """Finds new images: sweeps through a listing source, feeds the backlog, hands out fair batches."""
 
@@ -147,10 +178,7 @@ class Intake:
         self._watcher_restart_at = 0.0
         self._intake_was_done = False
         self.incremental = cfg.scan.reconcile == "incremental"
-        self._full = True  # this sweep lists everything (always, unless incremental)
         self.checkpoints: dict[str, str] = {}
-        self._advance: dict[str, str] = {}  # this sweep: directory -> last key of its unbroken run of done keys
-        self._blocked: set[str] = set()
         self.ledger = ledger
         self.dispatch = dispatch
         self.make_lister = make_lister
@@ -158,20 +186,17 @@ class Intake:
         self.clock = clock
         self.backlog = Backlog()
         self.lister: ListingSource | None = None
-        self.sweeping = False
+        self.sweep: Sweep | None = None  # the listing in progress
         self.next_sweep = 0.0
         self.scans_completed = 0
         self.last_scan_s = 0.0
         self.peak_listed = 0
         self._failures = 0
-        self._started = 0.0
-        self._listed = 0
-        self._found = 0
-        self._seen_new: set[str] = set()
-        self._backlog_at_start: set[str] = set()
-        self._inventory: list[StoredImage] = []
-        self._after_intake_done = False
         self._last_idle = False
+
+    @property
+    def sweeping(self) -> bool:
+        return self.sweep is not None
 
     def start(self, position: IntakePosition = IntakePosition()) -> None:
         self.lister = self.make_lister()
@@ -215,7 +240,9 @@ class Intake:
             self.next_sweep = 0.0  # intake ended: reconcile now rather than at the next interval
         if not self.sweeping and not draining and self.clock() >= self.next_sweep:
             self._begin()
-        for _ in range(_PAGES_PER_STEP if self.sweeping else 0):
+        sweep = self.sweep
+        for _ in range(_PAGES_PER_STEP if sweep is not None else 0):
+            assert sweep is not None
             try:
                 message = self.lister.poll()
             except (EOFError, OSError):
@@ -223,27 +250,21 @@ class Intake:
             if message is None:
                 return None
             if isinstance(message, ListingEnd):
-                return self._end(message)
-            self._on_page(message.refs)
+                return self._end(sweep, message)
+            self._on_page(sweep, message.refs)
         return None
 
     def _begin(self) -> None:
         assert self.lister is not None
-        self._full = self._next_is_full()
-        if self._full:  # only a full listing marks what exists: generations count full listings
+        full = self._next_is_full()
+        if full:  # only a full listing marks what exists: generations count full listings
             self.ledger.begin_sweep()
-        self.sweeping = True
-        self._started = self.clock()
-        self._listed = self._found = 0
-        self._seen_new = set()
-        self._inventory = []
-        self._backlog_at_start = self.backlog.keys()  # entries added during the sweep may sort before it
-        self._advance, self._blocked = {}, set()
-        self._after_intake_done = self.intake_done()
+        self.sweep = Sweep(full=full, started=self.clock(), backlog_at_start=self.backlog.keys(),
+                           after_intake_done=self.intake_done())
         try:
-            self.lister.request_sweep(None if self._full else self.checkpoints)
+            self.lister.request_sweep(None if full else self.checkpoints)
         except OSError:
-            self.sweeping = False  # the lister died; the next step replaces it
+            self.sweep = None  # the lister died; the next step replaces it
 
     def _next_is_full(self) -> bool:
         """Full unless incremental; the first listing after a start and every ``full_every``-th are full.
@@ -255,60 +276,47 @@ class Intake:
         every = self.cfg.scan.full_every
         return not self.incremental or self.scans_completed == 0 or self.scans_completed % every == every - 1
 
-    def _on_page(self, refs: list[ImageRef]) -> None:
+    def _on_page(self, sweep: Sweep, refs: list[ImageRef]) -> None:
         self._failures = 0
-        self._listed += len(refs)
+        sweep.listed += len(refs)
         if self.cfg.retention.enabled:
-            self._inventory.extend(stored_image(r, self.cfg.store.prefix) for r in refs)
+            sweep.inventory.extend(stored_image(r, self.cfg.store.prefix) for r in refs)
         outside = [r for r in refs if r.key not in self.dispatch]
         new = self.ledger.filter_new([r.key for r in outside])
         for ref in outside:
             if ref.key in new:
-                self._seen_new.add(ref.key)
-                self._found += 1
+                sweep.seen_new.add(ref.key)
+                sweep.found += 1
                 self.backlog.add(ref, task_directory(ref.key, self.cfg.store.prefix))
         if self.incremental:
-            self._track_checkpoints(refs, new)
+            sweep.track_checkpoints(refs, lambda key: key in new or key in self.dispatch, self.cfg.store.prefix)
 
-    def _track_checkpoints(self, refs: list[ImageRef], new: set[str]) -> None:
-        """Per directory, how far the listed keys (in key order) all have an outcome."""
-        for ref in refs:
-            directory = task_directory(ref.key, self.cfg.store.prefix)
-            if directory in self._blocked:
-                continue
-            if ref.key in new or ref.key in self.dispatch:
-                self._blocked.add(directory)
-            else:
-                self._advance[directory] = ref.key
-
-    def _end(self, end: ListingEnd) -> SweepEnd:
-        self.sweeping = False
+    def _end(self, sweep: Sweep, end: ListingEnd) -> SweepEnd:
+        self.sweep = None
         if not end.ok:
-            return self._failed(end.error)
+            return self._failed(sweep, end.error)
         self.scans_completed += 1
-        self.last_scan_s = self.clock() - self._started
-        for directory, key in self._advance.items():
+        self.last_scan_s = self.clock() - sweep.started
+        for directory, key in sweep.advance.items():
             self.checkpoints[directory] = max(key, self.checkpoints.get(directory, ""))
-        self.peak_listed = max(self.peak_listed, self._listed)
+        self.peak_listed = max(self.peak_listed, sweep.listed)
         # Only a full listing can tell that an entry is gone: an incremental one skips what sorts low.
-        forgotten = self.backlog.forget_unlisted(self._seen_new, self._backlog_at_start) if self._full else []
+        forgotten = self.backlog.forget_unlisted(sweep.seen_new, sweep.backlog_at_start) if sweep.full else []
         if forgotten:
             log.info("backlog: %d images found earlier are no longer listed (deleted elsewhere)", len(forgotten))
-        self._last_idle = self._after_intake_done and self._found == 0
-        late_end = self._intake_was_done and not self._after_intake_done  # intake ended during this sweep
+        self._last_idle = sweep.after_intake_done and sweep.found == 0
+        late_end = self._intake_was_done and not sweep.after_intake_done  # intake ended during this sweep
         self.next_sweep = self.clock() + (0.0 if late_end else self.interval_s)
-        inventory, self._inventory, self._seen_new = self._inventory, [], set()
-        return SweepEnd(complete=True, listed=self._listed, inventory=inventory, full=self._full)
+        return sweep.end(complete=True)
 
-    def _failed(self, error: str) -> SweepEnd:
+    def _failed(self, sweep: Sweep, error: str) -> SweepEnd:
         """Capped exponential backoff with jitter (half fixed, half random) before the next sweep."""
         self._failures += 1
         cap = min(30.0, self.cfg.scan.interval_s * 2 ** min(self._failures, 6))
         delay = cap / 2 + random.uniform(0.0, cap / 2)
         log.warning("scan failed (%s); retrying in %.1f s", error, delay)
         self.next_sweep = self.clock() + delay
-        self._inventory, self._seen_new = [], set()
-        return SweepEnd(complete=False, listed=self._listed, inventory=[])
+        return sweep.end(complete=False)
 
     def _lister_died(self, *, draining: bool) -> SweepEnd | None:
         """The lister exited: the sweep it was doing is incomplete; a new one starts unless stopping."""
@@ -317,9 +325,8 @@ class Intake:
                     "" if draining else "; starting a new one")
         self.lister.stop(0.0)
         self.lister = None if draining else self.make_lister()
-        was_sweeping, self.sweeping = self.sweeping, False
-        self._inventory, self._seen_new = [], set()
-        return SweepEnd(complete=False, listed=self._listed, inventory=[]) if was_sweeping else None
+        sweep, self.sweep = self.sweep, None
+        return sweep.end(complete=False) if sweep is not None else None
 
     # ----- handing out ---------------------------------------------------------------
 
@@ -391,7 +398,7 @@ class Intake:
 
     def idle(self) -> bool:
         """The last complete sweep began after intake was done and found nothing; nothing waits."""
-        return self._last_idle and not self.backlog and not (self.sweeping and self._found)
+        return self._last_idle and not self.backlog and not (self.sweep is not None and self.sweep.found)
 
     def wake_at(self) -> float:
         """When the loop must wake for intake, as a clock value (0: no time of its own to wake at).
