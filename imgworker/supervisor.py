@@ -126,6 +126,7 @@ class Supervisor:
         self.stats = Stats(cfg.concurrency)
         self.dispatch = Dispatch(cfg.dispatch)
         self.endpoints = EndpointPool(cfg.algo)
+        self._probes: dict[int, str] = {}  # lane -> key of the half-open probe it was sent
         self.cleaner = CleanerStats()
         self.progress = Progress(cfg.run.progress_interval_s, enabled=show_progress)
         self.lock = RunLock(cfg.run.state_dir)
@@ -356,11 +357,16 @@ class Supervisor:
             if endpoints is None:
                 blocked.add(kind)  # down or busy: other task types still go
                 continue
-            if item.waits and self.endpoints.is_probe(endpoints):
+            probe = self.endpoints.is_probe(endpoints)
+            if probe and item.waits:
                 item = self._least_waited_first(kind)
             slot = self.pool.idle.pop()
             sent = self.dispatch.take(slot, lambda k: k == kind, endpoints=endpoints)
             assert sent is not None and sent.ref.key == item.ref.key
+            if probe:
+                self._probes[slot] = sent.ref.key
+            else:
+                self._probes.pop(slot, None)
             self.endpoints.dispatched(endpoints)
             self.pool.send(slot, sent)
             if sent.ref.mtime > 0:  # upload (object mtime or event time) to dispatch
@@ -409,7 +415,7 @@ class Supervisor:
             log.error("worker %d answered without holding an item; ignored", event.slot)
             return
         reply = event.reply
-        probe = self.endpoints.is_probe(item.endpoints)
+        probe = self._probes.pop(event.slot, None) == item.ref.key
         met_outage = self.endpoints.finished(item.endpoints, reply.calls)
         result = reply.result
         if reply.undecodable or result.key != item.ref.key:

@@ -120,3 +120,34 @@ def test_exit_code_and_report_say_the_service_was_unavailable(capsys):
     text = format_report(with_calls(5, 5, no_healthy_endpoint=2))
     assert "| http://gpu-1:8000/infer | 5 | 5 | 1 | no |" in text  # one endpoint has its row too
     assert "failed for want of a healthy algorithm endpoint: 2" in text and "s3cret" not in text
+
+
+def test_the_probe_is_known_by_its_lane_when_an_older_failure_arrives_during_it(tmp_path):
+    cfg = config(tmp_path, worker={"count": 2},
+                 algo={"eject_after_failures": 1, "retries": 0, "eject_cooldown_s": 0.0, "no_endpoint_budget_s": 3600.0})
+    store = MemoryStore()
+    fill(store, ["p/t"], 2)
+    algo = MemoryAlgo(store)
+    algo.down.add(cfg.algo.endpoint)
+    sup = supervisor(cfg, store, algo)
+    sup.start()
+    try:
+        for _ in range(500):
+            if sup.dispatch.pending == 2:
+                break
+            sup.intake_step()
+        sup.feed_idle()  # both sent while the endpoint is healthy
+        late_lane = min(sup.pool.held)
+        late = sup.pool.held.pop(late_lane)  # this lane's answer comes late (a slow timeout)
+        for event in sup.pool.wait(0.0, [])[0]:  # the other lane fails: ejected, its image goes back to wait
+            sup._on_event(event)
+        sup.feed_idle()  # the cooldown is over: the other lane carries the probe, the image that already waited
+        assert len(sup.pool.held) == 1 and late_lane not in sup.pool.held
+        sup.pool.held[late_lane] = late
+        for event in sup.pool.wait(0.0, [])[0]:  # the late failure arrives first, then the probe's
+            sup._on_event(event)
+        assert not lines(cfg), ends(cfg)  # neither is charged: one met the outage, the other was the probe
+        assert sup.dispatch.pending == 2
+    finally:
+        sup.request_stop("test", force=True)
+        sup.shutdown()
