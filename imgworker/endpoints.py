@@ -162,7 +162,7 @@ class EndpointPool:
         if state.ejected_until <= 0:
             state.down_since = now
             log.warning("algorithm endpoint %s ejected after %d consecutive failed calls (last: %s); "
-                        "one probe every %.0f s until it answers", display_url(state.url),
+                        "one probe every %g s until it answers", display_url(state.url),
                         state.consecutive_failures, cause, self.cfg.eject_cooldown_s)
         elif state.probing:
             log.info("algorithm endpoint %s: probe failed (%s), down for %.0f s", display_url(state.url), cause,
