@@ -142,6 +142,10 @@ class AlgoClient:
             raise AlgoTransient("connection_error") from None
         except requests.RequestException as exc:
             raise AlgoTransient("request_error", type(exc).__name__) from None
+        except OSError as exc:
+            # Not about this image: a CA bundle gone after start, no file descriptors, ... Every call
+            # fails alike, so it counts as the service being unavailable (ejection, images wait).
+            raise AlgoTransient("client_error", f"{type(exc).__name__}: {exc}"[:160]) from None
         with resp:
             body = self._read_body(resp, deadline)
         classify_status(resp.status_code, body)

@@ -169,7 +169,19 @@ def cmd_run(args: argparse.Namespace) -> int:
     cfg = load_config(path=args.config, overrides=_overrides(args))
     _require_credentials(cfg)
     report = _run_pipeline(cfg, args)
-    return int(ExitCode.OK if report is not None else ExitCode.UNEXPECTED)
+    return int(run_exit_code(report))
+
+
+def run_exit_code(report: Report) -> ExitCode:
+    """ALGO_UNAVAILABLE when images failed for want of a healthy endpoint or no call was answered; else OK."""
+    calls = sum(f["requests"] for f in report.endpoints.values())
+    failed = sum(f["failures"] for f in report.endpoints.values())
+    if report.no_healthy_endpoint or (calls and failed == calls):
+        print(f"imgworker: error: the algorithm service was unavailable: {report.no_healthy_endpoint:,} images failed "
+              f"for want of a healthy endpoint, {failed:,} of {calls:,} calls failed "
+              f"(exit code {int(ExitCode.ALGO_UNAVAILABLE)})", file=sys.stderr)
+        return ExitCode.ALGO_UNAVAILABLE
+    return ExitCode.OK
 
 
 def _require_credentials(cfg: Config) -> None:

@@ -357,6 +357,7 @@ def _check_semantics(config: Config) -> None:
     for key, url in urls:
         if not url.startswith(("http://", "https://")):
             raise ConfigError(f"invalid config key {key}: value {url!r} is not allowed (an http:// or https:// URL)")
+    _check_readable("algo.ca_bundle", config.algo.ca_bundle)
     empty = [t for t, route in config.algo.routes.items() if not route]
     if empty:
         raise ConfigError(f"invalid config key algo.routes.{empty[0]}: value [] is not allowed (at least one URL)")
@@ -383,6 +384,16 @@ def _check_semantics(config: Config) -> None:
     if bad:
         raise ConfigError(f"invalid config key scan.extensions: value {bad!r} is not allowed (each starts with '.')")
     _check_action_prefixes(config)
+
+
+def _check_readable(key: str, path: str) -> None:
+    """A file every call needs is checked at start: a missing one would fail every image alike."""
+    if not path:
+        return
+    if not os.path.exists(path):
+        raise ConfigError(f"invalid config key {key}: file {path!r} does not exist")
+    if not os.access(path, os.R_OK) or not (os.path.isfile(path) or os.path.isdir(path)):
+        raise ConfigError(f"invalid config key {key}: file {path!r} cannot be read")
 
 
 def _check_action_prefixes(config: Config) -> None:

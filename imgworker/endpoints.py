@@ -5,23 +5,45 @@ loaded healthy one first and the other healthy ones as fallbacks for retries. Af
 ``eject_after_failures`` consecutive transient failures an endpoint is ejected for
 ``eject_cooldown_s``; then one item is let through as a half-open probe, whose success brings it
 back and whose failure ejects it again.
+
+An ejection and a recovery are each logged once per outage, at WARNING, naming the endpoint
+without credentials or query (``display_url``); a failed probe is logged at INFO. A failed probe
+does not restart the outage's clock (``down_since``): images wait for a route from when it went
+down, however many probes fail. ``finished`` says whether an item met an outage (every call
+failed and left its endpoint ejected): the supervisor puts such an item back to wait instead of
+ending it.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Sequence
+from urllib.parse import urlsplit, urlunsplit
 
 import msgspec
 
 from .config import AlgoConfig
 
+log = logging.getLogger(__name__)
+
 
 class Call(msgspec.Struct, frozen=True, array_like=True):
-    """One HTTP call a worker made: to which endpoint, and whether the service was healthy."""
+    """One HTTP call a worker made: to which endpoint, whether the service was healthy, and why not."""
 
     endpoint: str
     healthy: bool
+    cause: str = ""
+
+
+def display_url(url: str) -> str:
+    """``url`` as logs and reports show it: no user, password, query or fragment (they may hold secrets)."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparsable endpoint URL>"
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit((parts.scheme, host, parts.path, "", ""))
 
 
 class EndpointState:
@@ -81,6 +103,10 @@ class EndpointPool:
             return 0.0
         return max(s.down_since for s in states)
 
+    def is_probe(self, endpoints: Sequence[str]) -> bool:
+        """Whether an item sent to ``endpoints`` is its primary's half-open probe (ask before ``finished``)."""
+        return bool(endpoints) and endpoints[0] in self.states and self.states[endpoints[0]].probing
+
     def _usable(self, state: EndpointState, now: float) -> bool:
         limit = self.cfg.max_in_flight_per_endpoint
         if limit and state.in_flight >= limit:
@@ -93,8 +119,11 @@ class EndpointPool:
         if endpoints:
             self.states[endpoints[0]].in_flight += 1
 
-    def finished(self, endpoints: Sequence[str], calls: Sequence[Call]) -> None:
-        """Book the item's calls; an item that ended without calls still frees its slot."""
+    def finished(self, endpoints: Sequence[str], calls: Sequence[Call]) -> bool:
+        """Book the item's calls; True if the item met an outage: every call failed and left its endpoint ejected.
+
+        An item that ended without calls still frees its slot.
+        """
         if endpoints:
             state = self.states[endpoints[0]]
             state.in_flight = max(0, state.in_flight - 1)
@@ -102,6 +131,11 @@ class EndpointPool:
                 state.probing = False  # the probe never reached the service: let another try
         for call in calls:
             self._record(call)
+        return bool(calls) and all(not c.healthy and self._ejected(c.endpoint) for c in calls)
+
+    def _ejected(self, url: str) -> bool:
+        state = self.states.get(url)
+        return state is not None and state.ejected_until > 0
 
     def _record(self, call: Call) -> None:
         state = self.states.get(call.endpoint)
@@ -109,6 +143,9 @@ class EndpointPool:
             return
         state.requests += 1
         if call.healthy:
+            if state.ejected_until > 0:
+                log.warning("algorithm endpoint %s answers again after %.0f s down; images for it go on",
+                            display_url(state.url), self.clock() - state.down_since)
             state.consecutive_failures = 0
             state.ejected_until = 0.0
             state.down_since = 0.0
@@ -117,12 +154,23 @@ class EndpointPool:
         state.failures += 1
         state.consecutive_failures += 1
         if state.probing or state.consecutive_failures >= self.cfg.eject_after_failures:
-            if state.ejected_until <= 0 or state.probing:
-                state.ejections += 1
-            if state.ejected_until <= 0:
-                state.down_since = self.clock()
-            state.ejected_until = self.clock() + self.cfg.eject_cooldown_s
-            state.probing = False
+            self._eject(state, call.cause or "unhealthy")
+
+    def _eject(self, state: EndpointState, cause: str) -> None:
+        """Eject (or, after a failed probe, keep ejected) for a cooldown; the outage's clock is not restarted."""
+        now = self.clock()
+        if state.ejected_until <= 0:
+            state.down_since = now
+            log.warning("algorithm endpoint %s ejected after %d consecutive failed calls (last: %s); "
+                        "one probe every %g s until it answers", display_url(state.url),
+                        state.consecutive_failures, cause, self.cfg.eject_cooldown_s)
+        elif state.probing:
+            log.info("algorithm endpoint %s: probe failed (%s), down for %.0f s", display_url(state.url), cause,
+                     now - state.down_since)
+        if state.ejected_until <= 0 or state.probing:
+            state.ejections += 1
+        state.ejected_until = now + self.cfg.eject_cooldown_s
+        state.probing = False
 
     def figures(self) -> dict[str, dict[str, int]]:
         return {url: state.figures() for url, state in self.states.items()}

@@ -9,12 +9,16 @@
     │   ├── ObjectMissing      permanent for that key: NoSuchKey / 404
     │   └── StoreFatal         fatal at start: credentials, bucket, TLS, endpoint
     └── AlgoError              anything the algorithm service did
-        ├── AlgoTransient      retry: 5xx, 429, timeout, refused, malformed body
+        ├── AlgoTransient      retry: 5xx, 429, timeout, refused, malformed body, a local OSError
         ├── AlgoPermanent      do not retry: other 4xx
         └── ImageGone          the service could not fetch the image (404)
 
 Third-party exceptions are translated into these where they enter
 (``store.py`` for minio/urllib3, ``algo_client.py`` for requests).
+
+A run that ends normally exits 0, or ``ALGO_UNAVAILABLE`` (9) when images ended ``failed_algo``
+(``no_healthy_endpoint``) or the algorithm service answered none of the calls made: a service
+manager must not take a run whose service was down for a success.
 """
 
 from __future__ import annotations
@@ -34,6 +38,8 @@ class ExitCode(enum.IntEnum):
     STORE_TLS = 6
     STATE = 7
     LOCKED = 8
+    ALGO_UNAVAILABLE = 9
+    """The run ended, but images failed for want of a healthy algorithm endpoint, or no call was answered."""
     INTERRUPTED = 130
 
 

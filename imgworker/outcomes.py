@@ -62,12 +62,15 @@ class WorkItem(msgspec.Struct, frozen=True, array_like=True):
 
     ``spared``: it was once retried without using an attempt (its process was killed for another
     lane's deadline); that happens at most once per image.
+    ``waits``: how many times it was put back to wait for a healthy algorithm endpoint (it carried a
+    failed probe, or its calls failed as its endpoint went down); not attempts.
     """
 
     ref: ImageRef
     attempt: int = 1
     endpoints: tuple[str, ...] = ()
     spared: bool = False
+    waits: int = 0
 
 
 class Result(msgspec.Struct, frozen=True, omit_defaults=True):

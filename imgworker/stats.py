@@ -7,6 +7,7 @@ from collections.abc import Iterable
 
 import msgspec
 
+from .endpoints import display_url
 from .outcomes import Outcome, Result
 
 
@@ -96,6 +97,8 @@ class Report(msgspec.Struct, frozen=True):
     action_errors: dict[str, int] = {}
     duplicates: int = 0
     """Keys with more than one outcome (a report rebuilt from a results file); 0 in a live run."""
+    no_healthy_endpoint: int = 0
+    """Images that ended ``failed_algo`` because no algorithm endpoint was healthy within their budget."""
 
 
 class Stats:
@@ -117,9 +120,12 @@ class Stats:
         self.duplicates = 0
         self.first_at = 0.0  # epoch seconds: the earliest start (or end) of an outcome recorded
         self.last_at = 0.0  # epoch seconds: the latest end of an outcome recorded
+        self.no_healthy_endpoint = 0
 
     def record(self, result: Result) -> None:
         self.counts[result.outcome] += 1
+        if result.cause == "no_healthy_endpoint":
+            self.no_healthy_endpoint += 1
         if result.algo_ms is not None and result.outcome.is_success:
             self.algo_ms.add(result.algo_ms)
         if result.e2e_ms is not None and result.outcome.reached_algo:
@@ -183,6 +189,7 @@ class Stats:
             analysed_per_busy_s=round(successes / self.busy_s, 3) if self.busy_s > 0 else 0.0,
             action_errors=dict(self.action_errors),
             duplicates=self.duplicates,
+            no_healthy_endpoint=self.no_healthy_endpoint,
         )
 
 
@@ -246,10 +253,12 @@ def format_report(report: Report) -> str:
     lines.append(f"failure rate denominator: {report.failure_rate_denominator}")
     if report.cleaner:
         lines += ["", "cleaner: " + ", ".join(f"{k}={v:,}" for k, v in report.cleaner.items())]
-    if len(report.endpoints) > 1:
+    if report.no_healthy_endpoint:
+        lines.append(f"failed for want of a healthy algorithm endpoint: {report.no_healthy_endpoint:,}")
+    if report.endpoints:
         lines += ["", "| endpoint | requests | failures | ejections | healthy |", "|---|---|---|---|---|"]
-        lines += [f"| {url} | {f['requests']:,} | {f['failures']:,} | {f['ejections']} | {'yes' if f['healthy'] else 'no'} |"
-                  for url, f in report.endpoints.items()]
+        lines += [f"| {display_url(url)} | {f['requests']:,} | {f['failures']:,} | {f['ejections']} |"
+                  f" {'yes' if f['healthy'] else 'no'} |" for url, f in report.endpoints.items()]
     if report.action_errors:
         lines += ["", "result action failures: " + ", ".join(f"{k}={v}" for k, v in report.action_errors.items())]
     return "\n".join(lines)

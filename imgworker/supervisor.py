@@ -133,6 +133,7 @@ class Supervisor:
         self.stats = Stats(cfg.concurrency)
         self.dispatch = Dispatch(cfg.dispatch)
         self.endpoints = EndpointPool(cfg.algo)
+        self._probes: dict[int, str] = {}  # lane -> key of the half-open probe it was sent
         self.cleaner = CleanerStats()
         self.progress = Progress(cfg.run.progress_interval_s, enabled=show_progress)
         self.lock = RunLock(cfg.run.state_dir)
@@ -374,7 +375,11 @@ class Supervisor:
     # ----- dispatch --------------------------------------------------------------------
 
     def feed_idle(self) -> None:
-        """Give idle workers the oldest item of any task type that has an endpoint now."""
+        """Give idle workers the oldest item of any task type that has an endpoint now.
+
+        Images whose no-endpoint budget ran out are failed first, so none of them carries a probe.
+        """
+        self._fail_waited_out(time.monotonic())
         blocked: set[str] = set()
 
         def usable(kind: str) -> bool:
@@ -391,13 +396,32 @@ class Supervisor:
             if endpoints is None:
                 blocked.add(kind)  # down or busy: other task types still go
                 continue
+            probe = self.endpoints.is_probe(endpoints)
+            if probe and item.waits:
+                item = self._least_waited_first(kind)
             slot = self.pool.idle.pop()
             sent = self.dispatch.take(slot, lambda k: k == kind, endpoints=endpoints)
             assert sent is not None and sent.ref.key == item.ref.key
+            if probe:
+                self._probes[slot] = sent.ref.key
+            else:
+                self._probes.pop(slot, None)
             self.endpoints.dispatched(endpoints)
             self.pool.send(slot, sent)
             if sent.ref.mtime > 0:  # upload (object mtime or event time) to dispatch
                 self.stats.discovery_ms.add(max(0.0, time.time() - sent.ref.mtime) * 1000.0)
+
+    def _least_waited_first(self, kind: str) -> WorkItem:
+        """Move the oldest queued item of ``kind`` that waited least to the front, and return it.
+
+        A probe should test the service, not an image that already failed on it: an image that
+        makes the service fail by itself would otherwise carry every probe and keep the route down.
+        """
+        queued = list(self.dispatch.waiting(kind))
+        item, queued_at = min(queued, key=lambda pair: pair[0].waits)
+        self.dispatch.withdraw(item.ref.key)
+        self.dispatch.requeue_front(item, queued_at=queued_at)
+        return item
 
     def _fail_waited_out(self, now: float) -> None:
         """An image whose route has no healthy endpoint waits up to its own budget, then fails."""
@@ -406,11 +430,9 @@ class Supervisor:
             since = self.endpoints.down_since(kind)
             if not since:
                 continue
-            expired = []
-            for item, queued_at in self.dispatch.waiting(kind):
-                if now - max(queued_at, since) < budget:
-                    break
-                expired.append(item)
+            # not only the head: images put back after failing (or moved up to carry a probe) leave
+            # the queue out of queued_at order
+            expired = [item for item, queued_at in self.dispatch.waiting(kind) if now - max(queued_at, since) >= budget]
             for item in expired:
                 self.dispatch.withdraw(item.ref.key)
                 self._drop(item.ref, Outcome.FAILED_ALGO, "no_healthy_endpoint")
@@ -432,15 +454,30 @@ class Supervisor:
             log.error("worker %d answered without holding an item; ignored", event.slot)
             return
         reply = event.reply
-        self.endpoints.finished(item.endpoints, reply.calls)
+        probe = self._probes.pop(event.slot, None) == item.ref.key
+        met_outage = self.endpoints.finished(item.endpoints, reply.calls)
         result = reply.result
         if reply.undecodable or result.key != item.ref.key:
             log.error("worker %d: reply for %s could not be used (%s)", event.slot, item.ref.key,
                       reply.undecodable or f"it names {result.key!r}")
             result = internal_error(item, event.slot, "unusable reply")
+        elif met_outage and result.outcome is Outcome.FAILED_ALGO and (probe or not item.waits):
+            self._wait_for_endpoint(event.slot, item, result.cause)
+            return
         e2e_ms = (time.monotonic() - event.dispatched_at) * 1000.0
         self._finish(msgspec.structs.replace(result, e2e_ms=e2e_ms))
         self.dispatch.release(event.slot)  # only once the outcome is written: until then it is in flight
+
+    def _wait_for_endpoint(self, lane: int, item: WorkItem, cause: str) -> None:
+        """Put an item back at the head of its queue: its calls failed because its endpoint is down.
+
+        It was the probe, or it was in flight as the outage began; it is not charged an attempt and
+        waits within its no-endpoint budget like the images that never left the queue. An image that
+        meets an outage again, not as the probe, after having waited ends ``failed_algo`` as usual:
+        it may be the image that makes the service fail.
+        """
+        log.info("worker %d: %s waits for a healthy algorithm endpoint (%s)", lane, item.ref.key, cause)
+        self._requeue(lane, msgspec.structs.replace(item, endpoints=(), waits=item.waits + 1))
 
     def _on_exit(self, event: Exit) -> None:
         lost = 0

@@ -190,7 +190,8 @@ class ItemProcessor:
                 last = exc
                 log.info("worker %d: %s attempt %d: %s", self.worker_id, request.image_path, attempt, exc.cause)
                 store = self._store_after_failure(request.image_path)
-                fields.calls.append(Call(endpoint, store == "waited"))  # a store outage is not the service's fault
+                # a store outage is not the service's fault
+                fields.calls.append(Call(endpoint, store == "waited", "" if store == "waited" else exc.cause))
                 if store in _STORE_ENDS:
                     fields.algo_ms = spent
                     return _STORE_ENDS[store]

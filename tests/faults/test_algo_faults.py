@@ -69,3 +69,18 @@ def test_intermittent_failures_are_absorbed_by_retries(make_config, store, prefi
     assert report.conserved and report.scanned == 30
     assert report.outcomes["failed_algo"] <= 1
     assert sum(r.algo_calls for r in results) > 30
+
+
+def test_a_ca_bundle_gone_after_start_ejects_the_endpoint_and_images_wait(make_config, store, prefix, tmp_path):
+    bundle = tmp_path / "ca.pem"
+    bundle.write_text("-----BEGIN CERTIFICATE-----\n")
+    endpoint = f"https://127.0.0.1:{free_port()}/infer"
+    cfg = make_config(algo={"endpoint": endpoint, "ca_bundle": str(bundle), "retries": 1, "eject_after_failures": 2,
+                            "eject_cooldown_s": 0.1, "no_endpoint_budget_s": 2.0}, worker={"count": 2})
+    bundle.unlink()  # checked at start; gone afterwards, every call fails alike
+    upload(store, [f"{prefix}p/t/20240101-120000.{i:03d}.jpg" for i in range(4)])
+    report = Supervisor(cfg, show_progress=False).run()
+    results = results_of(cfg)
+    assert sorted(r.key for r in results) == sorted({r.key for r in results}) and len(results) == 4
+    assert {(r.outcome.value, r.cause) for r in results} == {("failed_algo", "no_healthy_endpoint")}
+    assert report.endpoints[endpoint]["ejections"] >= 1 and report.endpoints[endpoint]["healthy"] == 0

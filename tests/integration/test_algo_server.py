@@ -106,3 +106,15 @@ def test_ca_bundle_is_what_an_https_service_is_verified_with(tmp_path, monkeypat
     assert AlgoClient(plain.algo).session.verify is True  # certifi's; the environment's is not read
     own = load_config(env={}, overrides={"algo": {"endpoint": "https://127.0.0.1:1/infer", "ca_bundle": str(bundle)}})
     assert AlgoClient(own.algo).session.verify == str(bundle)
+
+
+def test_a_ca_bundle_gone_after_start_is_the_service_unavailable_not_an_image_fault(tmp_path):
+    bundle = tmp_path / "ca.pem"
+    bundle.write_text("-----BEGIN CERTIFICATE-----\n")
+    cfg = load_config(env={}, overrides={"algo": {"endpoint": "https://127.0.0.1:1/infer", "ca_bundle": str(bundle)}})
+    bundle.unlink()
+    algo = AlgoClient(cfg.algo)
+    with pytest.raises(AlgoTransient) as err:
+        algo.infer(AlgoRequest(image_url="http://x/a.jpg", task_id="t", task_type="p", image_path="p/t/a.jpg"))
+    algo.close()
+    assert err.value.cause == "client_error" and str(bundle) in str(err.value)

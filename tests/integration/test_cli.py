@@ -56,6 +56,8 @@ def test_run_until_idle_with_config_file(tmp_path, store_server, algo_server, cr
         ({"IMGWORKER_STORE_ENDPOINT": "127.0.0.1:9"}, 5, "store unreachable at 127.0.0.1:9"),
         ({"IMGWORKER_WORKER_COUNT": "zero"}, 2, "invalid config key worker.count: value 'zero'"),
         ({"IMGWORKER_SECRET_KEY": "", "AWS_SECRET_ACCESS_KEY": ""}, 2, "store credentials missing"),
+        ({"IMGWORKER_ALGO_CA_BUNDLE": "/nonexistent/imgworker-ca.pem"}, 2,
+         "invalid config key algo.ca_bundle: file '/nonexistent/imgworker-ca.pem' does not exist"),
     ],
 )
 def test_start_errors_are_one_clear_line(store_server, creds, extra_env, code, message, tmp_path):

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from imgworker.config import load_config
@@ -153,3 +155,17 @@ def test_action_prefixes_must_be_excluded_from_the_scan(actions, scan, expected)
 def test_action_prefixes_below_an_excluded_prefix_or_unused_are_accepted(actions, scan):
     cfg = load_config(env={}, overrides={"actions": actions, "scan": scan})
     assert cfg.actions.alerts_prefix == actions.get("alerts_prefix", "alerts/")
+
+
+def test_a_missing_or_unreadable_algo_ca_bundle_is_refused_at_load(tmp_path):
+    missing = tmp_path / "gone.pem"
+    with pytest.raises(ConfigError) as err:
+        load_config(env={}, overrides={"algo": {"ca_bundle": str(missing)}})
+    assert str(err.value) == f"invalid config key algo.ca_bundle: file {str(missing)!r} does not exist"
+    fifo = tmp_path / "fifo.pem"
+    os.mkfifo(fifo)  # there, but not a file requests can read certificates from
+    with pytest.raises(ConfigError, match="algo.ca_bundle: file .* cannot be read"):
+        load_config(env={}, overrides={"algo": {"ca_bundle": str(fifo)}})
+    bundle = tmp_path / "ca.pem"
+    bundle.write_text("pem")
+    assert load_config(env={}, overrides={"algo": {"ca_bundle": str(bundle)}}).algo.ca_bundle == str(bundle)

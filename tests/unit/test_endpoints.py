@@ -1,7 +1,9 @@
 from __future__ import annotations
 
+import logging
+
 from imgworker.config import load_config
-from imgworker.endpoints import Call, EndpointPool
+from imgworker.endpoints import Call, EndpointPool, display_url
 
 A, B, C = "http://a/infer", "http://b/infer", "http://c/infer"
 
@@ -75,3 +77,79 @@ def test_no_endpoint_when_all_ejected():
     p, _ = pool()
     p.finished((), [Call(A, False)] * 2 + [Call(B, False)] * 2)
     assert p.choose("") is None
+
+
+SECRET_URL = "http://user:pw-s3cret@d:8000/infer?token=tok-s3cret"
+
+
+def warnings_of(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+def test_ejection_and_recovery_are_each_logged_once_naming_the_endpoint_without_secrets(caplog):
+    p, clock = pool(endpoints=[SECRET_URL])
+    with caplog.at_level(logging.INFO, logger="imgworker.endpoints"):
+        p.finished((SECRET_URL,), [Call(SECRET_URL, False, "connection_error")] * 5)  # ejected at 2, then 3 more
+        for _ in range(3):  # three failed probes: the same outage
+            clock.now += 6
+            probe = p.choose("")
+            p.dispatched(probe)
+            p.finished(probe, [Call(SECRET_URL, False, "timeout")])
+        clock.now += 6
+        probe = p.choose("")
+        p.dispatched(probe)
+        p.finished(probe, [Call(SECRET_URL, True)])
+        p.finished((SECRET_URL,), [Call(SECRET_URL, True)])  # healthy again: nothing more to say
+    warned = warnings_of(caplog)
+    assert len(warned) == 2, warned
+    ejected, back = warned
+    assert "http://d:8000/infer ejected" in ejected and "connection_error" in ejected
+    assert "http://d:8000/infer answers again after 24 s down" in back
+    assert not any("s3cret" in r.getMessage() for r in caplog.records)
+    assert p.figures()[SECRET_URL]["ejections"] == 4
+
+
+def test_a_second_outage_is_logged_again(caplog):
+    p, clock = pool()
+    with caplog.at_level(logging.WARNING, logger="imgworker.endpoints"):
+        for _ in range(2):
+            p.finished((A,), [Call(A, False, "http_503")] * 2)
+            clock.now += 6
+            probe = p.choose("")
+            while probe[0] != A:
+                p.dispatched(probe)
+                probe = p.choose("")
+            p.dispatched(probe)
+            p.finished(probe, [Call(A, True)])
+    assert [m.split(" after")[0] for m in warnings_of(caplog)] == [f"algorithm endpoint {A} ejected",
+                                                                  f"algorithm endpoint {A} answers again"] * 2
+
+
+def test_a_failed_probe_keeps_the_outage_clock():
+    p, clock = pool(endpoints=[A])
+    p.finished((A,), [Call(A, False)] * 2)
+    went_down = clock.now
+    assert p.down_since("") == went_down
+    for _ in range(3):
+        clock.now += 6
+        probe = p.choose("")
+        assert probe == (A,) and p.is_probe(probe)
+        p.dispatched(probe)
+        assert p.finished(probe, [Call(A, False)])  # the probe met the outage
+        assert p.down_since("") == went_down
+    assert p.figures()[A]["ejections"] == 4
+
+
+def test_finished_says_whether_the_item_met_an_outage():
+    p, _ = pool()
+    assert not p.finished((A,), [Call(A, True)])
+    assert not p.finished((A,), [])
+    assert not p.finished((A,), [Call(A, False)])  # one failure of a healthy endpoint: the image's own
+    assert not p.finished((A, B), [Call(A, False), Call(B, False)])  # A is ejected, but B still counts healthy
+    assert p.finished((B,), [Call(B, False)])  # every endpoint it called is ejected now
+    assert not p.finished((B,), [Call(B, False), Call(B, True)])  # an answer is not an outage
+
+
+def test_display_url_drops_credentials_and_query():
+    assert display_url(SECRET_URL) == "http://d:8000/infer"
+    assert display_url(A) == A

@@ -192,7 +192,8 @@ def test_a_dead_route_does_not_hold_up_the_others(tmp_path):
     sup.shutdown()
     assert all(done[k] == "no_detection" for k in people)
     assert sum(algo.calls[k] for k in vehicles) == 1  # one failed call ejected the route; the rest wait
-    assert sup.dispatch.pending == len(vehicles) - 1
+    assert sup.dispatch.pending == len(vehicles)  # the image whose call ejected it waits too, uncharged
+    assert not any(k in done for k in vehicles)
 
 
 def test_no_endpoint_budget_is_counted_per_image(tmp_path):
