@@ -484,7 +484,8 @@ def _rewrite_state(path: str, state: LedgerState, offsets: dict[int, tuple[int, 
     from .ledger import LedgerState
 
     mark = offsets[state.actions_from][0]
-    owed = [msgspec.structs.replace(e, line=offsets[e.line][0]) for e in state.owed if offsets.get(e.line, (0, False))[1]]
+    kept = [e for e in state.owed if offsets.get(e.line, (0, False))[1]]  # an action of a line moved aside is dropped
+    owed = [msgspec.structs.replace(e, line=offsets[e.line][0]) for e in kept]
     write_atomic(path, msgspec.json.encode(LedgerState(results_offset=0, actions_offset=mark, owed=owed)))
     print(f"repair: rewrote {path}; the next run rebuilds the processed set from the whole results file")
     print(f"repair: it redoes only the result actions of lines after byte {mark:,} (the last checkpoint's "

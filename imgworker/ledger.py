@@ -235,19 +235,21 @@ class BacklogLog:
 
     def __init__(self) -> None:
         self._saved: set[str] = set()
+        self._last: list[str] = []  # the list last saved: an equal one costs a comparison only
         self._name = ""
         self._lines = 0
         self._size = 0
         self._stale: list[str] = []
 
     def write(self, directory: str, keys: list[str]) -> tuple[str, int]:
+        if keys == self._last:
+            return self._name, self._size
         current = set(keys)
-        if not self._name and not current:
-            return "", 0
         if not self._name or self._lines > 2 * len(current) + _COMPACT_SLACK:
-            self._compact(directory, keys, current)
+            self._compact(directory, current)
         else:
-            self._append(directory, keys, current)
+            self._append(directory, current)
+        self._last = keys
         return self._name, self._size
 
     def committed(self, directory: str) -> None:
@@ -257,8 +259,8 @@ class BacklogLog:
                 _unlink(os.path.join(directory, name))
         self._stale = []
 
-    def _append(self, directory: str, keys: list[str], current: set[str]) -> None:
-        lines = [_key_encoder.encode(k) + b"\n" for k in keys if k not in self._saved]
+    def _append(self, directory: str, current: set[str]) -> None:
+        lines = [_key_encoder.encode(k) + b"\n" for k in sorted(current - self._saved)]
         lines += [_key_encoder.encode(_Left(k)) + b"\n" for k in sorted(self._saved - current)]
         if not lines:
             return
@@ -275,7 +277,7 @@ class BacklogLog:
         self._lines += len(lines)
         self._saved = current
 
-    def _compact(self, directory: str, keys: list[str], current: set[str]) -> None:
+    def _compact(self, directory: str, current: set[str]) -> None:
         generation = int(self._name.split(".")[1]) + 1 if self._name else 1
         name = f"backlog.{generation}.log"
         data = b"".join(_key_encoder.encode(k) + b"\n" for k in current)
@@ -307,7 +309,8 @@ class BacklogLog:
             else:
                 live.pop(change.left, None)
         self._saved, self._name, self._lines, self._size = set(live), name, len(changes), size
-        return sorted(live)
+        self._last = sorted(live)
+        return list(self._last)
 
 
 def _unlink(path: str) -> None:

@@ -136,3 +136,51 @@ def test_a_delete_given_up_is_redone_after_a_restart(tmp_path, monkeypatch):
     supervisor(cfg, store, algo).run()
     assert len(store) == 0 and algo.calls == Counter()
     assert outcomes(cfg) == dict.fromkeys(keys, "no_detection")
+
+
+def test_an_owed_delete_of_a_key_no_longer_processed_is_not_redone(tmp_path):
+    cfg = config(tmp_path, worker={"count": 1}, actions={"delete_no_detection": True})
+    store = MemoryStore()
+    (key,) = fill(store, ["p/a"], 1)  # uploaded again after the last run pruned its key
+    os.makedirs(cfg.run.state_dir)
+    line = msgspec.json.encode(Result(key=key, outcome=Outcome.NO_DETECTION, task_type="p", task_id="a")) + b"\n"
+    with open(cfg.results_path, "wb") as f:
+        f.write(line)
+    with open(os.path.join(cfg.run.state_dir, "state.json"), "wb") as f:
+        f.write(msgspec.json.encode({"version": 2, "results_offset": len(line), "owed": [[0, "delete_no_detection", key]]}))
+    algo = MemoryAlgo(store)
+    supervisor(cfg, store, algo).run()
+    assert algo.calls == Counter([key]) and store.deletes == [key]  # analysed, then deleted once, by its own action
+
+
+def test_inflight_deletes_queued_images_before_a_worker_can_take_one(tmp_path):
+    cfg = config(tmp_path, worker={"count": 1}, run={"until_idle": False},
+                 retention={"enabled": True, "max_count": 2, "protect": "inflight"})
+    store = MemoryStore()
+    keys = fill(store, ["p/a"], 6)
+    release = threading.Event()
+    real_delete = store.delete
+
+    def delete(batch: Any) -> list[str]:
+        if threading.current_thread() is not threading.main_thread():
+            release.wait(20)  # the janitor's thread is held up by a slow store
+        return real_delete(batch)
+
+    store.delete = delete  # type: ignore[method-assign]
+    algo = MemoryAlgo(store)
+    sup = Supervisor(cfg, show_progress=False,
+                     parts=dataclasses.replace(memory_parts(cfg, store, algo), janitor_inline=False))
+    sup.start()
+    try:
+        for _ in range(500):
+            if len(lines(cfg)) == 6:
+                break
+            sup.step()
+    finally:
+        release.set()
+        sup.request_stop("test")
+        while not sup.finished():
+            sup.step()
+        sup.shutdown()
+    assert algo.calls == Counter(keys[4:])  # the four oldest were deleted while queued: no worker analysed them
+    assert dict(Counter(outcomes(cfg).values())) == {"skipped_missing": 4, "no_detection": 2}
