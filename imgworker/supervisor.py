@@ -479,8 +479,8 @@ class Supervisor:
     def checkpoint(self) -> None:
         """fsync the results, then write the processed set, the unfinished keys, the watermark, the owed actions."""
         assert self.journal is not None and self.janitor is not None
-        owed = self.janitor.owed()  # before the watermark: an action is owed, or open, or done
         offset = self.janitor.watermark(self.journal.sync())
+        owed = self.janitor.owed()  # after the watermark: an action given up in between is counted in both
         self.ledger.save(offset, self.dispatch.held_keys() + self.dispatch.pending_keys(),
                          self.intake.position(), owed)
         self._next_checkpoint = time.monotonic() + self.cfg.run.checkpoint_interval_s
