@@ -2,7 +2,8 @@
 
 Cleaner deletes and result actions (``copy_alerts``, ``write_results``, ``delete_no_detection``)
 are jobs, run in order by one background thread of the supervisor, so the loop never waits on
-the store. A job is submitted only after the image's result line is written; before running
+the store (``run_now`` runs jobs in the caller's thread: only for deletes that must leave no
+window after the cleaner's plan, see ``retention``). A job is submitted only after the image's result line is written; before running
 jobs the janitor fsyncs the results journal (durable before destructive, even across a power
 loss). Consecutive delete jobs are coalesced into one batch request. A failed action (store
 unreachable) is retried with capped backoff, and its image stays protected from the cleaner
