@@ -43,6 +43,7 @@ SECTIONS = [
     ("algo_service", "The reference algorithm service", "`python -m benchmarks.algo_service`.", None),
     ("dispatch", "Dispatch capacity", "`python -m benchmarks.dispatch`.", None),
     ("ledger", "The processed set behind its Manager", "`python -m benchmarks.ledger`.", None),
+    ("checkpoint", "What a checkpoint writes with a large backlog", "`python -m benchmarks.checkpoint`.", None),
     ("scanner", "Listing and filtering a large bucket", "`python -m benchmarks.scanner`.", None),
 ]
 

@@ -17,7 +17,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 
@@ -25,6 +25,9 @@ from .config import Config, Credentials, load_config
 from .errors import ExitCode, ImgworkerError
 from .logs import LogSettings, setup_logging
 from .stats import Report, format_report
+
+if TYPE_CHECKING:
+    from .ledger import LedgerState
 
 log = logging.getLogger("imgworker")
 
@@ -420,7 +423,12 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_repair(args: argparse.Namespace) -> int:
-    """Move corrupt results lines to RESULTS.corrupt and drop state.json, whose offset no longer fits."""
+    """Move corrupt results lines to RESULTS.corrupt; replace state.json, whose offsets no longer fit.
+
+    The next run rebuilds the processed set from the whole results file. Result actions are redone only
+    for the lines after the last checkpoint's watermark (and those given up), mapped through the
+    repair; where the state file is missing or unusable, for every line.
+    """
     from .errors import ConfigError
     from .journal import RunLock
 
@@ -438,18 +446,59 @@ def cmd_repair(args: argparse.Namespace) -> int:
 
 
 def _repair(path: str, state_dir: str) -> None:
-    from .results import repair_results
+    from .results import offsets_after_repair, repair_results
 
+    state_path = os.path.join(state_dir, "state.json")
+    state, why = _read_state(state_path)
+    offsets = offsets_after_repair(path)
     kept, moved = repair_results(path)
     print(f"repair: {path}: kept {kept:,} lines, moved {moved:,} corrupt lines to {path}.corrupt")
     if moved:
         print("repair: images whose lines were moved are analysed again if they are still in the bucket")
-    state = os.path.join(state_dir, "state.json")
     for name in os.listdir(state_dir) if os.path.isdir(state_dir) else []:
-        if name.startswith("processed.") and name.endswith(".log"):
-            os.unlink(os.path.join(state_dir, name))  # the key logs the state file named
-    if os.path.exists(state):
-        os.unlink(state)
-        print(f"repair: removed {state}; the next run rebuilds the processed set from the whole results file")
-    else:
-        print(f"repair: no {state}; the next run builds the processed set from the whole results file")
+        if name.endswith(".log") and name.startswith(("processed.", "backlog.")):
+            os.unlink(os.path.join(state_dir, name))  # the key and backlog logs the state file named
+    if state is not None and state.actions_from not in offsets:
+        why = f"its watermark (byte {state.actions_from:,}) is not a line start of {path}, replaced or truncated"
+        state = None
+    if state is None or (state.actions_from == 0 and not state.owed):
+        _drop_state(state_path, why)
+        return
+    _rewrite_state(state_path, state, offsets)
+
+
+def _read_state(path: str) -> tuple[LedgerState | None, str]:
+    """The state file, or None and why its watermark cannot be used."""
+    from .ledger import LedgerState
+
+    try:
+        with open(path, "rb") as f:
+            return msgspec.json.decode(f.read(), type=LedgerState), ""
+    except FileNotFoundError:
+        return None, "there is none"
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return None, "it is corrupt"
+
+
+def _drop_state(path: str, why: str) -> None:
+    if not os.path.exists(path):
+        print(f"repair: no {path}; the next run builds the processed set from the whole results file")
+        return
+    os.unlink(path)
+    print(f"repair: removed {path}; the next run rebuilds the processed set from the whole results file")
+    if why:
+        print(f"repair: its watermark cannot be used ({why}): the next run redoes the result actions of every line")
+
+
+def _rewrite_state(path: str, state: LedgerState, offsets: dict[int, tuple[int, bool]]) -> None:
+    """A state file that names no key log: the processed set is rebuilt, actions redone only past the watermark."""
+    from .files import write_atomic
+    from .ledger import LedgerState
+
+    mark = offsets[state.actions_from][0]
+    kept = [e for e in state.owed if offsets.get(e.line, (0, False))[1]]  # an action of a line moved aside is dropped
+    owed = [msgspec.structs.replace(e, line=offsets[e.line][0]) for e in kept]
+    write_atomic(path, msgspec.json.encode(LedgerState(results_offset=0, actions_offset=mark, owed=owed)))
+    print(f"repair: rewrote {path}; the next run rebuilds the processed set from the whole results file")
+    print(f"repair: it redoes only the result actions of lines after byte {mark:,} (the last checkpoint's "
+          f"watermark), and {len(owed):,} actions given up earlier")

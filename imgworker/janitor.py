@@ -2,16 +2,23 @@
 
 Cleaner deletes and result actions (``copy_alerts``, ``write_results``, ``delete_no_detection``)
 are jobs, run in order by one background thread of the supervisor, so the loop never waits on
-the store. A job is submitted only after the image's result line is written; before running
+the store (``run_now`` runs jobs in the caller's thread: only for deletes that must leave no
+window after the cleaner's plan, see ``retention``). A job is submitted only after the image's result line is written; before running
 jobs the janitor fsyncs the results journal (durable before destructive, even across a power
 loss). Consecutive delete jobs are coalesced into one batch request. A failed action (store
 unreachable) is retried with capped backoff, and its image stays protected from the cleaner
-until it succeeds or is given up after ``MAX_ATTEMPTS`` (counted in ``action_errors``).
+until it succeeds or is given up after ``MAX_ATTEMPTS`` (counted in ``action_errors``). The keys
+of cleaner deletes not done yet are known (``deleting``), so a later pass does not plan them again.
 
 The janitor also keeps the checkpoint's *watermark*: the offset of the oldest result line whose
 actions are not done yet. A checkpoint records that offset, so after a crash the actions of
 every line past it are run again. They are idempotent (a copy or a put overwrites the same
 key; deleting a deleted key is not an error).
+
+An action given up (the store stayed unreachable) is *owed*: it no longer holds the watermark
+back, nor its image from the cleaner, but ``owed()`` lists it (result line, action, key) until a
+later attempt succeeds. A checkpoint saves that list and the next start submits those actions
+again (``Job.owed``). An action that cannot succeed (its image is gone) is not owed.
 
 With ``inline=True`` jobs run in the caller's thread at ``collect()``: deterministic tests.
 """
@@ -22,14 +29,15 @@ import collections
 import logging
 import threading
 import time
-from collections.abc import Callable
-from typing import Protocol
+from collections.abc import Callable, Iterable
+from typing import Protocol, TypeVar
 
 import msgspec
 
 from .errors import ObjectMissing, StoreError
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class JanitorStore(Protocol):
@@ -50,15 +58,25 @@ class Job(msgspec.Struct, frozen=True):
     line: int = -1
     attempt: int = 0
     not_before: float = 0.0
+    owed: bool = False  # given up by an earlier run: tried again, without holding the watermark back
 
 
 class Done(msgspec.Struct, frozen=True):
-    """What a finished job did: keys deleted or refused, and whether an action was given up."""
+    """What a finished job did: keys deleted or refused, whether it failed, and whether it never can succeed."""
 
     job: Job
     deleted: int = 0
     refused: int = 0
     failed: bool = False
+    impossible: bool = False  # its image is gone: neither retried nor owed
+
+
+class OwedAction(msgspec.Struct, frozen=True, array_like=True):
+    """An action given up: the offset of its result line, the action's name, the image."""
+
+    line: int
+    action: str
+    key: str
 
 
 MAX_ATTEMPTS = 8  # about two minutes of capped backoff, then an action is given up (and counted)
@@ -78,6 +96,8 @@ class Janitor:
         self._done: collections.deque[Done] = collections.deque()
         self._open_lines: collections.Counter[int] = collections.Counter()  # result lines with unfinished actions
         self._open_keys: collections.Counter[str] = collections.Counter()  # images with unfinished actions
+        self._deleting: collections.Counter[str] = collections.Counter()  # keys of cleaner deletes not done yet
+        self._owed: dict[tuple[int, str], str] = {}  # (line, action) -> key of actions given up, not yet done
         self._lock = threading.Condition()
         self._busy = False
         self._closing = False
@@ -91,14 +111,30 @@ class Janitor:
         with self._lock:
             for job in jobs:
                 self._jobs.append(job)
-                if job.line >= 0:
+                if job.line < 0:
+                    self._deleting.update(job.keys)
+                    continue
+                if job.owed:
+                    self._owed[(job.line, job.action)] = job.keys[0]
+                else:
                     self._open_lines[job.line] += 1
-                    self._open_keys.update(job.keys)
+                self._open_keys.update(job.keys)
             self._lock.notify()
 
     def run_now(self, jobs: list[Job]) -> list[Done]:
-        """Run jobs in the caller's thread at once (cleaner passes: no window between plan and delete)."""
+        """Run jobs in the caller's thread at once: for deletes that must leave no window after the plan."""
         return [done for job in jobs for done in self._execute([job])]
+
+    def deleting(self) -> set[str]:
+        """Keys of the cleaner deletes submitted and not done yet (a later pass counts them as gone)."""
+        with self._lock:
+            return set(self._deleting)
+
+    def owed(self) -> list[OwedAction]:
+        """Actions given up and not done since, in results-file order: a checkpoint saves them."""
+        with self._lock:
+            return [OwedAction(line=line, action=action, key=key)
+                    for (line, action), key in sorted(self._owed.items())]
 
     def has_open_actions(self, key: str) -> bool:
         """True while an action of this image is not done: the cleaner must not delete it yet."""
@@ -160,7 +196,7 @@ class Janitor:
             done = self._execute(batch)
         except Exception:  # never let the thread die: the job is retried like a store failure
             log.exception("janitor: unexpected error on %s %s", batch[0].kind, batch[0].keys[:1])
-            done = [Done(job=job, failed=True) for job in batch]
+            done = [Done(job=job, failed=True, refused=len(job.keys) if job.kind == "delete" else 0) for job in batch]
         finally:
             with self._lock:
                 self._busy = False
@@ -183,26 +219,28 @@ class Janitor:
                             else None)
 
     def _settle(self, report: Done) -> None:
-        """Book a finished job; a failed action is queued again with backoff until MAX_ATTEMPTS."""
+        """Book a finished job; a failed action is queued again with backoff until MAX_ATTEMPTS, then owed."""
         job = report.job
-        if report.failed and job.line >= 0 and job.attempt + 1 < MAX_ATTEMPTS:
+        if job.line >= 0 and report.failed and not report.impossible and job.attempt + 1 < MAX_ATTEMPTS:
             delay = min(30.0, 0.5 * 2**job.attempt)
             self._jobs.append(msgspec.structs.replace(job, attempt=job.attempt + 1, not_before=self.clock() + delay))
             return
-        if report.failed and job.line >= 0:
-            log.error("janitor: %s of %s given up after %d attempts", job.action, job.keys[0], MAX_ATTEMPTS)
+        if job.line >= 0 and report.failed and not report.impossible:
+            log.error("janitor: %s of %s given up after %d attempts; it is tried again at the next start",
+                      job.action, job.keys[0], MAX_ATTEMPTS)
+            self._owed[(job.line, job.action)] = job.keys[0]
+        elif job.line >= 0:
+            self._owed.pop((job.line, job.action), None)
         self._done.append(report)
-        if job.line >= 0:
-            self._release(job)
+        self._release(job)
 
     def _release(self, job: Job) -> None:
-        self._open_lines[job.line] -= 1
-        if self._open_lines[job.line] <= 0:
-            del self._open_lines[job.line]
-        self._open_keys.subtract(job.keys)
-        for key in job.keys:
-            if self._open_keys[key] <= 0:
-                del self._open_keys[key]
+        if job.line < 0:
+            _subtract(self._deleting, job.keys)
+            return
+        if not job.owed:
+            _subtract(self._open_lines, (job.line,))
+        _subtract(self._open_keys, job.keys)
 
     def _next_batch(self) -> list[Job]:
         """One job, or consecutive due delete jobs up to the batch size (called with the lock held)."""
@@ -233,7 +271,7 @@ class Janitor:
                 self.store.put(job.target, job.body, job.content_type)
         except ObjectMissing as exc:
             log.warning("janitor: %s of %s impossible: %s", job.action, job.keys[0], exc)
-            return [Done(job=msgspec.structs.replace(job, attempt=MAX_ATTEMPTS), failed=True)]
+            return [Done(job=job, failed=True, impossible=True)]
         except StoreError as exc:
             log.warning("janitor: %s of %s failed (attempt %d): %s", job.action, job.keys[0], job.attempt + 1, exc)
             return [Done(job=job, failed=True)]
@@ -248,6 +286,14 @@ class Janitor:
             log.warning("janitor: delete of %d images failed (%s)", len(keys), exc)
             refused = set(keys)
         return [_delete_done(job, refused) for job in batch]
+
+
+def _subtract(counter: collections.Counter[T], items: Iterable[T]) -> None:
+    """Count ``items`` down once each; drop what reaches zero."""
+    for item in items:
+        counter[item] -= 1
+        if counter[item] <= 0:
+            del counter[item]
 
 
 def _delete_done(job: Job, refused: set[str]) -> Done:

@@ -14,6 +14,13 @@ state file and the log it names consistent. A log longer than the state file say
 between the two writes) is cut back: those keys' result lines come after the saved offset and
 are replayed.
 
+The intake backlog (images found, not yet queued) is saved the same way, by the supervisor's
+handle: a checkpoint appends what entered or left it since the last one to a backlog log
+(``"key"`` entered, ``{"left": "key"}`` left), compacted into a new file when it holds more than
+twice the live backlog, and the state file names that log and its valid length. Actions given up
+(``janitor.OwedAction``) are listed in the state file; ``actions_offset``, set by ``imgworker
+repair``, says from where result actions are redone when it differs from ``results_offset``.
+
 ``Ledger`` is the supervisor's handle. It buffers finished keys and flushes them before any
 call that reads the set, so no caller has to place flushes by hand. If the Manager process
 dies, the next call starts a new one and rebuilds the set from disk (the state file, then the
@@ -35,10 +42,11 @@ import msgspec
 from .children import CTX, child_setup, signals_blocked
 from .errors import StateError
 from .files import write_atomic
+from .janitor import OwedAction
 from .outcomes import IntakePosition, Result
 from .ports import ProcessedSet as ProcessedSetPort
 from .ports import ProcessedSetBackend
-from .results import read_results
+from .results import read_results_at
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -54,14 +62,27 @@ class LedgerState(msgspec.Struct):
     log_name: str = ""
     log_bytes: int = 0
     intake: IntakePosition = IntakePosition()
+    backlog_log: str = ""  # when set, the backlog is in this log, not in ``intake.backlog``
+    backlog_bytes: int = 0
+    owed: list[OwedAction] = []
+    actions_offset: int = -1  # result actions are redone from here; -1: from results_offset
+
+    @property
+    def actions_from(self) -> int:
+        return self.actions_offset if self.actions_offset >= 0 else self.results_offset
 
 
 class _Pruned(msgspec.Struct, frozen=True):
     pruned: str
 
 
+class _Left(msgspec.Struct, frozen=True):
+    left: str
+
+
 _key_encoder = msgspec.json.Encoder()
 _key_decoder = msgspec.json.Decoder(str | _Pruned)
+_backlog_decoder = msgspec.json.Decoder(str | _Left)
 _COMPACT_SLACK = 10_000
 
 
@@ -115,7 +136,8 @@ class ProcessedSet:
         return len(stale)
 
     def save(self, path: str, results_offset: int, pending: list[str],
-             intake: IntakePosition = IntakePosition()) -> None:
+             intake: IntakePosition = IntakePosition(), *, backlog_log: str = "", backlog_bytes: int = 0,
+             owed: list[OwedAction] | None = None) -> None:
         """Append new keys to the key log (or compact it), then replace the small state file."""
         directory = os.path.dirname(os.path.abspath(path))
         previous = self._log_name
@@ -124,7 +146,8 @@ class ProcessedSet:
         else:
             size = self._append(directory)
         state = LedgerState(results_offset=results_offset, pending=pending, log_name=self._log_name,
-                            log_bytes=size, intake=intake)
+                            log_bytes=size, intake=intake, backlog_log=backlog_log, backlog_bytes=backlog_bytes,
+                            owed=owed or [])
         write_atomic(path, msgspec.json.encode(state))
         if previous and previous != self._log_name:
             _unlink(os.path.join(directory, previous))
@@ -201,6 +224,95 @@ class ProcessedSet:
             else:
                 self._seen.pop(change.pruned, None)
         self._log_lines = len(changes)
+
+
+class BacklogLog:
+    """The backlog on disk, in the supervisor's process: what a checkpoint writes follows what changed.
+
+    ``write`` appends the keys that entered the backlog and those that left it since the last save
+    (fsynced), or, when the log holds more than twice the live backlog, writes the whole backlog to a
+    new log file; either way it returns the log's name and valid length for the state file. The old
+    file is removed only once a state file names the new one (``committed``).
+    """
+
+    def __init__(self) -> None:
+        self._saved: set[str] = set()
+        self._last: list[str] = []  # the list last saved: an equal one costs a comparison only
+        self._name = ""
+        self._lines = 0
+        self._size = 0
+        self._stale: list[str] = []
+
+    def write(self, directory: str, keys: list[str]) -> tuple[str, int]:
+        if keys == self._last:
+            return self._name, self._size
+        current = set(keys)
+        if not self._name or self._lines > 2 * len(current) + _COMPACT_SLACK:
+            self._compact(directory, current)
+        else:
+            self._append(directory, current)
+        self._last = keys
+        return self._name, self._size
+
+    def committed(self, directory: str) -> None:
+        """A state file names the current log: files it replaced can go."""
+        for name in self._stale:
+            if name != self._name:
+                _unlink(os.path.join(directory, name))
+        self._stale = []
+
+    def _append(self, directory: str, current: set[str]) -> None:
+        lines = [_key_encoder.encode(k) + b"\n" for k in sorted(current - self._saved)]
+        lines += [_key_encoder.encode(_Left(k)) + b"\n" for k in sorted(self._saved - current)]
+        if not lines:
+            return
+        with open(os.path.join(directory, self._name), "ab") as f:
+            good = f.tell()
+            try:
+                f.write(b"".join(lines))
+                f.flush()
+                os.fsync(f.fileno())
+            except OSError:
+                f.truncate(good)  # a partial line would make the log unreadable at the next start
+                raise
+            self._size = f.tell()
+        self._lines += len(lines)
+        self._saved = current
+
+    def _compact(self, directory: str, current: set[str]) -> None:
+        generation = int(self._name.split(".")[1]) + 1 if self._name else 1
+        name = f"backlog.{generation}.log"
+        data = b"".join(_key_encoder.encode(k) + b"\n" for k in current)
+        write_atomic(os.path.join(directory, name), data)
+        if self._name:
+            self._stale.append(self._name)
+        self._name, self._lines, self._size, self._saved = name, len(current), len(data), current
+
+    def load(self, directory: str, name: str, size: int) -> list[str]:
+        """Read the log up to the length the state file names (cut off what a crash added after); the keys, sorted."""
+        path = os.path.join(directory, name)
+        repair = f"run `imgworker repair --state-dir {directory}`"
+        try:
+            with open(path, "rb+") as f:
+                data = f.read(size)
+                if len(data) < size:
+                    raise StateError(f"backlog log {path} is shorter than state.json says; {repair}")
+                f.truncate(size)
+        except FileNotFoundError:
+            raise StateError(f"backlog log {path} is missing; {repair}") from None
+        try:
+            changes = [_backlog_decoder.decode(line) for line in data.splitlines()]
+        except msgspec.DecodeError as exc:
+            raise StateError(f"backlog log {path} is corrupt ({exc}); {repair}") from None
+        live: dict[str, None] = {}
+        for change in changes:
+            if isinstance(change, str):
+                live[change] = None
+            else:
+                live.pop(change.left, None)
+        self._saved, self._name, self._lines, self._size = set(live), name, len(changes), size
+        self._last = sorted(live)
+        return list(self._last)
 
 
 def _unlink(path: str) -> None:
@@ -284,12 +396,17 @@ _LOST = (EOFError, OSError)
 
 
 class Restored(msgspec.Struct):
-    """What a restore found: unfinished keys, and the results written after the last checkpoint."""
+    """What a restore found: unfinished keys, results whose actions are redone, actions owed by the last run.
+
+    ``redo`` holds the results from the checkpoint's watermark ``offset`` on, each with its own offset;
+    ``owed`` the actions given up before it, each with the result line it belongs to.
+    """
 
     pending: list[str]
-    replayed: list[Result]
+    redo: list[tuple[int, Result]]
     offset: int
     intake: IntakePosition = IntakePosition()
+    owed: list[tuple[OwedAction, Result]] = []
 
 
 class Ledger:
@@ -301,29 +418,60 @@ class Ledger:
         self.backend: ProcessedSetBackend = backend if backend is not None else ManagerBackend()
         self._set: Any = None
         self._done: list[str] = []
+        self._backlog = BacklogLog()
+        self.directory = os.path.dirname(os.path.abspath(state_path))
         self.restarts = 0
 
     def start(self) -> Restored:
-        """Start the backend and load the processed set from disk."""
+        """Start the backend and load the processed set, the backlog and the owed actions from disk."""
         self._set = self.backend.start()
-        return self._restore()
+        restored, state = self._restore()
+        if state.backlog_log:
+            backlog = self._backlog.load(self.directory, state.backlog_log, state.backlog_bytes)
+            restored.intake = msgspec.structs.replace(restored.intake, backlog=backlog)
+        return restored
 
-    def _restore(self) -> Restored:
+    def _restore(self) -> tuple[Restored, LedgerState]:
         state = self._set.load(self.state_path)
-        replayed: list[Result] = []
         size = os.path.getsize(self.results_path) if os.path.exists(self.results_path) else 0
-        if state.results_offset > size:
+        if max(state.results_offset, state.actions_from) > size:
             raise StateError(
                 f"results file {self.results_path} is shorter ({size} bytes) than the state file says "
-                f"({state.results_offset}); it was replaced or truncated. Run `imgworker repair --state-dir "
-                f"{os.path.dirname(os.path.abspath(self.state_path))}` to rebuild the state from it"
+                f"({max(state.results_offset, state.actions_from)}); it was replaced or truncated. Run "
+                f"`imgworker repair --state-dir {self.directory}` to rebuild the state from it"
             )
-        if size:
-            replayed = list(read_results(self.results_path, offset=state.results_offset))
-            for start in range(0, len(replayed), 1000):
-                self._set.add_many([r.key for r in replayed[start : start + 1000]])
-        return Restored(pending=state.pending, replayed=replayed, offset=state.results_offset,
-                        intake=state.intake)
+        redo: list[tuple[int, Result]] = []
+        keys: list[str] = []
+        for offset, result in read_results_at(self.results_path, offset=min(state.results_offset,
+                                                                               state.actions_from)) if size else ():
+            keys.append(result.key)
+            if len(keys) == 1000:
+                self._set.add_many(keys)
+                keys = []
+            if offset >= state.actions_from:
+                redo.append((offset, result))
+        if keys:
+            self._set.add_many(keys)
+        restored = Restored(pending=state.pending, redo=redo, offset=state.actions_from, intake=state.intake,
+                            owed=self._read_owed(state.owed, before=state.actions_from))
+        return restored, state
+
+    def _read_owed(self, owed: list[OwedAction], *, before: int) -> list[tuple[OwedAction, Result]]:
+        """Each owed action with its result line; one whose line is not there (any more) is dropped, logged."""
+        out = []
+        for entry in owed:
+            if entry.line >= before:
+                continue  # its line is redone whole
+            try:
+                found = next(read_results_at(self.results_path, offset=entry.line), None)
+            except (StateError, OSError):
+                found = None
+            if found is None or found[1].key != entry.key:
+                log.warning("owed %s of %s: its result line is not at byte %d of %s; not redone", entry.action,
+                            entry.key, entry.line, self.results_path)
+                continue
+            out.append((entry, found[1]))
+        return out
 
     def _call(self, op: Callable[[Any], T]) -> T:
         """Flush finished keys, then run ``op``; a lost Manager is restarted and rebuilt once."""
@@ -348,7 +496,7 @@ class Ledger:
         """Rebuild a new set from disk; only a complete rebuild replaces the lost one."""
         lost, self._set = self._set, fresh
         try:
-            self._restore()
+            self._restore()  # the backlog is not reloaded: the live one is in the supervisor
         except BaseException:
             self._set = lost
             raise
@@ -374,8 +522,14 @@ class Ledger:
     def size(self) -> int:
         return int(self._call(lambda s: s.size()))
 
-    def save(self, offset: int, unfinished: list[str], intake: IntakePosition = IntakePosition()) -> None:
-        self._call(lambda s: s.save(self.state_path, offset, unfinished, intake))
+    def save(self, offset: int, unfinished: list[str], intake: IntakePosition = IntakePosition(),
+             owed: list[OwedAction] | None = None) -> None:
+        """Write the backlog's changes to its log, then the processed set's and the state file."""
+        name, size = self._backlog.write(self.directory, intake.backlog)
+        position = msgspec.structs.replace(intake, backlog=[])
+        self._call(lambda s: s.save(self.state_path, offset, unfinished, position, backlog_log=name,
+                                    backlog_bytes=size, owed=owed))
+        self._backlog.committed(self.directory)
 
     def stop(self) -> None:
         self.backend.stop()

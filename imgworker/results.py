@@ -41,6 +41,12 @@ def read_results(path: str, *, offset: int = 0) -> Iterator[Result]:
     A complete line that does not decode raises StateError naming the line (1-based, counted from
     ``offset``) and its byte offset: skipping it would analyse that image again without a word.
     """
+    for _, result in read_results_at(path, offset=offset):
+        yield result
+
+
+def read_results_at(path: str, *, offset: int = 0) -> Iterator[tuple[int, Result]]:
+    """Like ``read_results``, with the byte offset each line starts at."""
     position = offset
     with open(path, "rb") as f:
         f.seek(offset)
@@ -48,7 +54,7 @@ def read_results(path: str, *, offset: int = 0) -> Iterator[Result]:
             if not line.endswith(b"\n"):
                 return
             try:
-                yield _decoder.decode(line)
+                yield position, _decoder.decode(line)
             except msgspec.DecodeError as exc:
                 raise StateError(_corrupt_message(path, number, offset, position, exc)) from None
             position += len(line)
@@ -82,20 +88,42 @@ def repair_results(path: str) -> tuple[int, int]:
     return len(good), len(bad)
 
 
+def offsets_after_repair(path: str) -> dict[int, tuple[int, bool]]:
+    """For each line start (and the end) of ``path``: where it falls once ``repair_results`` ran, and if it is kept.
+
+    A line moved aside maps to the start of the next line kept.
+    """
+    mapped: dict[int, tuple[int, bool]] = {}
+    old = new = 0
+    with open(path, "rb") as f:
+        for line in f:
+            kept = _is_result(line)
+            mapped[old] = (new, kept)
+            new += len(line) if kept else 0
+            old += len(line)
+    mapped[old] = (new, False)
+    return mapped
+
+
+def _is_result(line: bytes) -> bool:
+    if not line.endswith(b"\n"):
+        return False
+    try:
+        _decoder.decode(line)
+    except msgspec.DecodeError:
+        return False
+    return True
+
+
 def _split_lines(lines: Iterable[bytes]) -> tuple[list[bytes], list[bytes]]:
     """(lines that decode as results, lines that do not), every line ending in a newline."""
     good: list[bytes] = []
     bad: list[bytes] = []
     for line in lines:
-        if not line.endswith(b"\n"):
-            bad.append(line + b"\n")
-            continue
-        try:
-            _decoder.decode(line)
-        except msgspec.DecodeError:
-            bad.append(line)
-            continue
-        good.append(line)
+        if _is_result(line):
+            good.append(line)
+        else:
+            bad.append(line if line.endswith(b"\n") else line + b"\n")
     return good, bad
 
 

@@ -2,9 +2,16 @@
 
 ``CleanerPass`` runs after each complete listing: it asks ``cleaner.plan_cleanup`` what to delete,
 given each image's status at that instant (held by a worker or with actions pending, queued, new,
-done), ends given-up images explicitly (``dropped_expired``, cause ``retention``) and has the
-janitor delete, all without a window between decision and delete. ``ExpiryGuard`` drops queued
-images an external cleaner would delete before a worker is done (cause ``would_expire``).
+done), ends given-up images explicitly (``dropped_expired``, cause ``retention``) and submits the
+deletes to the janitor, whose thread runs them (the loop never waits on the store; the figures
+``deleted`` and ``delete_errors`` are counted when the janitor reports). That leaves a window
+between decision and delete, harmless for what is deleted: an image with its outcome, or one
+given up (its outcome is written and it left the queue first), never comes back to a worker.
+One exception: under ``inflight`` a queued or not yet accepted image may be deleted, and a worker
+could take it before the janitor gets to it, so those deletes run at once on the loop thread.
+Images whose delete is still waiting in the janitor are left out of the next pass.
+``ExpiryGuard`` drops queued images an external cleaner would delete before a worker is done
+(cause ``would_expire``).
 
 Neither decides an outcome itself: both call the supervisor's ``drop``, the one place that writes
 an image's result line.
@@ -56,7 +63,10 @@ class CleanerPass:
         return status
 
     def run(self, inventory: list[StoredImage], janitor: Janitor) -> tuple[Plan, list[Done]]:
-        """Decide, end the given-up images, delete: return the plan and what the janitor did."""
+        """Decide, end the given-up images, submit the deletes: return the plan and what ran at once."""
+        deleting = janitor.deleting()
+        if deleting:
+            inventory = [img for img in inventory if img.key not in deleting]
         new = self.ledger.filter_new([img.key for img in inventory if img.key not in self.dispatch])
         status = self.status_of(new, janitor)
         plan = plan_cleanup(inventory, self.cfg.retention, now=time.time(), status=status)
@@ -64,10 +74,20 @@ class CleanerPass:
         by_key = {img.key: img for img in inventory}
         for key in plan.give_up:
             self._give_up(by_key[key], status(key))
-        keys = plan.delete + plan.give_up
+        at_once = self._at_once(plan, status)
+        skip = set(at_once)
+        janitor.submit(self._jobs([key for key in plan.delete if key not in skip] + plan.give_up))
+        return plan, janitor.run_now(self._jobs(at_once))
+
+    def _at_once(self, plan: Plan, status: Callable[[str], Status]) -> list[str]:
+        """Under ``inflight``, the queued and not yet accepted images: no worker may take one before it is gone."""
+        if self.cfg.retention.protect != "inflight":
+            return []
+        return [key for key in plan.delete if status(key) is not Status.DONE]
+
+    def _jobs(self, keys: list[str]) -> list[Job]:
         size = self.cfg.retention.batch_size
-        jobs = [Job(kind="delete", keys=tuple(keys[i : i + size])) for i in range(0, len(keys), size)]
-        return plan, janitor.run_now(jobs)
+        return [Job(kind="delete", keys=tuple(keys[i : i + size])) for i in range(0, len(keys), size)]
 
     def _count(self, plan: Plan, status: Callable[[str], Status], inventory: list[StoredImage]) -> None:
         c = self.cleaner

@@ -553,15 +553,16 @@ class Supervisor:
     # ----- state -----------------------------------------------------------------------
 
     def checkpoint(self) -> None:
-        """fsync the results, then write the processed set, the unfinished keys and the watermark."""
+        """fsync the results, then write the processed set, the unfinished keys, the watermark, the owed actions."""
         assert self.journal is not None and self.janitor is not None
         offset = self.janitor.watermark(self.journal.sync())
+        owed = self.janitor.owed()  # after the watermark: an action given up in between is counted in both
         self.ledger.save(offset, self.dispatch.held_keys() + self.dispatch.pending_keys(),
-                         self.intake.position())
+                         self.intake.position(), owed)
         self._next_checkpoint = time.monotonic() + self.cfg.run.checkpoint_interval_s
 
     def _resume(self, restored: Restored) -> int:
-        """Queue the unfinished keys of the last run; redo the actions of results past the checkpoint."""
+        """Queue the unfinished keys of the last run; redo the actions past the watermark, and those owed."""
         assert self.janitor is not None
         new = self.ledger.filter_new(restored.pending)
         resumed = [k for k in restored.pending if k in new]
@@ -569,11 +570,28 @@ class Supervisor:
             task_type, task_id = parse_task(key, self.cfg.store.prefix)
             self.stats.scanned += 1
             self.dispatch.append(WorkItem(ref=ImageRef(key=key, task_type=task_type, task_id=task_id)))
-        jobs = [job for result in restored.replayed for job in actions.plan(self.cfg, result, line=restored.offset)]
+        jobs = [job for line, result in restored.redo for job in actions.plan(self.cfg, result, line=line)]
         if jobs:
             log.info("redoing %d result actions written after the last checkpoint", len(jobs))
             self.janitor.submit(jobs)
+        self._redo_owed(restored)
         return len(resumed)
+
+    def _redo_owed(self, restored: Restored) -> None:
+        """Submit again the actions the last run gave up (they stay owed until done).
+
+        A delete is redone only while its key is still in the processed set: a key pruned since (its
+        object was gone from two complete listings) may name a new upload, which must not be deleted.
+        """
+        assert self.janitor is not None
+        keys = [entry.key for entry, _ in restored.owed]
+        known = set(keys) - self.ledger.filter_new(keys) if keys else set()
+        jobs = [msgspec.structs.replace(job, owed=True) for entry, result in restored.owed
+                for job in actions.plan(self.cfg, result, line=entry.line)
+                if job.action == entry.action and (job.kind != "delete" or entry.key in known)]
+        if jobs:
+            log.info("redoing %d result actions the last run gave up", len(jobs))
+            self.janitor.submit(jobs)
 
     # ----- signals -----------------------------------------------------------------------
 

@@ -43,6 +43,9 @@ def test_policies_against_a_real_queue(make_config, store, prefix, slow_algo, po
         sup.cleaning.cfg = msgspec.structs.replace(cfg, retention=retention)  # one pass, at a moment of our choosing
         plan = sup.clean([stored_image(ImageRef(key=k), prefix) for k in keys])
         sup.cleaning.cfg = cfg
+        assert sup.janitor is not None
+        while sup.janitor.outstanding:  # the deletes run on the janitor's thread
+            time.sleep(0.01)
         remaining = listed(store, prefix)
         while not sup.finished():
             sup.step()
@@ -51,6 +54,7 @@ def test_policies_against_a_real_queue(make_config, store, prefix, slow_algo, po
     report = sup.report()
     outcomes = read_outcomes(cfg)
     assert report.conserved and all(len(v) == 1 for v in outcomes.values())
+    assert (sup.cleaner.deleted, sup.cleaner.delete_errors) == (len(plan.delete) + len(plan.give_up), 0)
     if policy == "lease":
         assert set(plan.give_up) == set(sorted(queued)[:-1]) and plan.delete == []
         assert remaining == sorted(held + sorted(queued)[-1:])  # storage limit held but for the held image

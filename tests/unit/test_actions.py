@@ -108,3 +108,46 @@ def test_threaded_janitor_batches_consecutive_deletes():
     assert sorted(d.job.keys[0] for d in done) == [f"k{i}" for i in range(5)]
     assert sorted(len(b) for b in store.batches) == [2, 3]
     assert janitor.watermark(99) == 99
+
+
+def test_an_action_given_up_is_owed_without_holding_the_watermark_and_an_impossible_one_is_not():
+    import msgspec
+
+    from imgworker.errors import ObjectMissing
+    from imgworker.janitor import OwedAction
+
+    c = cfg(copy_alerts=True, write_results=True)
+    store = BrokenStore()
+
+    def copy(source, target) -> None:
+        store.calls.append("copy")
+        raise ObjectMissing("gone")
+
+    store.copy = copy  # type: ignore[method-assign]
+    now = [0.0]
+    janitor = Janitor(store, sync=lambda: None, inline=True, clock=lambda: now[0])
+    janitor.submit(plan(c, result(Outcome.INFERRED, 1), line=3))
+    for _ in range(MAX_ATTEMPTS):
+        now[0] += 60.0
+        janitor.collect()
+    assert janitor.owed() == [OwedAction(line=3, action="write_results", key=KEY)]
+    assert store.calls.count("copy") == 1  # the image is gone: the copy is neither retried nor owed
+    assert janitor.watermark(50) == 50 and not janitor.has_open_actions(KEY)
+    store.put = lambda key, data, content_type="": None  # type: ignore[method-assign]  # the store is back
+    janitor.submit([msgspec.structs.replace(job, owed=True) for job in plan(c, result(Outcome.INFERRED, 1), line=3)
+                    if job.action == "write_results"])
+    assert janitor.watermark(50) == 50 and janitor.owed() != [] and janitor.has_open_actions(KEY)
+    assert [(d.job.action, d.failed) for d in janitor.collect()] == [("write_results", False)]
+    assert janitor.owed() == [] and not janitor.has_open_actions(KEY)
+
+
+def test_cleaner_deletes_waiting_in_the_janitor_are_known_until_done():
+    class Store:
+        def delete(self, keys):
+            return ["b"]  # refused
+
+    janitor = Janitor(Store(), sync=lambda: None, inline=True)  # type: ignore[arg-type]
+    janitor.submit([Job(kind="delete", keys=("a", "b"))])
+    assert janitor.deleting() == {"a", "b"} and janitor.watermark(9) == 9
+    (done,) = janitor.collect()
+    assert (done.deleted, done.refused, janitor.deleting()) == (1, 1, set())

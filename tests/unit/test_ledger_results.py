@@ -192,3 +192,54 @@ def test_a_failed_compaction_keeps_the_previous_log(tmp_path, monkeypatch):
     loaded = ProcessedSet()
     loaded.load(path)
     assert loaded.size() == 51
+
+
+def written_by_this_process() -> int:
+    """Bytes this process has handed to write() so far (the kernel's count)."""
+    with open("/proc/self/io") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("wchar:"))
+
+
+def test_a_checkpoint_writes_what_changed_in_the_backlog_and_a_restart_restores_it_whole(tmp_path):
+    from imgworker.ledger import LocalBackend
+    from imgworker.outcomes import IntakePosition
+
+    state, results = str(tmp_path / "state.json"), str(tmp_path / "results.jsonl")
+    backlog = [f"cam/person/task-{i % 64:03d}/20240101-{i // 1000:06d}.{i % 1000:03d}.jpg" for i in range(100_000)]
+    ledger = Ledger(state, results, LocalBackend())
+    ledger.start()
+    spent = []
+    for keys in (backlog, backlog, backlog[10:] + ["cam/new/1.jpg"]):
+        before = written_by_this_process()
+        ledger.save(0, ["p"], IntakePosition(events_ts_ns=7, checkpoints={"a/b": "k"}, backlog=keys))
+        spent.append(written_by_this_process() - before)
+    assert spent[0] > 100_000 * 40  # the whole backlog, once
+    assert spent[1] < 2_000  # unchanged: the small state file only
+    assert spent[2] < 2_000 + 11 * 80  # ten keys left, one came
+    restored = Ledger(state, results, LocalBackend()).start()
+    assert restored.intake.backlog == sorted(backlog[10:] + ["cam/new/1.jpg"])
+    assert (restored.intake.events_ts_ns, restored.intake.checkpoints, restored.pending) == (7, {"a/b": "k"}, ["p"])
+
+
+def test_backlog_log_is_cut_back_after_a_crash_and_compacted_when_it_churns(tmp_path, monkeypatch):
+    import imgworker.ledger as ledger_module
+    from imgworker.ledger import LocalBackend
+    from imgworker.outcomes import IntakePosition
+
+    monkeypatch.setattr(ledger_module, "_COMPACT_SLACK", 2)
+    state, results = str(tmp_path / "state.json"), str(tmp_path / "results.jsonl")
+    ledger = Ledger(state, results, LocalBackend())
+    ledger.start()
+    ledger.save(0, [], IntakePosition(backlog=["a", "b"]))
+    first = json.loads((tmp_path / "state.json").read_text())["backlog_log"]
+    with open(tmp_path / first, "ab") as f:
+        f.write(b'"c"\n{"left": "a"}\n')  # appended, then the crash came before the state file was replaced
+    again = Ledger(state, results, LocalBackend())
+    assert again.start().intake.backlog == ["a", "b"]
+    for n in range(6):  # churn: every checkpoint, one key left and one came
+        again.save(0, [], IntakePosition(backlog=["b", f"k{n}"]))
+    current = json.loads((tmp_path / "state.json").read_text())["backlog_log"]
+    assert current != first and not (tmp_path / first).exists()
+    assert Ledger(state, results, LocalBackend()).start().intake.backlog == ["b", "k5"]
+    again.save(0, [], IntakePosition(backlog=[]))
+    assert Ledger(state, results, LocalBackend()).start().intake.backlog == []
