@@ -16,6 +16,7 @@ in-memory store it drives the supervisor in tests without processes or servers.
 from __future__ import annotations
 
 import logging
+import random
 import time
 from collections.abc import Callable, Sequence
 from multiprocessing.connection import Connection, wait
@@ -290,17 +291,25 @@ class InlinePool:
 
     ``die_on(item)`` returning True makes that item's worker "die" holding it (an ``Exit``
     event, as if it had been SIGKILLed), so crash interleavings can be driven deterministically.
+
+    ``late`` (a seeded ``random.Random``) makes answers late, as a pipe does: an item is still run
+    at the first ``wait`` after it was sent, but its answer (or exit) is held for 0 to ``hold``
+    further calls and answers due together come in shuffled order. ``stop`` delivers what is held.
     """
 
     def __init__(self, count: int, process: Callable[[int, WorkItem], Reply],
-                 die_on: Callable[[WorkItem], bool] = lambda item: False) -> None:
+                 die_on: Callable[[WorkItem], bool] = lambda item: False, *, late: random.Random | None = None,
+                 hold: int = 3) -> None:
         self.count = count
         self.process = process
         self.die_on = die_on
+        self.late = late
+        self.hold = hold
         self.idle: list[int] = []
         self.held: dict[int, WorkItem] = {}
         self.sent: list[WorkItem] = []
         self.spawned = 0
+        self._answered: list[tuple[int, Event]] = []  # (waits still to hold it, event) for ``late``
 
     def start(self) -> None:
         for slot in range(self.count):
@@ -320,18 +329,37 @@ class InlinePool:
     def wait(self, timeout: float, extra: Sequence[Any]) -> tuple[list[Event], list[Any]]:
         events = [self._run(slot, item) for slot, item in sorted(self.held.items())]
         self.held.clear()
-        ready = wait(list(extra), 0 if events else min(timeout, 0.05)) if extra else []
+        if self.late is not None:
+            events = self._due(events)
+        ready = wait(list(extra), 0 if events or self._answered else min(timeout, 0.05)) if extra else []
         return events, list(ready)
+
+    def _due(self, answered: list[Event]) -> list[Event]:
+        """Hold each new answer for a random number of waits; return those due now, shuffled."""
+        assert self.late is not None
+        self._answered += [(self.late.randint(0, self.hold), event) for event in answered]
+        due = [event for waits, event in self._answered if waits == 0]
+        self._answered = [(waits - 1, event) for waits, event in self._answered if waits > 0]
+        self.late.shuffle(due)
+        return [self._deliver(event) for event in due]
 
     def _run(self, slot: int, item: WorkItem) -> Event:
         if self.die_on(item):
             return Exit(worker=slot, lanes=(slot,), code=-9, retiring=False)
-        self.idle.append(slot)
-        return Answer(slot=slot, reply=self.process(slot, item), dispatched_at=time.monotonic())
+        event = Answer(slot=slot, reply=self.process(slot, item), dispatched_at=time.monotonic())
+        return event if self.late is not None else self._deliver(event)
+
+    def _deliver(self, event: Event) -> Event:
+        if isinstance(event, Answer):
+            self.idle.append(event.slot)  # the lane is free once its answer is read, not before
+        return event
 
     def kill_overdue(self, now: float) -> float:
         return 0.0
 
     def stop(self, deadline: float) -> list[Event]:
+        """Answers still held are delivered (a stopping worker answers what it holds)."""
+        events = [event for _, event in self._answered]
+        self._answered.clear()
         self.idle.clear()
-        return []
+        return events

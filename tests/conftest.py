@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import os
-import random
 import secrets
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -114,20 +112,6 @@ def reap(proc: subprocess.Popen[str], timeout: float = 30) -> int:
         proc.kill()
         proc.wait()
         raise
-
-
-def kill_workers_at_random(proc: subprocess.Popen, rng: random.Random, *, most: int, every_s: float,
-                           within_s: float = 60.0) -> int:
-    """SIGKILL one of the run's worker processes, chosen by ``rng``, every ``every_s``; return how many."""
-    kills = 0
-    deadline = time.monotonic() + within_s
-    while proc.poll() is None and kills < most and time.monotonic() < deadline:
-        time.sleep(every_s)
-        victims = workers_of(proc.pid)
-        if victims:
-            rng.choice(victims).kill()
-            kills += 1
-    return kills
 
 
 def workers_of(pid: int) -> list[psutil.Process]:

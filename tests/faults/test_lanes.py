@@ -9,16 +9,20 @@ from __future__ import annotations
 
 import json
 import random
+import time
 from collections import Counter
 
+import psutil
 import pytest
 
 from imgworker.services.algo_server import AlgoService, SyntheticParams
 from imgworker.supervisor import Supervisor
 from imgworker.worker import frame, unframe
 from imgworker.pool import lanes_of
-from tests.conftest import cli_env, kill_workers_at_random, read_outcomes, reap, start_run, upload
-from tests.faults.test_far_end import SUCCESS, calls_under, drive, drive_after_warm_up, results_of
+from tests.conftest import cli_env, read_outcomes, reap, start_run, upload, workers_of
+from tests.faults.test_far_end import (SUCCESS, calls_under, count_results, drive, drive_after_warm_up,
+                                       kill_tree_leftovers, results_of)
+from tests.support.kills import kill_workers_at_progress
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -41,7 +45,9 @@ def test_random_sigkills_of_threaded_workers_lose_nothing(tmp_path, store_server
         proc = start_run(env, "run", "--workers", "2", "--threads", "4", "--until-idle", "--no-progress",
                          "--report-json", str(report), log_path=str(tmp_path / "log"))
         try:
-            kills = kill_workers_at_random(proc, random.Random(11), most=8, every_s=0.2)
+            # one kill per 20 result lines, the last at 160 of 200: every kill lands mid-run
+            kills = kill_workers_at_progress(proc, random.Random(11), kills=8, every=20,
+                                             progress=lambda: count_results(results_cfg(tmp_path)))
             assert reap(proc, 120) == 0, (tmp_path / "log").read_text()[-3000:]
         finally:
             if proc.poll() is None:
@@ -49,7 +55,7 @@ def test_random_sigkills_of_threaded_workers_lose_nothing(tmp_path, store_server
         calls = calls_under(service, prefix)
     data = json.loads(report.read_text())
     outcomes = read_outcomes(results_cfg(tmp_path))
-    assert kills >= 4
+    assert kills == 8
     assert sorted(outcomes) == sorted(keys)
     assert all(len(v) == 1 for v in outcomes.values()), "an image was counted twice"
     assert {v[0] for v in outcomes.values()} <= set(SUCCESS)
@@ -155,3 +161,50 @@ def test_an_image_stuck_beside_another_is_spared_at_most_once(make_config, store
         assert 1 <= calls.get(key, 0) <= cfg.worker.max_attempts + 1, (key, calls)
     assert {results[k].outcome.value for k in plain} <= set(SUCCESS)
     assert all(calls.get(k) == 1 for k in plain)
+
+
+def test_supervisor_sigkill_with_lanes_holding_long_calls_leaves_no_worker_behind(tmp_path, store_server, creds,
+                                                                                   store, prefix):
+    # Every lane is in a call that lasts longer than the test: a worker outlives its supervisor unless
+    # it dies with it (it cannot notice a closed pipe while its lanes wait on the service).
+    count, threads = 2, 4
+    lanes = count * threads
+    keys = [f"{prefix}p/cam-{i % 2}/20240101-120000.{i:03d}.jpg" for i in range(3 * lanes)]
+    upload(store, keys)
+    state = tmp_path / "s"
+    with AlgoService("synthetic", SyntheticParams(latency_ms=600_000.0, sigma=0.0)) as stuck, \
+            AlgoService("synthetic", SyntheticParams(latency_ms=20.0, sigma=0.0, detection_rate=0.5)) as quick:
+        env = cli_env(store_server, creds, IMGWORKER_STORE_PREFIX=prefix, IMGWORKER_RUN_STATE_DIR=str(state),
+                      IMGWORKER_RUN_CHECKPOINT_INTERVAL_S="0.5", IMGWORKER_ALGO_TIMEOUT_S="1200")
+        first = start_run({**env, "IMGWORKER_ALGO_ENDPOINT": stuck.endpoint}, "run", "--workers", str(count),
+                          "--threads", str(threads), "--no-progress", log_path=str(tmp_path / "first.log"))
+        orphans: list = []
+        try:
+            deadline = time.monotonic() + 60
+            while len(calls_under(stuck, prefix)) < lanes:
+                assert first.poll() is None and time.monotonic() < deadline, (tmp_path / "first.log").read_text()
+                time.sleep(0.05)
+            workers = workers_of(first.pid)
+            orphans = psutil.Process(first.pid).children(recursive=True)
+            assert len(workers) == count
+            first.kill()
+            first.wait(30)
+            _, alive = psutil.wait_procs(workers, timeout=30)  # generous: they should go at once
+            left = [f"{p.pid}" for p in alive]
+        finally:
+            if first.poll() is None:
+                first.kill()
+                first.wait()
+            stray = kill_tree_leftovers(orphans)
+        assert not left, f"worker processes outlived their SIGKILLed supervisor: {left} (also left: {stray})"
+        second = start_run({**env, "IMGWORKER_ALGO_ENDPOINT": quick.endpoint}, "run", "--workers", str(count),
+                           "--threads", str(threads), "--until-idle", "--no-progress",
+                           log_path=str(tmp_path / "second.log"))
+        assert reap(second, 120) == 0, (tmp_path / "second.log").read_text()[-3000:]
+        calls = Counter(calls_under(stuck, prefix)) + Counter(calls_under(quick, prefix))
+    outcomes = read_outcomes(results_cfg(tmp_path))
+    assert sorted(outcomes) == sorted(keys) and all(len(v) == 1 for v in outcomes.values())
+    assert {v[0] for v in outcomes.values()} <= set(SUCCESS)
+    twice = sorted(k for k in keys if calls[k] == 2)
+    assert all(1 <= calls[k] <= 2 for k in keys), calls
+    assert len(twice) <= lanes, f"{len(twice)} images called twice ({lanes} lanes could hold at most {lanes})"

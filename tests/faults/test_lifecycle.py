@@ -1,8 +1,12 @@
-"""Supervisor lifecycle with real signals: drain, force, restart after a clean stop and after SIGKILL."""
+"""Supervisor lifecycle with real signals: drain, force, restart after a clean stop and after SIGKILL.
+
+Besides the result lines, each test counts the POSTs the algorithm service received per image.
+"""
 
 from __future__ import annotations
 
 import json
+import os
 import signal
 import time
 
@@ -11,8 +15,11 @@ import pytest
 from imgworker.config import load_config
 from imgworker.services.algo_server import AlgoService, SyntheticParams
 from tests.conftest import cli_env, read_outcomes, reap, start_run, upload
+from tests.faults.test_far_end import calls_under
 
 pytestmark = pytest.mark.timeout(180)
+
+WORKERS = 4  # each run below: 4 processes of one lane, so at most 4 images are in flight at a stop
 
 
 @pytest.fixture(scope="module")
@@ -31,6 +38,19 @@ def setup(tmp_path, store_server, creds, store, prefix, slow_algo):
     return keys, env, cfg, tmp_path
 
 
+def calls_per_key(service: AlgoService, keys: list[str]) -> dict[str, int]:
+    """POSTs the service received for each of ``keys`` (0 for one it never saw)."""
+    calls = calls_under(service, os.path.commonprefix(keys))
+    return {key: calls.get(key, 0) for key in keys}
+
+
+def assert_in_flight_called_twice_at_most(calls: dict[str, int]) -> None:
+    """Every image was called; only what was in flight at the stop or crash was called again."""
+    assert all(1 <= n <= 2 for n in calls.values()), {k: n for k, n in calls.items() if not 1 <= n <= 2}
+    twice = sorted(k for k, n in calls.items() if n == 2)
+    assert len(twice) <= WORKERS, f"{len(twice)} images called twice ({WORKERS} lanes): {twice}"
+
+
 def wait_for_results(cfg, n: int, timeout: float = 30) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -45,16 +65,16 @@ def wait_for_results(cfg, n: int, timeout: float = 30) -> None:
 
 def finish(env, tmp_path, name):
     report = tmp_path / f"{name}.json"
-    proc = start_run(env, "run", "--workers", "4", "--until-idle", "--no-progress", "--report-json", str(report),
-                     log_path=str(tmp_path / f"{name}.log"))
+    proc = start_run(env, "run", "--workers", str(WORKERS), "--until-idle", "--no-progress", "--report-json",
+                     str(report), log_path=str(tmp_path / f"{name}.log"))
     assert reap(proc, 120) == 0, (tmp_path / f"{name}.log").read_text()[-3000:]
     return json.loads(report.read_text())
 
 
-def test_sigterm_drains_then_restart_resumes(setup):
+def test_sigterm_drains_then_restart_resumes(setup, slow_algo):
     keys, env, cfg, tmp_path = setup
     report_path = tmp_path / "first.json"
-    proc = start_run(env, "run", "--workers", "4", "--no-progress", "--report-json", str(report_path),
+    proc = start_run(env, "run", "--workers", str(WORKERS), "--no-progress", "--report-json", str(report_path),
                      log_path=str(tmp_path / "first.log"))
     wait_for_results(cfg, 4)
     proc.send_signal(signal.SIGTERM)
@@ -70,11 +90,13 @@ def test_sigterm_drains_then_restart_resumes(setup):
     assert all(len(v) == 1 for v in outcomes.values()), "an image was analysed twice"
     done_first = sum(first["outcomes"].values())
     assert second["scanned"] == len(keys) - done_first
+    calls = calls_per_key(slow_algo, keys)
+    assert all(n == 1 for n in calls.values()), {k: n for k, n in calls.items() if n != 1}
 
 
-def test_second_signal_forces_a_quick_exit_and_still_writes_state(setup):
+def test_second_signal_forces_a_quick_exit_and_still_writes_state(setup, slow_algo):
     keys, env, cfg, tmp_path = setup
-    proc = start_run(env, "run", "--workers", "4", "--no-progress", log_path=str(tmp_path / "first.log"))
+    proc = start_run(env, "run", "--workers", str(WORKERS), "--no-progress", log_path=str(tmp_path / "first.log"))
     wait_for_results(cfg, 2)
     proc.send_signal(signal.SIGINT)
     time.sleep(0.05)
@@ -87,11 +109,12 @@ def test_second_signal_forces_a_quick_exit_and_still_writes_state(setup):
     outcomes = read_outcomes(cfg)
     assert sorted(outcomes) == sorted(keys)
     assert all(len(v) == 1 for v in outcomes.values())
+    assert_in_flight_called_twice_at_most(calls_per_key(slow_algo, keys))
 
 
-def test_restart_after_supervisor_sigkill_analyses_nothing_twice(setup):
+def test_restart_after_supervisor_sigkill_analyses_nothing_twice(setup, slow_algo):
     keys, env, cfg, tmp_path = setup
-    proc = start_run(env, "run", "--workers", "4", "--no-progress", log_path=str(tmp_path / "first.log"))
+    proc = start_run(env, "run", "--workers", str(WORKERS), "--no-progress", log_path=str(tmp_path / "first.log"))
     wait_for_results(cfg, 10)
     proc.send_signal(signal.SIGKILL)
     proc.wait(10)
@@ -100,3 +123,4 @@ def test_restart_after_supervisor_sigkill_analyses_nothing_twice(setup):
     assert sorted(outcomes) == sorted(keys)
     assert all(len(v) == 1 for v in outcomes.values()), "a result line was duplicated after the crash"
     assert second["scanned"] < len(keys)
+    assert_in_flight_called_twice_at_most(calls_per_key(slow_algo, keys))

@@ -12,7 +12,9 @@ import pytest
 
 from imgworker.services.algo_server import AlgoService, SyntheticParams
 from imgworker.supervisor import Supervisor
-from tests.conftest import cli_env, kill_workers_at_random, read_outcomes, reap, start_run, upload, workers_of
+from tests.conftest import cli_env, read_outcomes, reap, start_run, upload, workers_of
+from tests.faults.test_far_end import count_results
+from tests.support.kills import kill_workers_at_progress
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -32,7 +34,9 @@ def test_random_sigkills_lose_nothing(tmp_path, store_server, creds, store, pref
     proc = start_run(env, "run", "--workers", "8", "--until-idle", "--no-progress", "--report-json", str(report),
                      log_path=str(tmp_path / "log"))
     try:
-        kills = kill_workers_at_random(proc, random.Random(7), most=15, every_s=0.15)
+        # one kill per 15 result lines, the last at 225 of 300: every kill lands mid-run
+        kills = kill_workers_at_progress(proc, random.Random(7), kills=15, every=15,
+                                         progress=lambda: count_results(_cfg(tmp_path)))
         assert reap(proc, 90) == 0, (tmp_path / "log").read_text()[-3000:]
     finally:
         if proc.poll() is None:
@@ -41,7 +45,7 @@ def test_random_sigkills_lose_nothing(tmp_path, store_server, creds, store, pref
 
     data = json.loads(report.read_text())
     outcomes = read_outcomes(_cfg(tmp_path))
-    assert kills >= 8
+    assert kills == 15
     assert sorted(outcomes) == sorted(keys)
     assert all(len(v) == 1 for v in outcomes.values()), "an image was counted twice"
     assert data["conserved"] and data["scanned"] == 300

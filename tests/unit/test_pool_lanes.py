@@ -134,3 +134,37 @@ def test_no_kill_while_an_answer_is_waiting_to_be_read():
     assert [e.reply.result.key for e in events if isinstance(e, Answer)] == ["late.jpg"]
     pool.kill_overdue(time.monotonic())
     assert not worker.process.killed, "the overdue lane answered: nothing left to kill for"
+
+
+def test_a_dead_process_s_answers_come_before_its_exit_and_none_is_dropped():
+    pool = pool_of(3)
+    worker, theirs = stand_in(pool, (0, 1, 2), alive=False)  # exited: its sentinel is ready
+    worker.busy = {0: time.monotonic(), 1: time.monotonic(), 2: time.monotonic()}
+    theirs.send_bytes(frame(0, reply("a.jpg")))
+    theirs.send_bytes(frame(2, reply("c.jpg")))  # lane 1 died holding its image
+    theirs.close()
+    events, _ = pool.wait(0.5, [])
+    assert [type(e).__name__ for e in events] == ["Answer", "Answer", "Exit"], events
+    assert sorted(e.reply.result.key for e in events if isinstance(e, Answer)) == ["a.jpg", "c.jpg"]
+    assert events[-1].lanes == (0, 1, 2) and pool.workers == {}
+
+
+def test_late_inline_answers_are_held_across_waits_and_reordered():
+    from random import Random
+
+    from imgworker.outcomes import ImageRef, WorkItem
+    from imgworker.pool import InlinePool
+
+    def process(slot: int, item: WorkItem) -> Reply:
+        return Reply(result=Result(key=item.ref.key, outcome=Outcome.NO_DETECTION))
+
+    pool = InlinePool(8, process, late=Random(3))
+    pool.start()
+    for slot in range(8):
+        pool.send(pool.idle.pop(), WorkItem(ref=ImageRef(key=f"{slot}.jpg", task_type="p", task_id="t")))
+    per_wait = [[e.reply.result.key for e in pool.wait(0, [])[0] if isinstance(e, Answer)] for _ in range(5)]
+    delivered = [key for keys in per_wait for key in keys]
+    assert sorted(delivered) == sorted(f"{slot}.jpg" for slot in range(8))  # all of them, once each
+    assert len([keys for keys in per_wait if keys]) > 1, "every answer came in one wait"
+    assert delivered != sorted(delivered), "answers came in lane order"
+    assert len(pool.idle) == 8

@@ -6,7 +6,9 @@ objects left in the in-memory bucket, the lines in the results file.
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import random
 from collections import Counter
 from typing import Any
 
@@ -16,6 +18,7 @@ from imgworker.config import Config, load_config
 from imgworker.errors import AlreadyRunning, StateError
 from imgworker.memstore import MemoryAlgo, MemoryStore
 from imgworker.outcomes import WorkItem
+from imgworker.pool import Exit, InlinePool
 from imgworker.results import read_results
 from imgworker.supervisor import Supervisor, memory_parts
 
@@ -48,9 +51,23 @@ def outcomes(cfg: Config) -> dict[str, str]:
     return {r.key: r.outcome.value for r in read_results(cfg.results_path)}
 
 
-def supervisor(cfg: Config, store: MemoryStore, algo: MemoryAlgo, **kwargs: Any) -> Supervisor:
+def supervisor(cfg: Config, store: MemoryStore, algo: MemoryAlgo, *, late: int | None = None,
+               **kwargs: Any) -> Supervisor:
+    """A supervisor on in-memory parts; ``late`` (a seed) holds answers across steps and reorders them."""
     die_on = kwargs.pop("die_on", lambda item: False)
-    return Supervisor(cfg, show_progress=False, parts=memory_parts(cfg, store, algo, die_on=die_on), **kwargs)
+    parts = memory_parts(cfg, store, algo, die_on=die_on)
+    if late is not None:
+        prompt = parts.pool
+        assert isinstance(prompt, InlinePool)
+        parts = dataclasses.replace(parts, pool=InlinePool(prompt.count, prompt.process, die_on,
+                                                           late=random.Random(late)))
+    return Supervisor(cfg, show_progress=False, parts=parts, **kwargs)
+
+
+@pytest.fixture(params=[None, 1, 2], ids=["prompt", "late-1", "late-2"])
+def late(request: pytest.FixtureRequest) -> int | None:
+    """Answers delivered in the step they are run, or held for a few steps and reordered (seeded)."""
+    return request.param
 
 
 def crash(sup: Supervisor) -> None:
@@ -61,37 +78,37 @@ def crash(sup: Supervisor) -> None:
         sup.journal._fd = None
 
 
-def test_every_image_one_outcome_and_one_call(tmp_path):
+def test_every_image_one_outcome_and_one_call(tmp_path, late):
     cfg = config(tmp_path)
     store = MemoryStore()
     keys = fill(store, ["p/a", "p/b"], 5)
     algo = MemoryAlgo(store, detections=lambda path: int(path.endswith("1.jpg")))
-    report = supervisor(cfg, store, algo).run()
+    report = supervisor(cfg, store, algo, late=late).run()
     assert report.conserved and report.scanned == 10
     assert lines(cfg) == Counter(keys) and algo.calls == Counter(keys)
 
 
-def test_crash_after_results_were_written_analyses_nothing_twice(tmp_path):
+def test_crash_after_results_were_written_analyses_nothing_twice(tmp_path, late):
     cfg = config(tmp_path, worker={"count": 1})
     store = MemoryStore()
     keys = fill(store, ["p/a"], 8)
     algo = MemoryAlgo(store)
-    first = supervisor(cfg, store, algo)
+    first = supervisor(cfg, store, algo, late=late)
     first.start()
     while len(lines(cfg)) < 4:
         first.step()
     crash(first)  # no checkpoint was ever written: only the results journal survives
-    supervisor(cfg, store, algo).run()
+    supervisor(cfg, store, algo, late=late).run()
     assert lines(cfg) == Counter(keys)
     assert algo.calls == Counter(keys)
 
 
-def test_crash_before_delete_action_redoes_it_and_keeps_the_real_outcome(tmp_path):
+def test_crash_before_delete_action_redoes_it_and_keeps_the_real_outcome(tmp_path, late):
     cfg = config(tmp_path, worker={"count": 1}, actions={"delete_no_detection": True})
     store = MemoryStore()
     keys = fill(store, ["p/a"], 6)
     algo = MemoryAlgo(store)
-    first = supervisor(cfg, store, algo)
+    first = supervisor(cfg, store, algo, late=late)
     first.start()
     assert first.janitor is not None
     first.janitor.collect = lambda: []  # type: ignore[method-assign]  # crash before any delete ran
@@ -100,12 +117,12 @@ def test_crash_before_delete_action_redoes_it_and_keeps_the_real_outcome(tmp_pat
     first.checkpoint()  # the watermark stays at the first line whose delete is not done
     crash(first)
     assert all(key in store for key in keys)
-    supervisor(cfg, store, algo).run()
+    supervisor(cfg, store, algo, late=late).run()
     assert outcomes(cfg) == {key: "no_detection" for key in keys}
     assert len(store) == 0 and algo.calls == Counter(keys)
 
 
-def test_result_line_is_written_before_the_image_is_deleted(tmp_path):
+def test_result_line_is_written_before_the_image_is_deleted(tmp_path, late):
     cfg = config(tmp_path, actions={"delete_no_detection": True})
     store = MemoryStore()
     keys = fill(store, ["p/a", "p/b"], 4)
@@ -119,17 +136,93 @@ def test_result_line_is_written_before_the_image_is_deleted(tmp_path):
         return real_delete(batch)
 
     store.delete = delete  # type: ignore[method-assign]
-    supervisor(cfg, store, MemoryAlgo(store)).run()
+    supervisor(cfg, store, MemoryAlgo(store), late=late).run()
     assert len(seen_at_delete) == len(keys) and all(seen_at_delete)
 
 
-def test_cleaner_never_deletes_an_image_whose_alert_copy_is_pending(tmp_path):
+def test_power_loss_after_a_delete_batch_leaves_no_image_deleted_without_its_line(tmp_path, late):
+    """Durable before destructive: cut the results file back to what was fsynced when the last delete
+    batch was sent (a power loss right after it), restart, and count what the bucket lost."""
+    cfg = config(tmp_path, actions={"delete_no_detection": True})
+    store = MemoryStore()
+    keys = fill(store, ["p/a", "p/b"], 6)
+    algo = MemoryAlgo(store)
+    first = supervisor(cfg, store, algo, late=late)
+    first.start()
+    assert first.janitor is not None
+    fsynced = [0]
+    real_sync = first.janitor.sync
+
+    def sync() -> object:
+        fsynced[0] = real_sync()  # type: ignore[assignment]
+        return fsynced[0]
+
+    first.janitor.sync = sync
+    durable_at_delete: list[int] = []
+    real_delete = store.delete
+
+    def delete(batch: Any) -> list[str]:
+        durable_at_delete.append(fsynced[0])
+        return real_delete(batch)
+
+    store.delete = delete  # type: ignore[method-assign]
+    while len(store) > 6:  # some images were deleted, others are still to be analysed
+        first.step()
+    crash(first)
+    store.delete = real_delete  # type: ignore[method-assign]
+    with open(cfg.results_path, "r+b") as f:
+        f.truncate(durable_at_delete[-1])  # what was not fsynced is lost with the power
+    supervisor(cfg, store, algo, late=late).run()
+    written = outcomes(cfg)
+    deleted_without_line = sorted(k for k in keys if k not in store and k not in written)
+    assert not deleted_without_line, f"deleted, but their result line was not on disk: {deleted_without_line}"
+    assert set(written.values()) == {"no_detection"}, written
+    assert lines(cfg) == Counter(keys) and len(store) == 0
+
+
+def test_an_image_is_spared_once_when_killed_for_another_lane_s_deadline(tmp_path):
+    cfg = config(tmp_path, worker={"count": 2, "max_attempts": 1})
+    store = MemoryStore()
+    sup = supervisor(cfg, store, MemoryAlgo(store))
+    sup.start()
+    try:
+        key = "p/a/20240101-000000.000.jpg"
+        sup.dispatch.append(WorkItem(ref=sup_ref(key)))
+        killed_for_lane_0 = Exit(worker=0, lanes=(0, 1), code=-9, retiring=False, overdue=(0,))
+        for _ in range(2):  # its process is killed twice for the other lane's deadline
+            assert sup.dispatch.take(1) is not None
+            sup._on_exit(killed_for_lane_0)
+        assert outcomes(cfg) == {key: "failed_worker"}, "spared more than once: its attempts never run out"
+        assert [r.cause for r in read_results(cfg.results_path)] == ["deadline_of_another_lane"]
+        assert sup.dispatch.pending == 0 and sup.dispatch.in_flight == 0
+    finally:
+        sup.request_stop("test", force=True)
+        sup.shutdown()
+
+
+def test_a_results_file_shorter_than_the_checkpoint_is_refused_at_start(tmp_path):
+    cfg = config(tmp_path)
+    store = MemoryStore()
+    fill(store, ["p/a"], 6)
+    supervisor(cfg, store, MemoryAlgo(store)).run()  # ends with a checkpoint at the end of the results
+    size = os.path.getsize(cfg.results_path)
+    with open(cfg.results_path, "r+b") as f:
+        f.truncate(size // 2)
+    algo = MemoryAlgo(store)
+    with pytest.raises(StateError, match="is shorter") as refused:
+        supervisor(cfg, store, algo).start()
+    assert "imgworker repair" in str(refused.value)
+    assert refused.value.exit_code == 7 and not algo.calls
+    supervisor(cfg, store, MemoryAlgo(store)).lock.acquire()  # a refused start leaves no lock behind
+
+
+def test_cleaner_never_deletes_an_image_whose_alert_copy_is_pending(tmp_path, late):
     cfg = config(tmp_path, actions={"copy_alerts": True},
                  retention={"enabled": True, "max_count": 1, "protect": "queued"})
     store = MemoryStore()
     keys = fill(store, ["p/a"], 5)
     algo = MemoryAlgo(store, detections=lambda path: 1)
-    sup = supervisor(cfg, store, algo)
+    sup = supervisor(cfg, store, algo, late=late)
     sup.start()
     assert sup.janitor is not None
     held_back = sup.janitor.collect
@@ -149,22 +242,22 @@ def test_cleaner_never_deletes_an_image_whose_alert_copy_is_pending(tmp_path):
     assert outcomes(cfg) == {key: "inferred" for key in keys}
 
 
-def test_unexpected_exception_is_one_outcome_and_one_call(tmp_path):
+def test_unexpected_exception_is_one_outcome_and_one_call(tmp_path, late):
     cfg = config(tmp_path)
     store = MemoryStore()
     keys = fill(store, ["p/a"], 4)
     algo = MemoryAlgo(store, fail=lambda path: RuntimeError("bug") if path == keys[1] else None)
-    report = supervisor(cfg, store, algo).run()
+    report = supervisor(cfg, store, algo, late=late).run()
     assert outcomes(cfg)[keys[1]] == "failed_algo"
     assert [r.cause for r in read_results(cfg.results_path) if r.key == keys[1]] == ["internal_error"]
     assert algo.calls[keys[1]] == 1 and report.worker_restarts == 0
 
 
-def test_worker_death_retries_then_fails_the_item(tmp_path):
+def test_worker_death_retries_then_fails_the_item(tmp_path, late):
     cfg = config(tmp_path, worker={"count": 1, "max_attempts": 2})
     store = MemoryStore()
     keys = fill(store, ["p/a"], 3)
-    sup = supervisor(cfg, store, MemoryAlgo(store), die_on=lambda item: item.ref.key == keys[0])
+    sup = supervisor(cfg, store, MemoryAlgo(store), late=late, die_on=lambda item: item.ref.key == keys[0])
     report = sup.run()
     assert outcomes(cfg)[keys[0]] == "failed_worker" and report.retries == 1
     assert [r.cause for r in read_results(cfg.results_path) if r.key == keys[0]] == ["worker_died_exit_-9"]
@@ -223,12 +316,12 @@ def sup_ref(key: str) -> Any:
     return ImageRef(key=key, task_type="p", task_id="a")
 
 
-def test_full_queue_takes_directories_in_turn_and_keeps_cleaning(tmp_path):
+def test_full_queue_takes_directories_in_turn_and_keeps_cleaning(tmp_path, late):
     cfg = config(tmp_path, worker={"count": 1}, dispatch={"queue_capacity": 2},
                  retention={"enabled": True, "max_count": 3, "protect": "lease"})
     store = MemoryStore()
     fill(store, ["p/a", "p/b", "p/c", "p/d"], 6)
-    sup = supervisor(cfg, store, MemoryAlgo(store))
+    sup = supervisor(cfg, store, MemoryAlgo(store), late=late)
     sup.start()
     try:
         while sup.cleaner.passes < 1:
@@ -242,12 +335,12 @@ def test_full_queue_takes_directories_in_turn_and_keeps_cleaning(tmp_path):
     assert sum(1 for _ in read_results(cfg.results_path)) == len(lines(cfg))
 
 
-def test_until_idle_waits_for_a_sweep_that_began_after_intake_ended(tmp_path):
+def test_until_idle_waits_for_a_sweep_that_began_after_intake_ended(tmp_path, late):
     cfg = config(tmp_path)
     store = MemoryStore()
     fill(store, ["p/a"], 2)
     uploading = [True]
-    sup = supervisor(cfg, store, MemoryAlgo(store), intake_done=lambda: not uploading[0])
+    sup = supervisor(cfg, store, MemoryAlgo(store), late=late, intake_done=lambda: not uploading[0])
     sup.start()
     try:
         for _ in range(20):

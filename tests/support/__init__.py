@@ -1,0 +1,1 @@
+"""Helpers shared by process tests (beside the server fixtures of tests/conftest.py)."""
