@@ -106,18 +106,41 @@ class ChildHandle:
         """The next message if one is buffered; EOFError/OSError if the child is gone."""
         return self.conn.recv_bytes() if self.conn.poll() else None
 
-    def stop(self, timeout: float = 2.0) -> None:
-        """Tell it to stop, drain the pipe meanwhile (a blocked send must finish), kill it after ``timeout``."""
+    def decode(self, data: bytes) -> Any:
+        """One message as ``stop`` hands it to its ``on_message`` (here the bytes)."""
+        return data
+
+    def stop(self, timeout: float = 2.0, on_message: Callable[[Any], None] | None = None) -> None:
+        """Tell it to stop, read its pipe to the end meanwhile (a blocked send must finish), kill it after ``timeout``.
+
+        Every message read goes, decoded, to ``on_message`` (without one it is dropped): what the child sent
+        before it left, or before it died, stays in the pipe until read, and the pipe ends (EOF) only
+        once the process is gone, so nothing it sent is lost here.
+        """
         try:
             self.conn.send_bytes(STOP)
         except OSError:
             pass
         deadline = time.monotonic() + timeout
-        while self.process.is_alive() and time.monotonic() < deadline:
+        try:
             try:
-                while self.conn.poll(0.05):
-                    self.conn.recv_bytes()
-            except (EOFError, OSError):
-                break
-        stop_processes([self.process], deadline)
-        self.conn.close()
+                while self.process.is_alive() and time.monotonic() < deadline:
+                    if not self._read_buffered(on_message, 0.05):
+                        break
+            finally:
+                stop_processes([self.process], deadline)  # always reaped, even if on_message failed
+            self._read_buffered(on_message, 0.0)  # what it sent just before it ended
+        finally:
+            self.conn.close()
+
+    def _read_buffered(self, on_message: Callable[[Any], None] | None, wait_s: float) -> bool:
+        """Hand over every message in the pipe (waiting up to ``wait_s`` for the first); False at its end."""
+        try:
+            while self.conn.poll(wait_s):
+                data = self.conn.recv_bytes()
+                wait_s = 0.0
+                if on_message is not None:
+                    on_message(self.decode(data))
+        except (EOFError, OSError):
+            return False
+        return True

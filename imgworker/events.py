@@ -8,11 +8,21 @@ The watcher process runs one source and sends ``EventBatch`` messages to the sup
 one ``WatcherReady`` at start. Each batch carries ``ts_ns``, the position to resume from: every
 event up to it has been sent, in this batch or an earlier one. The SeaweedFS source resumes from
 a position with ``-timeAgo`` and overlaps by ``OVERLAP_NS``, so an event may arrive twice (the
-supervisor's processed set absorbs repeats); when only events it does not want went by, it sends an
-empty batch now and then so the position moves on. A webhook source answers MinIO 200 only once
-the batch is in the pipe: what it did not acknowledge, MinIO (with ``queue_dir``) sends again. The
-NATS source acknowledges messages only after their batch is in the pipe, and its durable consumer
-keeps the position across restarts.
+supervisor's processed set absorbs repeats, and keeps a finished key while a replay can reach it);
+when only events it does not want went by, or none for ``QUIET_S``, it sends an empty batch now and
+then so the position moves on.
+
+Acknowledged means durable. MinIO never sends an acknowledged event again, so a webhook answers
+200, and the NATS source acks, only once the batch is in the pipe; the supervisor reads the pipe
+to its end in every case, into the backlog that its checkpoint saves:
+  - stop: the supervisor sends STOP; the source stops acknowledging first (the webhook answers 503
+    to every later POST, which MinIO keeps in its ``queue_dir`` and sends again; NATS naks what it
+    fetched but could not put in the pipe), the SeaweedFS source sends what its batcher holds; the
+    process exits, and ``Watcher.stop`` hands every message read until the pipe ends to its caller;
+  - death: what a dead watcher sent is read the same way before it is replaced;
+  - crash of the supervisor: events acknowledged before a checkpoint are covered by the start-up
+    full listing (the first sweep after every start lists the whole prefix).
+What was not acknowledged, MinIO (with ``queue_dir``) or JetStream sends again.
 
 Keys are exactly the S3 keys. SeaweedFS's S3 gateway keeps multipart parts under the bucket's
 ``.uploads/`` folder; those are not objects and are skipped. Deletes and directories are skipped.
@@ -58,6 +68,9 @@ MAX_BATCH_EVENTS = 256
 MAX_BATCH_WAIT_S = 0.05
 PROGRESS_INTERVAL_S = 1.0  # an empty batch that only moves the resume position, at most this often
 OVERLAP_NS = 2_000_000_000  # replay this much before the resume position: clock skew, the tool's start-up
+#: the tool running and silent this long: every event older than that has come (it sends in time order),
+#: so the resume position moves to now less this, and a restart does not replay old events of an idle bucket
+QUIET_S = 10.0
 RESTART_BACKOFF_S = (0.5, 10.0)  # first wait and cap before the tail tool is started again
 MAX_WEBHOOK_BODY = 16 << 20
 _UPLOADS_DIR = ".uploads/"  # SeaweedFS's multipart staging folder inside a bucket
@@ -324,21 +337,29 @@ class Batcher:
 
 
 class _Pipe:
-    """The watcher's end of the pipe: sends from several threads, one at a time."""
+    """The watcher's end of the pipe: sends from several threads, one at a time, until ``stop_sending``."""
 
     def __init__(self, conn: Connection) -> None:
         self.conn = conn
         self.lock = threading.Lock()
+        self.open = True
 
     def send(self, message: WatcherMessage) -> bool:
-        """False once the supervisor is gone."""
+        """False once the supervisor is gone or the stop began: then the message is not in the pipe."""
         data = _encoder.encode(message)
         with self.lock:
+            if not self.open:
+                return False
             try:
                 self.conn.send_bytes(data)
                 return True
             except OSError:
                 return False
+
+    def stop_sending(self) -> None:
+        """Refuse every later send; a send under way finishes first (its message is in the pipe)."""
+        with self.lock:
+            self.open = False
 
     def wait_for_stop(self) -> None:
         """Block until the supervisor says stop or goes away."""
@@ -395,7 +416,11 @@ def _die_with_watcher() -> None:
 
 
 class SeaweedFeed:
-    """Tails the filer's metadata log: one inbox item per ``step``, restarts the tool with backoff."""
+    """Tails the filer's metadata log: one inbox item per ``step``, restarts the tool with backoff.
+
+    While the bucket is idle the position still moves: after ``QUIET_S`` without an object from a
+    running tool, it becomes now less ``QUIET_S``. At a stop, what the batcher holds is sent first.
+    """
 
     def __init__(self, cfg: Config, source: WatchSource, since_ns: int, send: Callable[[WatcherMessage], bool],
                  inbox: queue.Queue[object], *, wall_ns: Callable[[], int] = time.time_ns) -> None:
@@ -408,27 +433,39 @@ class SeaweedFeed:
         self.tail: TailProcess | None = None
         self.restart_at = 0.0
         self.backoff_s = RESTART_BACKOFF_S[0]
+        self.heard_at = 0.0  # when the running tool last sent an object, or started
 
     def timeout(self, now: float) -> float | None:
         """How long the next ``inbox.get`` may wait."""
-        deadlines = [d for d in (self.batcher.deadline, None if self.tail else self.restart_at) if d is not None]
-        return max(0.0, min(deadlines) - now) if deadlines else None
+        quiet_end = self.heard_at + QUIET_S if self.tail else self.restart_at
+        deadlines = [d for d in (self.batcher.deadline, quiet_end) if d is not None]
+        return max(0.0, min(deadlines) - now)
 
     def step(self, item: object, now: float) -> bool:
         """Handle one inbox item (None: a timeout); False once told to stop or the supervisor is gone."""
         if item is _STOPPING:
+            self._flush()
             return False
         if item is _TAIL_ENDED:
             self._tail_ended(now)
         elif isinstance(item, bytes):
             self._take(item, now)
         if self.tail is None and now >= self.restart_at:
-            self._start_tail()
+            self._start_tail(now)
+        elif self.tail is not None and now >= self.heard_at + QUIET_S:
+            self.heard_at = now
+            self.batcher.add(None, self.wall_ns() - int(QUIET_S * 1e9), now)
         if self.batcher.due(now):
             return self.send(self.batcher.take())
         return True
 
+    def _flush(self) -> None:
+        """Send what the batcher holds (and its position): the supervisor reads the pipe to its end."""
+        if self.batcher.events or self.batcher.ts_ns > self.batcher.sent_ts_ns:
+            self.send(self.batcher.take())
+
     def _take(self, obj: bytes, now: float) -> None:
+        self.heard_at = now
         try:
             meta = decode_meta(obj)
         except EventError as exc:
@@ -437,7 +474,8 @@ class SeaweedFeed:
         change = seaweed_change(meta, self.cfg.store.bucket)
         self.batcher.add(change if change is not None and wanted(change, self.cfg) else None, meta.tsNs, now)
 
-    def _start_tail(self) -> None:
+    def _start_tail(self, now: float) -> None:
+        self.heard_at = now
         command = tail_command(filer=self.source.filer, bucket=self.cfg.store.bucket, prefix=self.cfg.store.prefix,
                                since_ns=self.batcher.ts_ns, now_ns=self.wall_ns())
         log.debug("starting %s", " ".join(command[1:]))
@@ -499,7 +537,12 @@ class _WebhookServer(ThreadingHTTPServer):
         return not self.expected or hmac.compare_digest(header.encode(), self.expected.encode())
 
     def deliver(self, body: bytes) -> int:
-        """The HTTP status for one notification body: 200 only once its wanted events are in the pipe."""
+        """The HTTP status for one notification body: 200 only once its wanted events are in the pipe.
+
+        503 once the stop began: MinIO keeps the event in its ``queue_dir`` and sends it again later.
+        """
+        if not self.pipe.open:
+            return 503
         try:
             events = [e for e in parse_minio(body, self.cfg.store.bucket) if wanted(e, self.cfg)]
         except EventError as exc:
@@ -558,6 +601,7 @@ def run_webhook(cfg: Config, pipe: _Pipe, source: WatchSource) -> None:
             log.info("webhook listening on %s:%d", source.host, server.server_address[1])
             pipe.wait_for_stop()
     finally:
+        pipe.stop_sending()  # from here every POST is answered 503 (or finds no server): nothing more is acknowledged
         server.shutdown()
         server.server_close()
 
@@ -594,6 +638,7 @@ class NatsFeed:
 
         def listen() -> None:
             self.pipe.wait_for_stop()
+            self.pipe.stop_sending()  # nothing is acknowledged any more unless its batch is already in the pipe
             with contextlib.suppress(RuntimeError):  # the loop already closed
                 loop.call_soon_threadsafe(stop.set)
 
@@ -650,7 +695,11 @@ class NatsFeed:
                               opt_start_time=start)
 
     async def deliver(self, messages: list[Any]) -> None:
-        """Send the wanted events of ``messages`` as one batch; then ack them (a malformed one is dropped)."""
+        """Send the wanted events of ``messages`` as one batch; then ack them (a malformed one is dropped).
+
+        A batch the pipe refused (the stop began, or the supervisor is gone) is not acknowledged: its
+        messages are naked, so the durable consumer hands them out again at once.
+        """
         import asyncio
 
         wanted_events: list[ChangeEvent] = []
@@ -665,9 +714,20 @@ class NatsFeed:
             batch = EventBatch(events=wanted_events, ts_ns=max(e.ts_ns for e in wanted_events))
             if not await asyncio.to_thread(self.pipe.send, batch):  # a full pipe must not stall the client
                 self.gone = True
-                return  # not acknowledged: the next consumer gets them again
+                await _nak(messages)
+                return
         for message in messages:
             await (message.term() if id(message) in malformed else message.ack())
+
+
+async def _nak(messages: list[Any]) -> None:
+    """Hand ``messages`` back to the consumer; one that cannot be naked comes again after its ack wait."""
+    for message in messages:
+        try:
+            await message.nak()
+        except Exception as exc:  # nats-py raises many kinds; the connection may be going
+            log.debug("could not nak a NATS message: %s", exc or type(exc).__name__)
+            return
 
 
 async def _unless_stopped(work: Awaitable[_T], stop: asyncio.Event) -> _T | None:
@@ -741,4 +801,8 @@ class Watcher(ChildHandle):
     def poll(self) -> WatcherMessage | None:
         """The next message if one is buffered; EOFError/OSError if the watcher is gone."""
         data = self.receive()
-        return None if data is None else _decoder.decode(data)
+        return None if data is None else self.decode(data)
+
+    def decode(self, data: bytes) -> WatcherMessage:
+        """One message, as ``poll`` and ``stop`` hand it over (``stop`` reads the pipe to its end)."""
+        return _decoder.decode(data)

@@ -5,7 +5,10 @@ they go to the backlog at once, and a sweep (a reconciliation listing) runs ever
 ``scan.reconcile_interval_s`` to find whatever the events missed: the listing stays the source of
 truth, the events make it rare. The position in the event stream is checkpointed (the oldest
 event-found image still in the backlog, else the last event handled), so after a restart the
-watcher resumes without a gap; a watcher that dies is restarted from that position. When intake
+watcher resumes without a gap; a watcher that dies is restarted from that position. What a watcher
+sent (it acknowledged it to the store) is never dropped: it is read while draining too, and a dead
+or stopped watcher's pipe is read to its end into the backlog, which the final checkpoint saves
+(see events.py). When intake
 is declared done (the demo's cameras stopped), one reconciliation listing runs at once.
 
 With ``scan.reconcile = "incremental"`` (keys time-ordered within each ``<task_type>/<task_id>/``),
@@ -50,7 +53,7 @@ class EventSource(Protocol):
     def alive(self) -> bool: ...
     def exitcode(self) -> int | None: ...
     def poll(self) -> Any: ...
-    def stop(self, timeout: float = ...) -> None: ...
+    def stop(self, timeout: float = ..., on_message: Callable[[Any], None] | None = ...) -> None: ...
 
 
 class ListingSource(Protocol):
@@ -227,14 +230,14 @@ class Intake:
     # ----- one step ------------------------------------------------------------------
 
     def step(self, *, draining: bool) -> SweepEnd | None:
-        """Check the lister, start a sweep when due, read a bounded number of pages."""
+        """Read the watcher, check the lister, start a sweep when due, read a bounded number of pages."""
+        self._restart_watcher(draining=draining)
+        if self.watcher is not None:  # also while draining and after a lister death: what it sent is acknowledged
+            self._watch(draining=draining)
         if self.lister is None:
             return None
         if not self.lister.alive():
             return self._lister_died(draining=draining)
-        self._restart_watcher(draining=draining)
-        if self.watcher is not None:
-            self._watch(draining=draining)
         if not self._intake_was_done and self.make_watcher is not None and self.intake_done():
             self._intake_was_done = True
             self.next_sweep = 0.0  # intake ended: reconcile now rather than at the next interval
@@ -353,8 +356,11 @@ class Intake:
                 return
             if message is None:
                 return
-            if hasattr(message, "events"):
-                self._on_events(message.events, message.ts_ns)
+            self._on_message(message)
+
+    def _on_message(self, message: Any) -> None:
+        if hasattr(message, "events"):  # an EventBatch (WatcherReady says only that it started)
+            self._on_events(message.events, message.ts_ns)
 
     def _on_events(self, events: list[Any], ts_ns: int) -> None:
         """New objects from the store's change stream go to the backlog, as a listing page would."""
@@ -371,14 +377,14 @@ class Intake:
         self._watcher_failures = 0
 
     def _watcher_died(self, *, draining: bool) -> None:
-        """Restart the watcher from the last event handled (the backlog is in memory), with backoff."""
+        """Take what it sent, then restart it from the last event handled (the backlog is in memory), with backoff."""
         assert self.watcher is not None
         self._watcher_failures += 1
         delay = min(30.0, 0.5 * 2 ** min(self._watcher_failures - 1, 6))
         self._watcher_restart_at = self.clock() + delay
         log.warning("the event watcher exited (exit code %s)%s", self.watcher.exitcode(),
                     "" if draining else f"; starting a new one in {delay:.1f} s from the last position")
-        self.watcher.stop(0.0)
+        self.watcher.stop(0.0, on_message=self._on_message)  # its pipe read to the end: it acknowledged those
         self.watcher = None  # a dead process's sentinel stays ready: never wait on it
 
     def _restart_watcher(self, *, draining: bool) -> None:
@@ -417,9 +423,12 @@ class Intake:
         return wake
 
     def close(self) -> None:
-        if self.lister is not None:
-            self.lister.stop()
-            self.lister = None
-        if self.watcher is not None:
-            self.watcher.stop()
-            self.watcher = None
+        """Stop the watcher (what it sent goes to the backlog, for the final checkpoint), then the lister."""
+        try:
+            if self.watcher is not None:
+                watcher, self.watcher = self.watcher, None
+                watcher.stop(on_message=self._on_message)
+        finally:
+            if self.lister is not None:
+                self.lister.stop()
+                self.lister = None

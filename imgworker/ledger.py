@@ -2,7 +2,9 @@
 
 Every call takes a whole listing page (one round trip per page, not per key). Entries for
 objects that no longer exist are pruned by sweeps: a sweep marks every key a complete listing
-saw, and ``end_sweep`` drops the rest, so the set is bounded by what the bucket holds.
+saw, and ``end_sweep`` drops the rest, so the set is bounded by what the bucket holds. A pruned
+key would be analysed again if an event for it came back, so a key is kept for as long as a
+replay of the event stream can reach it (see ``ProcessedSet.end_sweep``).
 
 Saving costs time proportional to what changed, not to the set: keys finished since the last
 checkpoint are appended to a key log (one JSON line per change: ``"key"`` added, ``{"pruned": "key"}``
@@ -32,6 +34,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable
 from multiprocessing.connection import Connection
 from multiprocessing.managers import BaseManager
@@ -41,6 +44,7 @@ import msgspec
 
 from .children import CTX, child_setup, signals_blocked
 from .errors import StateError
+from .events import OVERLAP_NS
 from .files import write_atomic
 from .janitor import OwedAction
 from .outcomes import IntakePosition, Result
@@ -84,6 +88,10 @@ _key_encoder = msgspec.json.Encoder()
 _key_decoder = msgspec.json.Decoder(str | _Pruned)
 _backlog_decoder = msgspec.json.Decoder(str | _Left)
 _COMPACT_SLACK = 10_000
+#: a key is pruned only once the saved event position is this far past the time it was first missed:
+#: a watcher resumes ``OVERLAP_NS`` before that position, and the clock of the store's events may be up
+#: to ``OVERLAP_NS`` ahead of ours
+REPLAY_REACH_NS = 2 * OVERLAP_NS
 
 
 class ProcessedSet:
@@ -95,6 +103,8 @@ class ProcessedSet:
         self._unsaved: list[bytes] = []  # key-log lines written since the last save
         self._log_name = ""
         self._log_lines = 0
+        self._missed: dict[str, int] = {}  # key -> wall time (ns) two complete sweeps had first not seen it
+        self._events_ts_ns = 0  # the event position in the last state saved or loaded: where a replay starts
 
     def filter_new(self, keys: list[str]) -> list[str]:
         """Keys not yet processed; processed ones are marked as seen by the current sweep."""
@@ -122,16 +132,26 @@ class ProcessedSet:
     def begin_sweep(self) -> None:
         self._generation += 1
 
-    def end_sweep(self) -> int:
+    def end_sweep(self, *, events: bool = False, now_ns: int | None = None) -> int:
         """Drop entries the last two complete sweeps did not see (their objects are gone); return how many.
 
-        Two, not one: an entry pruned is an image that would be analysed again if an event for it came
-        back (a replay of the event stream after a restart overlaps the last seconds handled).
+        An entry pruned is an image that would be analysed again if an event for it came back: a
+        duplicate, or a replay of the event stream. With ``events`` (a watcher runs) an entry missed
+        by two complete sweeps therefore stays until the saved event position is ``REPLAY_REACH_NS``
+        past the time it was first found missing: a watcher resumes ``OVERLAP_NS`` before that
+        position, which does not move while the bucket is idle; once it is past, the entry's event
+        (older than that time) is out of any replay's reach. Without a saved position (no event
+        handled yet) a watcher starts from now, and the time now stands for it.
         """
+        now = time.time_ns() if now_ns is None else now_ns
         gen = self._generation
-        stale = [k for k, g in self._seen.items() if g < gen - 1]
+        missed = {k: self._missed.get(k, now) for k, g in self._seen.items() if g < gen - 1}
+        replay_from = self._events_ts_ns or now
+        stale = [k for k, first in missed.items() if not events or first + REPLAY_REACH_NS < replay_from]
         for key in stale:
             del self._seen[key]
+            del missed[key]
+        self._missed = missed
         self._unsaved.extend(_key_encoder.encode(_Pruned(k)) + b"\n" for k in stale)
         return len(stale)
 
@@ -149,6 +169,7 @@ class ProcessedSet:
                             log_bytes=size, intake=intake, backlog_log=backlog_log, backlog_bytes=backlog_bytes,
                             owed=owed or [])
         write_atomic(path, msgspec.json.encode(state))
+        self._events_ts_ns = intake.events_ts_ns
         if previous and previous != self._log_name:
             _unlink(os.path.join(directory, previous))
 
@@ -195,6 +216,7 @@ class ProcessedSet:
         else:
             self._load_log(os.path.dirname(os.path.abspath(path)), state)
         self._unsaved = []
+        self._missed, self._events_ts_ns = {}, state.intake.events_ts_ns
         state.processed = []
         return state
 
@@ -516,8 +538,9 @@ class Ledger:
     def begin_sweep(self) -> None:
         self._call(lambda s: s.begin_sweep())
 
-    def end_sweep(self) -> int:
-        return int(self._call(lambda s: s.end_sweep()))
+    def end_sweep(self, *, events: bool = False) -> int:
+        """Prune what two complete sweeps missed; with ``events``, only what no event replay can reach."""
+        return int(self._call(lambda s: s.end_sweep(events=events)))
 
     def size(self) -> int:
         return int(self._call(lambda s: s.size()))

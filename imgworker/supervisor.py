@@ -344,7 +344,7 @@ class Supervisor:
 
     def _after_sweep(self, end: SweepEnd) -> None:
         if end.complete and end.full:
-            pruned = self.ledger.end_sweep()
+            pruned = self.ledger.end_sweep(events=self.cfg.scan.mode == "events")
             if pruned:
                 log.info("processed set: pruned %d entries whose objects are gone", pruned)
             self.cleaner.peak_objects_listed = max(self.cleaner.peak_objects_listed, end.listed)

@@ -9,6 +9,7 @@ import os
 import signal
 import time
 from collections import Counter
+from multiprocessing.connection import wait
 
 import psutil
 import pytest
@@ -139,3 +140,75 @@ def test_restart_resumes_the_event_stream_without_a_gap(make_config, store_serve
     assert lines(cfg) == Counter(first + later)
     calls = algo_server.calls()
     assert all(calls.get(k) == 1 for k in first + later)
+
+
+def test_a_killed_watcher_loses_no_batch_it_had_sent(make_config, store_server, store, prefix):
+    with AlgoService("synthetic", SyntheticParams(latency_ms=10.0, sigma=0.0)) as service:
+        cfg = events_config(make_config, store_server, algo={"endpoint": service.endpoint})
+        sup = Supervisor(cfg, show_progress=False, intake_done=lambda: False)
+        sup.start()
+        try:
+            step_until(sup, lambda: sup.intake.scans_completed >= 1, "the start-up reconciliation")
+            watcher = sup.intake.watcher
+            assert watcher is not None
+            pipe = watcher.waitables()[0]
+            keys = [f"{prefix}person/t4/20240101-120000.{i:03d}.jpg" for i in range(20)]
+            upload(store, keys)  # the supervisor reads nothing meanwhile: the batches wait in the pipe
+            assert wait([pipe], 60), "the watcher sent nothing"
+            time.sleep(1.0)  # the rest of the batches follow within milliseconds
+            watcher_process().kill()
+            while watcher.alive():  # reaped before the next step, which must find it dead before it reads
+                time.sleep(0.01)
+            sup.step()
+            assert sup.intake.watcher is None  # the death was seen ...
+            assert sup.intake.events_received > 0  # ... after what it had sent was read
+            step_until(sup, lambda: len(lines(cfg)) >= len(keys), "the uploaded images")
+            for _ in range(20):  # the new watcher replays the last seconds: nothing is taken twice
+                sup.step()
+        finally:
+            sup.request_stop("test")
+            while not sup.finished():
+                sup.step()
+            sup.shutdown()
+        calls = service.calls()
+    assert lines(cfg) == Counter(keys)
+    assert all(calls.get(k) == 1 for k in keys), {k: calls.get(k) for k in keys}
+
+
+def test_a_replay_after_a_restart_does_not_bring_back_deleted_finished_images(make_config, store_server, store,
+                                                                             prefix):
+    with AlgoService("synthetic", SyntheticParams(latency_ms=10.0, sigma=0.0, detection_rate=0.0)) as service:
+        cfg = events_config(make_config, store_server, algo={"endpoint": service.endpoint},
+                            actions={"delete_no_detection": True})
+        keys = [f"{prefix}person/t5/20240101-120000.{i:03d}.jpg" for i in range(10)]
+        sup = Supervisor(cfg, show_progress=False, intake_done=lambda: False)
+        sup.start()
+        try:
+            step_until(sup, lambda: sup.intake.scans_completed >= 1, "the start-up reconciliation")
+            upload(store, keys)
+            step_until(sup, lambda: len(lines(cfg)) >= len(keys), "the uploaded images")  # then deleted at once
+            for _ in range(2):  # two complete listings without them: their objects are gone
+                done = sup.intake.scans_completed
+                sup.intake.next_sweep = 0.0
+                step_until(sup, lambda: sup.intake.scans_completed > done, "a reconciliation")
+        finally:
+            sup.request_stop("test")
+            while not sup.finished():
+                sup.step()
+            sup.shutdown()
+        assert not [ref for page in store.list_pages(prefix, 1000) for ref in page]  # no detection: deleted
+        again = Supervisor(cfg, show_progress=False, intake_done=lambda: False)
+        again.start()  # its watcher resumes a little before the saved position
+        marker = f"{prefix}person/t5/20240101-120100.000.jpg"
+        try:
+            upload(store, [marker])  # the tail sends in time order: any replay of the others comes first
+            step_until(again, lambda: marker in lines(cfg) and not again.dispatch.in_flight
+                       and not again.dispatch.pending and not again.intake.backlog, "the new image")
+        finally:
+            again.request_stop("test")
+            while not again.finished():
+                again.step()
+            again.shutdown()
+        calls = service.calls()
+    assert lines(cfg) == Counter(keys + [marker]), "a finished image was taken in again"
+    assert all(calls.get(k) == 1 for k in keys + [marker])

@@ -221,6 +221,65 @@ def test_webhook_posts_from_many_connections_all_arrive(plain_cfg: Config, prefi
     assert sorted(received) == sorted(keys)
 
 
+@pytest.mark.timeout(120)
+def test_a_stop_saves_every_event_the_webhook_acknowledged_and_posts_after_it_began_are_refused(
+        make_config: Callable[..., Config], store_server: EmbeddedStore, prefix: str) -> None:
+    from imgworker.supervisor import Supervisor
+
+    port = free_port()
+    base = make_config(run={"until_idle": False})
+    scan = msgspec.structs.replace(base.scan, mode="events", events_source="minio_webhook", webhook_port=port,
+                                   reconcile_interval_s=3600.0)
+    cfg = msgspec.structs.replace(base, scan=scan,
+                                  credentials=msgspec.structs.replace(base.credentials, webhook_token=TOKEN))
+    url = f"http://127.0.0.1:{port}/"
+    acked: list[str] = []
+    after_stop: list[int] = []  # statuses of POSTs begun once the stop was over (0: no answer)
+    stopped, enough = threading.Event(), threading.Event()
+
+    def post_until_enough() -> None:
+        with requests.Session() as session:
+            for i in range(100_000):
+                if enough.is_set():
+                    return
+                key, late = f"{prefix}cam-2/{i:05d}.jpg", stopped.is_set()
+                try:
+                    status = session.post(url, data=minio_body("s3:ObjectCreated:Put", cfg.store.bucket, key),
+                                          headers=AUTH, timeout=10).status_code
+                except requests.ConnectionError:
+                    status = 0
+                if status == 200:
+                    acked.append(key)
+                if late:
+                    after_stop.append(status)
+                    if len(after_stop) >= 3:
+                        enough.set()
+
+    sup = Supervisor(cfg, show_progress=False)
+    sup.start()
+    poster = threading.Thread(target=post_until_enough)
+    try:
+        wait_until(lambda: port_open("127.0.0.1", port), timeout_s=60, what="the webhook", alive=lambda: True)
+        poster.start()  # the supervisor reads nothing meanwhile: acknowledged batches wait in the pipe
+        wait_until(lambda: len(acked) >= 30, timeout_s=60, what="acknowledged POSTs", alive=poster.is_alive)
+        sup.request_stop("test", force=True)
+        sup.shutdown()  # POSTs keep coming while it stops
+        stopped.set()
+        poster.join(30)
+        assert enough.is_set(), "the poster is stuck"
+    finally:
+        enough.set()
+        if poster.is_alive():
+            poster.join()
+        if sup.journal is not None and not sup.journal.closed:
+            sup.shutdown()
+    assert 200 not in after_stop  # MinIO keeps those in its queue_dir and sends them again
+    with open(os.path.join(cfg.run.state_dir, "state.json"), "rb") as f:
+        saved = json.loads(f.read())
+    assert set(acked) <= set(saved["intake"]["backlog"]) | set(saved["pending"]), (
+        f"{len(set(acked) - set(saved['intake']['backlog']))} of {len(acked)} acknowledged events are not saved")
+
+
 # --- MinIO through NATS JetStream ------------------------------------------------------------------
 
 def nats_server_binary() -> str:

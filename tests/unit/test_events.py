@@ -861,3 +861,74 @@ def test_feed_skips_a_malformed_object_and_stops_when_the_supervisor_is_gone(
 def test_a_source_that_cannot_work_is_refused_before_a_process_starts(source: WatchSource) -> None:
     with pytest.raises(EventError):
         events.check_source(source)
+
+
+def test_the_position_moves_while_the_running_tool_is_quiet_and_a_stop_sends_what_is_held(
+        feed: tuple[SeaweedFeed, list[EventBatch]]) -> None:
+    seaweed, sent = feed
+    assert seaweed.step(None, now=0.0)  # starts the tool
+    seaweed.wall_ns = lambda: NOW_NS + 60_000_000_000  # a minute later, nothing has happened in the bucket
+    assert seaweed.timeout(0.0) == pytest.approx(events.QUIET_S)
+    assert seaweed.step(None, now=events.QUIET_S)
+    assert seaweed.step(None, now=events.QUIET_S + events.PROGRESS_INTERVAL_S)
+    assert sent == [EventBatch(events=[], ts_ns=NOW_NS + 50_000_000_000)]  # every event older than that came
+    assert seaweed.step(events._TAIL_ENDED, now=20.0) and seaweed.step(None, now=20.5)
+    assert FakeTail.started[1][-1] == "-timeAgo=12000ms"  # a restart does not replay the idle minute
+    assert seaweed.step(recorded_objects()[2], now=21.0)
+    assert not seaweed.step(events._STOPPING, now=21.01)  # before the batch was due: sent at the stop
+    assert [e.key for e in sent[-1].events] == ["rec/cam1/a.jpg"]
+
+
+def minio_put(bucket: str, key: str) -> bytes:
+    return minio_body(minio_record("s3:ObjectCreated:Put", bucket, key))
+
+
+class _Conn:
+    def __init__(self) -> None:
+        self.sent: list[bytes] = []
+
+    def send_bytes(self, data: bytes) -> None:
+        self.sent.append(data)
+
+
+def test_the_webhook_acknowledges_only_what_is_in_the_pipe_and_refuses_everything_once_the_stop_began() -> None:
+    conn = _Conn()
+    pipe = events._Pipe(conn)  # type: ignore[arg-type]
+    server = events._WebhookServer(("127.0.0.1", 0), config(prefix="rec/", bucket="frames"), "", pipe)
+    try:
+        assert server.deliver(minio_put("frames", "rec/cam1/a.jpg")) == 200
+        assert len(conn.sent) == 1
+        pipe.stop_sending()
+        assert server.deliver(minio_put("frames", "rec/cam1/b.jpg")) == 503  # MinIO sends it again later
+        assert server.deliver(minio_put("frames", "rec/cam1/notes.txt")) == 503
+        assert len(conn.sent) == 1 and not pipe.send(WatcherReady(port=0))
+    finally:
+        server.server_close()
+
+
+class _Message:
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self.answers: list[str] = []
+
+    async def ack(self) -> None:
+        self.answers.append("ack")
+
+    async def nak(self) -> None:
+        self.answers.append("nak")
+
+    async def term(self) -> None:
+        self.answers.append("term")
+
+
+def test_nats_acks_a_batch_in_the_pipe_and_naks_one_the_stopped_pipe_refused() -> None:
+    import asyncio
+
+    conn = _Conn()
+    pipe = events._Pipe(conn)  # type: ignore[arg-type]
+    feed = events.NatsFeed(config(prefix="rec/", bucket="frames"), pipe, 0, WatchSource(kind="minio_nats"))
+    first, second = _Message(minio_put("frames", "rec/a.jpg")), _Message(minio_put("frames", "rec/b.jpg"))
+    asyncio.run(feed.deliver([first]))
+    pipe.stop_sending()
+    asyncio.run(feed.deliver([second]))
+    assert (first.answers, second.answers, len(conn.sent)) == (["ack"], ["nak"], 1)

@@ -8,7 +8,7 @@ import pytest
 
 from imgworker.journal import ResultsJournal as ResultsWriter
 from imgworker.ledger import Ledger, ManagerBackend, ProcessedSet
-from imgworker.outcomes import Outcome, Result
+from imgworker.outcomes import IntakePosition, Outcome, Result
 from imgworker.results import read_results
 
 
@@ -169,6 +169,23 @@ def test_an_entry_is_pruned_only_after_two_complete_listings_missed_it():
     ps.begin_sweep()
     ps.filter_new(["kept"])
     assert ps.end_sweep() == 1 and not ps.contains("gone") and ps.contains("kept")
+
+
+def test_with_events_a_missed_entry_stays_while_a_replay_of_the_saved_position_can_reach_it(tmp_path):
+    path, s = str(tmp_path / "state.json"), 1_000_000_000
+    ps = ProcessedSet()
+    ps.add_many(["gone", "kept"])
+    ps.save(path, 0, [], IntakePosition(events_ts_ns=100 * s))
+    for now in (109, 110, 111, 300):  # missed from 110 s on; the bucket is idle: the position stays
+        ps.begin_sweep()
+        ps.filter_new(["kept"])
+        assert ps.end_sweep(events=True, now_ns=now * s) == 0
+    ps.save(path, 0, [], IntakePosition(events_ts_ns=114 * s))  # a watcher resumes from 112 s: 110 s is safe,
+    ps.begin_sweep()  # but the store's clock may be ahead of ours by the overlap
+    assert ps.end_sweep(events=True, now_ns=301 * s) == 0
+    ps.save(path, 0, [], IntakePosition(events_ts_ns=115 * s))
+    ps.begin_sweep()
+    assert ps.end_sweep(events=True, now_ns=302 * s) == 1 and not ps.contains("gone") and ps.contains("kept")
 
 
 def test_a_failed_compaction_keeps_the_previous_log(tmp_path, monkeypatch):

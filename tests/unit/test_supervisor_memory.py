@@ -16,6 +16,7 @@ import pytest
 
 from imgworker.config import Config, load_config
 from imgworker.errors import AlreadyRunning, StateError
+from imgworker.ledger import ProcessedSet
 from imgworker.memstore import MemoryAlgo, MemoryStore
 from imgworker.outcomes import WorkItem
 from imgworker.pool import Exit, InlinePool
@@ -399,8 +400,10 @@ class InlineWatcher:
     def poll(self) -> Any:
         return self.batches.pop(0) if self.batches else None
 
-    def stop(self, timeout: float = 2.0) -> None:
-        pass
+    def stop(self, timeout: float = 2.0, on_message: Any = None) -> None:
+        """Like the real one: what was sent and not yet read is handed over, to the end."""
+        while self.batches and on_message is not None:
+            on_message(self.batches.pop(0))
 
 
 def events_supervisor(cfg: Config, store: MemoryStore, algo: MemoryAlgo, watchers: list[InlineWatcher],
@@ -491,14 +494,54 @@ def test_a_dead_watcher_is_restarted_from_the_last_event_handled(tmp_path):
     sup.start()
     try:
         sup.intake.next_sweep = float("inf")
-        watchers[0].batches.append(event_batch(store, keys, ts_ns=300))
+        watchers[0].batches.append(event_batch(store, keys[:1], ts_ns=300))
         sup.step()
+        watchers[0].batches.append(event_batch(store, keys[1:], ts_ns=400))  # sent just before it died
         watchers[0].alive = lambda: False  # type: ignore[method-assign]
         sup.step()
-        assert sup.intake.watcher is None  # a dead watcher is not waited on
+        assert sup.intake.watcher is None  # a dead watcher is not waited on ...
+        assert keys[1] in sup.intake.backlog or keys[1] in sup.dispatch or keys[1] in lines(cfg)  # ... nor lost
         sup.intake._watcher_restart_at = 1.0  # its backoff has passed
         sup.step()
-        assert len(watchers) == 2 and watchers[1].since_ns == 300
+        assert len(watchers) == 2 and watchers[1].since_ns == 400
+    finally:
+        sup.request_stop("test", force=True)
+        sup.shutdown()
+
+
+def test_what_the_watcher_sent_before_a_stop_is_in_the_saved_backlog(tmp_path):
+    cfg = config(tmp_path, scan={"mode": "events", "events_filer": "127.0.0.1:1.2", "reconcile_interval_s": 3600.0},
+                 run={"until_idle": False})
+    store = MemoryStore()
+    keys = fill(store, ["p/a", "p/b"], 2)
+    watchers: list[InlineWatcher] = []
+    sup = events_supervisor(cfg, store, MemoryAlgo(store), watchers, intake_done=lambda: False)
+    sup.start()
+    sup.intake.next_sweep = float("inf")
+    sup.request_stop("test", force=True)
+    watchers[0].batches.append(event_batch(store, keys, ts_ns=500))  # acknowledged to the store, not yet read
+    sup.shutdown()
+    state = ProcessedSet().load(os.path.join(cfg.run.state_dir, "state.json"))
+    assert sorted(state.intake.backlog) == sorted(keys) and state.intake.events_ts_ns == 500
+
+
+def test_the_watcher_is_read_while_draining_after_the_lister_died(tmp_path):
+    cfg = config(tmp_path, scan={"mode": "events", "events_filer": "127.0.0.1:1.2", "reconcile_interval_s": 3600.0},
+                 run={"until_idle": False})
+    store = MemoryStore()
+    keys = fill(store, ["p/a"], 2)
+    watchers: list[InlineWatcher] = []
+    sup = events_supervisor(cfg, store, MemoryAlgo(store), watchers, intake_done=lambda: False)
+    sup.start()
+    try:
+        sup.intake.next_sweep = float("inf")
+        sup.request_stop("test")
+        assert sup.intake.lister is not None
+        sup.intake.lister.alive = lambda: False  # type: ignore[method-assign]
+        watchers[0].batches.append(event_batch(store, keys, ts_ns=700))
+        sup.step()
+        sup.step()
+        assert sup.intake.lister is None and sup.intake.backlog.keys() == set(keys)
     finally:
         sup.request_stop("test", force=True)
         sup.shutdown()
