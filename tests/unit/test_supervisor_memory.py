@@ -16,7 +16,7 @@ import pytest
 
 from imgworker.config import Config, load_config
 from imgworker.errors import AlreadyRunning, StateError
-from imgworker.ledger import ProcessedSet
+from imgworker.ledger import Ledger, LocalBackend
 from imgworker.memstore import MemoryAlgo, MemoryStore
 from imgworker.outcomes import WorkItem
 from imgworker.pool import Exit, InlinePool
@@ -521,8 +521,8 @@ def test_what_the_watcher_sent_before_a_stop_is_in_the_saved_backlog(tmp_path):
     sup.request_stop("test", force=True)
     watchers[0].batches.append(event_batch(store, keys, ts_ns=500))  # acknowledged to the store, not yet read
     sup.shutdown()
-    state = ProcessedSet().load(os.path.join(cfg.run.state_dir, "state.json"))
-    assert sorted(state.intake.backlog) == sorted(keys) and state.intake.events_ts_ns == 500
+    restored = Ledger(os.path.join(cfg.run.state_dir, "state.json"), cfg.results_path, LocalBackend()).start()
+    assert sorted(restored.intake.backlog) == sorted(keys) and restored.intake.events_ts_ns == 500
 
 
 def test_the_watcher_is_read_while_draining_after_the_lister_died(tmp_path):
