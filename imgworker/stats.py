@@ -92,6 +92,8 @@ class Report(msgspec.Struct, frozen=True):
     action_errors: dict[str, int] = {}
     duplicates: int = 0
     """Keys with more than one outcome (a report rebuilt from a results file); 0 in a live run."""
+    respawn_backoffs: int = 0
+    """Worker processes that died before answering anything and were replaced after a backoff."""
 
 
 class Stats:
@@ -104,6 +106,7 @@ class Stats:
         self.worker_restarts = 0
         self.worker_recycles = 0
         self.deadline_kills = 0
+        self.respawn_backoffs = 0
         self.counts: dict[Outcome, int] = {o: 0 for o in Outcome}
         self.algo_ms = LogHistogram()
         self.e2e_ms = LogHistogram()
@@ -151,6 +154,7 @@ class Stats:
             worker_restarts=self.worker_restarts,
             worker_recycles=self.worker_recycles,
             deadline_kills=self.deadline_kills,
+            respawn_backoffs=self.respawn_backoffs,
             avg_inference_ms=round(self.algo_ms.mean, 2),
             p50_inference_ms=round(self.algo_ms.percentile(50), 2),
             p95_inference_ms=round(self.algo_ms.percentile(95), 2),

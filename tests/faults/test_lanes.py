@@ -17,8 +17,9 @@ from imgworker.services.algo_server import AlgoService, SyntheticParams
 from imgworker.supervisor import Supervisor
 from imgworker.worker import frame, unframe
 from imgworker.pool import lanes_of
-from tests.conftest import cli_env, kill_workers_at_random, read_outcomes, reap, start_run, upload
+from tests.conftest import cli_env, read_outcomes, reap, start_run, upload
 from tests.faults.test_far_end import SUCCESS, calls_under, drive, drive_after_warm_up, results_of
+from tests.faults.test_workers import kill_workers_once_working
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -41,7 +42,8 @@ def test_random_sigkills_of_threaded_workers_lose_nothing(tmp_path, store_server
         proc = start_run(env, "run", "--workers", "2", "--threads", "4", "--until-idle", "--no-progress",
                          "--report-json", str(report), log_path=str(tmp_path / "log"))
         try:
-            kills = kill_workers_at_random(proc, random.Random(11), most=8, every_s=0.2)
+            kills = kill_workers_once_working(proc, results_cfg(tmp_path).results_path, random.Random(11), most=8,
+                                              every_s=0.2)
             assert reap(proc, 120) == 0, (tmp_path / "log").read_text()[-3000:]
         finally:
             if proc.poll() is None:

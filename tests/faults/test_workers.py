@@ -1,17 +1,23 @@
-"""Worker faults injected for real: SIGKILL, poison items, recycling, supervisor death, titles."""
+"""Worker faults injected for real: SIGKILL, poison items, start-up deaths, recycling, supervisor death, titles."""
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import os
 import random
+import re
 import signal
 import time
 
 import psutil
 import pytest
 
+from imgworker.backoff import RESTART_CAP_S, restart_backoff
+from imgworker.logs import LogSettings
+from imgworker.pool import ProcessPool
 from imgworker.services.algo_server import AlgoService, SyntheticParams
-from imgworker.supervisor import Supervisor
+from imgworker.supervisor import Supervisor, process_parts
 from tests.conftest import cli_env, kill_workers_at_random, read_outcomes, reap, start_run, upload, workers_of
 
 pytestmark = pytest.mark.timeout(180)
@@ -32,7 +38,7 @@ def test_random_sigkills_lose_nothing(tmp_path, store_server, creds, store, pref
     proc = start_run(env, "run", "--workers", "8", "--until-idle", "--no-progress", "--report-json", str(report),
                      log_path=str(tmp_path / "log"))
     try:
-        kills = kill_workers_at_random(proc, random.Random(7), most=15, every_s=0.15)
+        kills = kill_workers_once_working(proc, _cfg(tmp_path).results_path, random.Random(7), most=15, every_s=0.15)
         assert reap(proc, 90) == 0, (tmp_path / "log").read_text()[-3000:]
     finally:
         if proc.poll() is None:
@@ -48,6 +54,16 @@ def test_random_sigkills_lose_nothing(tmp_path, store_server, creds, store, pref
     assert data["outcomes"]["failed_worker"] == 0 and data["failures"] == 0
     assert data["worker_restarts"] >= kills - 1
     assert data["retries"] >= 1
+
+
+def kill_workers_once_working(proc, results_path: str, rng: random.Random, *, most: int, every_s: float) -> int:
+    """Random SIGKILLs from the first result line on: a worker still starting holds no item to lose."""
+    deadline = time.monotonic() + 60.0
+    while proc.poll() is None and time.monotonic() < deadline:
+        if os.path.exists(results_path) and os.path.getsize(results_path) > 0:
+            break
+        time.sleep(0.05)
+    return kill_workers_at_random(proc, rng, most=most, every_s=every_s)
 
 
 def _cfg(tmp_path):
@@ -88,6 +104,48 @@ def _poison(cfg, store, prefix):
     assert all(outcomes[k] != ["failed_worker"] for k in keys if k != poison)
     assert report.outcomes["failed_worker"] == 1 and report.retries == 2 and report.worker_restarts == 3
     assert report.conserved
+
+
+class StillClock:
+    """The restart backoff's clock: it stands still until the test moves it."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_workers_that_die_at_start_are_backed_off_and_cost_no_image_an_attempt(make_config, store, prefix, caplog):
+    cfg = make_config(worker={"count": 2, "max_attempts": 1})  # one charged attempt would end an image failed_worker
+    keys = [f"{prefix}p/t/20240101-120000.{i:03d}.jpg" for i in range(6)]
+    upload(store, keys)
+    clock = StillClock()
+    pool = ProcessPool(cfg, LogSettings(level="NO-SUCH-LEVEL"),  # every new worker process exits in its set-up
+                       make_backoff=lambda: restart_backoff(clock=clock))
+    sup = Supervisor(cfg, show_progress=False, parts=dataclasses.replace(process_parts(cfg), pool=pool))
+    caplog.set_level(logging.WARNING, logger="imgworker.supervisor")
+    sup.start()
+    try:
+        started = time.monotonic()
+        while time.monotonic() - started < 8.0:  # many start-ups' worth of time, none of the backoff's
+            sup.step()
+        deaths = sup.stats.worker_restarts
+        pool.log_settings = LogSettings()  # the cause is removed ...
+        clock.now += RESTART_CAP_S  # ... and the first wait is over: the replacements start and stay
+        while not sup.finished():
+            sup.step()
+    finally:
+        sup.shutdown()
+    report = sup.report()
+    assert deaths == cfg.worker.count, "a process that died at start was replaced before its backoff was over"
+    assert report.respawn_backoffs == report.worker_restarts == deaths
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any(re.fullmatch(r"worker process [01] exited before answering anything \(exit code 1\) holding 0 images; "
+                            r"starting a replacement in \d+\.\d s", m) for m in warned), warned
+    outcomes = read_outcomes(cfg)
+    assert sorted(outcomes) == sorted(keys) and all(len(v) == 1 for v in outcomes.values())
+    assert report.outcomes["failed_worker"] == 0 and report.retries == 0 and report.inferences == len(keys)
 
 
 def test_recycling_finishes_the_item_first(make_config, store, prefix):
