@@ -248,10 +248,7 @@ class ProcessPool:
             log.error("worker %d answered for lane %d, which holds nothing; ignored", worker.index, slot)
             return None
         dispatched_at = worker.busy.pop(slot)
-        if not worker.answered:
-            worker.answered = True
-            if worker.index in self._restarts:
-                self._restarts[worker.index].reset()  # past its start: the next death is a new failure
+        worker.answered = True  # past its start: its death is not an early one (respawn resets the backoff)
         try:
             reply = decode_reply(payload)
         except msgspec.DecodeError as exc:

@@ -22,6 +22,7 @@ from tests.unit.test_supervisor_memory import config, fill, lines, supervisor
 pytestmark = pytest.mark.timeout(60)
 
 OLD = "p/a/20240101-000000.000.jpg"  # its capture time is long past
+YOUNG = "p/a/20991231-000000.000.jpg"  # queued after it, and not about to expire
 
 
 def break_journal(sup: Supervisor) -> None:
@@ -64,15 +65,16 @@ def test_a_drop_whose_line_cannot_be_written_leaves_the_image_queued(tmp_path, d
     sup = supervisor(cfg, store, MemoryAlgo(store))
     sup.start()
     try:
-        sup.dispatch.append(WorkItem(ref=ImageRef(key=OLD, task_type="p", task_id="a")))
+        for key in (OLD, YOUNG):
+            sup.dispatch.append(WorkItem(ref=ImageRef(key=key, task_type="p", task_id="a")))
         break_journal(sup)
         with pytest.raises(StateError):
             drop(sup)
-        assert sup.dispatch.is_queued(OLD)
+        assert sup.dispatch.pending_keys() == [OLD, YOUNG]  # still queued, in its place
     finally:
         sup.shutdown()  # what run() does after a failed step: stop, then checkpoint
     assert OLD not in lines(cfg)
-    assert OLD in saved_for_next_run(cfg, store), "the image got no line and was not saved either"
+    assert saved_for_next_run(cfg, store) == {OLD, YOUNG}, "the image got no line and was not saved either"
 
 
 def test_a_full_queue_whose_drop_cannot_be_written_loses_neither_the_victim_nor_those_after_it(tmp_path):
