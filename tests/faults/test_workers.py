@@ -118,6 +118,7 @@ class StillClock:
 
 def test_workers_that_die_at_start_are_backed_off_and_cost_no_image_an_attempt(make_config, store, prefix, caplog):
     cfg = make_config(worker={"count": 2, "max_attempts": 1})  # one charged attempt would end an image failed_worker
+    count = cfg.worker.count
     keys = [f"{prefix}p/t/20240101-120000.{i:03d}.jpg" for i in range(6)]
     upload(store, keys)
     clock = StillClock()
@@ -128,17 +129,22 @@ def test_workers_that_die_at_start_are_backed_off_and_cost_no_image_an_attempt(m
     sup.start()
     try:
         started = time.monotonic()
-        while time.monotonic() - started < 8.0:  # many start-ups' worth of time, none of the backoff's
+        while time.monotonic() - started < 8.0 or not sup.dispatch.pending:  # many start-ups' worth of time ...
             sup.step()
+        assert sup.stats.worker_restarts == count, "a process was replaced before its backoff was over"
+        for waits_over in (1, 2):  # ... then the backoff's waits end twice while the images wait in the queue
+            clock.now += RESTART_CAP_S
+            while sup.stats.worker_restarts < count * (1 + waits_over):
+                sup.step()
         deaths = sup.stats.worker_restarts
-        pool.log_settings = LogSettings()  # the cause is removed ...
-        clock.now += RESTART_CAP_S  # ... and the first wait is over: the replacements start and stay
+        pool.log_settings = LogSettings()  # the cause is removed: the next replacements start and stay
+        clock.now += RESTART_CAP_S
         while not sup.finished():
             sup.step()
     finally:
         sup.shutdown()
     report = sup.report()
-    assert deaths == cfg.worker.count, "a process that died at start was replaced before its backoff was over"
+    assert deaths == count * 3, "one start per worker each time the backoff's wait ended"
     assert report.respawn_backoffs == report.worker_restarts == deaths
     warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert any(re.fullmatch(r"worker process [01] exited before answering anything \(exit code 1\) holding 0 images; "
