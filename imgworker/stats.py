@@ -212,8 +212,8 @@ def format_report(report: Report) -> str:
         f"| throughput | {report.analysed_per_s:.2f} img/s answered by the service, {report.throughput_per_s:.2f}"
         f" outcomes/s (skips and drops included) over {report.wall_s:.1f} s, "
         f"{report.workers or 'unknown number of'} workers |",
-        f"| retries / worker restarts / recycles / deadline kills | {report.retries} / {report.worker_restarts}"
-        f" / {report.worker_recycles} / {report.deadline_kills} |",
+        f"| retries / worker restarts (backed off) / recycles / deadline kills | {report.retries}"
+        f" / {report.worker_restarts} ({report.respawn_backoffs}) / {report.worker_recycles} / {report.deadline_kills} |",
         "",
         "| outcome | images |",
         "|---|---|",

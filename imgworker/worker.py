@@ -13,8 +13,8 @@ The process exits when it receives the stop message (after its lanes have answer
 sent before it), or at once when the supervisor's end of the pipe closes (the supervisor died).
 Its first message is ``READY``, once its clients are built: only then does the supervisor hand
 its lanes anything, so a process that dies while starting holds no item. It asks to be retired
-(max_tasks, max_memory_mb) by flagging a reply; the supervisor then sends
-the stop message. It ignores SIGTERM and SIGINT: the supervisor decides when it leaves. An unexpected exception while handling an item gives
+(max_tasks, max_memory_mb) by flagging a reply; the supervisor then sends the stop message.
+It ignores SIGTERM and SIGINT: the supervisor decides when it leaves. An unexpected exception while handling an item gives
 that item an outcome (``failed_algo``, cause ``internal_error``): a bug is never a reason to
 POST the same image again. The worker changes nothing in the store: result actions and every
 delete are done by the supervisor's janitor once the outcome is written.
