@@ -49,6 +49,7 @@ from typing import IO, TYPE_CHECKING, Any, Literal, TypeVar
 
 import msgspec
 
+from .backoff import Backoff
 from .children import ChildHandle, child_setup, die_with_parent
 from .config import Config
 from .errors import ImgworkerError
@@ -71,7 +72,7 @@ OVERLAP_NS = 2_000_000_000  # replay this much before the resume position: clock
 #: the tool running and silent this long: every event older than that has come (it sends in time order),
 #: so the resume position moves to now less this, and a restart does not replay old events of an idle bucket
 QUIET_S = 10.0
-RESTART_BACKOFF_S = (0.5, 10.0)  # first wait and cap before the tail tool is started again
+RESTART_BACKOFF_S = (0.5, 10.0)  # first wait and cap before the tail tool (or a NATS connection) is tried again
 MAX_WEBHOOK_BODY = 16 << 20
 _UPLOADS_DIR = ".uploads/"  # SeaweedFS's multipart staging folder inside a bucket
 _CREATED = frozenset({"ObjectCreated:Put", "ObjectCreated:Post", "ObjectCreated:Copy",
@@ -432,7 +433,7 @@ class SeaweedFeed:
         self.batcher = Batcher(since_ns or wall_ns())
         self.tail: TailProcess | None = None
         self.restart_at = 0.0
-        self.backoff_s = RESTART_BACKOFF_S[0]
+        self.backoff = Backoff(*RESTART_BACKOFF_S)
         self.heard_at = 0.0  # when the running tool last sent an object, or started
 
     def timeout(self, now: float) -> float | None:
@@ -487,8 +488,8 @@ class SeaweedFeed:
             return
         code = tail.stop()
         if tail.objects:  # it worked for a while: this is a new failure, not the same one again
-            self.backoff_s = RESTART_BACKOFF_S[0]
-        wait_s, self.backoff_s = self.backoff_s, min(self.backoff_s * 2, RESTART_BACKOFF_S[1])
+            self.backoff.reset()
+        wait_s = self.backoff.fail()
         self.restart_at = now + wait_s
         log.warning("weed filer.meta.tail exited (code %s); starting it again in %.1f s", code, wait_s)
 
@@ -643,18 +644,19 @@ class NatsFeed:
                 loop.call_soon_threadsafe(stop.set)
 
         threading.Thread(target=listen, name="stop-listener", daemon=True).start()
-        backoff_s = RESTART_BACKOFF_S[0]
+        backoff = Backoff(*RESTART_BACKOFF_S)
         while not stop.is_set() and not self.gone:
             try:
                 await self.session(stop)
             except Exception as exc:  # nats-py raises many kinds; each means: connect again
                 if self.subscribed:  # it worked for a while: this is a new failure, not the same one again
-                    backoff_s, self.subscribed = RESTART_BACKOFF_S[0], False
+                    backoff.reset()
+                    self.subscribed = False
+                wait_s = backoff.fail()
                 log.warning("NATS consumer failed (%s); connecting again in %.1f s", exc or type(exc).__name__,
-                            backoff_s)
+                            wait_s)
                 with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(stop.wait(), backoff_s)
-                backoff_s = min(backoff_s * 2, RESTART_BACKOFF_S[1])
+                    await asyncio.wait_for(stop.wait(), wait_s)
 
     async def session(self, stop: asyncio.Event) -> None:
         """One connection: subscribe, then batches until stopped."""

@@ -28,13 +28,13 @@ from __future__ import annotations
 
 import collections
 import logging
-import random
 import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
 import msgspec
 
+from .backoff import Backoff, restart_backoff
 from .cleaner import StoredImage, stored_image
 from .config import Config
 from .dispatch import Dispatch
@@ -196,6 +196,10 @@ class Intake:
         self.peak_listed = 0
         self._failures = 0
         self._last_idle = False
+        interval = cfg.scan.interval_s  # scan failures: half fixed, half random, from twice the interval
+        self._scan_backoff = Backoff(2 * interval, min(30.0, 64 * interval), jitter=0.5)
+        self._watcher_backoff = Backoff(0.5, 30.0)
+        self._lister_backoff = restart_backoff(clock=clock)  # a lister that keeps dying waits to be replaced
 
     @property
     def sweeping(self) -> bool:
@@ -234,10 +238,11 @@ class Intake:
         self._restart_watcher(draining=draining)
         if self.watcher is not None:  # also while draining and after a lister death: what it sent is acknowledged
             self._watch(draining=draining)
-        if self.lister is None:
-            return None
-        if not self.lister.alive():
+        if self.lister is not None and not self.lister.alive():
             return self._lister_died(draining=draining)
+        self._restart_lister(draining=draining)
+        if self.lister is None:
+            return None  # closed, or a new lister starts once its backoff is over
         if not self._intake_was_done and self.make_watcher is not None and self.intake_done():
             self._intake_was_done = True
             self.next_sweep = 0.0  # intake ended: reconcile now rather than at the next interval
@@ -252,6 +257,7 @@ class Intake:
                 return None  # the lister is gone: the next step sees it dead
             if message is None:
                 return None
+            self._lister_backoff.reset()  # it answered: a later death is a new failure
             if isinstance(message, ListingEnd):
                 return self._end(sweep, message)
             self._on_page(sweep, message.refs)
@@ -315,27 +321,40 @@ class Intake:
     def _failed(self, sweep: Sweep, error: str) -> SweepEnd:
         """Capped exponential backoff with jitter (half fixed, half random) before the next sweep."""
         self._failures += 1
-        cap = min(30.0, self.cfg.scan.interval_s * 2 ** min(self._failures, 6))
-        delay = cap / 2 + random.uniform(0.0, cap / 2)
+        delay = self._scan_backoff.delay(self._failures)
         log.warning("scan failed (%s); retrying in %.1f s", error, delay)
         self.next_sweep = self.clock() + delay
         return sweep.end(complete=False)
 
     def _lister_died(self, *, draining: bool) -> SweepEnd | None:
-        """The lister exited: the sweep it was doing is incomplete; a new one starts unless stopping."""
+        """The lister exited: the sweep it was doing is incomplete; a new one starts after a backoff unless stopping.
+
+        The backoff grows while listers die before sending anything, so one that cannot start is not
+        replaced at every step.
+        """
         assert self.lister is not None
+        wait_s = 0.0 if draining else self._lister_backoff.fail()
         log.warning("the scanner process exited (exit code %s)%s", self.lister.exitcode(),
-                    "" if draining else "; starting a new one")
+                    "" if draining else f"; starting a new one in {wait_s:.1f} s")
         self.lister.stop(0.0)
-        self.lister = None if draining else self.make_lister()
+        self.lister = None  # a dead process's sentinel stays ready: never wait on it
         sweep, self.sweep = self.sweep, None
         return sweep.end(complete=False) if sweep is not None else None
+
+    def _restart_lister(self, *, draining: bool) -> None:
+        if self.lister is None and self._lister_backoff.until and not draining and self._lister_backoff.ready():
+            self.lister = self.make_lister()
 
     # ----- handing out ---------------------------------------------------------------
 
     def take(self, limit: int) -> list[ImageRef]:
         """New images for the queue, fair across task directories."""
         return self.backlog.take(limit)
+
+    def put_back(self, refs: list[ImageRef]) -> None:
+        """Images taken but not queued (the run is failing) go back to the backlog, which is saved."""
+        for ref in refs:
+            self.backlog.add(ref, task_directory(ref.key, self.cfg.store.prefix))
 
     def forget(self, key: str) -> None:
         """An image in the backlog got an outcome without being queued (the cleaner gave it up)."""
@@ -380,7 +399,7 @@ class Intake:
         """Take what it sent, then restart it from the last event handled (the backlog is in memory), with backoff."""
         assert self.watcher is not None
         self._watcher_failures += 1
-        delay = min(30.0, 0.5 * 2 ** min(self._watcher_failures - 1, 6))
+        delay = self._watcher_backoff.delay(self._watcher_failures)
         self._watcher_restart_at = self.clock() + delay
         log.warning("the event watcher exited (exit code %s)%s", self.watcher.exitcode(),
                     "" if draining else f"; starting a new one in {delay:.1f} s from the last position")
@@ -411,10 +430,13 @@ class Intake:
 
         While a sweep runs, the lister's pipe is among ``waitables()``: a page arriving wakes the
         loop, so no timeout is needed. Only a listing source with nothing to wait on (the inline
-        lister of the in-memory tests) has its pages polled at once.
+        lister of the in-memory tests) has its pages polled at once. A lister that died is replaced
+        once its backoff is over.
         """
-        if self.sweeping:
-            polled = self.lister is not None and not self.lister.waitables()
+        if self.lister is None:
+            wake = self._lister_backoff.until
+        elif self.sweeping:
+            polled = not self.lister.waitables()
             wake = self.clock() if polled else 0.0
         else:
             wake = self.next_sweep

@@ -1,11 +1,15 @@
 """The worker pool: spawns worker processes, hands them items, notices answers, deaths and overdue items.
 
 Items are handed to lanes (slots): each worker process has ``worker.threads`` of them, and a
-lane holds at most one item. Each process has its own duplex pipe. ``wait`` blocks on every
-process's pipe and sentinel together (``multiprocessing.connection.wait``), plus any extra
-waitables the caller passes, so an answer or a death is seen at once without polling. A process
-holding an item past its deadline is killed; its exit names every lane it had, and the overdue
-ones. A process that asks to be recycled is told to stop at once and gets nothing more; it
+lane holds at most one item. Each process has its own duplex pipe. A new process's lanes become
+idle only once it says it is ready (``READY``, its clients built), so a process that dies while
+starting holds nothing and costs no image an attempt. A process that dies before it answered
+anything is replaced after a backoff (capped, jittered, per worker; reset once one answers), so a
+cause that kills every new process (a bad setting, a missing file) does not spawn them in a loop.
+``wait`` blocks on every process's pipe and sentinel together (``multiprocessing.connection.wait``),
+plus any extra waitables the caller passes, so an answer or a death is seen at once without
+polling. A process holding an item past its deadline is killed; its exit names every lane it had,
+and the overdue ones. A process that asks to be recycled is told to stop at once and gets nothing more; it
 answers what it holds first. Stopping sends every process its stop message at once and waits
 against one deadline.
 
@@ -24,11 +28,12 @@ from typing import Any, Protocol
 
 import msgspec
 
+from .backoff import Backoff, restart_backoff
 from .children import CTX, spawn, stop_processes
 from .config import Config
 from .logs import LogSettings
 from .outcomes import Outcome, Result, WorkItem
-from .worker import STOP, Reply, decode_reply, encode_item, unframe, worker_main
+from .worker import READY, STOP, Reply, decode_reply, encode_item, unframe, worker_main
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +50,8 @@ class Exit(msgspec.Struct, frozen=True):
     """A worker process exited, with every item its lanes held.
 
     ``lanes`` are its lanes (the slots items are handed to); ``overdue`` those whose item passed its
-    deadline, for which the pool killed it; ``retiring`` if it left because it asked to be recycled.
+    deadline, for which the pool killed it; ``retiring`` if it left because it asked to be recycled;
+    ``early`` if it died on its own before it answered anything (its replacement waits a backoff).
     """
 
     worker: int
@@ -53,6 +59,7 @@ class Exit(msgspec.Struct, frozen=True):
     code: int | None
     retiring: bool
     overdue: tuple[int, ...] = ()
+    early: bool = False
 
 
 Event = Answer | Exit
@@ -65,7 +72,7 @@ class Pool(Protocol):
     def send(self, slot: int, item: WorkItem) -> None: ...
     def wait(self, timeout: float, extra: Sequence[Any]) -> tuple[list[Event], list[Any]]: ...
     def kill_overdue(self, now: float) -> float: ...
-    def respawn(self, worker: int) -> None: ...
+    def respawn(self, worker: int) -> float: ...
     def alive(self) -> int: ...
     def stop(self, deadline: float) -> list[Event]: ...
 
@@ -89,6 +96,8 @@ class _Worker:
         self.retiring = False  # asked to be recycled: told to stop, gets nothing more
         self.overdue: set[int] = set()  # lanes whose item passed its deadline: the process is being killed
         self.eof = False  # its end of the pipe closed: only its sentinel is watched now
+        self.ready = False  # it said READY: only then do its lanes get items
+        self.answered = False  # it answered an item: it got past its start
 
     def tell_stop(self) -> None:
         try:
@@ -100,7 +109,8 @@ class _Worker:
 class ProcessPool:
     """``worker.count`` processes of ``worker.threads`` lanes each, one pipe per process."""
 
-    def __init__(self, cfg: Config, log_settings: LogSettings) -> None:
+    def __init__(self, cfg: Config, log_settings: LogSettings,
+                 make_backoff: Callable[[], Backoff] = restart_backoff) -> None:
         self.cfg = cfg
         self.log_settings = log_settings
         self.deadline_s = cfg.item_deadline_s
@@ -110,16 +120,46 @@ class ProcessPool:
         self._by_conn: dict[Any, _Worker] = {}  # rebuilt only when a worker starts or exits: wait() is per step
         self._by_sentinel: dict[int, _Worker] = {}
         self._next_due = 0.0  # earliest item deadline among busy lanes (0: none known)
+        self._make_backoff = make_backoff
+        self._restarts: dict[int, Backoff] = {}  # worker -> its early deaths in a row
+        self._early: set[int] = set()  # workers whose last process died before it answered anything
+        self._waiting: set[int] = set()  # workers whose replacement starts once their backoff is over
 
     def start(self) -> None:
         for index in range(self.cfg.worker.count):
-            self.respawn(index)
+            self._spawn(index)
 
-    def respawn(self, worker: int) -> None:
+    def respawn(self, worker: int) -> float:
+        """Replace worker process ``worker``: at once, or after a backoff if its last process died early.
+
+        Return the wait (0: started now). A waiting replacement is started by ``wait``.
+        """
+        backoff = self._restarts.setdefault(worker, self._make_backoff())
+        if worker not in self._early:
+            backoff.reset()
+            self._spawn(worker)
+            return 0.0
+        self._early.discard(worker)
+        self._waiting.add(worker)
+        return backoff.fail()
+
+    def _spawn(self, worker: int) -> None:
         lanes = lanes_of(worker, self.cfg.worker.threads)
         self.workers[worker] = _Worker(worker, lanes, self.cfg, self.log_settings)
-        self.idle.extend(reversed(lanes))  # idle.pop() hands out the lowest lane first
-        self._index()
+        self._index()  # its lanes get items once it says it is ready
+
+    def _start_due(self) -> float | None:
+        """Start the replacements whose backoff is over; return how soon the next one is due (None: none waits)."""
+        soonest: float | None = None
+        for worker in sorted(self._waiting):
+            backoff = self._restarts[worker]
+            if backoff.ready():
+                self._waiting.discard(worker)
+                self._spawn(worker)
+                continue
+            left = max(0.0, backoff.until - backoff.clock())
+            soonest = left if soonest is None else min(soonest, left)
+        return soonest
 
     def _index(self) -> None:
         self._of_lane = {lane: w for w in self.workers.values() for lane in w.lanes}
@@ -147,6 +187,9 @@ class ProcessPool:
         One message is read from each ready pipe (a pipe with more stays ready for the next call);
         a process that exited has everything it sent read first, so its answers come before its exit.
         """
+        soonest = self._start_due()
+        if soonest is not None:
+            timeout = min(timeout, soonest)
         by_conn, by_sentinel = self._by_conn, self._by_sentinel
         ready = wait([*by_conn, *by_sentinel, *extra], timeout)
         events: list[Event] = []
@@ -194,6 +237,9 @@ class ProcessPool:
         return out
 
     def _answer(self, worker: _Worker, data: bytes) -> Answer | None:
+        if data == READY:
+            self._on_ready(worker)
+            return None
         try:
             slot, payload = unframe(data)
         except ValueError as exc:  # no lane to charge it to: that item's deadline ends it
@@ -203,6 +249,7 @@ class ProcessPool:
             log.error("worker %d answered for lane %d, which holds nothing; ignored", worker.index, slot)
             return None
         dispatched_at = worker.busy.pop(slot)
+        worker.answered = True  # past its start: its death is not an early one (respawn resets the backoff)
         try:
             reply = decode_reply(payload)
         except msgspec.DecodeError as exc:
@@ -215,14 +262,26 @@ class ProcessPool:
             self.idle.append(slot)
         return Answer(slot=slot, reply=reply, dispatched_at=dispatched_at)
 
+    def _on_ready(self, worker: _Worker) -> None:
+        """The process built its clients: its lanes can take items now."""
+        if worker.ready:
+            log.error("worker %d said it is ready twice; ignored", worker.index)
+            return
+        worker.ready = True
+        if not worker.retiring and not worker.overdue and not worker.eof:
+            self.idle.extend(reversed(worker.lanes))  # idle.pop() hands out the lowest lane first
+
     def _exited(self, worker: _Worker) -> Exit:
         worker.process.join()
         worker.conn.close()
         self.workers.pop(worker.index, None)
         self._index()
         self._withdraw_lanes(worker)
+        early = not worker.answered and not worker.retiring and not worker.overdue
+        if early:
+            self._early.add(worker.index)
         return Exit(worker=worker.index, lanes=worker.lanes, code=worker.process.exitcode, retiring=worker.retiring,
-                    overdue=tuple(sorted(worker.overdue)))
+                    overdue=tuple(sorted(worker.overdue)), early=early)
 
     def kill_overdue(self, now: float) -> float:
         """Kill processes holding an item past its deadline; return the next deadline (0 if none).
@@ -274,6 +333,7 @@ class ProcessPool:
             worker.conn.close()
         self.workers.clear()
         self.idle.clear()
+        self._waiting.clear()  # replacements still waiting are never started
         self._index()
         return events
 
@@ -315,9 +375,11 @@ class InlinePool:
         for slot in range(self.count):
             self.respawn(slot)
 
-    def respawn(self, worker: int) -> None:
+    def respawn(self, worker: int) -> float:
+        """A new "process", ready at once (nothing to build): no backoff."""
         self.spawned += 1
         self.idle.append(worker)
+        return 0.0
 
     def alive(self) -> int:
         return self.count

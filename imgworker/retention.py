@@ -14,7 +14,8 @@ Images whose delete is still waiting in the janitor are left out of the next pas
 (cause ``would_expire``).
 
 Neither decides an outcome itself: both call the supervisor's ``drop``, the one place that writes
-an image's result line.
+an image's result line; it takes the image out of the queue (and the backlog) only once the line
+is written, so an image whose line could not be written is still saved by the checkpoint.
 """
 
 from __future__ import annotations
@@ -109,9 +110,6 @@ class CleanerPass:
         """Storage wins: end a queued (or not yet accepted) image explicitly before it is deleted."""
         if status is Status.NEW:
             self.stats.scanned += 1
-            self.intake.forget(img.key)
-        else:
-            self.dispatch.withdraw(img.key)
         task_type, task_id = parse_task(img.key, self.cfg.store.prefix)
         self.drop(ImageRef(key=img.key, task_type=task_type, task_id=task_id), Outcome.DROPPED_EXPIRED, "retention")
 
@@ -155,7 +153,6 @@ class ExpiryGuard:
             if self.expiry.would_expire(item.ref, within_s=wait + margin, now=now):
                 doomed.append(item)
         for item in doomed:
-            self.dispatch.withdraw(item.ref.key)
             self.drop(item.ref, Outcome.DROPPED_EXPIRED, "would_expire")
         if doomed:
             log.info("dropped %d queued images that would expire before a worker reaches them", len(doomed))
@@ -166,6 +163,5 @@ class ExpiryGuard:
         margin = self.stats.e2e_ms.mean / 1000.0
         if not self.expiry.enabled or not self.expiry.would_expire(item.ref, within_s=margin, now=time.time()):
             return False
-        self.dispatch.withdraw(item.ref.key)
         self.drop(item.ref, Outcome.DROPPED_EXPIRED, "would_expire")
         return True

@@ -99,6 +99,8 @@ class Report(msgspec.Struct, frozen=True):
     """Keys with more than one outcome (a report rebuilt from a results file); 0 in a live run."""
     no_healthy_endpoint: int = 0
     """Images that ended ``failed_algo`` because no algorithm endpoint was healthy within their budget."""
+    respawn_backoffs: int = 0
+    """Worker processes that died before answering anything and were replaced after a backoff."""
 
 
 class Stats:
@@ -111,6 +113,7 @@ class Stats:
         self.worker_restarts = 0
         self.worker_recycles = 0
         self.deadline_kills = 0
+        self.respawn_backoffs = 0
         self.counts: dict[Outcome, int] = {o: 0 for o in Outcome}
         self.algo_ms = LogHistogram()
         self.e2e_ms = LogHistogram()
@@ -173,6 +176,7 @@ class Stats:
             worker_restarts=self.worker_restarts,
             worker_recycles=self.worker_recycles,
             deadline_kills=self.deadline_kills,
+            respawn_backoffs=self.respawn_backoffs,
             avg_inference_ms=round(self.algo_ms.mean, 2),
             p50_inference_ms=round(self.algo_ms.percentile(50), 2),
             p95_inference_ms=round(self.algo_ms.percentile(95), 2),
@@ -235,8 +239,8 @@ def format_report(report: Report) -> str:
         f"| throughput over the run | {report.analysed_per_s:.2f} img/s answered, {report.throughput_per_s:.2f}"
         f" outcomes/s (skips and drops included) over {report.wall_s:.1f} s of wall time (start-up, waiting"
         f" for images and the stop included), {report.workers or 'unknown number of'} lanes |",
-        f"| retries / worker restarts / recycles / deadline kills | {report.retries} / {report.worker_restarts}"
-        f" / {report.worker_recycles} / {report.deadline_kills} |",
+        f"| retries / worker restarts (backed off) / recycles / deadline kills | {report.retries}"
+        f" / {report.worker_restarts} ({report.respawn_backoffs}) / {report.worker_recycles} / {report.deadline_kills} |",
         "",
         "| outcome | images |",
         "|---|---|",

@@ -336,11 +336,16 @@ class Supervisor:
     def _admit(self) -> None:
         """Move images from the backlog into the queue, as room (or the overflow policy) allows."""
         block = self.cfg.dispatch.overflow == "block"
-        for ref in self.intake.take(self.dispatch.room if block else len(self.intake.backlog)):
+        refs = self.intake.take(self.dispatch.room if block else len(self.intake.backlog))
+        for n, ref in enumerate(refs):
             self.stats.scanned += 1
             self.expiry.observe(ref)
-            for dropped in self.dispatch.offer(ref):
-                self._drop(dropped, Outcome.DROPPED_BACKLOG, "queue_full")
+            try:
+                for dropped in self.dispatch.offer(ref):
+                    self._drop(dropped, Outcome.DROPPED_BACKLOG, "queue_full")
+            except BaseException:
+                self.intake.put_back(refs[n + 1:])  # taken but never offered: the checkpoint saves them
+                raise
 
     def _after_sweep(self, end: SweepEnd) -> None:
         if end.complete and end.full:
@@ -434,7 +439,6 @@ class Supervisor:
             # the queue out of queued_at order
             expired = [item for item, queued_at in self.dispatch.waiting(kind) if now - max(queued_at, since) >= budget]
             for item in expired:
-                self.dispatch.withdraw(item.ref.key)
                 self._drop(item.ref, Outcome.FAILED_ALGO, "no_healthy_endpoint")
             if expired:
                 log.warning("%d %r images waited %.0f s for a healthy algorithm endpoint; failed", len(expired),
@@ -487,16 +491,24 @@ class Supervisor:
                 lost += 1
                 self.endpoints.finished(item.endpoints, [])
                 self._on_lost_item(item, lane, event)
+        wait_s = 0.0 if self.stopping.draining else self.pool.respawn(event.worker)
         if event.overdue:
             self.stats.deadline_kills += 1
         elif event.retiring and not lost:
             self.stats.worker_recycles += 1
         else:
             self.stats.worker_restarts += 1
+            self._report_death(event, lost, wait_s)
+
+    def _report_death(self, event: Exit, lost: int, wait_s: float) -> None:
+        """Warn of an unexpected exit; one that died before answering anything is replaced after a backoff."""
+        if not wait_s:
             log.warning("worker process %d exited unexpectedly (exit code %s) holding %d images; starting a replacement",
                         event.worker, event.code, lost)
-        if not self.stopping.draining:
-            self.pool.respawn(event.worker)
+            return
+        self.stats.respawn_backoffs += 1
+        log.warning("worker process %d exited before answering anything (exit code %s) holding %d images; "
+                    "starting a replacement in %.1f s", event.worker, event.code, lost, wait_s)
 
     def _on_lost_item(self, item: WorkItem, lane: int, event: Exit) -> None:
         """A lane's process died holding an item (or was killed past a deadline): retry, or give up.
@@ -534,9 +546,20 @@ class Supervisor:
         self.dispatch.requeue_front(item, queued_at=queued_at)
 
     def _drop(self, ref: ImageRef, outcome: Outcome, cause: str) -> None:
-        """End an image that no worker will see."""
-        self._finish(Result(key=ref.key, outcome=outcome, task_type=ref.task_type, task_id=ref.task_id, cause=cause,
-                            finished_at=time.time()))
+        """End an image that no worker will see: its line first, then it leaves the queue and the backlog.
+
+        If the line cannot be written, the image stays queued (or is queued again: an overflow victim,
+        a backlog entry already taken), so the checkpoint saves it and the next run analyses it.
+        """
+        try:
+            self._finish(Result(key=ref.key, outcome=outcome, task_type=ref.task_type, task_id=ref.task_id,
+                                cause=cause, finished_at=time.time()))
+        except BaseException:
+            if ref.key not in self.dispatch and ref.key not in self.intake.backlog:
+                self.dispatch.append(WorkItem(ref=ref))
+            raise
+        self.dispatch.withdraw(ref.key)
+        self.intake.forget(ref.key)
 
     def _finish(self, result: Result) -> None:
         """The one place an image gets its terminal outcome: written first, then everything else."""

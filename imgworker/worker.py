@@ -11,8 +11,10 @@ every item its lanes held.
 
 The process exits when it receives the stop message (after its lanes have answered every item
 sent before it), or at once when the supervisor's end of the pipe closes (the supervisor died).
-It asks to be retired (max_tasks, max_memory_mb) by flagging a reply; the supervisor then sends
-the stop message. It ignores SIGTERM and SIGINT: the supervisor decides when it leaves. An unexpected exception while handling an item gives
+Its first message is ``READY``, once its clients are built: only then does the supervisor hand
+its lanes anything, so a process that dies while starting holds no item. It asks to be retired
+(max_tasks, max_memory_mb) by flagging a reply; the supervisor then sends the stop message.
+It ignores SIGTERM and SIGINT: the supervisor decides when it leaves. An unexpected exception while handling an item gives
 that item an outcome (``failed_algo``, cause ``internal_error``): a bug is never a reason to
 POST the same image again. The worker changes nothing in the store: result actions and every
 delete are done by the supervisor's janitor once the outcome is written.
@@ -34,6 +36,7 @@ import msgspec
 import psutil
 
 from .algo_client import AlgoAnswer, AlgoClient, AlgoRequest
+from .backoff import Backoff
 from .children import child_setup
 from .endpoints import Call
 from .config import Config
@@ -44,6 +47,7 @@ from .logs import LogSettings
 log = logging.getLogger(__name__)
 
 STOP = b""
+READY = b""  # the worker's first message (clients built); no frame is that short, so it names no lane
 _item_decoder = msgspec.msgpack.Decoder(WorkItem)
 _result_encoder = msgspec.msgpack.Encoder()
 
@@ -65,11 +69,6 @@ class StoreOps(Protocol):
 
 class AlgoOps(Protocol):
     def infer(self, request: AlgoRequest, endpoint: str = "") -> AlgoAnswer: ...
-
-
-def backoff_delay(attempt: int, *, base_s: float, cap_s: float, rng: random.Random) -> float:
-    """Full-jitter exponential backoff: uniform(0, min(cap, base * 2**attempt))."""
-    return rng.uniform(0.0, min(cap_s, base_s * (2**attempt)))
 
 
 class _Trace:
@@ -102,6 +101,9 @@ class ItemProcessor:
         self.worker_id = worker_id
         self.sleep = sleep
         self.rng = rng or random.Random()
+        # Full jitter (anywhere from 0 to the capped delay): lanes that failed together spread out.
+        self.algo_backoff = Backoff(cfg.algo.backoff_base_s, cfg.algo.backoff_cap_s, jitter=1.0, rng=self.rng)
+        self.store_backoff = Backoff(0.1, 2.0, jitter=1.0, rng=self.rng)
 
     def process(self, item: WorkItem) -> Result:
         return self.process_item(item)[0]
@@ -170,7 +172,7 @@ class ItemProcessor:
         attempt = refunds = 0
         while attempt < attempts:
             if attempt:
-                self.sleep(self._delay(attempt - 1, self.cfg.algo.backoff_base_s, self.cfg.algo.backoff_cap_s))
+                self.sleep(self.algo_backoff.delay(attempt))
             endpoint = targets[attempt % len(targets)]
             attempt += 1
             fields.algo_calls += 1
@@ -236,14 +238,11 @@ class ItemProcessor:
             try:
                 return op()  # type: ignore[return-value]
             except StoreUnavailable:
-                delay = self._delay(attempt, 0.1, 2.0)
+                delay = self.store_backoff.delay(attempt + 1)
                 if time.monotonic() + delay > deadline:
                     raise
                 attempt += 1
                 self.sleep(delay)
-
-    def _delay(self, attempt: int, base: float, cap: float) -> float:
-        return backoff_delay(attempt, base_s=base, cap_s=cap, rng=self.rng)
 
 
 _STORE_ENDS = {"gone": (Outcome.FAILED_MISSING, "object_missing"),
@@ -325,6 +324,14 @@ class _Channel:
                                                          undecodable=f"item not decodable: {exc}"[:200])))
             return None
 
+    def ready(self) -> None:
+        """Tell the supervisor this process's lanes can take items."""
+        with self._sending:
+            try:
+                self.conn.send_bytes(READY)
+            except (BrokenPipeError, OSError):
+                pass  # the supervisor is gone; the next read sees the pipe closed
+
     def count_one(self) -> bool:
         """Count one answered item; True if the process should now be retired."""
         with self._sending:
@@ -344,6 +351,7 @@ def worker_main(index: int, lanes: tuple[int, ...], cfg: Config, conn: Connectio
     child_setup(f"worker {index}", log_settings)
     channel = _Channel(conn, cfg, lanes)
     processors = {lane: _build_processor(lane, cfg) for lane in lanes}
+    channel.ready()
     threads = [threading.Thread(target=_serve, args=(channel, processors), name=f"lane-{lane}", daemon=True)
                for lane in lanes]
     for thread in threads:

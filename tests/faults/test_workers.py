@@ -1,17 +1,23 @@
-"""Worker faults injected for real: SIGKILL, poison items, recycling, supervisor death, titles."""
+"""Worker faults injected for real: SIGKILL, poison items, start-up deaths, recycling, supervisor death, titles."""
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import os
 import random
+import re
 import signal
 import time
 
 import psutil
 import pytest
 
+from imgworker.backoff import RESTART_CAP_S, restart_backoff
+from imgworker.logs import LogSettings
+from imgworker.pool import ProcessPool
 from imgworker.services.algo_server import AlgoService, SyntheticParams
-from imgworker.supervisor import Supervisor
+from imgworker.supervisor import Supervisor, process_parts
 from tests.conftest import cli_env, read_outcomes, reap, start_run, upload, workers_of
 from tests.faults.test_far_end import count_results
 from tests.support.kills import kill_workers_at_progress
@@ -92,6 +98,54 @@ def _poison(cfg, store, prefix):
     assert all(outcomes[k] != ["failed_worker"] for k in keys if k != poison)
     assert report.outcomes["failed_worker"] == 1 and report.retries == 2 and report.worker_restarts == 3
     assert report.conserved
+
+
+class StillClock:
+    """The restart backoff's clock: it stands still until the test moves it."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_workers_that_die_at_start_are_backed_off_and_cost_no_image_an_attempt(make_config, store, prefix, caplog):
+    cfg = make_config(worker={"count": 2, "max_attempts": 1})  # one charged attempt would end an image failed_worker
+    count = cfg.worker.count
+    keys = [f"{prefix}p/t/20240101-120000.{i:03d}.jpg" for i in range(6)]
+    upload(store, keys)
+    clock = StillClock()
+    pool = ProcessPool(cfg, LogSettings(level="NO-SUCH-LEVEL"),  # every new worker process exits in its set-up
+                       make_backoff=lambda: restart_backoff(clock=clock))
+    sup = Supervisor(cfg, show_progress=False, parts=dataclasses.replace(process_parts(cfg), pool=pool))
+    caplog.set_level(logging.WARNING, logger="imgworker.supervisor")
+    sup.start()
+    try:
+        started = time.monotonic()
+        while time.monotonic() - started < 8.0 or not sup.dispatch.pending:  # many start-ups' worth of time ...
+            sup.step()
+        assert sup.stats.worker_restarts == count, "a process was replaced before its backoff was over"
+        for waits_over in (1, 2):  # ... then the backoff's waits end twice while the images wait in the queue
+            clock.now += RESTART_CAP_S
+            while sup.stats.worker_restarts < count * (1 + waits_over):
+                sup.step()
+        deaths = sup.stats.worker_restarts
+        pool.log_settings = LogSettings()  # the cause is removed: the next replacements start and stay
+        clock.now += RESTART_CAP_S
+        while not sup.finished():
+            sup.step()
+    finally:
+        sup.shutdown()
+    report = sup.report()
+    assert deaths == count * 3, "one start per worker each time the backoff's wait ended"
+    assert report.respawn_backoffs == report.worker_restarts == deaths
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any(re.fullmatch(r"worker process [01] exited before answering anything \(exit code 1\) holding 0 images; "
+                            r"starting a replacement in \d+\.\d s", m) for m in warned), warned
+    outcomes = read_outcomes(cfg)
+    assert sorted(outcomes) == sorted(keys) and all(len(v) == 1 for v in outcomes.values())
+    assert report.outcomes["failed_worker"] == 0 and report.retries == 0 and report.inferences == len(keys)
 
 
 def test_recycling_finishes_the_item_first(make_config, store, prefix):

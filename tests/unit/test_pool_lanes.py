@@ -5,13 +5,15 @@ from __future__ import annotations
 import os
 import time
 from multiprocessing import Pipe
+from typing import Any
 
 import pytest
 
 from imgworker.config import load_config
 from imgworker.outcomes import Outcome, Result
-from imgworker.pool import Answer, ProcessPool, _Worker
-from imgworker.worker import Reply, _result_encoder, frame
+from imgworker.backoff import Backoff
+from imgworker.pool import Answer, Exit, ProcessPool, _Worker
+from imgworker.worker import READY, Reply, _result_encoder, frame
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -38,20 +40,21 @@ class StandIn:
         pass
 
 
-def stand_in(pool: ProcessPool, lanes: tuple[int, ...], *, alive: bool):
+def stand_in(pool: ProcessPool, lanes: tuple[int, ...], *, alive: bool, ready: bool = True):
     worker = object.__new__(_Worker)
     ours, theirs = Pipe(duplex=True)
     worker.index, worker.lanes, worker.conn = 0, lanes, ours
     worker.process = StandIn(alive)
     worker.busy, worker.retiring, worker.overdue, worker.eof = {}, False, set(), False
+    worker.ready, worker.answered = ready, False
     pool.workers[0] = worker
     pool._index()
     return worker, theirs
 
 
-def pool_of(threads: int) -> ProcessPool:
+def pool_of(threads: int, **kwargs: Any) -> ProcessPool:
     cfg = load_config(env={}, overrides={"worker": {"count": 1, "threads": threads, "item_deadline_s": 5.0}})
-    return ProcessPool(cfg, None)  # type: ignore[arg-type]
+    return ProcessPool(cfg, None, **kwargs)  # type: ignore[arg-type]
 
 
 def reply(key: str) -> bytes:
@@ -168,3 +171,66 @@ def test_late_inline_answers_are_held_across_waits_and_reordered():
     assert len([keys for keys in per_wait if keys]) > 1, "every answer came in one wait"
     assert delivered != sorted(delivered), "answers came in lane order"
     assert len(pool.idle) == 8
+
+
+def test_a_new_process_gets_items_only_once_it_says_it_is_ready():
+    pool = pool_of(2)
+    _, theirs = stand_in(pool, (0, 1), alive=True, ready=False)
+    events, _ = pool.wait(0.05, [])
+    assert events == [] and pool.idle == [], "lanes of a process still starting were handed out"
+    theirs.send_bytes(READY)
+    events, _ = pool.wait(0.5, [])
+    assert events == [] and pool.idle == [1, 0]  # idle.pop() hands out the lowest lane first
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def die_early(pool: ProcessPool, *, answered: bool = False) -> Exit:
+    """A stand-in process of worker 0 dies; return the pool's Exit event."""
+    worker, theirs = stand_in(pool, (0,), alive=False)
+    if answered:
+        worker.busy = {0: time.monotonic()}
+        theirs.send_bytes(frame(0, reply("done.jpg")))
+    theirs.close()
+    events, _ = pool.wait(0.5, [])
+    exits = [e for e in events if isinstance(e, Exit)]
+    assert len(exits) == 1
+    return exits[0]
+
+
+def test_early_deaths_are_replaced_after_a_growing_capped_backoff_reset_by_an_answer():
+    clock = Clock()
+    pool = pool_of(1, make_backoff=lambda: Backoff(1.0, 4.0, clock=clock))  # no jitter: the waits are exact
+    spawned: list[int] = []
+    pool._spawn = spawned.append  # type: ignore[method-assign]
+    waits = []
+    for _ in range(4):
+        assert die_early(pool).early
+        waits.append(pool.respawn(0))
+        pool.wait(0.0, [])
+    assert waits == [1.0, 2.0, 4.0, 4.0] and spawned == [], "a process that died at start was replaced at once"
+    clock.now += 4.0
+    pool.wait(0.0, [])
+    assert spawned == [0]
+    exit = die_early(pool, answered=True)  # this one answered an item: past its start
+    assert not exit.early and pool.respawn(0) == 0.0 and spawned == [0, 0]
+    assert die_early(pool).early and pool.respawn(0) == 1.0, "an answer did not reset the backoff"
+
+
+def test_a_replacement_still_waiting_is_never_started_after_stop():
+    clock = Clock()
+    pool = pool_of(1, make_backoff=lambda: Backoff(1.0, 1.0, clock=clock))
+    spawned: list[int] = []
+    pool._spawn = spawned.append  # type: ignore[method-assign]
+    die_early(pool)
+    pool.respawn(0)
+    pool.stop(time.monotonic())
+    clock.now += 2.0
+    pool.wait(0.0, [])
+    assert spawned == []

@@ -7,7 +7,7 @@ from imgworker.algo_client import AlgoAnswer
 from imgworker.config import load_config
 from imgworker.errors import AlgoPermanent, AlgoTransient, ImageGone, ObjectMissing, StoreUnavailable
 from imgworker.outcomes import ImageRef, Outcome, WorkItem
-from imgworker.worker import ItemProcessor, backoff_delay
+from imgworker.worker import ItemProcessor
 
 ITEM = WorkItem(ref=ImageRef(key="cam/p/t/1.jpg", task_type="p", task_id="t"))
 
@@ -120,15 +120,6 @@ def test_store_outage_beyond_budget_is_failed_store():
     result, _ = run(store, FakeAlgo([]), **processor_cfg)
     assert result.outcome is Outcome.FAILED_STORE
     assert result.cause == "store unreachable"
-
-
-def test_backoff_is_capped_and_jittered():
-    import random
-
-    rng = random.Random(1)
-    delays = [backoff_delay(a, base_s=0.1, cap_s=1.0, rng=rng) for a in range(20)]
-    assert all(0 <= d <= 1.0 for d in delays)
-    assert len(set(delays)) == len(delays)
 
 
 def test_retries_go_to_the_next_endpoint_and_calls_are_reported():
