@@ -70,7 +70,8 @@ from ._common import RESULTS, embedded
 from ._floor import Target, Timing, run_floor
 from ._peer_procs import CeleryWorker, Valkey, cpu_seconds, tree, wait_quiet
 
-WAYS = ("imgworker", "imgworker-lanes", "imgworker-lanes-env", "imgworker-listing", "floor", "celery")
+WAYS = ("imgworker", "imgworker-lanes", "imgworker-lanes-env", "imgworker-listing", "imgworker-lanes-listing", "floor",
+        "celery")
 LANES = 8  # lanes per worker process in the imgworker-lanes way
 
 
@@ -193,13 +194,14 @@ def run_imgworker(base: Config, *, prefix: str, images: int, workers: int, laten
     """The real supervisor and N worker processes on ``prefix``, until every image has its outcome.
 
     ``imgworker`` finds images from the store's change events (one reconciliation listing at start),
-    ``imgworker-listing`` by listing the bucket every second, as shipped for ``scan.mode = "listing"``;
+    ``imgworker-listing`` by listing the bucket every second, as shipped for ``scan.mode = "listing"``
+    (``imgworker-lanes-listing``: that with the N lanes in N / 8 processes);
     ``imgworker-lanes`` is ``imgworker`` with the N lanes in N / 8 processes; ``imgworker-lanes-env`` is
     that with ``algo.trust_env = true`` (requests reads proxy settings and ~/.netrc on every call, as
     the floor's and Celery's sessions do), which shows what that setting alone is worth.
     """
     state = tempfile.mkdtemp(prefix="peers-state-")
-    listing = way == "imgworker-listing"
+    listing = way.endswith("-listing")
     scan = ScanConfig() if listing else ScanConfig(mode="events", events_filer=base.scan.events_filer)
     threads = lanes_per_process(workers) if way.startswith("imgworker-lanes") else 1
     processes = workers // threads

@@ -10,7 +10,8 @@ import sys
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-WAYS = {"imgworker", "imgworker-lanes", "imgworker-lanes-env", "imgworker-listing", "floor", "celery"}
+WAYS = {"imgworker", "imgworker-lanes", "imgworker-lanes-env", "imgworker-listing", "imgworker-lanes-listing", "floor",
+        "celery"}
 
 
 @pytest.mark.timeout(300)
