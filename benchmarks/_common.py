@@ -38,6 +38,6 @@ def embedded(latency_ms: float = 50.0, sigma: float = 0.0, bucket: str = "bench"
                 "store": {"endpoint": server.endpoint, "bucket": bucket},
                 "algo": {"endpoint": algo.endpoint, "timeout_s": 30.0},
                 "run": {"state_dir": os.path.join(workdir, "state"), "until_idle": True},
-                "scan": {"interval_s": 0.2, "events_filer": server.filer_address},
+                "scan": {"interval_s": 0.2, "events": {"filer": server.filer_address}},
             })
             yield msgspec.structs.replace(cfg, credentials=creds)

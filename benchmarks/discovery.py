@@ -341,7 +341,7 @@ def workers_quiet(driver: Driver, uploader_pid: int, *, window_s: float = 0.5, c
 def mode_config(base: Config, mode: str, state_dir: str, server: EmbeddedStore, params: Params) -> Config:
     scan: dict[str, Any] = {"mode": "events" if mode.startswith("events") else mode}
     if mode.startswith("events"):
-        scan.update(events_source="seaweed", events_filer=server.filer_address,
+        scan.update(events={"source": "seaweed", "filer": server.filer_address},
                     reconcile_interval_s=params.reconcile_interval_s,
                     reconcile="incremental" if mode == "events-incremental" else "full")
     else:

@@ -202,7 +202,7 @@ def run_imgworker(base: Config, *, prefix: str, images: int, workers: int, laten
     """
     state = tempfile.mkdtemp(prefix="peers-state-")
     listing = way.endswith("-listing")
-    scan = ScanConfig() if listing else ScanConfig(mode="events", events_filer=base.scan.events_filer)
+    scan = ScanConfig() if listing else ScanConfig(mode="events", events=base.scan.events)
     threads = lanes_per_process(workers) if way.startswith("imgworker-lanes") else 1
     processes = workers // threads
     cfg = msgspec.structs.replace(

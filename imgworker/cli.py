@@ -262,8 +262,8 @@ def _demo_config(args: argparse.Namespace, store: Any, algo: str, creds: Credent
     overrides.setdefault("worker", {}).setdefault("count", 4)
     overrides["store"] = {"endpoint": store.endpoint, "bucket": "imgworker-demo"}
     overrides["algo"] = {"endpoint": algo, "timeout_s": 30.0}
-    overrides["scan"] = {"interval_s": 0.5, "mode": args.scan_mode, "events_filer": store.filer_address,
-                         "reconcile_interval_s": 10.0}
+    overrides["scan"] = {"interval_s": 0.5, "mode": args.scan_mode, "reconcile_interval_s": 10.0,
+                         "events": {"source": "seaweed", "filer": store.filer_address}}
     overrides.setdefault("run", {}).update(
         {"state_dir": os.path.join(data_dir, "state"), "until_idle": True, "grace_s": 30.0}
     )

@@ -8,10 +8,12 @@ main file: they come from ``IMGWORKER_ACCESS_KEY``/``IMGWORKER_SECRET_KEY`` (or 
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import tomllib
 import typing
+import urllib.parse
 from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 
@@ -24,6 +26,8 @@ NonNegative = Annotated[float, msgspec.Meta(ge=0)]
 PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
 NonNegativeInt = Annotated[int, msgspec.Meta(ge=0)]
 Overflow = Literal["block", "drop_oldest", "drop_newest"]
+
+log = logging.getLogger(__name__)
 
 _STRUCT = {"frozen": True, "forbid_unknown_fields": True, "kw_only": True}
 
@@ -57,12 +61,42 @@ class StoreConfig(msgspec.Struct, **_STRUCT):
     list_timeout_s: Positive = 30.0
 
 
+class EventsConfig(msgspec.Struct, **_STRUCT):
+    """``[scan.events]``: where change events come from; the watcher process runs exactly this source.
+
+    ``source``: ``seaweed`` tails the filer's metadata log (``filer`` as host:port.grpcport);
+    ``minio_webhook`` serves MinIO's bucket notifications on ``webhook_host:webhook_port`` (0: any
+    free port); ``minio_nats`` reads them from a JetStream stream through the durable consumer
+    ``nats_durable``. The webhook's and the NATS server's token come from the credentials
+    (``IMGWORKER_WEBHOOK_TOKEN``), never from here; a password in ``nats_url`` never shows in the repr.
+    """
+
+    source: Literal["seaweed", "minio_webhook", "minio_nats"] = "seaweed"
+    filer: str = ""
+    webhook_host: str = "127.0.0.1"
+    webhook_port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 0
+    nats_url: str = "nats://127.0.0.1:4222"
+    nats_subject: str = "minio.events"  # the subject MinIO publishes to (its ``subject`` setting)
+    nats_stream: str = ""  # the JetStream stream; empty = the one holding ``nats_subject``
+    nats_durable: str = "imgworker"  # the durable consumer, which keeps the position
+
+    def __repr__(self) -> str:
+        url = urllib.parse.urlsplit(self.nats_url)
+        nats_url = url._replace(netloc=f"***@{url.hostname}:{url.port}").geturl() if url.password else self.nats_url
+        return (f"EventsConfig(source={self.source!r}, filer={self.filer!r}, webhook_host={self.webhook_host!r}, "
+                f"webhook_port={self.webhook_port!r}, nats_url={nats_url!r}, nats_subject={self.nats_subject!r}, "
+                f"nats_stream={self.nats_stream!r}, nats_durable={self.nats_durable!r})")
+
+    __str__ = __repr__
+
+
 class ScanConfig(msgspec.Struct, **_STRUCT):
     """How the supervisor finds new images: by listing the bucket, or from change events.
 
-    With ``mode = "events"`` new images arrive as the store reports them (``events_source``:
-    SeaweedFS's filer metadata subscription, or MinIO bucket notifications to imgworker's webhook),
-    and a reconciliation listing every ``reconcile_interval_s`` finds whatever the events missed.
+    With ``mode = "events"`` new images arrive as the store reports them (``[scan.events]``:
+    SeaweedFS's filer metadata subscription, or MinIO bucket notifications to imgworker's webhook
+    or through NATS), and a reconciliation listing every ``reconcile_interval_s`` finds whatever the
+    events missed.
     """
 
     mode: Literal["listing", "events"] = "listing"
@@ -70,14 +104,7 @@ class ScanConfig(msgspec.Struct, **_STRUCT):
     reconcile_interval_s: Positive = 60.0
     reconcile: Literal["full", "incremental"] = "full"
     full_every: PositiveInt = 60  # incremental: every Nth reconciliation lists everything (prunes, forgets)
-    events_source: Literal["seaweed", "minio_webhook", "minio_nats"] = "seaweed"
-    events_filer: str = ""
-    webhook_host: str = "127.0.0.1"
-    webhook_port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 0
-    nats_url: str = "nats://127.0.0.1:4222"
-    nats_subject: str = "minio.events"
-    nats_stream: str = ""
-    nats_durable: str = "imgworker"
+    events: EventsConfig = EventsConfig()
     page_size: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 1000
     extensions: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
     exclude_prefixes: tuple[str, ...] = ("alerts/", "results/")
@@ -223,6 +250,18 @@ SECTIONS: dict[str, type[msgspec.Struct]] = {
     "actions": ActionsConfig,
 }
 
+#: ``[scan]`` keys of earlier versions, still read (with a warning): each is the ``[scan.events]`` key named here.
+SCAN_EVENTS_ALIASES = {
+    "events_source": "source",
+    "events_filer": "filer",
+    "webhook_host": "webhook_host",
+    "webhook_port": "webhook_port",
+    "nats_url": "nats_url",
+    "nats_subject": "nats_subject",
+    "nats_stream": "nats_stream",
+    "nats_durable": "nats_durable",
+}
+
 _ENV_PREFIX = "IMGWORKER_"
 _CREDENTIAL_ENV = {
     "access_key": ("IMGWORKER_ACCESS_KEY", "AWS_ACCESS_KEY_ID"),
@@ -239,14 +278,15 @@ def load_config(
 ) -> Config:
     """Build the Config from file, environment and flag overrides, or raise ConfigError."""
     env = os.environ if env is None else env
-    raw = _read_toml(path) if path else {}
-    _merge(raw, env_overrides(env))
-    _merge(raw, {k: dict(v) for k, v in (overrides or {}).items()})
-    config = _convert(raw)
+    written: dict[str, str] = {}  # a key set through an old alias -> the alias, for error messages
+    raw = _nest_aliases(_read_toml(path) if path else {}, written)
+    _merge(raw, _nest_aliases(env_overrides(env), written))
+    _merge(raw, _nest_aliases({k: dict(v) for k, v in (overrides or {}).items()}, written))
+    config = _convert(raw, written)
     creds = load_credentials(env=env, credentials_file=config.store.credentials_file)
-    if config.scan.mode == "events" and config.scan.events_source == "minio_webhook" and not creds.webhook_token:
-        raise ConfigError("scan.events_source = 'minio_webhook' needs a token: set IMGWORKER_WEBHOOK_TOKEN "
-                          "(the auth_token of MinIO's webhook target)")
+    if config.scan.mode == "events" and config.scan.events.source == "minio_webhook" and not creds.webhook_token:
+        raise ConfigError(f"{written.get('scan.events.source', 'scan.events.source')} = 'minio_webhook' needs a "
+                          "token: set IMGWORKER_WEBHOOK_TOKEN (the auth_token of MinIO's webhook target)")
     return msgspec.structs.replace(config, credentials=creds)
 
 
@@ -261,15 +301,52 @@ def _read_toml(path: str) -> dict[str, Any]:
 
 
 def _merge(into: dict[str, Any], extra: Mapping[str, Mapping[str, Any]]) -> None:
+    """Later values win; a sub-table (``scan.events``) is merged key by key, other tables replaced whole."""
     for section, values in extra.items():
         current = into.setdefault(section, {})
         if not isinstance(current, dict):
             raise ConfigError(f"config key {section!r} must be a table, got {current!r}")
-        current.update(values)
+        for key, value in values.items():
+            below = current.get(key)
+            if key in _subtables(section) and isinstance(below, dict) and isinstance(value, dict):
+                value = {**below, **value}
+            current[key] = value
+
+
+def _nest_aliases(layer: dict[str, Any], written: dict[str, str]) -> dict[str, Any]:
+    """``layer`` with the old flat ``[scan]`` event keys moved into ``[scan.events]``; ``written`` notes each move.
+
+    ``written`` maps ``scan.events.<key>`` to the alias it was set through, so that an error names the
+    key the user wrote; a later layer that sets the key the new way takes it out again.
+    """
+    scan = layer.get("scan")
+    events = scan.get("events", {}) if isinstance(scan, dict) else None
+    if not isinstance(scan, dict) or not isinstance(events, dict):
+        return layer  # not tables: the conversion names the mistake
+    for key in events:
+        written.pop(f"scan.events.{key}", None)
+    moved = {}
+    for old, new in SCAN_EVENTS_ALIASES.items():
+        if old not in scan:
+            continue
+        if new in events:
+            raise ConfigError(f"config keys scan.{old} and scan.events.{new} are both set: keep scan.events.{new}")
+        moved[new] = scan[old]
+        written[f"scan.events.{new}"] = f"scan.{old}"
+        log.warning("config key scan.%s is deprecated: set %s in [scan.events] (IMGWORKER_SCAN_EVENTS_%s)",
+                    old, new, new.upper())
+    if not moved:
+        return layer
+    scan = {k: v for k, v in scan.items() if k not in SCAN_EVENTS_ALIASES}
+    return {**layer, "scan": {**scan, "events": {**events, **moved}}}
 
 
 def env_overrides(env: Mapping[str, str]) -> dict[str, dict[str, Any]]:
-    """Map ``IMGWORKER_SECTION_KEY=value`` variables onto config sections."""
+    """Map ``IMGWORKER_SECTION_KEY=value`` variables onto config sections.
+
+    A sub-table's keys are ``IMGWORKER_SECTION_TABLE_KEY``: ``IMGWORKER_SCAN_EVENTS_FILER`` is
+    ``filer`` in ``[scan.events]``.
+    """
     out: dict[str, dict[str, Any]] = {}
     for name, value in env.items():
         if not name.startswith(_ENV_PREFIX) or name in ("IMGWORKER_ACCESS_KEY", "IMGWORKER_SECRET_KEY",
@@ -280,25 +357,47 @@ def env_overrides(env: Mapping[str, str]) -> dict[str, dict[str, Any]]:
         if section is None:
             continue
         key = rest[len(section) + 1:]
-        out.setdefault(section, {})[key] = _env_value(section, key, value)
+        table = next((t for t in _subtables(section) if key.startswith(t + "_")), None)
+        if table is None:
+            out.setdefault(section, {})[key] = _env_value(f"{section}.{key}", value)
+        else:
+            sub = key[len(table) + 1:]
+            out.setdefault(section, {}).setdefault(table, {})[sub] = _env_value(f"{section}.{table}.{sub}", value)
     return out
 
 
-def _env_value(section: str, key: str, value: str) -> Any:
+def _subtables(section: str) -> dict[str, type[msgspec.Struct]]:
+    """The keys of ``[section]`` that are tables of their own, such as ``events`` in ``[scan]``."""
+    cls = SECTIONS.get(section)
+    fields = msgspec.structs.fields(cls) if cls is not None else ()
+    return {f.name: f.type for f in fields if isinstance(f.type, type) and issubclass(f.type, msgspec.Struct)}
+
+
+def _field_type(key: str) -> Any:
+    """The declared type of a dotted config key (``scan.events.source``); None if there is no such key."""
+    section, *path = key.split(".")
+    kind: Any = SECTIONS.get(section)
+    for name in path:
+        if not (isinstance(kind, type) and issubclass(kind, msgspec.Struct)):
+            return None
+        kind = {f.name: f.type for f in msgspec.structs.fields(kind)}.get(name)
+    return kind if path else None
+
+
+def _env_value(key: str, value: str) -> Any:
     """Environment values are strings; lists are comma-separated, tables are JSON."""
-    fields = {f.name: f.type for f in msgspec.structs.fields(SECTIONS[section])}
-    kind = fields.get(key)
+    kind = _field_type(key)
     if kind is not None and "tuple" in str(kind):
         return [part.strip() for part in value.split(",") if part.strip()]
     if kind is not None and "dict" in str(kind):
         try:
             return msgspec.json.decode(value)
         except msgspec.DecodeError:
-            raise ConfigError(f"config key {section}.{key}: value {value!r} is not a JSON object") from None
+            raise ConfigError(f"config key {key}: value {value!r} is not a JSON object") from None
     return value
 
 
-def _convert(raw: dict[str, Any]) -> Config:
+def _convert(raw: dict[str, Any], written: Mapping[str, str] | None = None) -> Config:
     if "credentials" in raw:
         raise ConfigError("credentials are not read from the config: use the environment or store.credentials_file")
     for section in ("store",):
@@ -311,16 +410,16 @@ def _convert(raw: dict[str, Any]) -> Config:
     try:
         config = msgspec.convert(raw, Config, strict=False)
     except msgspec.ValidationError as exc:
-        raise ConfigError(_explain(exc, raw)) from None
-    _check_semantics(config)
+        raise ConfigError(_explain(exc, raw, written or {})) from None
+    _check_semantics(config, written or {})
     return config
 
 
 _PATH = re.compile(r"at `\$\.([\w.]+)`")
 
 
-def _explain(exc: msgspec.ValidationError, raw: dict[str, Any]) -> str:
-    """Turn msgspec's message into one naming the key, the value and what is allowed."""
+def _explain(exc: msgspec.ValidationError, raw: dict[str, Any], written: Mapping[str, str]) -> str:
+    """Turn msgspec's message into one naming the key (as the user wrote it), the value and what is allowed."""
     text = str(exc)
     match = _PATH.search(text)
     if not match:
@@ -331,24 +430,20 @@ def _explain(exc: msgspec.ValidationError, raw: dict[str, Any]) -> str:
         value = value.get(part, "<missing>") if isinstance(value, dict) else "<missing>"
     allowed = text[: match.start()].rstrip(" -")
     if allowed.startswith("Object contains unknown field"):
-        section = key.split(".")[0] if "." in key else key
-        return f"invalid config: {allowed} in [{section}]"
+        return f"invalid config: {allowed} in [{key}]"
     choices = _choices(key)
     if choices:
         allowed = "one of " + ", ".join(choices)
-    return f"invalid config key {key}: value {value!r} is not allowed ({allowed})"
+    return f"invalid config key {written.get(key, key)}: value {value!r} is not allowed ({allowed})"
 
 
 def _choices(key: str) -> tuple[str, ...]:
     """The allowed values of a Literal-typed field, if it is one."""
-    section, _, name = key.partition(".")
-    if section not in SECTIONS:
-        return ()
-    kind = {f.name: f.type for f in msgspec.structs.fields(SECTIONS[section])}.get(name)
+    kind = _field_type(key)
     return tuple(str(a) for a in typing.get_args(kind)) if typing.get_origin(kind) is Literal else ()
 
 
-def _check_semantics(config: Config) -> None:
+def _check_semantics(config: Config, written: Mapping[str, str]) -> None:
     """Rules a type cannot express."""
     if not config.store.bucket:
         raise ConfigError("invalid config key store.bucket: value '' is not allowed (a bucket name is required)")
@@ -374,9 +469,10 @@ def _check_semantics(config: Config) -> None:
             "(set retention.max_count, retention.max_age_s or retention.max_bytes)"
         )
     scan = config.scan
-    if scan.mode == "events" and scan.events_source == "seaweed" and not scan.events_filer:
-        raise ConfigError("invalid config key scan.events_filer: value '' is not allowed with scan.mode = 'events' "
-                          "and events_source = 'seaweed' (the filer as host:port.grpcport, e.g. 127.0.0.1:8888.18888)")
+    if scan.mode == "events" and scan.events.source == "seaweed" and not scan.events.filer:
+        filer, source = (written.get(k, k) for k in ("scan.events.filer", "scan.events.source"))
+        raise ConfigError(f"invalid config key {filer}: value '' is not allowed with scan.mode = 'events' and "
+                          f"{source} = 'seaweed' (the filer as host:port.grpcport, e.g. 127.0.0.1:8888.18888)")
     if scan.reconcile == "incremental" and config.retention.enabled:
         raise ConfigError("invalid config key scan.reconcile: value 'incremental' is not allowed with "
                           "retention.enabled (the cleaner needs a complete listing every pass)")

@@ -74,17 +74,13 @@ class Parts:
 
 def process_parts(cfg: Config) -> Parts:
     """Real parts: the minio store, a lister process, worker processes, a Manager, a watcher for events."""
-    from .events import Watcher, WatchSource
+    from .events import Watcher
     from .store import Store
 
     settings = current_settings()
-    scan = cfg.scan
-    source = WatchSource(kind=scan.events_source, filer=scan.events_filer, host=scan.webhook_host,
-                         port=scan.webhook_port, token=cfg.credentials.webhook_token, nats_url=scan.nats_url,
-                         subject=scan.nats_subject, stream=scan.nats_stream, durable=scan.nats_durable)
     return Parts(store=Store(cfg.store, cfg.credentials, read_timeout_s=cfg.store.list_timeout_s),
                  make_lister=lambda: Lister(cfg, settings), pool=ProcessPool(cfg, settings),
-                 make_watcher=lambda since_ns: Watcher(cfg, settings, since_ns, source))
+                 make_watcher=lambda since_ns: Watcher(cfg, settings, since_ns))
 
 
 def memory_parts(cfg: Config, store: MemoryStore, algo: Any, *, die_on: Callable[[WorkItem], bool] = lambda i: False,

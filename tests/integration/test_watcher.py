@@ -22,8 +22,9 @@ import psutil
 import pytest
 import requests
 
-from imgworker.config import Config, Credentials, load_config
-from imgworker.events import EventBatch, Watcher, WatcherReady, WatchSource
+from imgworker.config import Config, Credentials, EventsConfig, load_config
+from imgworker.events import EventBatch, Watcher, WatcherReady
+from imgworker.ledger import Ledger, LocalBackend
 from imgworker.logs import LogSettings
 from imgworker.services.netutil import free_port, port_open, stop_process, wait_until
 from imgworker.services.store_server import EmbeddedStore
@@ -45,9 +46,11 @@ def bucket(cfg: Config, creds: Credentials) -> Store:
 
 
 @contextlib.contextmanager
-def running(cfg: Config, since_ns: int, source: WatchSource) -> Iterator[Watcher]:
-    """A watcher that is always stopped and reaped."""
-    watcher = Watcher(cfg, LogSettings(level="INFO"), since_ns, source)
+def running(cfg: Config, since_ns: int, source: EventsConfig, token: str = "") -> Iterator[Watcher]:
+    """A watcher of ``source`` (``token``: the webhook's or the NATS server's) that is always stopped and reaped."""
+    cfg = msgspec.structs.replace(cfg, scan=msgspec.structs.replace(cfg.scan, events=source),
+                                  credentials=msgspec.structs.replace(cfg.credentials, webhook_token=token))
+    watcher = Watcher(cfg, LogSettings(level="INFO"), since_ns)
     try:
         yield watcher
     finally:
@@ -110,7 +113,7 @@ def image_keys(prefix: str, start: int, count: int) -> list[str]:
 @pytest.mark.timeout(180)
 def test_seaweed_watcher_finds_new_images_and_resumes_without_a_gap(
         cfg: Config, bucket: Store, store_server: EmbeddedStore, prefix: str) -> None:
-    source = WatchSource(kind="seaweed", filer=store_server.filer_address)
+    source = EventsConfig(source="seaweed", filer=store_server.filer_address)
     first = image_keys(prefix, 0, 20)
     with running(cfg, 0, source) as watcher:
         assert ready(watcher).port == 0
@@ -130,7 +133,7 @@ def test_seaweed_watcher_finds_new_images_and_resumes_without_a_gap(
 @pytest.mark.timeout(180)
 def test_the_tool_is_restarted_when_it_dies_and_dies_with_the_watcher(
         cfg: Config, bucket: Store, store_server: EmbeddedStore, prefix: str) -> None:
-    with running(cfg, 0, WatchSource(kind="seaweed", filer=store_server.filer_address)) as watcher:
+    with running(cfg, 0, EventsConfig(source="seaweed", filer=store_server.filer_address)) as watcher:
         ready(watcher)
         tool = the_tool(watcher)
         tool.kill()
@@ -176,7 +179,7 @@ AUTH = {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"}
 
 @pytest.mark.timeout(60)
 def test_webhook_takes_minio_notifications_only_with_the_token(plain_cfg: Config, prefix: str) -> None:
-    with running(plain_cfg, 0, WatchSource(kind="minio_webhook", token=TOKEN)) as watcher:
+    with running(plain_cfg, 0, EventsConfig(source="minio_webhook"), token=TOKEN) as watcher:
         url = f"http://127.0.0.1:{ready(watcher).port}/minio/events"
         assert requests.head(url, timeout=10).status_code == 200  # MinIO's check that the target is up
         assert requests.get(url, timeout=10).status_code == 200
@@ -202,7 +205,7 @@ def test_webhook_takes_minio_notifications_only_with_the_token(plain_cfg: Config
 def test_webhook_posts_from_many_connections_all_arrive(plain_cfg: Config, prefix: str) -> None:
     keys = [f"{prefix}cam-{t}/{i:03d}.jpg" for t in range(8) for i in range(25)]
     statuses: list[int] = []
-    with running(plain_cfg, 0, WatchSource(kind="minio_webhook")) as watcher:  # no token: no check
+    with running(plain_cfg, 0, EventsConfig(source="minio_webhook")) as watcher:  # no token: no check
         url = f"http://127.0.0.1:{ready(watcher).port}/"
 
         def post(thread: int) -> None:
@@ -228,8 +231,8 @@ def test_a_stop_saves_every_event_the_webhook_acknowledged_and_posts_after_it_be
 
     port = free_port()
     base = make_config(run={"until_idle": False})
-    scan = msgspec.structs.replace(base.scan, mode="events", events_source="minio_webhook", webhook_port=port,
-                                   reconcile_interval_s=3600.0)
+    scan = msgspec.structs.replace(base.scan, mode="events", reconcile_interval_s=3600.0,
+                                   events=EventsConfig(source="minio_webhook", webhook_port=port))
     cfg = msgspec.structs.replace(base, scan=scan,
                                   credentials=msgspec.structs.replace(base.credentials, webhook_token=TOKEN))
     url = f"http://127.0.0.1:{port}/"
@@ -274,10 +277,9 @@ def test_a_stop_saves_every_event_the_webhook_acknowledged_and_posts_after_it_be
         if sup.journal is not None and not sup.journal.closed:
             sup.shutdown()
     assert 200 not in after_stop  # MinIO keeps those in its queue_dir and sends them again
-    with open(os.path.join(cfg.run.state_dir, "state.json"), "rb") as f:
-        saved = json.loads(f.read())
-    assert set(acked) <= set(saved["intake"]["backlog"]) | set(saved["pending"]), (
-        f"{len(set(acked) - set(saved['intake']['backlog']))} of {len(acked)} acknowledged events are not saved")
+    restored = Ledger(os.path.join(cfg.run.state_dir, "state.json"), cfg.results_path, LocalBackend()).start()
+    saved = set(restored.intake.backlog) | set(restored.pending)  # what the next start takes in again
+    assert set(acked) <= saved, f"{len(set(acked) - saved)} of {len(acked)} acknowledged events are not saved"
 
 
 # --- MinIO through NATS JetStream ------------------------------------------------------------------
@@ -354,7 +356,8 @@ def publish(url: str, bodies: list[bytes]) -> None:
 def test_nats_consumer_takes_minio_events_acks_them_and_resumes_from_its_durable(
         nats_server: NatsServer, plain_cfg: Config, prefix: str) -> None:
     url = nats_server.url
-    source = WatchSource(kind="minio_nats", nats_url=url, subject="minio.events", durable="imgworker-test")
+    source = EventsConfig(source="minio_nats", nats_url=url, nats_subject="minio.events",
+                          nats_durable="imgworker-test")
     first = [f"{prefix}cam-{i % 3}/ünï {i:03d}+%.jpg" for i in range(20)]
     others = [minio_body("s3:ObjectCreated:Put", "frames", f"{prefix}cam-0/notes.txt"),
               minio_body("s3:ObjectRemoved:Delete", "frames", f"{prefix}cam-0/old.jpg"),
@@ -378,7 +381,7 @@ def test_nats_consumer_takes_minio_events_acks_them_and_resumes_from_its_durable
 @pytest.mark.timeout(120)
 def test_nats_consumer_connects_again_after_the_server_restarts(
         nats_server: NatsServer, plain_cfg: Config, prefix: str) -> None:
-    source = WatchSource(kind="minio_nats", nats_url=nats_server.url, durable="imgworker-restart")
+    source = EventsConfig(source="minio_nats", nats_url=nats_server.url, nats_durable="imgworker-restart")
     keys = [f"{prefix}cam-2/{i:03d}.jpg" for i in range(10)]
     with running(plain_cfg, 0, source) as watcher:
         ready(watcher)

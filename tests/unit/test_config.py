@@ -1,10 +1,11 @@
 from __future__ import annotations
 
+import logging
 import os
 
 import pytest
 
-from imgworker.config import load_config
+from imgworker.config import EventsConfig, load_config
 from imgworker.errors import ConfigError
 
 
@@ -169,3 +170,82 @@ def test_a_missing_or_unreadable_algo_ca_bundle_is_refused_at_load(tmp_path):
     bundle = tmp_path / "ca.pem"
     bundle.write_text("pem")
     assert load_config(env={}, overrides={"algo": {"ca_bundle": str(bundle)}}).algo.ca_bundle == str(bundle)
+
+
+# --- [scan.events]: the watcher's source, and the flat [scan] keys it replaced ------------------------
+
+def test_scan_events_is_merged_key_by_key_from_file_environment_and_flags(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text('[scan.events]\nsource = "minio_webhook"\nwebhook_host = "0.0.0.0"\nwebhook_port = 1\n'
+                    'nats_subject = "file"\n')
+    env = {"IMGWORKER_SCAN_EVENTS_WEBHOOK_PORT": "2", "IMGWORKER_SCAN_EVENTS_NATS_SUBJECT": "env",
+           "IMGWORKER_SCAN_EVENTS_NATS_DURABLE": "env"}
+    cfg = load_config(path=str(path), env=env, overrides={"scan": {"events": {"nats_subject": "flag"}}})
+    assert cfg.scan.events == EventsConfig(source="minio_webhook", webhook_host="0.0.0.0", webhook_port=2,
+                                           nats_subject="flag", nats_durable="env")
+
+
+def test_the_old_flat_scan_keys_are_read_as_scan_events_with_a_warning(tmp_path, caplog):
+    path = tmp_path / "c.toml"
+    path.write_text('[scan]\nmode = "events"\nevents_source = "minio_nats"\nevents_filer = "f:1.2"\n'
+                    'nats_url = "nats://n:4222"\nnats_subject = "s"\nnats_stream = "S"\nwebhook_host = "h"\n')
+    env = {"IMGWORKER_SCAN_WEBHOOK_PORT": "9911", "IMGWORKER_SCAN_NATS_DURABLE": "d"}
+    with caplog.at_level(logging.WARNING, logger="imgworker.config"):
+        cfg = load_config(path=str(path), env=env)
+    assert cfg.scan.events == EventsConfig(source="minio_nats", filer="f:1.2", webhook_host="h", webhook_port=9911,
+                                           nats_url="nats://n:4222", nats_subject="s", nats_stream="S",
+                                           nats_durable="d")
+    assert "config key scan.events_source is deprecated: set source in [scan.events]" in caplog.text
+    assert "scan.webhook_port is deprecated" in caplog.text
+
+
+@pytest.mark.parametrize(("file", "env", "port"), [
+    ("[scan]\nwebhook_port = 1\n", {"IMGWORKER_SCAN_EVENTS_WEBHOOK_PORT": "2"}, 2),
+    ("[scan.events]\nwebhook_port = 1\n", {"IMGWORKER_SCAN_WEBHOOK_PORT": "2"}, 2),
+    ("[scan]\nwebhook_port = 1\n", {}, 1),
+])
+def test_an_old_key_and_a_new_one_keep_the_precedence_of_where_they_were_set(tmp_path, file, env, port):
+    path = tmp_path / "c.toml"
+    path.write_text(file)
+    assert load_config(path=str(path), env=env).scan.events.webhook_port == port
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        ({"scan": {"webhook_port": 70000}}, "invalid config key scan.webhook_port: value 70000 is not allowed"),
+        ({"scan": {"events": {"webhook_port": 70000}}},
+         "invalid config key scan.events.webhook_port: value 70000 is not allowed"),
+        ({"scan": {"events_source": "kafka"}}, "invalid config key scan.events_source: value 'kafka' is not allowed "
+                                               "(one of seaweed, minio_webhook, minio_nats)"),
+        ({"scan": {"events": {"source": "kafka"}}},
+         "invalid config key scan.events.source: value 'kafka' is not allowed (one of seaweed, minio_webhook"),
+        ({"scan": {"mode": "events", "events_filer": ""}},
+         "invalid config key scan.events_filer: value '' is not allowed with scan.mode = 'events'"),
+        ({"scan": {"mode": "events"}}, "invalid config key scan.events.filer: value '' is not allowed"),
+        ({"scan": {"mode": "events", "events_source": "minio_webhook"}},
+         "scan.events_source = 'minio_webhook' needs a token"),
+        ({"scan": {"events": {"filter": "x"}}}, "unknown field `filter` in [scan.events]"),
+        ({"scan": {"webhook_port": 1, "events": {"webhook_port": 2}}},
+         "config keys scan.webhook_port and scan.events.webhook_port are both set"),
+    ],
+)
+def test_event_source_errors_name_the_key_as_it_was_written(overrides, expected):
+    with pytest.raises(ConfigError) as err:
+        load_config(env={}, overrides=overrides)
+    assert expected in str(err.value)
+
+
+@pytest.mark.parametrize(("name", "key"), [("IMGWORKER_SCAN_WEBHOOK_PORT", "scan.webhook_port"),
+                                           ("IMGWORKER_SCAN_EVENTS_WEBHOOK_PORT", "scan.events.webhook_port")])
+def test_a_bad_event_source_variable_names_its_key(name, key):
+    with pytest.raises(ConfigError, match=rf"invalid config key {key}: value 'many'"):
+        load_config(env={name: "many"})
+
+
+def test_a_password_in_the_nats_url_and_the_token_never_show():
+    env = {"IMGWORKER_SCAN_EVENTS_NATS_URL": "nats://u:s3cret-pw@nats.internal:4222",
+           "IMGWORKER_WEBHOOK_TOKEN": "tok-s3cret"}
+    cfg = load_config(env=env)
+    assert cfg.scan.events.nats_url == "nats://u:s3cret-pw@nats.internal:4222"
+    assert "s3cret" not in repr(cfg) and "s3cret" not in str(cfg.scan) and "nats.internal:4222" in repr(cfg)

