@@ -249,3 +249,10 @@ def test_a_password_in_the_nats_url_and_the_token_never_show():
     cfg = load_config(env=env)
     assert cfg.scan.events.nats_url == "nats://u:s3cret-pw@nats.internal:4222"
     assert "s3cret" not in repr(cfg) and "s3cret" not in str(cfg.scan) and "nats.internal:4222" in repr(cfg)
+
+
+def test_a_key_written_the_old_way_then_set_again_the_new_way_is_named_the_new_way(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text("[scan]\nwebhook_port = 1\n")
+    with pytest.raises(ConfigError, match=r"invalid config key scan.events.webhook_port: value 'many'"):
+        load_config(path=str(path), env={"IMGWORKER_SCAN_EVENTS_WEBHOOK_PORT": "many"})
