@@ -24,6 +24,7 @@ import requests
 
 from imgworker.config import Config, Credentials, load_config
 from imgworker.events import EventBatch, Watcher, WatcherReady, WatchSource
+from imgworker.ledger import Ledger, LocalBackend
 from imgworker.logs import LogSettings
 from imgworker.services.netutil import free_port, port_open, stop_process, wait_until
 from imgworker.services.store_server import EmbeddedStore
@@ -274,10 +275,9 @@ def test_a_stop_saves_every_event_the_webhook_acknowledged_and_posts_after_it_be
         if sup.journal is not None and not sup.journal.closed:
             sup.shutdown()
     assert 200 not in after_stop  # MinIO keeps those in its queue_dir and sends them again
-    with open(os.path.join(cfg.run.state_dir, "state.json"), "rb") as f:
-        saved = json.loads(f.read())
-    assert set(acked) <= set(saved["intake"]["backlog"]) | set(saved["pending"]), (
-        f"{len(set(acked) - set(saved['intake']['backlog']))} of {len(acked)} acknowledged events are not saved")
+    restored = Ledger(os.path.join(cfg.run.state_dir, "state.json"), cfg.results_path, LocalBackend()).start()
+    saved = set(restored.intake.backlog) | set(restored.pending)  # what the next start takes in again
+    assert set(acked) <= saved, f"{len(set(acked) - saved)} of {len(acked)} acknowledged events are not saved"
 
 
 # --- MinIO through NATS JetStream ------------------------------------------------------------------
