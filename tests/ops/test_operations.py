@@ -47,7 +47,7 @@ def test_metrics_match_the_final_report(make_config, store, prefix):
         cfg = make_config(worker={"count": 2}, algo={"endpoint": algo.endpoint})
         sup = Supervisor(cfg, show_progress=False)
         port = free_port()
-        server = serve_metrics(lambda: sup, port)
+        server = serve_metrics(sup.snapshot, port)
         sup.start()
         try:
             during = None
