@@ -16,7 +16,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -28,6 +28,7 @@ from .stats import Report, format_report
 
 if TYPE_CHECKING:
     from .ledger import LedgerState
+    from .recorder import Snapshot
 
 log = logging.getLogger("imgworker")
 
@@ -201,7 +202,7 @@ def _run_pipeline(cfg: Config, args: argparse.Namespace, **kwargs: Any) -> Repor
     from .supervisor import Supervisor
 
     supervisor = Supervisor(cfg, show_progress=not args.no_progress, **kwargs)
-    with _metrics(args, lambda: supervisor):
+    with _metrics(args, supervisor.snapshot):
         report = supervisor.run()
     print(format_report(report))
     if args.report_json:
@@ -211,7 +212,7 @@ def _run_pipeline(cfg: Config, args: argparse.Namespace, **kwargs: Any) -> Repor
 
 
 @contextlib.contextmanager
-def _metrics(args: argparse.Namespace, current: Any) -> Iterator[None]:
+def _metrics(args: argparse.Namespace, current: Callable[[], Snapshot | None]) -> Iterator[None]:
     """Serve /metrics while the body runs, if --metrics-port was given."""
     if not args.metrics_port:
         yield
@@ -354,7 +355,7 @@ def cmd_scenario(args: argparse.Namespace) -> int:
         params = params.quick()
     logging.getLogger("imgworker").setLevel(max(logging.WARNING, logging.getLogger().level))
     holder: list[Any] = [None]
-    with _metrics(args, lambda: holder[0]):
+    with _metrics(args, lambda: holder[0].snapshot() if holder[0] is not None else None):
         rows = run_scenario(params, progress=lambda line: print(line, flush=True), on_supervisor=holder.__setitem__)
     table = markdown_table(rows, params)
     print(table)
@@ -470,6 +471,7 @@ def _repair(path: str, state_dir: str) -> None:
 def _read_state(path: str) -> tuple[LedgerState | None, str]:
     """The state file, or None and why its watermark cannot be used."""
     from .ledger import LedgerState
+    from .recorder import Snapshot
 
     try:
         with open(path, "rb") as f:
@@ -494,6 +496,7 @@ def _rewrite_state(path: str, state: LedgerState, offsets: dict[int, tuple[int, 
     """A state file that names no key log: the processed set is rebuilt, actions redone only past the watermark."""
     from .files import write_atomic
     from .ledger import LedgerState
+    from .recorder import Snapshot
 
     mark = offsets[state.actions_from][0]
     kept = [e for e in state.owed if offsets.get(e.line, (0, False))[1]]  # an action of a line moved aside is dropped

@@ -173,4 +173,5 @@ class EndpointPool:
         state.probing = False
 
     def figures(self) -> dict[str, dict[str, int]]:
-        return {url: state.figures() for url, state in self.states.items()}
+        """Each endpoint's counters, keyed as reports and metrics show it (``display_url``: no credentials)."""
+        return {display_url(url): state.figures() for url, state in self.states.items()}

@@ -39,7 +39,7 @@ from .cleaner import StoredImage, stored_image
 from .config import Config
 from .dispatch import Dispatch
 from .lister import ListingEnd, ListingMessage
-from .outcomes import ImageRef, IntakePosition
+from .outcomes import ImageRef, IntakePosition, WorkItem
 from .ports import OutcomeLedger
 from .scanner import parse_task, relative_key, select_images
 
@@ -356,9 +356,15 @@ class Intake:
         for ref in refs:
             self.backlog.add(ref, task_directory(ref.key, self.cfg.store.prefix))
 
-    def forget(self, key: str) -> None:
-        """An image in the backlog got an outcome without being queued (the cleaner gave it up)."""
+    def leave(self, key: str) -> None:
+        """An image got its outcome without a lane: it leaves the queue and the backlog."""
+        self.dispatch.withdraw(key)
         self.backlog.discard(key)
+
+    def keep(self, ref: ImageRef) -> None:
+        """An image's line could not be written: it waits in the queue (unless it still waits already)."""
+        if ref.key not in self.dispatch and ref.key not in self.backlog:
+            self.dispatch.append(WorkItem(ref=ref))
 
     # ----- change events -------------------------------------------------------------
 

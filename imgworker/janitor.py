@@ -34,6 +34,7 @@ from typing import Protocol, TypeVar
 
 import msgspec
 
+from .backoff import Backoff
 from .errors import ObjectMissing, StoreError
 
 log = logging.getLogger(__name__)
@@ -80,6 +81,7 @@ class OwedAction(msgspec.Struct, frozen=True, array_like=True):
 
 
 MAX_ATTEMPTS = 8  # about two minutes of capped backoff, then an action is given up (and counted)
+_ACTION_BACKOFF = Backoff(0.5, 30.0)  # between tries of a failed result action: 0.5 s doubling, capped
 
 
 class Janitor:
@@ -222,7 +224,7 @@ class Janitor:
         """Book a finished job; a failed action is queued again with backoff until MAX_ATTEMPTS, then owed."""
         job = report.job
         if job.line >= 0 and report.failed and not report.impossible and job.attempt + 1 < MAX_ATTEMPTS:
-            delay = min(30.0, 0.5 * 2**job.attempt)
+            delay = _ACTION_BACKOFF.delay(job.attempt + 1)
             self._jobs.append(msgspec.structs.replace(job, attempt=job.attempt + 1, not_before=self.clock() + delay))
             return
         if job.line >= 0 and report.failed and not report.impossible:

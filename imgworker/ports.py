@@ -3,7 +3,8 @@
 Each protocol is what the owners call, no more; an implementation plugs in behind it without the
 owners changing. ``store.Store`` (minio) and ``memstore.MemoryStore`` are both ``ObjectStore``s;
 ``ledger.LocalBackend`` and ``ledger.ManagerBackend`` are both ``ProcessedSetBackend``s, and
-``ledger.Ledger`` is the ``OutcomeLedger`` intake asks; the pool's contract is ``pool.Pool``. mypy checks every implementation against its protocol where the
+``ledger.Ledger`` is the ``OutcomeLedger`` intake asks; ``recorder.Recorder`` is the ``OutcomeSink``
+every owner ends images through; the pool's contract is ``pool.Pool``. mypy checks every implementation against its protocol where the
 supervisor's ``Parts`` are built.
 """
 
@@ -12,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Protocol
 
-from .outcomes import ImageRef, IntakePosition
+from .outcomes import ImageRef, IntakePosition, Outcome, Result
 
 if TYPE_CHECKING:
     from .ledger import LedgerState, Restored
@@ -116,3 +117,18 @@ class OutcomeLedger(Protocol):
     def save(self, offset: int, unfinished: list[str], intake: IntakePosition = ...) -> None: ...
 
     def stop(self) -> None: ...
+
+
+class OutcomeSink(Protocol):
+    """Where every image ends: ``recorder.Recorder``, the one writer of results lines.
+
+    ``finish`` records an outcome (its line first, then everything that follows from it); ``drop``
+    ends an image no lane will see, and only then takes it out of the queue or the backlog;
+    ``accepted`` counts an image taken in, which from then on owes exactly one outcome.
+    """
+
+    def finish(self, result: Result) -> None: ...
+
+    def drop(self, ref: ImageRef, outcome: Outcome, cause: str) -> None: ...
+
+    def accepted(self, ref: ImageRef) -> None: ...

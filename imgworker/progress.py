@@ -5,19 +5,22 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from typing import IO, Any
+from collections.abc import Callable
+from typing import IO
+
+from .recorder import Snapshot
 
 log = logging.getLogger(__name__)
 
 
-def progress_line(stats: Any, dispatch: Any, workers: int, elapsed: float) -> str:
+def progress_line(snapshot: Snapshot) -> str:
     """rate, queue depth, in flight, outcome counts and failure rate in one line."""
-    done = stats.finished
-    report = stats.report(pending=dispatch.pending, in_flight=dispatch.in_flight, wall_s=max(elapsed, 1e-9))
+    report, gauges = snapshot.report, snapshot.gauges
+    done = sum(report.outcomes.values())
     counts = " ".join(f"{name}={n}" for name, n in report.outcomes.items() if n)
     return (
-        f"{elapsed:6.1f}s {done} done {report.throughput_per_s:.1f}/s | queue {dispatch.pending} "
-        f"in flight {dispatch.in_flight} workers {workers} | {counts or 'no outcomes yet'} "
+        f"{report.wall_s:6.1f}s {done} done {report.throughput_per_s:.1f}/s | queue {gauges.queue_depth} "
+        f"in flight {gauges.in_flight} lanes {report.workers} | {counts or 'no outcomes yet'} "
         f"| failure rate {report.failure_rate:.2%}"
     )
 
@@ -34,12 +37,13 @@ class Progress:
         self._next = self._start + self.interval_s
         self._shown = False
 
-    def maybe_show(self, stats: Any, dispatch: Any, workers: int) -> None:
+    def maybe_show(self, snapshot: Callable[[], Snapshot]) -> None:
+        """Show a line if one is due; ``snapshot`` is only taken then."""
         now = time.monotonic()
         if not self.enabled or now < self._next:
             return
         self._next = now + self.interval_s
-        line = progress_line(stats, dispatch, workers, now - self._start)
+        line = progress_line(snapshot())
         if self.tty:
             self.stream.write("\r\033[K" + line)
             self.stream.flush()

@@ -13,9 +13,10 @@ Images whose delete is still waiting in the janitor are left out of the next pas
 ``ExpiryGuard`` drops queued images an external cleaner would delete before a worker is done
 (cause ``would_expire``).
 
-Neither decides an outcome itself: both call the supervisor's ``drop``, the one place that writes
-an image's result line; it takes the image out of the queue (and the backlog) only once the line
-is written, so an image whose line could not be written is still saved by the checkpoint.
+Neither writes an outcome itself: both end images through the ``OutcomeSink`` (the recorder's
+``drop``, the one place that writes a result line); it takes the image out of the queue (and the
+backlog) only once the line is written, so an image whose line could not be written is still saved
+by the checkpoint.
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from typing import Any
 
 from .cleaner import CleanerStats, Plan, Status, StoredImage, plan_cleanup
 from .config import Config
@@ -31,26 +31,23 @@ from .dispatch import Dispatch
 from .expiry import ExpiryEstimator
 from .janitor import Done, Janitor, Job
 from .outcomes import ImageRef, Outcome, WorkItem
+from .ports import OutcomeLedger, OutcomeSink
 from .scanner import parse_task
 from .stats import Stats
 
 log = logging.getLogger(__name__)
 
-Drop = Callable[[ImageRef, Outcome, str], None]
-
 
 class CleanerPass:
-    """One cleaning pass over a complete listing; the figures go to ``stats``."""
+    """One cleaning pass over a complete listing; its figures go to ``cleaner``."""
 
-    def __init__(self, cfg: Config, *, dispatch: Dispatch, intake: Any, ledger: Any, stats: Stats,
-                 cleaner: CleanerStats, drop: Drop) -> None:
+    def __init__(self, cfg: Config, *, dispatch: Dispatch, ledger: OutcomeLedger, sink: OutcomeSink,
+                 cleaner: CleanerStats) -> None:
         self.cfg = cfg
         self.dispatch = dispatch
-        self.intake = intake
         self.ledger = ledger
-        self.stats = stats
+        self.sink = sink
         self.cleaner = cleaner
-        self.drop = drop
 
     def status_of(self, new: set[str], janitor: Janitor) -> Callable[[str], Status]:
         """An image's status for the cleaner; one with unfinished actions is protected like a held one."""
@@ -108,20 +105,21 @@ class CleanerPass:
 
     def _give_up(self, img: StoredImage, status: Status) -> None:
         """Storage wins: end a queued (or not yet accepted) image explicitly before it is deleted."""
-        if status is Status.NEW:
-            self.stats.scanned += 1
         task_type, task_id = parse_task(img.key, self.cfg.store.prefix)
-        self.drop(ImageRef(key=img.key, task_type=task_type, task_id=task_id), Outcome.DROPPED_EXPIRED, "retention")
+        ref = ImageRef(key=img.key, task_type=task_type, task_id=task_id)
+        if status is Status.NEW:
+            self.sink.accepted(ref)
+        self.sink.drop(ref, Outcome.DROPPED_EXPIRED, "retention")
 
 
 class ExpiryGuard:
     """With a cleaner elsewhere, drop queued images that would expire before a worker is done."""
 
-    def __init__(self, cfg: Config, *, dispatch: Dispatch, stats: Stats, drop: Drop) -> None:
+    def __init__(self, cfg: Config, *, dispatch: Dispatch, sink: OutcomeSink, stats: Stats) -> None:
         self.expiry = ExpiryEstimator(cfg.retention, cfg.store.prefix)
         self.dispatch = dispatch
-        self.stats = stats
-        self.drop = drop
+        self.sink = sink
+        self.stats = stats  # read only: the finished count and the mean end-to-end time
         self._rate_samples: list[tuple[float, int]] = []
 
     def observe(self, ref: ImageRef) -> None:
@@ -153,7 +151,7 @@ class ExpiryGuard:
             if self.expiry.would_expire(item.ref, within_s=wait + margin, now=now):
                 doomed.append(item)
         for item in doomed:
-            self.drop(item.ref, Outcome.DROPPED_EXPIRED, "would_expire")
+            self.sink.drop(item.ref, Outcome.DROPPED_EXPIRED, "would_expire")
         if doomed:
             log.info("dropped %d queued images that would expire before a worker reaches them", len(doomed))
         return len(doomed)
@@ -163,5 +161,5 @@ class ExpiryGuard:
         margin = self.stats.e2e_ms.mean / 1000.0
         if not self.expiry.enabled or not self.expiry.would_expire(item.ref, within_s=margin, now=time.time()):
             return False
-        self.drop(item.ref, Outcome.DROPPED_EXPIRED, "would_expire")
+        self.sink.drop(item.ref, Outcome.DROPPED_EXPIRED, "would_expire")
         return True

@@ -11,6 +11,18 @@ from .endpoints import display_url
 from .outcomes import Outcome, Result
 
 
+#: The latency buckets figures are given at (``/metrics`` histograms), in seconds.
+BOUNDS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
+
+
+class HistogramFigures(msgspec.Struct, frozen=True):
+    """One latency histogram at ``BOUNDS_S``: cumulative counts, the total count and the sum in seconds."""
+
+    cumulative: list[int]
+    count: int
+    sum_s: float
+
+
 class LogHistogram:
     """Bounded-memory latency histogram with 1 % relative bucket width."""
 
@@ -35,6 +47,11 @@ class LogHistogram:
         for bound in bounds:
             out.append(sum(n for i, n in items if self._value(i) <= bound))
         return out, self.total
+
+    def figures(self) -> HistogramFigures:
+        """This histogram at ``BOUNDS_S`` (values are in milliseconds)."""
+        counts, total_ms = self.cumulative([b * 1000.0 for b in BOUNDS_S])
+        return HistogramFigures(cumulative=counts, count=self.count, sum_s=total_ms / 1000.0)
 
     @property
     def mean(self) -> float:
@@ -151,6 +168,11 @@ class Stats:
     @property
     def finished(self) -> int:
         return sum(self.counts.values())
+
+    def latency_figures(self) -> dict[str, HistogramFigures]:
+        """Every latency histogram by name: ``algorithm``, ``end_to_end``, ``stat``, ``discovery``."""
+        return {"algorithm": self.algo_ms.figures(), "end_to_end": self.e2e_ms.figures(),
+                "stat": self.stat_ms.figures(), "discovery": self.discovery_ms.figures()}
 
     def report(self, *, pending: int, in_flight: int, wall_s: float) -> Report:
         counts = self.counts

@@ -1,22 +1,22 @@
-"""The supervisor: wires the owners together and decides when an image is done.
+"""The supervisor: wires the owners together and runs the loop.
 
 Data flow (one direction)::
 
     Intake (watcher events, lister sweeps ─▶ ledger.filter_new ─▶ backlog, fair across directories)
-        ─▶ Dispatch (bounded queue per task type) ─▶ Pool (worker i, own pipe, item deadline)
+        ─▶ Dispatch (bounded queue per task type) ─▶ Pool (lanes of worker processes, item deadline)
         ◀── Answer / Exit ── Pool
-        ─▶ _finish: results journal (written through) ─▶ Stats, Ledger ─▶ Janitor (actions)
-    after each complete sweep: Ledger prune, CleanerPass ─▶ Janitor deletes, ExpiryGuard drops
+        ─▶ Recorder.finish: results journal (written through) ─▶ Stats, Ledger ─▶ Janitor (actions)
+    after each complete sweep: Ledger prune, CleanerPass ─▶ Janitor deletes, ExpiryGuard drops (Recorder.drop)
 
-Who owns what: ``Intake`` finds images; ``Dispatch`` knows which worker holds what; ``Pool``
-spawns, stops and kills workers; ``Janitor`` makes every change in the store; ``CleanerPass``
-and ``ExpiryGuard`` decide what retention gives up; ``Ledger`` owns the processed set and its
-flushes; ``RunLock`` and ``ResultsJournal`` own durability. The
-supervisor alone decides an image's terminal outcome (``_finish``) and installs the signal
+Who owns what: ``Intake`` finds images; ``Dispatch`` knows which lane holds what; ``Pool``
+spawns, stops and kills worker processes; ``Janitor`` makes every change in the store;
+``CleanerPass`` and ``ExpiryGuard`` decide what retention gives up; ``Ledger`` owns the processed
+set and its flushes; ``RunLock`` and ``ResultsJournal`` own durability; ``Recorder`` is the one
+place an image gets its terminal outcome and the one owner of the run's figures (``snapshot()``).
+The supervisor decides what an answer or a death means for an image, and installs the signal
 handlers. ``step()`` is one iteration; ``Parts`` lets a test drive it with an in-memory store,
 an inline pool and an inline lister, without processes or servers.
 """
-
 from __future__ import annotations
 
 import contextlib
@@ -37,7 +37,7 @@ from .config import Config
 from .dispatch import Dispatch
 from .endpoints import EndpointPool
 from .intake import EventSource, Intake, ListingSource, SweepEnd
-from .janitor import Done, Janitor
+from .janitor import Janitor
 from .journal import ResultsJournal, RunLock
 from .ledger import Ledger, LocalBackend, Restored
 from .lister import InlineLister, Lister
@@ -47,6 +47,7 @@ from .outcomes import ImageRef, Outcome, Result, WorkItem
 from .ports import ObjectStore, ProcessedSetBackend
 from .pool import Answer, Event, Exit, InlinePool, Pool, ProcessPool
 from .proctitle import set_title
+from .recorder import Gauges, Recorder, Snapshot
 from .retention import CleanerPass, ExpiryGuard
 from .progress import Progress
 from .scanner import parse_task
@@ -121,24 +122,22 @@ class Supervisor:
     def __init__(self, cfg: Config, *, intake_done: Callable[[], bool] = lambda: True, show_progress: bool = True,
                  on_result: Callable[[Result], None] | None = None, parts: Parts | None = None) -> None:
         self.cfg = cfg
-        self.on_result = on_result
         parts = parts or process_parts(cfg)
         self.parts = parts
         self.store = parts.store
         self.pool = parts.pool
-        self.stats = Stats(cfg.concurrency)
         self.dispatch = Dispatch(cfg.dispatch)
         self.endpoints = EndpointPool(cfg.algo)
         self._probes: dict[int, str] = {}  # lane -> key of the half-open probe it was sent
-        self.cleaner = CleanerStats()
         self.progress = Progress(cfg.run.progress_interval_s, enabled=show_progress)
         self.lock = RunLock(cfg.run.state_dir)
         self.ledger = Ledger(os.path.join(cfg.run.state_dir, "state.json"), cfg.results_path, parts.ledger_backend)
         self.intake = Intake(cfg, ledger=self.ledger, dispatch=self.dispatch, make_lister=parts.make_lister,
                              make_watcher=parts.make_watcher, intake_done=intake_done)
-        self.cleaning = CleanerPass(cfg, dispatch=self.dispatch, intake=self.intake, ledger=self.ledger,
-                                    stats=self.stats, cleaner=self.cleaner, drop=self._drop)
-        self.expiry = ExpiryGuard(cfg, dispatch=self.dispatch, stats=self.stats, drop=self._drop)
+        self.recorder = Recorder(cfg, ledger=self.ledger, waiting=self.intake, on_result=on_result)
+        self.cleaning = CleanerPass(cfg, dispatch=self.dispatch, ledger=self.ledger, sink=self.recorder,
+                                    cleaner=self.recorder.cleaner)
+        self.expiry = ExpiryGuard(cfg, dispatch=self.dispatch, sink=self.recorder, stats=self.recorder.stats)
         self.journal: ResultsJournal | None = None
         self.janitor: Janitor | None = None
         self.stopping = Stopping()
@@ -158,6 +157,7 @@ class Supervisor:
             self.journal = ResultsJournal(self.cfg.results_path)
             self.janitor = Janitor(self.store, sync=self.journal.sync, batch_size=self.cfg.retention.batch_size,
                                    inline=self.parts.janitor_inline)
+            self.recorder.open(self.journal, self.janitor)
             resumed = self._resume(restored)
             self.intake.start(restored.intake)
             self.pool.start()
@@ -220,7 +220,7 @@ class Supervisor:
         if self.janitor is not None:
             janitor = self.janitor
             self._stage("finishing store jobs",
-                        lambda: self._on_janitor(janitor.close(time.monotonic() + (0.5 if forced else 3.0))))
+                        lambda: self.recorder.janitor_done(janitor.close(time.monotonic() + (0.5 if forced else 3.0))))
         if self.journal is not None and not self.journal.closed:
             self._stage("writing state", self.checkpoint)
         self._stage("closing files", self._close_durable)
@@ -244,13 +244,26 @@ class Supervisor:
         self.ledger.stop()
         self.lock.release()
 
+    @property
+    def stats(self) -> Stats:
+        """The run's running totals (kept by the recorder)."""
+        return self.recorder.stats
+
+    @property
+    def cleaner(self) -> CleanerStats:
+        return self.recorder.cleaner
+
+    def snapshot(self) -> Snapshot:
+        """The run's figures at this instant, typed: what ``/metrics``, progress and the report read."""
+        gauges = Gauges(queue_depth=self.dispatch.pending, in_flight=self.dispatch.in_flight,
+                        backlog=len(self.intake.backlog), processes_alive=self.pool.alive(),
+                        events_received=self.intake.events_received, scans_completed=self.intake.scans_completed,
+                        last_scan_s=self.intake.last_scan_s)
+        return self.recorder.snapshot(gauges, wall_s=time.monotonic() - self._started,
+                                      endpoints=self.endpoints.figures())
+
     def report(self) -> Report:
-        report = self.stats.report(pending=self.dispatch.pending, in_flight=self.dispatch.in_flight,
-                                   wall_s=time.monotonic() - self._started)
-        extra: dict[str, Any] = {"endpoints": self.endpoints.figures()}
-        if self.cfg.retention.enabled:
-            extra["cleaner"] = msgspec.structs.asdict(self.cleaner)
-        return msgspec.structs.replace(report, **extra)
+        return self.snapshot().report
 
     # ----- the loop ------------------------------------------------------------------
 
@@ -267,10 +280,10 @@ class Supervisor:
             self._on_event(event)
         self._next_deadline = self.pool.kill_overdue(time.monotonic())
         assert self.janitor is not None
-        self._on_janitor(self.janitor.collect())
+        self.recorder.janitor_done(self.janitor.collect())
         if time.monotonic() >= self._next_checkpoint:
             self.checkpoint()
-        self.progress.maybe_show(self.stats, self.dispatch, self.cfg.concurrency)
+        self.progress.maybe_show(self.snapshot)
 
     def finished(self) -> bool:
         s = self.stopping
@@ -334,11 +347,11 @@ class Supervisor:
         block = self.cfg.dispatch.overflow == "block"
         refs = self.intake.take(self.dispatch.room if block else len(self.intake.backlog))
         for n, ref in enumerate(refs):
-            self.stats.scanned += 1
+            self.recorder.accepted(ref)
             self.expiry.observe(ref)
             try:
                 for dropped in self.dispatch.offer(ref):
-                    self._drop(dropped, Outcome.DROPPED_BACKLOG, "queue_full")
+                    self.recorder.drop(dropped, Outcome.DROPPED_BACKLOG, "queue_full")
             except BaseException:
                 self.intake.put_back(refs[n + 1:])  # taken but never offered: the checkpoint saves them
                 raise
@@ -348,7 +361,7 @@ class Supervisor:
             pruned = self.ledger.end_sweep(events=self.cfg.scan.mode == "events")
             if pruned:
                 log.info("processed set: pruned %d entries whose objects are gone", pruned)
-            self.cleaner.peak_objects_listed = max(self.cleaner.peak_objects_listed, end.listed)
+            self.recorder.listed(end.listed)
             if self.cfg.retention.enabled and not self.stopping.draining:  # a stop is not held up by deletes
                 self.clean(end.inventory)
         self.expiry.sample_rate()
@@ -360,18 +373,8 @@ class Supervisor:
         """One cleaning pass over a complete listing (see retention.CleanerPass)."""
         assert self.janitor is not None
         plan, done = self.cleaning.run(inventory, self.janitor)
-        self._on_janitor(done)
+        self.recorder.janitor_done(done)
         return plan
-
-    def _on_janitor(self, done: list[Done]) -> None:
-        """Count what the janitor did: cleaner deletes, and failed result actions."""
-        for report in done:
-            job = report.job
-            if job.line < 0:
-                self.cleaner.deleted += report.deleted
-                self.cleaner.delete_errors += report.refused
-            elif report.failed:
-                self.stats.action_errors[job.action] = self.stats.action_errors.get(job.action, 0) + 1
 
     # ----- dispatch --------------------------------------------------------------------
 
@@ -409,8 +412,7 @@ class Supervisor:
                 self._probes.pop(slot, None)
             self.endpoints.dispatched(endpoints)
             self.pool.send(slot, sent)
-            if sent.ref.mtime > 0:  # upload (object mtime or event time) to dispatch
-                self.stats.discovery_ms.add(max(0.0, time.time() - sent.ref.mtime) * 1000.0)
+            self.recorder.dispatched(sent.ref)
 
     def _least_waited_first(self, kind: str) -> WorkItem:
         """Move the oldest queued item of ``kind`` that waited least to the front, and return it.
@@ -435,7 +437,7 @@ class Supervisor:
             # the queue out of queued_at order
             expired = [item for item, queued_at in self.dispatch.waiting(kind) if now - max(queued_at, since) >= budget]
             for item in expired:
-                self._drop(item.ref, Outcome.FAILED_ALGO, "no_healthy_endpoint")
+                self.recorder.drop(item.ref, Outcome.FAILED_ALGO, "no_healthy_endpoint")
             if expired:
                 log.warning("%d %r images waited %.0f s for a healthy algorithm endpoint; failed", len(expired),
                             kind, budget)
@@ -465,7 +467,7 @@ class Supervisor:
             self._wait_for_endpoint(event.slot, item, result.cause)
             return
         e2e_ms = (time.monotonic() - event.dispatched_at) * 1000.0
-        self._finish(msgspec.structs.replace(result, e2e_ms=e2e_ms))
+        self.recorder.finish(msgspec.structs.replace(result, e2e_ms=e2e_ms))
         self.dispatch.release(event.slot)  # only once the outcome is written: until then it is in flight
 
     def _wait_for_endpoint(self, lane: int, item: WorkItem, cause: str) -> None:
@@ -489,11 +491,11 @@ class Supervisor:
                 self._on_lost_item(item, lane, event)
         wait_s = 0.0 if self.stopping.draining else self.pool.respawn(event.worker)
         if event.overdue:
-            self.stats.deadline_kills += 1
+            self.recorder.process_exited("deadline_kill")
         elif event.retiring and not lost:
-            self.stats.worker_recycles += 1
+            self.recorder.process_exited("recycled")
         else:
-            self.stats.worker_restarts += 1
+            self.recorder.process_exited("restarted", backed_off=wait_s > 0)
             self._report_death(event, lost, wait_s)
 
     def _report_death(self, event: Exit, lost: int, wait_s: float) -> None:
@@ -502,7 +504,6 @@ class Supervisor:
             log.warning("worker process %d exited unexpectedly (exit code %s) holding %d images; starting a replacement",
                         event.worker, event.code, lost)
             return
-        self.stats.respawn_backoffs += 1
         log.warning("worker process %d exited before answering anything (exit code %s) holding %d images; "
                     "starting a replacement in %.1f s", event.worker, event.code, lost, wait_s)
 
@@ -519,7 +520,7 @@ class Supervisor:
             log.warning("worker %d held %s past its %.0f s deadline; killed it", lane, ref.key,
                         self.cfg.item_deadline_s)
         elif event.overdue and not item.spared:
-            self.stats.retries += 1
+            self.recorder.retried()
             self._requeue(lane, WorkItem(ref=ref, attempt=item.attempt, spared=True))
             return
         elif event.overdue:
@@ -528,46 +529,18 @@ class Supervisor:
             cause = f"worker_died_exit_{event.code}"
         if item.attempt >= self.cfg.worker.max_attempts:
             log.error("worker %d: %s lost %d times (%s); giving up on it", lane, ref.key, item.attempt, cause)
-            self._finish(Result(key=ref.key, outcome=Outcome.FAILED_WORKER, task_type=ref.task_type,
+            self.recorder.finish(Result(key=ref.key, outcome=Outcome.FAILED_WORKER, task_type=ref.task_type,
                                 task_id=ref.task_id, worker=lane, attempt=item.attempt, cause=cause,
                                 finished_at=time.time()))
             self.dispatch.release(lane)
             return
-        self.stats.retries += 1
+        self.recorder.retried()
         self._requeue(lane, WorkItem(ref=ref, attempt=item.attempt + 1, spared=item.spared))
 
     def _requeue(self, lane: int, item: WorkItem) -> None:
         queued_at = self.dispatch.held_queued_at(lane)
         self.dispatch.release(lane)
         self.dispatch.requeue_front(item, queued_at=queued_at)
-
-    def _drop(self, ref: ImageRef, outcome: Outcome, cause: str) -> None:
-        """End an image that no worker will see: its line first, then it leaves the queue and the backlog.
-
-        If the line cannot be written, the image stays queued (or is queued again: an overflow victim,
-        a backlog entry already taken), so the checkpoint saves it and the next run analyses it.
-        """
-        try:
-            self._finish(Result(key=ref.key, outcome=outcome, task_type=ref.task_type, task_id=ref.task_id,
-                                cause=cause, finished_at=time.time()))
-        except BaseException:
-            if ref.key not in self.dispatch and ref.key not in self.intake.backlog:
-                self.dispatch.append(WorkItem(ref=ref))
-            raise
-        self.dispatch.withdraw(ref.key)
-        self.intake.forget(ref.key)
-
-    def _finish(self, result: Result) -> None:
-        """The one place an image gets its terminal outcome: written first, then everything else."""
-        assert self.journal is not None and self.janitor is not None
-        line = self.journal.write(result)
-        self.stats.record(result)
-        self.ledger.add(result.key)
-        jobs = actions.plan(self.cfg, result, line=line)
-        if jobs:
-            self.janitor.submit(jobs)
-        if self.on_result is not None:
-            self.on_result(result)
 
     # ----- state -----------------------------------------------------------------------
 
@@ -587,8 +560,9 @@ class Supervisor:
         resumed = [k for k in restored.pending if k in new]
         for key in resumed:
             task_type, task_id = parse_task(key, self.cfg.store.prefix)
-            self.stats.scanned += 1
-            self.dispatch.append(WorkItem(ref=ImageRef(key=key, task_type=task_type, task_id=task_id)))
+            ref = ImageRef(key=key, task_type=task_type, task_id=task_id)
+            self.recorder.accepted(ref)
+            self.dispatch.append(WorkItem(ref=ref))
         jobs = [job for line, result in restored.redo for job in actions.plan(self.cfg, result, line=line)]
         if jobs:
             log.info("redoing %d result actions written after the last checkpoint", len(jobs))

@@ -317,8 +317,9 @@ def test_backlog_under_block_and_lease_holds_the_storage_limit(make_config, stor
     stop_watch = threading.Event()
     peak = [0]
     errors: list[BaseException] = []
-    # The supervisor's complete listings, each recorded once the step that ended it (and cleaned after
-    # it) is over; and, per watcher listing, how many objects of the last such listing it still found.
+    # The supervisor's complete listings, each recorded once the deletes its cleaning pass handed to the
+    # janitor are done (they run on the janitor's thread); and, per watcher listing, how many objects of
+    # the last such listing it still found.
     listings: list[frozenset[str]] = [frozenset()]
     survivors: list[int] = []
 
@@ -355,14 +356,22 @@ def test_backlog_under_block_and_lease_holds_the_storage_limit(make_config, stor
         threads = [threading.Thread(target=uploader, args=(Store(cfg.store, creds),), daemon=True),
                    threading.Thread(target=watcher, args=(Store(cfg.store, creds),), daemon=True)]
         sup = Supervisor(cfg, show_progress=False, intake_done=uploader_done.is_set)
-        after_sweep = sup._after_sweep
+        after_sweep, janitor_done = sup._after_sweep, sup.recorder.janitor_done
+        cleaned: list[frozenset[str]] = []  # the last complete listing, until its deletes are done
 
         def recording_after_sweep(end: Any) -> None:
             after_sweep(end)
             if end.complete:
-                listings.append(frozenset(image.key for image in end.inventory))
+                cleaned[:] = [frozenset(image.key for image in end.inventory)]
+                recording_janitor_done([])
+
+        def recording_janitor_done(done: Any) -> None:
+            janitor_done(done)
+            if cleaned and sup.janitor is not None and not sup.janitor.deleting():
+                listings.append(cleaned.pop())
 
         sup._after_sweep = recording_after_sweep  # type: ignore[method-assign]
+        sup.recorder.janitor_done = recording_janitor_done  # type: ignore[method-assign]
         for t in threads:
             t.start()
         try:
@@ -381,7 +390,7 @@ def test_backlog_under_block_and_lease_holds_the_storage_limit(make_config, stor
     print(f"uploaded {len(uploaded)}; peak listed by the watcher {peak[0]} (limit {limit}); outcomes "
           f"{dict(Counter(final.values()))}; cleaner {report.cleaner}; left in bucket {listed_after}")
     # Enforced at every complete listing: of what a listing found, at most the limit (and the images
-    # workers hold) is left once its step is over. Only what arrived since may exceed the limit.
+    # workers hold) is left once its deletes are done. Only what arrived since may exceed the limit.
     held = cfg.concurrency
     over = [n for n in survivors if n > limit + held]
     print(f"complete listings {len(listings) - 1}; watcher listings {len(survivors)}; most survivors of the last "

@@ -14,11 +14,11 @@ import requests
 from prometheus_client.parser import text_string_to_metric_families
 
 from imgworker.actions import alerts_key, results_key
-from imgworker.dispatch import Dispatch
-from imgworker.config import DispatchConfig
+from imgworker.cleaner import CleanerStats
 from imgworker.metrics import serve_metrics
 from imgworker.outcomes import Outcome
 from imgworker.progress import Progress
+from imgworker.recorder import Gauges, Snapshot
 from imgworker.results import read_results
 from imgworker.services.algo_server import AlgoService, SyntheticParams
 from imgworker.services.netutil import free_port
@@ -47,7 +47,7 @@ def test_metrics_match_the_final_report(make_config, store, prefix):
         cfg = make_config(worker={"count": 2}, algo={"endpoint": algo.endpoint})
         sup = Supervisor(cfg, show_progress=False)
         port = free_port()
-        server = serve_metrics(lambda: sup, port)
+        server = serve_metrics(sup.snapshot, port)
         sup.start()
         try:
             during = None
@@ -179,12 +179,18 @@ def test_no_healthy_service_means_waiting_then_failing_after_the_budget(make_con
     assert causes == {"failed_algo"}
 
 
+def idle_snapshot() -> Snapshot:
+    """A run with two lanes and nothing done yet."""
+    return Snapshot(report=Stats(2).report(pending=0, in_flight=0, wall_s=1.0), gauges=Gauges(),
+                    cleaner=CleanerStats(), latency={})
+
+
 def test_progress_is_log_lines_when_not_a_tty(caplog):
     stream = io.StringIO()
     progress = Progress(0.001, stream=stream)
     time.sleep(0.02)
     with caplog.at_level(logging.INFO, logger="imgworker.progress"):
-        progress.maybe_show(Stats(2), Dispatch(DispatchConfig()), 2)
+        progress.maybe_show(idle_snapshot)
     progress.close()
     assert stream.getvalue() == ""
     assert any("progress:" in r.message and "queue 0" in r.message and "failure rate" in r.message
@@ -199,7 +205,7 @@ def test_progress_rewrites_one_line_on_a_tty():
     stream = Tty()
     progress = Progress(0.001, stream=stream)
     time.sleep(0.01)
-    progress.maybe_show(Stats(2), Dispatch(DispatchConfig()), 2)
+    progress.maybe_show(idle_snapshot)
     progress.close()
     assert stream.getvalue().startswith("\r\033[K") and stream.getvalue().endswith("\n")
 
