@@ -8,7 +8,7 @@ event-found image still in the backlog, else the last event handled), so after a
 watcher resumes without a gap; a watcher that dies is restarted from that position. What a watcher
 sent (it acknowledged it to the store) is never dropped: it is read while draining too, and a dead
 or stopped watcher's pipe is read to its end into the backlog, which the final checkpoint saves
-(see events.py). When intake
+(see the events package). When intake
 is declared done (the demo's cameras stopped), one reconciliation listing runs at once.
 
 With ``scan.reconcile = "incremental"`` (keys time-ordered within each ``<task_type>/<task_id>/``),
