@@ -62,8 +62,8 @@ class SupervisorCollector:
                          stats.discovery_ms)
         yield _counter("imgworker_change_events", "Change events received from the store.",
                        sup.intake.events_received)
-        yield _gauge("imgworker_queue_depth", "Images waiting in the queue.", sup.dispatch.pending)
-        yield _gauge("imgworker_in_flight", "Images held by workers.", sup.dispatch.in_flight)
+        yield _gauge("imgworker_queue_depth", "Images waiting in the queue.", sup.pending)
+        yield _gauge("imgworker_in_flight", "Images held by lanes.", sup.in_flight)
         yield _gauge("imgworker_workers_alive", "Worker processes alive.", sup.pool.alive())
         yield _counter("imgworker_worker_restarts", "Workers replaced after an unexpected exit.", stats.worker_restarts)
         yield _counter("imgworker_worker_recycles", "Workers replaced after max_tasks or max_memory.",

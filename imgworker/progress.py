@@ -10,14 +10,14 @@ from typing import IO, Any
 log = logging.getLogger(__name__)
 
 
-def progress_line(stats: Any, dispatch: Any, workers: int, elapsed: float) -> str:
+def progress_line(stats: Any, *, pending: int, in_flight: int, lanes: int, elapsed: float) -> str:
     """rate, queue depth, in flight, outcome counts and failure rate in one line."""
     done = stats.finished
-    report = stats.report(pending=dispatch.pending, in_flight=dispatch.in_flight, wall_s=max(elapsed, 1e-9))
+    report = stats.report(pending=pending, in_flight=in_flight, wall_s=max(elapsed, 1e-9))
     counts = " ".join(f"{name}={n}" for name, n in report.outcomes.items() if n)
     return (
-        f"{elapsed:6.1f}s {done} done {report.throughput_per_s:.1f}/s | queue {dispatch.pending} "
-        f"in flight {dispatch.in_flight} workers {workers} | {counts or 'no outcomes yet'} "
+        f"{elapsed:6.1f}s {done} done {report.throughput_per_s:.1f}/s | queue {pending} "
+        f"in flight {in_flight} lanes {lanes} | {counts or 'no outcomes yet'} "
         f"| failure rate {report.failure_rate:.2%}"
     )
 
@@ -34,12 +34,12 @@ class Progress:
         self._next = self._start + self.interval_s
         self._shown = False
 
-    def maybe_show(self, stats: Any, dispatch: Any, workers: int) -> None:
+    def maybe_show(self, stats: Any, *, pending: int, in_flight: int, lanes: int) -> None:
         now = time.monotonic()
         if not self.enabled or now < self._next:
             return
         self._next = now + self.interval_s
-        line = progress_line(stats, dispatch, workers, now - self._start)
+        line = progress_line(stats, pending=pending, in_flight=in_flight, lanes=lanes, elapsed=now - self._start)
         if self.tty:
             self.stream.write("\r\033[K" + line)
             self.stream.flush()

@@ -14,8 +14,6 @@ import requests
 from prometheus_client.parser import text_string_to_metric_families
 
 from imgworker.actions import alerts_key, results_key
-from imgworker.dispatch import Dispatch
-from imgworker.config import DispatchConfig
 from imgworker.metrics import serve_metrics
 from imgworker.outcomes import Outcome
 from imgworker.progress import Progress
@@ -55,7 +53,7 @@ def test_metrics_match_the_final_report(make_config, store, prefix):
             while not sup.finished():
                 assert time.monotonic() < deadline, "the run did not end"
                 sup.step()
-                if during is None and sup.dispatch.in_flight:
+                if during is None and sup.in_flight:
                     during = scrape(port)
             after = scrape(port)
         finally:
@@ -167,7 +165,7 @@ def test_no_healthy_service_means_waiting_then_failing_after_the_budget(make_con
         waited_since = time.monotonic()
         sup.step()
         # they wait, they are not failed: the one whose call ejected the endpoint too
-        assert sup.dispatch.pending + sup.dispatch.in_flight == 4 and sup.stats.finished == 0
+        assert sup.pending + sup.in_flight == 4 and sup.stats.finished == 0
         while not sup.finished():
             sup.step()
     finally:
@@ -184,7 +182,7 @@ def test_progress_is_log_lines_when_not_a_tty(caplog):
     progress = Progress(0.001, stream=stream)
     time.sleep(0.02)
     with caplog.at_level(logging.INFO, logger="imgworker.progress"):
-        progress.maybe_show(Stats(2), Dispatch(DispatchConfig()), 2)
+        progress.maybe_show(Stats(2), pending=0, in_flight=0, lanes=2)
     progress.close()
     assert stream.getvalue() == ""
     assert any("progress:" in r.message and "queue 0" in r.message and "failure rate" in r.message
@@ -199,7 +197,7 @@ def test_progress_rewrites_one_line_on_a_tty():
     stream = Tty()
     progress = Progress(0.001, stream=stream)
     time.sleep(0.01)
-    progress.maybe_show(Stats(2), Dispatch(DispatchConfig()), 2)
+    progress.maybe_show(Stats(2), pending=0, in_flight=0, lanes=2)
     progress.close()
     assert stream.getvalue().startswith("\r\033[K") and stream.getvalue().endswith("\n")
 
