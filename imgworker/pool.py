@@ -319,7 +319,10 @@ class ProcessPool:
         return look_again
 
     def stop(self, deadline: float, held: Collection[int]) -> list[Event]:
-        """Tell every process to leave at once; answers for ``held`` lanes that arrive before the deadline are returned."""
+        """Tell every process to leave at once; return the answers that arrive before the deadline.
+
+        ``held`` are the lanes holding an item: processes running one of them are waited for.
+        """
         for proc in self.processes.values():
             if not proc.retiring:
                 proc.tell_stop()

@@ -176,7 +176,7 @@ class Supervisor:
             raise
         self._started = self.clock()
         self._next_checkpoint = self._started + self.cfg.run.checkpoint_interval_s
-        log.info("started: %d worker processes x %d lanes, bucket %s, prefix %r, %d processed known, %d pending resumed",
+        log.info("started: %d processes x %d lanes, bucket %s, prefix %r, %d processed known, %d pending resumed",
                  self.cfg.worker.count, self.cfg.worker.threads, self.cfg.store.bucket, self.cfg.store.prefix, self.ledger.size(), resumed)
 
     def run(self) -> Report:
@@ -212,11 +212,14 @@ class Supervisor:
 
     def step_until(self, done: Callable[[], bool], *, timeout_s: float | None = None,
                    max_steps: int | None = None) -> bool:
-        """Step until ``done()``; False if ``timeout_s`` or ``max_steps`` ran out first."""
-        deadline = None if timeout_s is None else self.clock() + timeout_s
+        """Step until ``done()``; False if ``timeout_s`` or ``max_steps`` ran out first.
+
+        ``timeout_s`` is real seconds (the driver's patience), whatever clock the supervisor runs on.
+        """
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
         steps = 0
         while not done():
-            if (max_steps is not None and steps >= max_steps) or (deadline is not None and self.clock() > deadline):
+            if (max_steps is not None and steps >= max_steps) or (deadline is not None and time.monotonic() > deadline):
                 return False
             self.step()
             steps += 1
