@@ -73,7 +73,7 @@ def run_case(cfg, *, p: float, check: bool, images: int, workers: int, seed: int
     sup = Supervisor(cfg, show_progress=False)
     sup.start()
     try:
-        while sup.dispatch.pending + sup.dispatch.in_flight < images:
+        while sup.dispatch.pending + sup.in_flight < images:
             sup.intake_step()
         queued = sup.dispatch.pending_keys()
         # the same positions are deleted with the check on and off

@@ -247,7 +247,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     with store, algo:
         cfg = _demo_config(args, store, algo.endpoint, creds, data_dir)
         cameras = _start_cameras(args, cfg, creds)
-        print(f"demo: cameras upload {args.rate:g} img/s for {args.duration:g} s; {cfg.worker.count} workers analyse; "
+        print(f"demo: cameras upload {args.rate:g} img/s for {args.duration:g} s; {cfg.worker.count} worker processes"
+              f" x {cfg.worker.threads} lanes analyse; "
               f"new images found by {'change events' if args.scan_mode == 'events' else 'listing the bucket'}",
               flush=True)
         try:

@@ -1,9 +1,13 @@
-"""The supervisor's bounded pending queue and its in-flight table (plain data, no processes).
+"""The supervisor's bounded pending queue (plain data, no processes).
 
 Pending items are kept in one queue per task type, each in arrival order, with a global
-sequence number: ``take`` hands out the oldest (or newest) item among the task types the
+sequence number: ``pop_next`` hands out the oldest (or newest) item among the task types the
 caller can serve right now, so an algorithm route that is down or busy never holds up the
 others (no head-of-line blocking), in O(task types) per item.
+
+What a lane holds is not here: ``pop_next`` hands an item out of the queue and the caller records
+it in the in-flight table (``inflight.InFlight``). ``Dispatch`` is given that table's ``is_held``
+query only so that ``key in dispatch`` keeps meaning "queued or held" (an image is offered once).
 """
 
 from __future__ import annotations
@@ -11,8 +15,7 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
-
-import msgspec
+from typing import NamedTuple
 
 from .config import DispatchConfig
 from .outcomes import ImageRef, WorkItem
@@ -27,30 +30,33 @@ class _Entry:
         self.queued_at = queued_at
 
 
-class Dispatch:
-    """Pending items (de-duplicated, per task type, FIFO) and which worker holds which item."""
+class Queued(NamedTuple):
+    """An item handed out of the queue, with when it first entered it."""
 
-    def __init__(self, cfg: DispatchConfig, clock: Callable[[], float] = time.monotonic) -> None:
+    item: WorkItem
+    queued_at: float
+
+
+class Dispatch:
+    """Pending items (de-duplicated against queued and held ones, per task type, FIFO)."""
+
+    def __init__(self, cfg: DispatchConfig, clock: Callable[[], float] = time.monotonic, *,
+                 is_held: Callable[[str], bool] = lambda key: False) -> None:
         self.cfg = cfg
         self.clock = clock
+        self._is_held = is_held  # the in-flight table's query
         self._queues: dict[str, OrderedDict[str, _Entry]] = {}
         self._type_of: dict[str, str] = {}
-        self._held: dict[int, WorkItem] = {}
-        self._held_queued_at: dict[int, float] = {}
-        self._holder: dict[str, int] = {}
         self._next_seq = 0
         self._front_seq = 0
 
     def __contains__(self, key: str) -> bool:
-        return key in self._type_of or key in self._holder
+        """Queued here, or held by a lane."""
+        return key in self._type_of or self._is_held(key)
 
     @property
     def pending(self) -> int:
         return len(self._type_of)
-
-    @property
-    def in_flight(self) -> int:
-        return len(self._held)
 
     @property
     def room(self) -> int:
@@ -83,7 +89,7 @@ class Dispatch:
         self._put(item, self._next_seq, at_end=True)
 
     def requeue_front(self, item: WorkItem, queued_at: float | None = None) -> None:
-        """Put an item back where ``take`` looks first (its holder died); capacity is not enforced.
+        """Put an item back where ``pop_next`` looks first (its lane gave it back); capacity is not enforced.
 
         ``queued_at`` keeps the time it first entered the queue (its no-endpoint budget goes on).
         """
@@ -105,27 +111,17 @@ class Dispatch:
     # ----- leaving -------------------------------------------------------------------
 
     def peek(self, usable: Callable[[str], bool] = lambda kind: True) -> WorkItem | None:
-        """The item ``take`` would hand out next, among task types for which ``usable`` is true."""
+        """The item ``pop_next`` would hand out next, among task types for which ``usable`` is true."""
         entry = self._next(usable)
         return entry.item if entry is not None else None
 
-    def take(self, worker: int, usable: Callable[[str], bool] = lambda kind: True,
-             endpoints: tuple[str, ...] = ()) -> WorkItem | None:
-        """Hand the next item (oldest first, unless newest_first) of a usable task type to ``worker``.
-
-        ``endpoints`` are recorded on the held item: the algorithm services it was sent to.
-        """
-        if worker in self._held:
-            return None
+    def pop_next(self, usable: Callable[[str], bool] = lambda kind: True) -> Queued | None:
+        """Take the next item (oldest first, unless newest_first) of a usable task type out of the queue."""
         entry = self._next(usable)
         if entry is None:
             return None
         self.withdraw(entry.item.ref.key)
-        item = msgspec.structs.replace(entry.item, endpoints=endpoints) if endpoints else entry.item
-        self._held[worker] = item
-        self._held_queued_at[worker] = entry.queued_at
-        self._holder[item.ref.key] = worker
-        return item
+        return Queued(entry.item, entry.queued_at)
 
     def _next(self, usable: Callable[[str], bool]) -> _Entry | None:
         best: _Entry | None = None
@@ -140,18 +136,6 @@ class Dispatch:
     def _oldest(self) -> _Entry | None:
         heads = [q[next(iter(q))] for q in self._queues.values() if q]
         return min(heads, key=lambda e: e.seq) if heads else None
-
-    def release(self, worker: int) -> WorkItem | None:
-        """The worker finished (or died holding) its item; return that item."""
-        item = self._held.pop(worker, None)
-        self._held_queued_at.pop(worker, None)
-        if item is not None:
-            self._holder.pop(item.ref.key, None)
-        return item
-
-    def held_queued_at(self, worker: int) -> float | None:
-        """When the item ``worker`` holds first entered the queue."""
-        return self._held_queued_at.get(worker)
 
     def withdraw(self, key: str) -> WorkItem | None:
         """Remove a queued (not held) item; None if it is not queued."""
@@ -174,27 +158,14 @@ class Dispatch:
         for entry in list(self._queues.get(task_type, {}).values()):
             yield entry.item, entry.queued_at
 
-    def held_by(self, worker: int) -> WorkItem | None:
-        return self._held.get(worker)
-
     def in_take_order(self) -> list[WorkItem]:
-        """Pending items in the order ``take`` hands them out (all task types usable)."""
+        """Pending items in the order ``pop_next`` hands them out (all task types usable)."""
         entries = sorted((e for q in self._queues.values() for e in q.values()), key=lambda e: e.seq,
                          reverse=self.newest_first)
         return [e.item for e in entries]
 
-    def is_held(self, key: str) -> bool:
-        return key in self._holder
-
     def is_queued(self, key: str) -> bool:
         return key in self._type_of
 
-    def held_keys(self) -> list[str]:
-        return list(self._holder)
-
     def pending_keys(self) -> list[str]:
         return [item.ref.key for item in self.in_take_order()]
-
-    def protected(self) -> set[str]:
-        """Keys queued or held, at this instant."""
-        return set(self._type_of) | set(self._holder)

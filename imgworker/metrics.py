@@ -65,7 +65,7 @@ class SupervisorCollector:
                 yield _histogram(name, doc, snapshot.latency[key])
         yield _counter("imgworker_change_events", "Change events received from the store.", gauges.events_received)
         yield _gauge("imgworker_queue_depth", "Images waiting in the queue.", gauges.queue_depth)
-        yield _gauge("imgworker_in_flight", "Images held by workers.", gauges.in_flight)
+        yield _gauge("imgworker_in_flight", "Images held by lanes.", gauges.in_flight)
         yield _gauge("imgworker_workers_alive", "Worker processes alive.", gauges.processes_alive)
         yield _counter("imgworker_worker_restarts", "Workers replaced after an unexpected exit.", report.worker_restarts)
         yield _counter("imgworker_worker_respawn_backoffs",

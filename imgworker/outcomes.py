@@ -84,7 +84,7 @@ class Result(msgspec.Struct, frozen=True, omit_defaults=True):
     algo_ms: float | None = None
     e2e_ms: float | None = None
     stat_ms: float | None = None
-    worker: int = -1
+    worker: int = -1  # the lane that handled it (-1: none); named ``worker`` because results files already say so
     attempt: int = 1
     algo_calls: int = 0
     cause: str = ""

@@ -20,7 +20,7 @@ def progress_line(snapshot: Snapshot) -> str:
     counts = " ".join(f"{name}={n}" for name, n in report.outcomes.items() if n)
     return (
         f"{report.wall_s:6.1f}s {done} done {report.throughput_per_s:.1f}/s | queue {gauges.queue_depth} "
-        f"in flight {gauges.in_flight} lanes {report.workers} | {counts or 'no outcomes yet'} "
+        f"in flight {gauges.in_flight} lanes {report.lanes} | {counts or 'no outcomes yet'} "
         f"| failure rate {report.failure_rate:.2%}"
     )
 

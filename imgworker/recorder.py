@@ -76,7 +76,7 @@ class Recorder:
         self.waiting = waiting
         self.on_result = on_result
         self.wall = wall
-        self.stats = Stats(cfg.concurrency)
+        self.stats = Stats(cfg.concurrency, processes=cfg.worker.count)
         self.cleaner = CleanerStats()
         self.journal: ResultsJournal | None = None
         self.janitor: Janitor | None = None

@@ -1,7 +1,7 @@
 """Retention decided against the queue: imgworker's own cleaner passes, and expiry elsewhere.
 
 ``CleanerPass`` runs after each complete listing: it asks ``cleaner.plan_cleanup`` what to delete,
-given each image's status at that instant (held by a worker or with actions pending, queued, new,
+given each image's status at that instant (held by a lane or with actions pending, queued, new,
 done), ends given-up images explicitly (``dropped_expired``, cause ``retention``) and submits the
 deletes to the janitor, whose thread runs them (the loop never waits on the store; the figures
 ``deleted`` and ``delete_errors`` are counted when the janitor reports). That leaves a window
@@ -29,6 +29,7 @@ from .cleaner import CleanerStats, Plan, Status, StoredImage, plan_cleanup
 from .config import Config
 from .dispatch import Dispatch
 from .expiry import ExpiryEstimator
+from .inflight import InFlight
 from .janitor import Done, Janitor, Job
 from .outcomes import ImageRef, Outcome, WorkItem
 from .ports import OutcomeLedger, OutcomeSink
@@ -41,10 +42,11 @@ log = logging.getLogger(__name__)
 class CleanerPass:
     """One cleaning pass over a complete listing; its figures go to ``cleaner``."""
 
-    def __init__(self, cfg: Config, *, dispatch: Dispatch, ledger: OutcomeLedger, sink: OutcomeSink,
-                 cleaner: CleanerStats) -> None:
+    def __init__(self, cfg: Config, *, dispatch: Dispatch, inflight: InFlight, ledger: OutcomeLedger,
+                 sink: OutcomeSink, cleaner: CleanerStats) -> None:
         self.cfg = cfg
         self.dispatch = dispatch
+        self.inflight = inflight
         self.ledger = ledger
         self.sink = sink
         self.cleaner = cleaner
@@ -52,7 +54,7 @@ class CleanerPass:
     def status_of(self, new: set[str], janitor: Janitor) -> Callable[[str], Status]:
         """An image's status for the cleaner; one with unfinished actions is protected like a held one."""
         def status(key: str) -> Status:
-            if self.dispatch.is_held(key) or janitor.has_open_actions(key):
+            if self.inflight.is_held(key) or janitor.has_open_actions(key):
                 return Status.HELD
             if self.dispatch.is_queued(key):
                 return Status.QUEUED
@@ -65,7 +67,7 @@ class CleanerPass:
         deleting = janitor.deleting()
         if deleting:
             inventory = [img for img in inventory if img.key not in deleting]
-        new = self.ledger.filter_new([img.key for img in inventory if img.key not in self.dispatch])
+        new = self.ledger.filter_new([img.key for img in inventory if img.key not in self.dispatch])  # queued or held
         status = self.status_of(new, janitor)
         plan = plan_cleanup(inventory, self.cfg.retention, now=time.time(), status=status)
         self._count(plan, status, inventory)
@@ -115,8 +117,10 @@ class CleanerPass:
 class ExpiryGuard:
     """With a cleaner elsewhere, drop queued images that would expire before a worker is done."""
 
-    def __init__(self, cfg: Config, *, dispatch: Dispatch, sink: OutcomeSink, stats: Stats) -> None:
+    def __init__(self, cfg: Config, *, dispatch: Dispatch, sink: OutcomeSink, stats: Stats,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.expiry = ExpiryEstimator(cfg.retention, cfg.store.prefix)
+        self.clock = clock
         self.dispatch = dispatch
         self.sink = sink
         self.stats = stats  # read only: the finished count and the mean end-to-end time
@@ -127,7 +131,7 @@ class ExpiryGuard:
         self.expiry.observe(ref)
 
     def sample_rate(self) -> None:
-        now = time.monotonic()
+        now = self.clock()
         self._rate_samples.append((now, self.stats.finished))
         while len(self._rate_samples) > 2 and now - self._rate_samples[1][0] > 5.0:
             self._rate_samples.pop(0)

@@ -104,7 +104,10 @@ class Report(msgspec.Struct, frozen=True):
     throughput_per_s: float
     analysed_per_s: float
     wall_s: float
-    workers: int
+    lanes: int
+    """Items the run could work on at once: worker processes x lanes (threads) each."""
+    processes: int
+    """Worker processes (0: unknown, e.g. a report rebuilt from a results file)."""
     busy_s: float = 0.0
     """First image started to last outcome, from the results' own timestamps (the run's wall time
     also holds start-up, waiting for new images and the stop)."""
@@ -123,8 +126,9 @@ class Report(msgspec.Struct, frozen=True):
 class Stats:
     """Running totals of one run; ``report()`` derives every rate from them."""
 
-    def __init__(self, workers: int) -> None:
-        self.workers = workers
+    def __init__(self, lanes: int, *, processes: int = 0) -> None:
+        self.lanes = lanes
+        self.processes = processes
         self.scanned = 0
         self.retries = 0
         self.worker_restarts = 0
@@ -210,7 +214,8 @@ class Stats:
             throughput_per_s=round(finished / wall_s, 3) if wall_s > 0 else 0.0,
             analysed_per_s=round(successes / wall_s, 3) if wall_s > 0 else 0.0,
             wall_s=round(wall_s, 3),
-            workers=self.workers,
+            lanes=self.lanes,
+            processes=self.processes,
             busy_s=round(self.busy_s, 3),
             analysed_per_busy_s=round(successes / self.busy_s, 3) if self.busy_s > 0 else 0.0,
             action_errors=dict(self.action_errors),
@@ -219,12 +224,12 @@ class Stats:
         )
 
 
-def stats_from_results(results: Iterable[Result], workers: int = 0) -> Stats:
+def stats_from_results(results: Iterable[Result], lanes: int = 0) -> Stats:
     """Rebuild totals from result records: scanned is the distinct keys, every line an outcome.
 
     A key with more than one line counts in ``duplicates``, and the report is then not conserved.
     """
-    stats = Stats(workers)
+    stats = Stats(lanes)
     lines: dict[str, int] = {}
     for result in results:
         lines[result.key] = lines.get(result.key, 0) + 1
@@ -232,6 +237,15 @@ def stats_from_results(results: Iterable[Result], workers: int = 0) -> Stats:
     stats.scanned = len(lines)
     stats.duplicates = sum(1 for n in lines.values() if n > 1)
     return stats
+
+
+def _lanes(report: Report) -> str:
+    """'N lanes' or 'P processes x T lanes' (lanes at once, and how they were run)."""
+    if not report.lanes:
+        return "unknown number of lanes"
+    if not report.processes:
+        return f"{report.lanes} lanes"
+    return f"{report.processes} processes x {report.lanes // report.processes} lanes"
 
 
 def _ratio(numerator: int, denominator: int) -> float:
@@ -260,7 +274,7 @@ def format_report(report: Report) -> str:
         f" {report.busy_s:.1f} s from the first image started to the last outcome |",
         f"| throughput over the run | {report.analysed_per_s:.2f} img/s answered, {report.throughput_per_s:.2f}"
         f" outcomes/s (skips and drops included) over {report.wall_s:.1f} s of wall time (start-up, waiting"
-        f" for images and the stop included), {report.workers or 'unknown number of'} lanes |",
+        f" for images and the stop included), {_lanes(report)} |",
         f"| retries / worker restarts (backed off) / recycles / deadline kills | {report.retries}"
         f" / {report.worker_restarts} ({report.respawn_backoffs}) / {report.worker_recycles} / {report.deadline_kills} |",
         "",

@@ -3,18 +3,21 @@
 Data flow (one direction)::
 
     Intake (watcher events, lister sweeps ─▶ ledger.filter_new ─▶ backlog, fair across directories)
-        ─▶ Dispatch (bounded queue per task type) ─▶ Pool (lanes of worker processes, item deadline)
-        ◀── Answer / Exit ── Pool
+        ─▶ Dispatch (bounded queue per task type) ─▶ InFlight (lane L holds item I, its deadline)
+        ─▶ Pool (worker process i runs lanes, own pipe) ◀── Answer (lane) / Exit (process) ── Pool
         ─▶ Recorder.finish: results journal (written through) ─▶ Stats, Ledger ─▶ Janitor (actions)
     after each complete sweep: Ledger prune, CleanerPass ─▶ Janitor deletes, ExpiryGuard drops (Recorder.drop)
 
-Who owns what: ``Intake`` finds images; ``Dispatch`` knows which lane holds what; ``Pool``
-spawns, stops and kills worker processes; ``Janitor`` makes every change in the store;
-``CleanerPass`` and ``ExpiryGuard`` decide what retention gives up; ``Ledger`` owns the processed
-set and its flushes; ``RunLock`` and ``ResultsJournal`` own durability; ``Recorder`` is the one
-place an image gets its terminal outcome and the one owner of the run's figures (``snapshot()``).
-The supervisor decides what an answer or a death means for an image, and installs the signal
-handlers. ``step()`` is one iteration; ``Parts`` lets a test drive it with an in-memory store,
+Who owns what: ``Intake`` finds images; ``Dispatch`` holds what waits; ``InFlight`` knows which
+lane holds what, since when, and what is overdue (``_send`` records "lane L took item I",
+``_lane_done`` "lane L is done"); ``Pool`` spawns, stops and kills worker processes and knows
+which lanes are idle; ``Janitor`` makes every change in the store; ``CleanerPass`` and
+``ExpiryGuard`` decide what retention gives up; ``Ledger`` owns the processed set and its
+flushes; ``RunLock`` and ``ResultsJournal`` own durability; ``Recorder`` is the one place an
+image gets its terminal outcome and the one owner of the run's figures (``snapshot()``). The
+supervisor decides what an answer or a death means for an image, and installs the signal
+handlers. One clock (``clock``, monotonic) times the loop and every owner it passes it to; results'
+timestamps are wall-clock. ``step()`` is one iteration; ``Parts`` lets a test drive it with an in-memory store,
 an inline pool and an inline lister, without processes or servers.
 """
 from __future__ import annotations
@@ -36,6 +39,7 @@ from .cleaner import CleanerStats, Plan, StoredImage
 from .config import Config
 from .dispatch import Dispatch
 from .endpoints import EndpointPool
+from .inflight import Held, InFlight
 from .intake import EventSource, Intake, ListingSource, SweepEnd
 from .janitor import Janitor
 from .journal import ResultsJournal, RunLock
@@ -87,8 +91,8 @@ def process_parts(cfg: Config) -> Parts:
 def memory_parts(cfg: Config, store: MemoryStore, algo: Any, *, die_on: Callable[[WorkItem], bool] = lambda i: False,
                  make_watcher: Callable[[int], EventSource] | None = None) -> Parts:
     """In-memory parts: everything runs in this process, deterministically (see memstore)."""
-    def process(slot: int, item: WorkItem) -> Any:
-        processor = ItemProcessor(cfg, store=store, algo=algo, worker_id=slot, sleep=lambda s: None)
+    def process(lane: int, item: WorkItem) -> Any:
+        processor = ItemProcessor(cfg, store=store, algo=algo, worker_id=lane, sleep=lambda s: None)
         return answer(processor, item, retiring=False)
 
     return Parts(store=store, make_lister=lambda: InlineLister(cfg, store),
@@ -99,7 +103,8 @@ def memory_parts(cfg: Config, store: MemoryStore, algo: Any, *, die_on: Callable
 class Stopping:
     """Signals and stop conditions set flags here; the loop acts on them."""
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
         self.draining = False
         self.forced = False
         self.deadline = 0.0
@@ -111,7 +116,7 @@ class Stopping:
         """Stop intake and drain (or, forced, stop at once); True the first time."""
         first = not self.draining
         if first:
-            self.draining, self.reason, self.deadline = True, reason, time.monotonic() + grace_s
+            self.draining, self.reason, self.deadline = True, reason, self.clock() + grace_s
         self.forced = self.forced or force
         return first
 
@@ -120,30 +125,32 @@ class Supervisor:
     """Runs the pipeline; ``step()`` is one iteration of the loop and can be driven by tests."""
 
     def __init__(self, cfg: Config, *, intake_done: Callable[[], bool] = lambda: True, show_progress: bool = True,
-                 on_result: Callable[[Result], None] | None = None, parts: Parts | None = None) -> None:
+                 on_result: Callable[[Result], None] | None = None, parts: Parts | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.cfg = cfg
+        self.clock = clock
         parts = parts or process_parts(cfg)
         self.parts = parts
         self.store = parts.store
         self.pool = parts.pool
-        self.dispatch = Dispatch(cfg.dispatch)
-        self.endpoints = EndpointPool(cfg.algo)
-        self._probes: dict[int, str] = {}  # lane -> key of the half-open probe it was sent
+        self.inflight = InFlight(cfg.item_deadline_s, clock)
+        self.dispatch = Dispatch(cfg.dispatch, clock, is_held=self.inflight.is_held)
+        self.endpoints = EndpointPool(cfg.algo, clock)
         self.progress = Progress(cfg.run.progress_interval_s, enabled=show_progress)
         self.lock = RunLock(cfg.run.state_dir)
         self.ledger = Ledger(os.path.join(cfg.run.state_dir, "state.json"), cfg.results_path, parts.ledger_backend)
         self.intake = Intake(cfg, ledger=self.ledger, dispatch=self.dispatch, make_lister=parts.make_lister,
-                             make_watcher=parts.make_watcher, intake_done=intake_done)
+                             make_watcher=parts.make_watcher, intake_done=intake_done, clock=clock)
         self.recorder = Recorder(cfg, ledger=self.ledger, waiting=self.intake, on_result=on_result)
-        self.cleaning = CleanerPass(cfg, dispatch=self.dispatch, ledger=self.ledger, sink=self.recorder,
-                                    cleaner=self.recorder.cleaner)
-        self.expiry = ExpiryGuard(cfg, dispatch=self.dispatch, sink=self.recorder, stats=self.recorder.stats)
+        self.cleaning = CleanerPass(cfg, dispatch=self.dispatch, inflight=self.inflight, ledger=self.ledger,
+                                    sink=self.recorder, cleaner=self.recorder.cleaner)
+        self.expiry = ExpiryGuard(cfg, dispatch=self.dispatch, sink=self.recorder, stats=self.recorder.stats,
+                                  clock=clock)
         self.journal: ResultsJournal | None = None
         self.janitor: Janitor | None = None
-        self.stopping = Stopping()
-        self._started = time.monotonic()
+        self.stopping = Stopping(clock)
+        self._started = clock()
         self._next_checkpoint = 0.0
-        self._next_deadline = 0.0
 
     # ----- lifecycle -----------------------------------------------------------------
 
@@ -164,9 +171,9 @@ class Supervisor:
         except BaseException:
             self._close_durable()
             raise
-        self._started = time.monotonic()
+        self._started = self.clock()
         self._next_checkpoint = self._started + self.cfg.run.checkpoint_interval_s
-        log.info("started: %d workers x %d lanes, bucket %s, prefix %r, %d processed known, %d pending resumed",
+        log.info("started: %d processes x %d lanes, bucket %s, prefix %r, %d processed known, %d pending resumed",
                  self.cfg.worker.count, self.cfg.worker.threads, self.cfg.store.bucket, self.cfg.store.prefix, self.ledger.size(), resumed)
 
     def run(self) -> Report:
@@ -202,7 +209,10 @@ class Supervisor:
 
     def step_until(self, done: Callable[[], bool], *, timeout_s: float | None = None,
                    max_steps: int | None = None) -> bool:
-        """Step until ``done()``; False if ``timeout_s`` or ``max_steps`` ran out first."""
+        """Step until ``done()``; False if ``timeout_s`` or ``max_steps`` ran out first.
+
+        ``timeout_s`` is real seconds (the driver's patience), whatever clock the supervisor runs on.
+        """
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         steps = 0
         while not done():
@@ -213,9 +223,9 @@ class Supervisor:
         return True
 
     def shutdown(self) -> None:
-        """Stop every worker against one deadline, stop the lister, finish store jobs, write state."""
+        """Stop every worker process against one deadline, stop the lister, finish store jobs, write state."""
         forced = self.stopping.forced
-        self._stage("stopping workers", lambda: self._stop_pool(0.2 if forced else 1.0))
+        self._stage("stopping worker processes", lambda: self._stop_pool(0.2 if forced else 1.0))
         self._stage("stopping the lister", self.intake.close)
         if self.janitor is not None:
             janitor = self.janitor
@@ -227,7 +237,8 @@ class Supervisor:
         self.progress.close()
 
     def _stop_pool(self, grace_s: float) -> None:
-        for event in self.pool.stop(time.monotonic() + grace_s):
+        # the pool (like the janitor's thread) blocks in real time: its stop deadline is real time
+        for event in self.pool.stop(time.monotonic() + grace_s, list(self.inflight)):
             self._on_event(event)
 
     @staticmethod
@@ -253,13 +264,23 @@ class Supervisor:
     def cleaner(self) -> CleanerStats:
         return self.recorder.cleaner
 
+    @property
+    def pending(self) -> int:
+        """Images waiting in the queue."""
+        return self.dispatch.pending
+
+    @property
+    def in_flight(self) -> int:
+        """Images held by lanes."""
+        return len(self.inflight)
+
     def snapshot(self) -> Snapshot:
         """The run's figures at this instant, typed: what ``/metrics``, progress and the report read."""
-        gauges = Gauges(queue_depth=self.dispatch.pending, in_flight=self.dispatch.in_flight,
+        gauges = Gauges(queue_depth=self.pending, in_flight=self.in_flight,
                         backlog=len(self.intake.backlog), processes_alive=self.pool.alive(),
                         events_received=self.intake.events_received, scans_completed=self.intake.scans_completed,
                         last_scan_s=self.intake.last_scan_s)
-        return self.recorder.snapshot(gauges, wall_s=time.monotonic() - self._started,
+        return self.recorder.snapshot(gauges, wall_s=self.clock() - self._started,
                                       endpoints=self.endpoints.figures())
 
     def report(self) -> Report:
@@ -269,7 +290,7 @@ class Supervisor:
 
     def step(self) -> None:
         """One iteration: intake, dispatch, wait for answers or deaths, deadlines, janitor, checkpoint."""
-        now = time.monotonic()
+        now = self.clock()
         self._check_stop_conditions(now)
         self.intake_step()
         if not self.stopping.draining:
@@ -278,10 +299,10 @@ class Supervisor:
         events, _ = self.pool.wait(self._wait_timeout(now), self.intake.waitables())
         for event in events:
             self._on_event(event)
-        self._next_deadline = self.pool.kill_overdue(time.monotonic())
+        self._kill_overdue(self.clock())
         assert self.janitor is not None
         self.recorder.janitor_done(self.janitor.collect())
-        if time.monotonic() >= self._next_checkpoint:
+        if self.clock() >= self._next_checkpoint:
             self.checkpoint()
         self.progress.maybe_show(self.snapshot)
 
@@ -290,7 +311,7 @@ class Supervisor:
         if s.forced:
             self._announce_stop()
             return True
-        return s.draining and (self.dispatch.in_flight == 0 or time.monotonic() >= s.deadline)
+        return s.draining and (self.in_flight == 0 or self.clock() >= s.deadline)
 
     @property
     def draining(self) -> bool:
@@ -306,10 +327,10 @@ class Supervisor:
         s = self.stopping
         if s.draining and not s.announced[0]:
             log.info("stopping (%s): no new items, letting %d in flight finish within %.0f s", s.reason,
-                     self.dispatch.in_flight, self.cfg.run.grace_s)
+                     self.in_flight, self.cfg.run.grace_s)
         if s.forced and not s.announced[1]:
             log.warning("stopping at once (%s): %d items in flight are resumed at the next start", s.reason,
-                        self.dispatch.in_flight)
+                        self.in_flight)
         s.announced = (s.draining, s.forced)
 
     def _check_stop_conditions(self, now: float) -> None:
@@ -320,17 +341,17 @@ class Supervisor:
             self.request_stop("duration reached")
         elif self.cfg.run.until_idle and self._idle():
             self.request_stop("idle")
-        elif self.cfg.run.until_idle and self.dispatch.pending == 0 and self.dispatch.in_flight == 0:
+        elif self.cfg.run.until_idle and self.pending == 0 and self.in_flight == 0:
             self.intake.reconcile_when_drained()
 
     def _idle(self) -> bool:
-        return self.intake.idle() and self.dispatch.pending == 0 and self.dispatch.in_flight == 0
+        return self.intake.idle() and self.pending == 0 and self.in_flight == 0
 
     def _wait_timeout(self, now: float) -> float:
         if self.stopping.draining:
             return 0.2
         wake = [now + _MAX_WAIT_S, self._next_checkpoint, self.intake.wake_at() or now + _MAX_WAIT_S,
-                self._next_deadline or now + _MAX_WAIT_S]
+                self.inflight.next_deadline or now + _MAX_WAIT_S]
         return max(0.0, min(wake) - now)
 
     # ----- intake --------------------------------------------------------------------
@@ -379,17 +400,17 @@ class Supervisor:
     # ----- dispatch --------------------------------------------------------------------
 
     def feed_idle(self) -> None:
-        """Give idle workers the oldest item of any task type that has an endpoint now.
+        """Give idle lanes the oldest item of any task type that has an endpoint now.
 
         Images whose no-endpoint budget ran out are failed first, so none of them carries a probe.
         """
-        self._fail_waited_out(time.monotonic())
+        self._fail_waited_out(self.clock())
         blocked: set[str] = set()
 
         def usable(kind: str) -> bool:
             return kind not in blocked
 
-        while self.pool.idle:
+        while self.pool.idle_lanes():
             item = self.dispatch.peek(usable)
             if item is None:
                 return
@@ -403,16 +424,31 @@ class Supervisor:
             probe = self.endpoints.is_probe(endpoints)
             if probe and item.waits:
                 item = self._least_waited_first(kind)
-            slot = self.pool.idle.pop()
-            sent = self.dispatch.take(slot, lambda k: k == kind, endpoints=endpoints)
-            assert sent is not None and sent.ref.key == item.ref.key
-            if probe:
-                self._probes[slot] = sent.ref.key
-            else:
-                self._probes.pop(slot, None)
-            self.endpoints.dispatched(endpoints)
-            self.pool.send(slot, sent)
-            self.recorder.dispatched(sent.ref)
+            sent = self._send(kind, endpoints, probe=probe)
+            assert sent.ref.key == item.ref.key
+
+    def _send(self, kind: str, endpoints: tuple[str, ...], *, probe: bool) -> WorkItem:
+        """The next queued item of ``kind`` goes to an idle lane: the one place a lane takes an item."""
+        queued = self.dispatch.pop_next(lambda k: k == kind)
+        assert queued is not None
+        lane = self.pool.take_idle_lane()
+        sent = self.inflight.take(lane, queued.item, queued_at=queued.queued_at, endpoints=endpoints, probe=probe)
+        self.endpoints.dispatched(endpoints)
+        self.pool.send(lane, sent)
+        self.recorder.dispatched(sent.ref)
+        return sent
+
+    def _lane_done(self, lane: int) -> Held | None:
+        """Lane ``lane`` is done with its item (answered, lost, or put back): the one place that says so."""
+        held = self.inflight.done(lane)
+        self.pool.return_lane(lane)  # idle again, unless its process is leaving or gone
+        return held
+
+    def _kill_overdue(self, now: float) -> None:
+        """Kill the processes whose lanes hold an item past its deadline."""
+        overdue = self.inflight.overdue(now)
+        if overdue and self.pool.kill_overdue(overdue):
+            self.inflight.look_again(now)  # an answer is waiting, maybe the overdue one's: read it first
 
     def _least_waited_first(self, kind: str) -> WorkItem:
         """Move the oldest queued item of ``kind`` that waited least to the front, and return it.
@@ -451,24 +487,24 @@ class Supervisor:
             self._on_exit(event)
 
     def _on_answer(self, event: Answer) -> None:
-        item = self.dispatch.held_by(event.slot)
-        if item is None:
-            log.error("worker %d answered without holding an item; ignored", event.slot)
+        lane = event.lane
+        held = self.inflight.of_lane(lane)
+        if held is None:  # a worker bug: nothing to end, and the lane must not be idle twice
+            log.error("lane %d answered without holding an item; ignored", lane)
             return
-        reply = event.reply
-        probe = self._probes.pop(event.slot, None) == item.ref.key
-        met_outage = self.endpoints.finished(item.endpoints, reply.calls)
+        item, reply = held.item, event.reply
+        met_outage = self.endpoints.finished(held.endpoints, reply.calls)
         result = reply.result
         if reply.undecodable or result.key != item.ref.key:
-            log.error("worker %d: reply for %s could not be used (%s)", event.slot, item.ref.key,
+            log.error("lane %d: reply for %s could not be used (%s)", lane, item.ref.key,
                       reply.undecodable or f"it names {result.key!r}")
-            result = internal_error(item, event.slot, "unusable reply")
-        elif met_outage and result.outcome is Outcome.FAILED_ALGO and (probe or not item.waits):
-            self._wait_for_endpoint(event.slot, item, result.cause)
+            result = internal_error(item, lane, "unusable reply")
+        elif met_outage and result.outcome is Outcome.FAILED_ALGO and (held.probe or not item.waits):
+            self._wait_for_endpoint(lane, item, result.cause)
             return
-        e2e_ms = (time.monotonic() - event.dispatched_at) * 1000.0
+        e2e_ms = (self.clock() - held.sent_at) * 1000.0
         self.recorder.finish(msgspec.structs.replace(result, e2e_ms=e2e_ms))
-        self.dispatch.release(event.slot)  # only once the outcome is written: until then it is in flight
+        self._lane_done(lane)  # only once the outcome is written: until then it is in flight
 
     def _wait_for_endpoint(self, lane: int, item: WorkItem, cause: str) -> None:
         """Put an item back at the head of its queue: its calls failed because its endpoint is down.
@@ -478,18 +514,18 @@ class Supervisor:
         meets an outage again, not as the probe, after having waited ends ``failed_algo`` as usual:
         it may be the image that makes the service fail.
         """
-        log.info("worker %d: %s waits for a healthy algorithm endpoint (%s)", lane, item.ref.key, cause)
+        log.info("lane %d: %s waits for a healthy algorithm endpoint (%s)", lane, item.ref.key, cause)
         self._requeue(lane, msgspec.structs.replace(item, endpoints=(), waits=item.waits + 1))
 
     def _on_exit(self, event: Exit) -> None:
         lost = 0
         for lane in event.lanes:
-            item = self.dispatch.held_by(lane)
+            item = self.inflight.item_of(lane)
             if item is not None:
                 lost += 1
                 self.endpoints.finished(item.endpoints, [])
                 self._on_lost_item(item, lane, event)
-        wait_s = 0.0 if self.stopping.draining else self.pool.respawn(event.worker)
+        wait_s = 0.0 if self.stopping.draining else self.pool.respawn(event.process)
         if event.overdue:
             self.recorder.process_exited("deadline_kill")
         elif event.retiring and not lost:
@@ -502,10 +538,10 @@ class Supervisor:
         """Warn of an unexpected exit; one that died before answering anything is replaced after a backoff."""
         if not wait_s:
             log.warning("worker process %d exited unexpectedly (exit code %s) holding %d images; starting a replacement",
-                        event.worker, event.code, lost)
+                        event.process, event.code, lost)
             return
         log.warning("worker process %d exited before answering anything (exit code %s) holding %d images; "
-                    "starting a replacement in %.1f s", event.worker, event.code, lost, wait_s)
+                    "starting a replacement in %.1f s", event.process, event.code, lost, wait_s)
 
     def _on_lost_item(self, item: WorkItem, lane: int, event: Exit) -> None:
         """A lane's process died holding an item (or was killed past a deadline): retry, or give up.
@@ -517,7 +553,7 @@ class Supervisor:
         ref = item.ref
         if lane in event.overdue:
             cause = "deadline"
-            log.warning("worker %d held %s past its %.0f s deadline; killed it", lane, ref.key,
+            log.warning("lane %d held %s past its %.0f s deadline; killed its process", lane, ref.key,
                         self.cfg.item_deadline_s)
         elif event.overdue and not item.spared:
             self.recorder.retried()
@@ -528,19 +564,19 @@ class Supervisor:
         else:
             cause = f"worker_died_exit_{event.code}"
         if item.attempt >= self.cfg.worker.max_attempts:
-            log.error("worker %d: %s lost %d times (%s); giving up on it", lane, ref.key, item.attempt, cause)
+            log.error("lane %d: %s lost %d times (%s); giving up on it", lane, ref.key, item.attempt, cause)
             self.recorder.finish(Result(key=ref.key, outcome=Outcome.FAILED_WORKER, task_type=ref.task_type,
                                 task_id=ref.task_id, worker=lane, attempt=item.attempt, cause=cause,
                                 finished_at=time.time()))
-            self.dispatch.release(lane)
+            self._lane_done(lane)
             return
         self.recorder.retried()
         self._requeue(lane, WorkItem(ref=ref, attempt=item.attempt + 1, spared=item.spared))
 
     def _requeue(self, lane: int, item: WorkItem) -> None:
-        queued_at = self.dispatch.held_queued_at(lane)
-        self.dispatch.release(lane)
-        self.dispatch.requeue_front(item, queued_at=queued_at)
+        """The lane gives its item back to the head of the queue; it keeps the time it was first queued."""
+        held = self._lane_done(lane)
+        self.dispatch.requeue_front(item, queued_at=held.queued_at if held is not None else None)
 
     # ----- state -----------------------------------------------------------------------
 
@@ -549,9 +585,9 @@ class Supervisor:
         assert self.journal is not None and self.janitor is not None
         offset = self.janitor.watermark(self.journal.sync())
         owed = self.janitor.owed()  # after the watermark: an action given up in between is counted in both
-        self.ledger.save(offset, self.dispatch.held_keys() + self.dispatch.pending_keys(),
+        self.ledger.save(offset, self.inflight.held_keys() + self.dispatch.pending_keys(),
                          self.intake.position(), owed)
-        self._next_checkpoint = time.monotonic() + self.cfg.run.checkpoint_interval_s
+        self._next_checkpoint = self.clock() + self.cfg.run.checkpoint_interval_s
 
     def _resume(self, restored: Restored) -> int:
         """Queue the unfinished keys of the last run; redo the actions past the watermark, and those owed."""

@@ -114,7 +114,7 @@ class ItemProcessor:
         t0 = time.monotonic()
         fields = _Trace()
         outcome, cause = self._run(item, fields)
-        log.debug("worker %d: %s -> %s %s", self.worker_id, item.ref.key, outcome.value, cause)
+        log.debug("lane %d: %s -> %s %s", self.worker_id, item.ref.key, outcome.value, cause)
         result = Result(
             key=item.ref.key,
             outcome=outcome,
@@ -144,10 +144,10 @@ class ItemProcessor:
             url = self._with_store_retry(lambda: self.store.presign(key, self.cfg.worker.presign_expiry_s))
         except ObjectMissing:
             outcome = Outcome.SKIPPED_MISSING if self.cfg.worker.stat_check else Outcome.FAILED_MISSING
-            log.debug("worker %d: %s is gone, skipped", self.worker_id, key)
+            log.debug("lane %d: %s is gone, skipped", self.worker_id, key)
             return outcome, "object_missing"
         except StoreError as exc:
-            log.warning("worker %d: store failed for %s: %s", self.worker_id, key, exc)
+            log.warning("lane %d: store failed for %s: %s", self.worker_id, key, exc)
             return Outcome.FAILED_STORE, _short(exc)
         request = AlgoRequest(
             image_url=url,
@@ -190,7 +190,7 @@ class ItemProcessor:
             except AlgoTransient as exc:
                 spent += (time.monotonic() - t) * 1000.0
                 last = exc
-                log.info("worker %d: %s attempt %d: %s", self.worker_id, request.image_path, attempt, exc.cause)
+                log.info("lane %d: %s attempt %d: %s", self.worker_id, request.image_path, attempt, exc.cause)
                 store = self._store_after_failure(request.image_path)
                 # a store outage is not the service's fault
                 fields.calls.append(Call(endpoint, store == "waited", "" if store == "waited" else exc.cause))
@@ -220,7 +220,7 @@ class ItemProcessor:
             return "gone"
         except StoreUnavailable:
             pass
-        log.warning("worker %d: the store is unavailable after a failed call for %s; waiting for it", self.worker_id,
+        log.warning("lane %d: the store is unavailable after a failed call for %s; waiting for it", self.worker_id,
                     key)
         try:
             self._with_store_retry(lambda: self.store.probe(key))
@@ -384,7 +384,7 @@ def answer(processor: ItemProcessor, item: WorkItem, *, retiring: bool) -> Reply
     try:
         result, calls = processor.process_item(item)
     except Exception as exc:  # a bug must end this image once, not kill the worker and re-POST it
-        log.exception("worker %d: unexpected error on %s", processor.worker_id, item.ref.key)
+        log.exception("lane %d: unexpected error on %s", processor.worker_id, item.ref.key)
         return Reply(result=internal_error(item, processor.worker_id, exc), retiring=retiring)
     return Reply(result=result, retiring=retiring, calls=calls)
 
@@ -392,7 +392,7 @@ def answer(processor: ItemProcessor, item: WorkItem, *, retiring: bool) -> Reply
 def internal_error(item: WorkItem, worker_id: int, exc: BaseException | str) -> Result:
     """The outcome of an item whose handling raised something imgworker did not expect."""
     detail = exc if isinstance(exc, str) else type(exc).__name__
-    log.error("worker %d: %s ends failed_algo (internal_error: %s)", worker_id, item.ref.key, detail)
+    log.error("lane %d: %s ends failed_algo (internal_error: %s)", worker_id, item.ref.key, detail)
     return Result(key=item.ref.key, outcome=Outcome.FAILED_ALGO, task_type=item.ref.task_type,
                   task_id=item.ref.task_id, worker=worker_id, attempt=item.attempt, cause="internal_error",
                   finished_at=time.time())

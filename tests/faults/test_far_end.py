@@ -67,7 +67,7 @@ def drive(sup: Supervisor, timeout: float):
         while not sup.finished():
             assert time.monotonic() < deadline, (
                 f"the run did not end within {timeout} s: pending {sup.dispatch.pending}, in flight "
-                f"{sup.dispatch.in_flight}, backlog {len(sup.intake.backlog)}, outcomes {sup.stats.counts}")
+                f"{sup.in_flight}, backlog {len(sup.intake.backlog)}, outcomes {sup.stats.counts}")
             sup.step()
     finally:
         sup.shutdown()

@@ -83,9 +83,9 @@ def _poison(cfg, store, prefix):
     try:
         while not sup.finished():
             sup.step()
-            for slot, handle in list(sup.pool.workers.items()):
-                held = sup.dispatch.held_by(slot)
-                if held is not None and held.ref.key == poison and handle.process.is_alive():
+            lane = sup.inflight.holder(poison)
+            for handle in list(sup.pool.processes.values()):
+                if lane in handle.lanes and handle.process.is_alive():
                     os.kill(handle.process.pid, signal.SIGKILL)
                     handle.process.join()
                     kills += 1

@@ -44,7 +44,7 @@ def test_run_until_idle_with_config_file(tmp_path, store_server, algo_server, cr
                      "--report-json", str(report_path), env=cli_env(store_server, creds))
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(report_path.read_text())
-    assert (report["scanned"], report["workers"], report["conserved"]) == (4, 2, True)
+    assert (report["scanned"], report["processes"], report["lanes"], report["conserved"]) == (4, 2, 2, True)
     assert creds.secret_key not in proc.stdout + proc.stderr
 
 

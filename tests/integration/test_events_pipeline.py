@@ -202,7 +202,7 @@ def test_a_replay_after_a_restart_does_not_bring_back_deleted_finished_images(ma
         marker = f"{prefix}person/t5/20240101-120100.000.jpg"
         try:
             upload(store, [marker])  # the tail sends in time order: any replay of the others comes first
-            step_until(again, lambda: marker in lines(cfg) and not again.dispatch.in_flight
+            step_until(again, lambda: marker in lines(cfg) and not again.in_flight
                        and not again.dispatch.pending and not again.intake.backlog, "the new image")
         finally:
             again.request_stop("test")

@@ -33,9 +33,9 @@ def test_policies_against_a_real_queue(make_config, store, prefix, slow_algo, po
     sup = Supervisor(cfg, show_progress=False)
     sup.start()
     try:
-        while sup.dispatch.in_flight == 0:  # one held, seven queued, nothing finished yet
+        while sup.in_flight == 0:  # one held, seven queued, nothing finished yet
             sup.step()
-        held = sup.dispatch.held_keys()
+        held = sup.inflight.held_keys()
         queued = set(sup.dispatch.pending_keys())
         from imgworker.cleaner import stored_image
         from imgworker.outcomes import ImageRef

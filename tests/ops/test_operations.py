@@ -55,7 +55,7 @@ def test_metrics_match_the_final_report(make_config, store, prefix):
             while not sup.finished():
                 assert time.monotonic() < deadline, "the run did not end"
                 sup.step()
-                if during is None and sup.dispatch.in_flight:
+                if during is None and sup.in_flight:
                     during = scrape(port)
             after = scrape(port)
         finally:
@@ -167,7 +167,7 @@ def test_no_healthy_service_means_waiting_then_failing_after_the_budget(make_con
         waited_since = time.monotonic()
         sup.step()
         # they wait, they are not failed: the one whose call ejected the endpoint too
-        assert sup.dispatch.pending + sup.dispatch.in_flight == 4 and sup.stats.finished == 0
+        assert sup.pending + sup.in_flight == 4 and sup.stats.finished == 0
         while not sup.finished():
             sup.step()
     finally:

@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 from imgworker.cleaner import Status, StoredImage, plan_cleanup, stored_image
 from imgworker.config import DispatchConfig, RetentionConfig
 from imgworker.dispatch import Dispatch
+from imgworker.inflight import InFlight
 from imgworker.outcomes import ImageRef
 
 
@@ -111,7 +112,8 @@ def test_protected_images_are_never_deleted(data, protect, max_count, max_age, m
        protect=st.sampled_from(["queued", "lease"]))
 def test_cleaner_racing_dispatch_never_deletes_queued_or_held(ops, protect):
     """Interleave dispatch and cleaning passes; every pass sees the live state and respects it."""
-    dispatch = Dispatch(DispatchConfig(queue_capacity=1000))
+    inflight = InFlight(deadline_s=60.0)
+    dispatch = Dispatch(DispatchConfig(queue_capacity=1000), is_held=inflight.is_held)
     stored: dict[str, StoredImage] = {}
     done: set[str] = set()
     counter = 0
@@ -123,14 +125,16 @@ def test_cleaner_racing_dispatch_never_deletes_queued_or_held(ops, protect):
             dispatch.offer(ImageRef(key=key))
             counter += 1
         elif op == "take":
-            dispatch.take(arg)
+            queued = dispatch.pop_next() if inflight.of_lane(arg) is None else None
+            if queued is not None:
+                inflight.take(arg, queued.item, queued_at=queued.queued_at)
         elif op == "release":
-            item = dispatch.release(arg)
-            if item is not None:
-                done.add(item.ref.key)
+            held = inflight.done(arg)
+            if held is not None:
+                done.add(held.item.ref.key)
         else:
             def status(key: str) -> Status:
-                if dispatch.is_held(key):
+                if inflight.is_held(key):
                     return Status.HELD
                 return Status.QUEUED if dispatch.is_queued(key) else Status.DONE
 
@@ -140,7 +144,7 @@ def test_cleaner_racing_dispatch_never_deletes_queued_or_held(ops, protect):
                 assert key in done
                 del stored[key]
             for key in plan.give_up:
-                assert protect == "lease" and not dispatch.is_held(key)
+                assert protect == "lease" and not inflight.is_held(key)
                 dispatch.withdraw(key)
                 done.add(key)
                 del stored[key]

@@ -137,13 +137,13 @@ def test_the_probe_is_known_by_its_lane_when_an_older_failure_arrives_during_it(
                 break
             sup.intake_step()
         sup.feed_idle()  # both sent while the endpoint is healthy
-        late_lane = min(sup.pool.held)
-        late = sup.pool.held.pop(late_lane)  # this lane's answer comes late (a slow timeout)
+        late_lane = min(sup.pool.inbox)
+        late = sup.pool.inbox.pop(late_lane)  # this lane's answer comes late (a slow timeout)
         for event in sup.pool.wait(0.0, [])[0]:  # the other lane fails: ejected, its image goes back to wait
             sup._on_event(event)
         sup.feed_idle()  # the cooldown is over: the other lane carries the probe, the image that already waited
-        assert len(sup.pool.held) == 1 and late_lane not in sup.pool.held
-        sup.pool.held[late_lane] = late
+        assert len(sup.pool.inbox) == 1 and late_lane not in sup.pool.inbox
+        sup.pool.inbox[late_lane] = late
         for event in sup.pool.wait(0.0, [])[0]:  # the late failure arrives first, then the probe's
             sup._on_event(event)
         assert not lines(cfg), ends(cfg)  # neither is charged: one met the outage, the other was the probe

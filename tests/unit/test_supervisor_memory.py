@@ -192,13 +192,15 @@ def test_an_image_is_spared_once_when_killed_for_another_lane_s_deadline(tmp_pat
     try:
         key = "p/a/20240101-000000.000.jpg"
         sup.dispatch.append(WorkItem(ref=sup_ref(key)))
-        killed_for_lane_0 = Exit(worker=0, lanes=(0, 1), code=-9, retiring=False, overdue=(0,))
+        killed_for_lane_0 = Exit(process=0, lanes=(0, 1), code=-9, retiring=False, overdue=(0,))
         for _ in range(2):  # its process is killed twice for the other lane's deadline
-            assert sup.dispatch.take(1) is not None
+            queued = sup.dispatch.pop_next()
+            assert queued is not None
+            sup.inflight.take(1, queued.item, queued_at=queued.queued_at)
             sup._on_exit(killed_for_lane_0)
         assert outcomes(cfg) == {key: "failed_worker"}, "spared more than once: its attempts never run out"
         assert [r.cause for r in read_results(cfg.results_path)] == ["deadline_of_another_lane"]
-        assert sup.dispatch.pending == 0 and sup.dispatch.in_flight == 0
+        assert sup.dispatch.pending == 0 and len(sup.inflight) == 0
     finally:
         sup.request_stop("test", force=True)
         sup.shutdown()
