@@ -16,10 +16,15 @@ SECTIONS = [
      "`python -m benchmarks.peers` (`--quick` for N = 4, 8). The same job (StatObject, presign, POST to a "
      "200 ms service that fetches the image) done by imgworker finding images from change events "
      "(`imgworker`: N worker processes; `imgworker-lanes`: N lanes as N / 8 processes of 8 threads, "
-     "`--threads 8`) and by listing every second (`imgworker-listing`), by N bare threads in one process "
+     "`--threads 8`) and by listing every second (`imgworker-listing`; `imgworker-lanes-listing` with lanes), "
+     "by N bare threads in one process "
      "(the floor: no dispatch, no discovery), and by Celery prefork workers with valkey as broker "
      "(`-Ofair`, acks_late, prefetch 1), side by side in one run on the same store, service and images. "
      "`cpu_s_per_1000_<role>` in the JSON splits imgworker's CPU by process.", "peers.png"),
+    ("peers-n32", "Listing mode beside events mode, N = 32",
+     "`python -m benchmarks.peers --workers 32 --name peers-n32`: the same ways at N = 32 only, in one run "
+     "of this round, with lanes in listing mode (`imgworker-lanes-listing`, the default discovery mode) "
+     "beside lanes on change events.", "peers-n32.png"),
     ("discovery", "Finding new images in a bucket of 100,000: events against listing",
      "`python -m benchmarks.discovery` (`--quick` for a small bucket). 100,000 objects already processed "
      "are retained; then 30 new images a second arrive. Discovery = upload to dispatch.", "discovery.png"),

@@ -407,18 +407,18 @@ def plot(rows: Sequence[Row], params: Params, path: str) -> None:
     plt.close(fig)
 
 
-def write(out: str, params: Params, rows: Sequence[Row], table: str) -> None:
-    """peers.json and peers.md as ``_common.write_results`` writes them, into ``out``; and peers.png."""
+def write(out: str, params: Params, rows: Sequence[Row], table: str, name: str = "peers") -> None:
+    """<name>.json and <name>.md as ``_common.write_results`` writes them, into ``out``; and <name>.png."""
     os.makedirs(out, exist_ok=True)
     payload = {"params": params, "rows": list(rows)}
-    with open(os.path.join(out, "peers.json"), "wb") as f:
+    with open(os.path.join(out, f"{name}.json"), "wb") as f:
         f.write(msgspec.json.format(msgspec.json.encode(payload)) + b"\n")
-    with open(os.path.join(out, "peers.md"), "w", encoding="utf-8") as f:
+    with open(os.path.join(out, f"{name}.md"), "w", encoding="utf-8") as f:
         f.write(table + "\n")
-    plot(rows, params, os.path.join(out, "peers.png"))
+    plot(rows, params, os.path.join(out, f"{name}.png"))
 
 
-def parse_args(argv: Sequence[str]) -> tuple[Params, str]:
+def parse_args(argv: Sequence[str]) -> tuple[Params, str, str]:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.peers", description=__doc__.split("\n\n")[0])
     parser.add_argument("--workers", help="comma-separated N (default 16,32,64; --quick: 4,8)")
     parser.add_argument("--images", type=int, default=0, help="images per way and N (default: N / L x duration)")
@@ -426,6 +426,7 @@ def parse_args(argv: Sequence[str]) -> tuple[Params, str]:
     parser.add_argument("--latency-ms", type=float, default=200.0)
     parser.add_argument("--quick", action="store_true", help="N = 4, 8 and few images: well under a minute")
     parser.add_argument("--out", default=RESULTS, help="directory for peers.json, peers.md, peers.png")
+    parser.add_argument("--name", default="peers", help="file name stem of the outputs")
     args = parser.parse_args(argv)
     workers = args.workers or ("4,8" if args.quick else "16,32,64")
     try:
@@ -435,15 +436,16 @@ def parse_args(argv: Sequence[str]) -> tuple[Params, str]:
     if not counts or min(counts) < 1 or args.latency_ms <= 0 or args.images < 0:
         parser.error("--workers, --latency-ms must be positive and --images not negative")
     duration = args.duration_s if args.duration_s is not None else (2.0 if args.quick else 15.0)
-    return Params(workers=counts, latency_ms=args.latency_ms, duration_s=duration, images=args.images), args.out
+    return (Params(workers=counts, latency_ms=args.latency_ms, duration_s=duration, images=args.images), args.out,
+            args.name)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    params, out = parse_args(sys.argv[1:] if argv is None else argv)
+    params, out, name = parse_args(sys.argv[1:] if argv is None else argv)
     rows = measure(params, progress=lambda line: print(line, flush=True))
     table = markdown(rows, params)
     print(table)
-    write(out, params, rows, table)
+    write(out, params, rows, table, name)
     return 0
 
 
