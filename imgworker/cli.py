@@ -296,7 +296,9 @@ def cmd_store_serve(args: argparse.Namespace) -> int:
         store.start()
         print(f"embedded store ready: endpoint {store.endpoint}, bucket {args.bucket}, data in {store.data_dir}")
         print(f"use it with: IMGWORKER_STORE_ENDPOINT={store.endpoint} IMGWORKER_STORE_BUCKET={args.bucket} "
-              "and the same IMGWORKER_ACCESS_KEY / IMGWORKER_SECRET_KEY; Ctrl-C stops it", flush=True)
+              "and the same IMGWORKER_ACCESS_KEY / IMGWORKER_SECRET_KEY; Ctrl-C stops it")
+        print(f"change events: IMGWORKER_SCAN_MODE=events IMGWORKER_SCAN_EVENTS_SOURCE=seaweed "
+              f"IMGWORKER_SCAN_EVENTS_FILER={store.filer_address}", flush=True)
         while store.alive() and not stopping:
             time.sleep(0.2)
     finally:

@@ -119,10 +119,13 @@ class EndpointPool:
         if endpoints:
             self.states[endpoints[0]].in_flight += 1
 
-    def finished(self, endpoints: Sequence[str], calls: Sequence[Call]) -> bool:
+    def finished(self, endpoints: Sequence[str], calls: Sequence[Call], *, sent_at: float | None = None) -> bool:
         """Book the item's calls; True if the item met an outage: every call failed and left its endpoint ejected.
 
-        An item that ended without calls still frees its slot.
+        An item that ended without calls still frees its slot. ``sent_at`` (this pool's clock) is when
+        the item was sent: a healthy answer to an item sent before its endpoint's ejection is a late
+        one (a service finishing its last requests as it stops), counted but no sign of recovery;
+        only an item sent since, the probe, can bring the endpoint back.
         """
         if endpoints:
             state = self.states[endpoints[0]]
@@ -130,18 +133,20 @@ class EndpointPool:
             if not calls and state.probing:
                 state.probing = False  # the probe never reached the service: let another try
         for call in calls:
-            self._record(call)
+            self._record(call, sent_at)
         return bool(calls) and all(not c.healthy and self._ejected(c.endpoint) for c in calls)
 
     def _ejected(self, url: str) -> bool:
         state = self.states.get(url)
         return state is not None and state.ejected_until > 0
 
-    def _record(self, call: Call) -> None:
+    def _record(self, call: Call, sent_at: float | None = None) -> None:
         state = self.states.get(call.endpoint)
         if state is None:
             return
         state.requests += 1
+        if call.healthy and state.ejected_until > 0 and sent_at is not None and sent_at < state.down_since:
+            return  # a late answer from before the outage
         if call.healthy:
             if state.ejected_until > 0:
                 log.warning("algorithm endpoint %s answers again after %.0f s down; images for it go on",

@@ -308,8 +308,9 @@ class Supervisor:
 
     def finished(self) -> bool:
         s = self.stopping
+        if s.draining:
+            self._announce_stop()  # a signal only set the flags: say so before the loop ends
         if s.forced:
-            self._announce_stop()
             return True
         return s.draining and (self.in_flight == 0 or self.clock() >= s.deadline)
 
@@ -493,7 +494,7 @@ class Supervisor:
             log.error("lane %d answered without holding an item; ignored", lane)
             return
         item, reply = held.item, event.reply
-        met_outage = self.endpoints.finished(held.endpoints, reply.calls)
+        met_outage = self.endpoints.finished(held.endpoints, reply.calls, sent_at=held.sent_at)
         result = reply.result
         if reply.undecodable or result.key != item.ref.key:
             log.error("lane %d: reply for %s could not be used (%s)", lane, item.ref.key,

@@ -97,6 +97,8 @@ def test_store_serve_prints_endpoint_and_stops_cleanly_on_ctrl_c(tmp_path, creds
     try:
         line = proc.stdout.readline()
         assert f"endpoint 127.0.0.1:{port}, bucket served" in line
+        proc.stdout.readline()
+        assert "IMGWORKER_SCAN_EVENTS_FILER=127.0.0.1:" in proc.stdout.readline()  # what events mode needs
         from imgworker.config import load_config
         from imgworker.store import Store
 

@@ -154,3 +154,23 @@ def test_finished_says_whether_the_item_met_an_outage():
 def test_display_url_drops_credentials_and_query():
     assert display_url(SECRET_URL) == "http://d:8000/infer"
     assert display_url(A) == A
+
+
+def test_a_late_answer_from_before_the_ejection_does_not_end_the_outage(caplog):
+    """A service that stops finishes its last requests: their answers are no sign it is back."""
+    p, clock = pool(endpoints=[A])
+    early = clock.now
+    p.dispatched((A,))
+    clock.now += 1
+    with caplog.at_level(logging.WARNING, logger="imgworker.endpoints"):
+        p.finished((A,), [Call(A, False), Call(A, False)], sent_at=clock.now)  # ejected now
+        p.finished((A,), [Call(A, True)], sent_at=early)  # sent before: a late answer
+    assert p.figures()[A]["healthy"] == 0 and p.down_since("") > 0
+    assert p.choose("") is None  # still in its cooldown
+    assert [r.getMessage() for r in caplog.records if "answers again" in r.getMessage()] == []
+    clock.now += 6
+    probe = p.choose("")
+    assert probe == (A,)
+    p.dispatched(probe)
+    p.finished(probe, [Call(A, True)], sent_at=clock.now)  # the probe, sent after the ejection
+    assert p.figures()[A]["healthy"] == 1

@@ -784,3 +784,21 @@ def test_until_idle_in_events_mode_ends_when_the_work_does_not_at_the_next_recon
         sup.request_stop("test", force=True)
         sup.shutdown()
     assert lines(cfg) == Counter(keys) and algo.calls == Counter(keys)
+
+
+def test_a_stop_signal_with_nothing_in_flight_is_still_announced(tmp_path, caplog):
+    import logging
+    import signal
+
+    cfg = config(tmp_path, run={"until_idle": False})
+    store = MemoryStore()
+    sup = supervisor(cfg, store, MemoryAlgo(store))
+    sup.start()
+    try:
+        sup.step()
+        with caplog.at_level(logging.INFO, logger="imgworker.supervisor"):
+            sup._on_signal(signal.SIGTERM, None)  # what the handler does: set the flags, nothing else
+            assert sup.finished()
+    finally:
+        sup.shutdown()
+    assert any("stopping (SIGTERM)" in r.getMessage() for r in caplog.records)
