@@ -1,0 +1,70 @@
+"""Crash points and signals driven on the in-memory supervisor: each test states one promise that fails today.
+
+Every image that enters ends in exactly one results line; nothing is analysed twice except items in
+flight at a crash; nothing is deleted from the store before its line is durable.
+"""
+
+from __future__ import annotations
+
+import types
+from collections import Counter
+from typing import Any
+
+import pytest
+
+from imgworker.memstore import MemoryAlgo, MemoryStore
+
+from tests.unit.test_supervisor_memory import EVENTS, InlineWatcher, config, crash, event_batch, events_supervisor, lines
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def test_a_prune_before_any_saved_event_position_lets_the_next_replay_analyse_a_finished_image_again(
+        tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Events mode, fresh state: no event position saved yet, so ``end_sweep`` takes *now* as the replay's start.
+
+    The checkpoint that saves the prune also saves the position of the last event handled (store time, far
+    behind now); after a crash the watcher replays from that position less the overlap, which reaches the
+    finished image's event again: it is analysed a second time and gets a second line.
+    """
+    wall = [1_700_000_000 * 10**9]
+    import imgworker.ledger as ledger_module
+
+    monkeypatch.setattr(ledger_module, "time", types.SimpleNamespace(time_ns=lambda: wall[0]))
+    cfg = config(tmp_path, scan={"mode": "events", "events": EVENTS, "reconcile_interval_s": 3600.0},
+                 actions={"delete_no_detection": True}, run={"until_idle": False})
+    store = MemoryStore()
+    watchers: list[InlineWatcher] = []
+    first = events_supervisor(cfg, store, MemoryAlgo(store), watchers, intake_done=lambda: False)
+    first.start()
+    while first.intake.scans_completed < 1:
+        first.step()  # the start-up listing: the bucket is empty
+    key = "p/a/20240101-000000.000.jpg"
+    store.put(key, b"\xff\xd8jpeg")
+    event_ts = wall[0] - 60 * 10**9  # the store's event time: a minute before the prune below
+    watchers[0].batches.append(event_batch(store, [key], ts_ns=event_ts))
+    while key in store:
+        first.step()  # analysed (no detection), its line written, then deleted by its action
+    assert lines(cfg) == Counter([key])
+    while first.ledger._call(lambda s: s.contains(key)):  # flushed first; unlike filter_new, marks nothing
+        wall[0] += 10 * 10**9
+        first.intake.next_sweep = 0.0  # reconciliation listings that no longer see it
+        first.step()
+    first.checkpoint()  # saves the prune, and the event position: the last event handled
+    crash(first)
+
+    algo = MemoryAlgo(store)
+    second = events_supervisor(cfg, store, algo, watchers, intake_done=lambda: False)
+    second.start()
+    since = watchers[-1].since_ns
+    assert since == event_ts
+    while second.intake.scans_completed < 1:
+        second.step()  # the start-up listing (a real one takes a while: the replay comes meanwhile)
+    # the watcher resumes OVERLAP_NS before its position: the finished image's event comes again
+    watchers[-1].batches.append(event_batch(store, [key], ts_ns=event_ts))
+    for _ in range(20):
+        second.step()
+    second.request_stop("test")
+    second.step_until(second.finished, max_steps=100)
+    second.shutdown()
+    assert lines(cfg) == Counter([key]), f"a finished image got another line after a replay: {lines(cfg)}"
