@@ -14,7 +14,9 @@ import pytest
 
 from imgworker.memstore import MemoryAlgo, MemoryStore
 
-from tests.unit.test_supervisor_memory import EVENTS, InlineWatcher, config, crash, event_batch, events_supervisor, lines
+from tests.unit.test_supervisor_memory import (
+    EVENTS, InlineWatcher, config, crash, event_batch, events_supervisor, lines, supervisor,
+)
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -68,3 +70,45 @@ def test_a_prune_before_any_saved_event_position_lets_the_next_replay_analyse_a_
     second.step_until(second.finished, max_steps=100)
     second.shutdown()
     assert lines(cfg) == Counter([key]), f"a finished image got another line after a replay: {lines(cfg)}"
+
+
+def test_a_restart_redoes_a_delete_of_a_pruned_key_and_takes_its_new_upload_for_processed(tmp_path: Any) -> None:
+    """The watermark lags behind a finished, deleted and pruned image; its key is uploaded again; SIGKILL.
+
+    The restart replays every line from the watermark into the processed set and redoes their actions,
+    without the guard owed deletes have ("a delete only while its key is still in the processed set"):
+    the old line brings the key back as processed, so the new upload is never analysed, and the old
+    line's ``delete_no_detection`` deletes the new upload, which has no line.
+    """
+    from imgworker.errors import StoreUnavailable
+
+    cfg = config(tmp_path, worker={"count": 1}, actions={"delete_no_detection": True, "copy_alerts": True})
+    store = MemoryStore()
+    alert = "p/a/20240101-000000.001.jpg"  # detections: an alert copy is due
+    key = "p/a/20240101-000000.002.jpg"  # no detection: deleted by its action
+    for k in (alert, key):
+        store.put(k, b"\xff\xd8jpeg")
+    algo = MemoryAlgo(store, detections=lambda path: int(path.endswith("1.jpg")))
+    real_copy = store.copy
+
+    def copy_fails(source: str, target: str) -> None:
+        raise StoreUnavailable("the store refuses copies for now")
+
+    store.copy = copy_fails  # type: ignore[method-assign]  # the alert's copy is retried: the watermark stays
+    first = supervisor(cfg, store, algo, intake_done=lambda: False)
+    first.start()
+    while key in store or len(lines(cfg)) < 2:
+        first.step()
+    assert lines(cfg) == Counter([alert, key])
+    while first.ledger._call(lambda s: s.contains(key)):  # flushed first; unlike filter_new, marks nothing
+        first.intake.next_sweep = 0.0  # complete listings that no longer see it: pruned
+        first.step()
+    assert first.janitor is not None and first.janitor.watermark(10**9) == 0  # the alert's line holds it back
+    store.put(key, b"\xff\xd8new image")  # the same key names a new image
+    first.checkpoint()  # watermark: the alert's line, before the pruned key's line
+    crash(first)
+
+    store.copy = real_copy  # type: ignore[method-assign]
+    supervisor(cfg, store, algo).run()
+    assert key in store or lines(cfg)[key] == 2, (
+        f"the new upload of {key} was deleted without a line of its own: {lines(cfg)}")
