@@ -112,3 +112,49 @@ def test_a_restart_redoes_a_delete_of_a_pruned_key_and_takes_its_new_upload_for_
     supervisor(cfg, store, algo).run()
     assert key in store or lines(cfg)[key] == 2, (
         f"the new upload of {key} was deleted without a line of its own: {lines(cfg)}")
+
+
+class _LostOnce:
+    """The Manager's proxy after the Manager was SIGKILLed: the next call fails as a lost connection would."""
+
+    def __init__(self, real: Any) -> None:
+        self.real = real
+        self.lost = True
+
+    def __getattr__(self, name: str) -> Any:
+        if self.lost:
+            self.lost = False
+            raise EOFError("the ledger process is gone")
+        return getattr(self.real, name)
+
+
+def test_a_ledger_rebuild_brings_back_a_pruned_key_and_its_new_upload_is_never_analysed(tmp_path: Any) -> None:
+    """SIGKILL of the Manager: the set is rebuilt from the state file and every line after its offset.
+
+    A key finished, deleted and pruned since the last checkpoint comes back as processed; an image
+    uploaded again under that key is then taken for done by every later listing: it never gets a line.
+    """
+    cfg = config(tmp_path, worker={"count": 1}, actions={"delete_no_detection": True})
+    store = MemoryStore()
+    key = "p/a/20240101-000000.000.jpg"
+    store.put(key, b"\xff\xd8jpeg")
+    sup = supervisor(cfg, store, MemoryAlgo(store), intake_done=lambda: False)
+    sup.start()
+    try:
+        while key in store:
+            sup.step()  # analysed (no detection), its line written, then deleted by its action
+        while sup.ledger._call(lambda s: s.contains(key)):  # flushed first; unlike filter_new, marks nothing
+            sup.intake.next_sweep = 0.0  # complete listings that no longer see it: pruned
+            sup.step()
+        store.put(key, b"\xff\xd8new image")  # the same key names a new image
+        sup.ledger._set = _LostOnce(sup.ledger._set)  # the Manager is SIGKILLed ...
+        sup.ledger.backend.alive = lambda: False  # type: ignore[method-assign]  # ... and found dead
+        for _ in range(30):
+            sup.intake.next_sweep = 0.0
+            sup.step()
+        assert sup.ledger.restarts == 1
+    finally:
+        sup.request_stop("test")
+        sup.step_until(sup.finished, max_steps=100)
+        sup.shutdown()
+    assert lines(cfg)[key] == 2, f"the new upload of {key} never got a line of its own: {lines(cfg)}"
