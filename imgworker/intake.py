@@ -222,6 +222,11 @@ class Intake:
                 self.backlog.add(ImageRef(key=key, task_type=task_type, task_id=task_id),
                                  task_directory(key, self.cfg.store.prefix))
 
+    @property
+    def events_position(self) -> int:
+        """The event position a checkpoint saves (ns; 0 before any event was handled)."""
+        return self._events_ts
+
     def position(self) -> IntakePosition:
         """What a checkpoint saves so intake resumes without a gap: the backlog is saved, not replayed."""
         return IntakePosition(events_ts_ns=self._events_ts, checkpoints=dict(self.checkpoints),

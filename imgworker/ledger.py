@@ -20,13 +20,20 @@ The intake backlog (images found, not yet queued) is saved the same way, by the 
 handle: a checkpoint appends what entered or left it since the last one to a backlog log
 (``"key"`` entered, ``{"left": "key"}`` left), compacted into a new file when it holds more than
 twice the live backlog, and the state file names that log and its valid length. Actions given up
-(``janitor.OwedAction``) are listed in the state file; ``actions_offset``, set by ``imgworker
-repair``, says from where result actions are redone when it differs from ``results_offset``.
+(``janitor.OwedAction``) are listed in the state file.
+
+Two offsets into the results file: ``results_offset``, up to which every line's key is in the key
+log (a checkpoint's fsynced length: a start adds only the keys of the lines after it, so a key
+pruned and saved is not brought back by an older line), and ``actions_offset``, from which result
+actions are redone (the janitor's watermark: every action before it is done; ``imgworker repair``
+sets it too). A start redoes an action only for a key still in the processed set: a pruned key's
+object is gone, and a new upload under that name must not get an old line's action.
 
 ``Ledger`` is the supervisor's handle. It buffers finished keys and flushes them before any
 call that reads the set, so no caller has to place flushes by hand. If the Manager process
 dies, the next call starts a new one and rebuilds the set from disk (the state file, then the
-results written after it), which is the same set: every outcome is in the results journal.
+results written after it), then forgets again the keys pruned since the last save (the handle
+keeps them), which is the same set: every outcome is in the results journal.
 """
 
 from __future__ import annotations
@@ -104,7 +111,6 @@ class ProcessedSet:
         self._log_name = ""
         self._log_lines = 0
         self._missed: dict[str, int] = {}  # key -> wall time (ns) two complete sweeps had first not seen it
-        self._events_ts_ns = 0  # the event position in the last state saved or loaded: where a replay starts
 
     def filter_new(self, keys: list[str]) -> list[str]:
         """Keys not yet processed; processed ones are marked as seen by the current sweep."""
@@ -132,32 +138,38 @@ class ProcessedSet:
     def begin_sweep(self) -> None:
         self._generation += 1
 
-    def end_sweep(self, *, events: bool = False, now_ns: int | None = None) -> int:
-        """Drop entries the last two complete sweeps did not see (their objects are gone); return how many.
+    def end_sweep(self, *, events: bool = False, position_ns: int = 0, now_ns: int | None = None) -> list[str]:
+        """Drop entries the last two complete sweeps did not see (their objects are gone); return them.
 
         An entry pruned is an image that would be analysed again if an event for it came back: a
         duplicate, or a replay of the event stream. With ``events`` (a watcher runs) an entry missed
-        by two complete sweeps therefore stays until the saved event position is ``REPLAY_REACH_NS``
-        past the time it was first found missing: a watcher resumes ``OVERLAP_NS`` before that
-        position, which does not move while the bucket is idle; once it is past, the entry's event
-        (older than that time) is out of any replay's reach. Without a saved position (no event
-        handled yet) a watcher starts from now, and the time now stands for it.
+        by two complete sweeps therefore stays until the event position ``position_ns`` is
+        ``REPLAY_REACH_NS`` past the time it was first found missing: the position a checkpoint will
+        save with this prune, from which a watcher resumes ``OVERLAP_NS`` early after a crash; once
+        it is past, the entry's event (older than that time) is out of any replay's reach. With no
+        event handled yet (0), nothing is saved for a watcher to resume from (it starts from now),
+        and the time now stands for it.
         """
         now = time.time_ns() if now_ns is None else now_ns
         gen = self._generation
         missed = {k: self._missed.get(k, now) for k, g in self._seen.items() if g < gen - 1}
-        replay_from = self._events_ts_ns or now
+        replay_from = position_ns or now
         stale = [k for k, first in missed.items() if not events or first + REPLAY_REACH_NS < replay_from]
         for key in stale:
             del self._seen[key]
             del missed[key]
         self._missed = missed
         self._unsaved.extend(_key_encoder.encode(_Pruned(k)) + b"\n" for k in stale)
-        return len(stale)
+        return stale
+
+    def discard_many(self, keys: list[str]) -> None:
+        """Forget keys again (a rebuild from disk brought back keys pruned since the last save)."""
+        gone = [k for k in keys if self._seen.pop(k, None) is not None]
+        self._unsaved.extend(_key_encoder.encode(_Pruned(k)) + b"\n" for k in gone)
 
     def save(self, path: str, results_offset: int, pending: list[str],
              intake: IntakePosition = IntakePosition(), *, backlog_log: str = "", backlog_bytes: int = 0,
-             owed: list[OwedAction] | None = None) -> None:
+             owed: list[OwedAction] | None = None, actions_offset: int = -1) -> None:
         """Append new keys to the key log (or compact it), then replace the small state file."""
         directory = os.path.dirname(os.path.abspath(path))
         previous = self._log_name
@@ -167,9 +179,8 @@ class ProcessedSet:
             size = self._append(directory)
         state = LedgerState(results_offset=results_offset, pending=pending, log_name=self._log_name,
                             log_bytes=size, intake=intake, backlog_log=backlog_log, backlog_bytes=backlog_bytes,
-                            owed=owed or [])
+                            owed=owed or [], actions_offset=actions_offset)
         write_atomic(path, msgspec.json.encode(state))
-        self._events_ts_ns = intake.events_ts_ns
         if previous and previous != self._log_name:
             _unlink(os.path.join(directory, previous))
 
@@ -216,7 +227,7 @@ class ProcessedSet:
         else:
             self._load_log(os.path.dirname(os.path.abspath(path)), state)
         self._unsaved = []
-        self._missed, self._events_ts_ns = {}, state.intake.events_ts_ns
+        self._missed = {}
         state.processed = []
         return state
 
@@ -440,6 +451,7 @@ class Ledger:
         self.backend: ProcessedSetBackend = backend if backend is not None else ManagerBackend()
         self._set: Any = None
         self._done: list[str] = []
+        self._pruned: dict[str, None] = {}  # pruned since the last save, and not finished again since
         self._backlog = BacklogLog()
         self.directory = os.path.dirname(os.path.abspath(state_path))
         self.restarts = 0
@@ -466,7 +478,8 @@ class Ledger:
         keys: list[str] = []
         for offset, result in read_results_at(self.results_path, offset=min(state.results_offset,
                                                                                state.actions_from)) if size else ():
-            keys.append(result.key)
+            if offset >= state.results_offset:  # before it, the key log has the key (or its prune)
+                keys.append(result.key)
             if len(keys) == 1000:
                 self._set.add_many(keys)
                 keys = []
@@ -519,6 +532,8 @@ class Ledger:
         lost, self._set = self._set, fresh
         try:
             self._restore()  # the backlog is not reloaded: the live one is in the supervisor
+            if self._pruned:
+                fresh.discard_many(list(self._pruned))  # disk has them until the next save
         except BaseException:
             self._set = lost
             raise
@@ -531,6 +546,7 @@ class Ledger:
     def add(self, key: str) -> None:
         """Record a finished image (sent with the next call)."""
         self._done.append(key)
+        self._pruned.pop(key, None)
 
     def filter_new(self, keys: list[str]) -> set[str]:
         return set(self._call(lambda s: s.filter_new(keys)))
@@ -538,20 +554,28 @@ class Ledger:
     def begin_sweep(self) -> None:
         self._call(lambda s: s.begin_sweep())
 
-    def end_sweep(self, *, events: bool = False) -> int:
-        """Prune what two complete sweeps missed; with ``events``, only what no event replay can reach."""
-        return int(self._call(lambda s: s.end_sweep(events=events)))
+    def end_sweep(self, *, events: bool = False, position_ns: int = 0) -> int:
+        """Prune what two complete sweeps missed; with ``events``, only what no replay from ``position_ns`` reaches."""
+        pruned: list[str] = self._call(lambda s: s.end_sweep(events=events, position_ns=position_ns))
+        self._pruned.update(dict.fromkeys(pruned))
+        return len(pruned)
 
     def size(self) -> int:
         return int(self._call(lambda s: s.size()))
 
     def save(self, offset: int, unfinished: list[str], intake: IntakePosition = IntakePosition(),
-             owed: list[OwedAction] | None = None) -> None:
-        """Write the backlog's changes to its log, then the processed set's and the state file."""
+             owed: list[OwedAction] | None = None, *, actions_from: int | None = None) -> None:
+        """Write the backlog's changes to its log, then the processed set's and the state file.
+
+        ``offset``: every line before it has its key in the set (the results fsynced so far);
+        ``actions_from``: every result action before it is done (the janitor's watermark; default ``offset``).
+        """
         name, size = self._backlog.write(self.directory, intake.backlog)
         position = msgspec.structs.replace(intake, backlog=[])
+        actions = -1 if actions_from is None or actions_from == offset else actions_from
         self._call(lambda s: s.save(self.state_path, offset, unfinished, position, backlog_log=name,
-                                    backlog_bytes=size, owed=owed))
+                                    backlog_bytes=size, owed=owed, actions_offset=actions))
+        self._pruned = {}
         self._backlog.committed(self.directory)
 
     def stop(self) -> None:

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Protocol
 from .outcomes import ImageRef, IntakePosition, Outcome, Result
 
 if TYPE_CHECKING:
+    from .janitor import OwedAction
     from .ledger import LedgerState, Restored
 
 
@@ -73,10 +74,15 @@ class ProcessedSet(Protocol):
     def begin_sweep(self) -> None:
         """A full listing begins: keys it lists are marked with a new generation."""
 
-    def end_sweep(self) -> int:
-        """Drop keys the last two full listings did not see; how many were dropped."""
+    def end_sweep(self, *, events: bool = ..., position_ns: int = ...) -> list[str]:
+        """Drop keys the last two full listings did not see (with events, out of any replay's reach); those dropped."""
 
-    def save(self, path: str, results_offset: int, pending: list[str], intake: IntakePosition = ...) -> None:
+    def discard_many(self, keys: list[str]) -> None:
+        """Forget keys again: a rebuild from disk brought back keys pruned since the last save."""
+
+    def save(self, path: str, results_offset: int, pending: list[str], intake: IntakePosition = ..., *,
+             backlog_log: str = ..., backlog_bytes: int = ..., owed: list[OwedAction] | None = ...,
+             actions_offset: int = ...) -> None:
         """Make the set and the small state file durable (see ``ledger``'s docstring for the layout)."""
 
     def load(self, path: str) -> LedgerState:
@@ -110,11 +116,12 @@ class OutcomeLedger(Protocol):
 
     def begin_sweep(self) -> None: ...
 
-    def end_sweep(self) -> int: ...
+    def end_sweep(self, *, events: bool = ..., position_ns: int = ...) -> int: ...
 
     def size(self) -> int: ...
 
-    def save(self, offset: int, unfinished: list[str], intake: IntakePosition = ...) -> None: ...
+    def save(self, offset: int, unfinished: list[str], intake: IntakePosition = ...,
+             owed: list[OwedAction] | None = ..., *, actions_from: int | None = ...) -> None: ...
 
     def stop(self) -> None: ...
 

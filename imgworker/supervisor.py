@@ -380,7 +380,8 @@ class Supervisor:
 
     def _after_sweep(self, end: SweepEnd) -> None:
         if end.complete and end.full:
-            pruned = self.ledger.end_sweep(events=self.cfg.scan.mode == "events")
+            pruned = self.ledger.end_sweep(events=self.cfg.scan.mode == "events",
+                                           position_ns=self.intake.events_position)
             if pruned:
                 log.info("processed set: pruned %d entries whose objects are gone", pruned)
             self.recorder.listed(end.listed)
@@ -584,10 +585,11 @@ class Supervisor:
     def checkpoint(self) -> None:
         """fsync the results, then write the processed set, the unfinished keys, the watermark, the owed actions."""
         assert self.journal is not None and self.janitor is not None
-        offset = self.janitor.watermark(self.journal.sync())
+        synced = self.journal.sync()  # every line before it is on disk, and its key in the processed set
+        watermark = self.janitor.watermark(synced)
         owed = self.janitor.owed()  # after the watermark: an action given up in between is counted in both
-        self.ledger.save(offset, self.inflight.held_keys() + self.dispatch.pending_keys(),
-                         self.intake.position(), owed)
+        self.ledger.save(synced, self.inflight.held_keys() + self.dispatch.pending_keys(),
+                         self.intake.position(), owed, actions_from=watermark)
         self._next_checkpoint = self.clock() + self.cfg.run.checkpoint_interval_s
 
     def _resume(self, restored: Restored) -> int:
@@ -600,7 +602,11 @@ class Supervisor:
             ref = ImageRef(key=key, task_type=task_type, task_id=task_id)
             self.recorder.accepted(ref)
             self.dispatch.append(WorkItem(ref=ref))
-        jobs = [job for line, result in restored.redo for job in actions.plan(self.cfg, result, line=line)]
+        keys = [result.key for _, result in restored.redo]
+        known = set(keys) - self.ledger.filter_new(keys) if keys else set()
+        # a key pruned before the crash names an object that is gone, or a new upload under that name
+        jobs = [job for line, result in restored.redo if result.key in known
+                for job in actions.plan(self.cfg, result, line=line)]
         if jobs:
             log.info("redoing %d result actions written after the last checkpoint", len(jobs))
             self.janitor.submit(jobs)

@@ -21,7 +21,7 @@ def test_sweep_prunes_only_unseen_keys():
     ps.begin_sweep()
     assert ps.filter_new(["a", "x"]) == ["x"]
     ps.add_many(["x"])  # finished during the sweep
-    assert ps.end_sweep() == 2  # b and c were not listed by two complete sweeps
+    assert sorted(ps.end_sweep()) == ["b", "c"]  # b and c were not listed by two complete sweeps
     assert sorted(k for k in "abcx" if ps.contains(k)) == ["a", "x"]
 
 
@@ -125,7 +125,7 @@ def test_saving_appends_only_what_changed_and_compacts_pruned_keys(tmp_path, mon
         ps.begin_sweep()
         ps.filter_new(["c"])
         pruned = ps.end_sweep()
-    assert pruned == 3  # a, b and the unicode key are gone from the bucket
+    assert len(pruned) == 3  # a, b and the unicode key are gone from the bucket
     for n in range(8):
         ps.begin_sweep()
         ps.add_many([f"k{n}"])
@@ -165,27 +165,25 @@ def test_an_entry_is_pruned_only_after_two_complete_listings_missed_it():
     ps.add_many(["kept", "gone"])
     ps.begin_sweep()
     ps.filter_new(["kept"])
-    assert ps.end_sweep() == 0  # one listing without it: an event replayed now must still find it
+    assert ps.end_sweep() == []  # one listing without it: an event replayed now must still find it
     ps.begin_sweep()
     ps.filter_new(["kept"])
-    assert ps.end_sweep() == 1 and not ps.contains("gone") and ps.contains("kept")
+    assert ps.end_sweep() == ["gone"] and not ps.contains("gone") and ps.contains("kept")
 
 
 def test_with_events_a_missed_entry_stays_while_a_replay_of_the_saved_position_can_reach_it(tmp_path):
-    path, s = str(tmp_path / "state.json"), 1_000_000_000
+    s = 1_000_000_000
     ps = ProcessedSet()
     ps.add_many(["gone", "kept"])
-    ps.save(path, 0, [], IntakePosition(events_ts_ns=100 * s))
-    for now in (109, 110, 111, 300):  # missed from 110 s on; the bucket is idle: the position stays
+    for now in (109, 110, 111, 300):  # missed from 110 s on; the bucket is idle: the position stays at 100 s
         ps.begin_sweep()
         ps.filter_new(["kept"])
-        assert ps.end_sweep(events=True, now_ns=now * s) == 0
-    ps.save(path, 0, [], IntakePosition(events_ts_ns=114 * s))  # a watcher resumes from 112 s: 110 s is safe,
-    ps.begin_sweep()  # but the store's clock may be ahead of ours by the overlap
-    assert ps.end_sweep(events=True, now_ns=301 * s) == 0
-    ps.save(path, 0, [], IntakePosition(events_ts_ns=115 * s))
+        assert ps.end_sweep(events=True, position_ns=100 * s, now_ns=now * s) == []
+    ps.begin_sweep()  # a watcher would resume from 112 s: 110 s is safe, but the store's clock may run ahead
+    assert ps.end_sweep(events=True, position_ns=114 * s, now_ns=301 * s) == []
     ps.begin_sweep()
-    assert ps.end_sweep(events=True, now_ns=302 * s) == 1 and not ps.contains("gone") and ps.contains("kept")
+    assert ps.end_sweep(events=True, position_ns=115 * s, now_ns=302 * s) == ["gone"]
+    assert not ps.contains("gone") and ps.contains("kept")
 
 
 def test_a_failed_compaction_keeps_the_previous_log(tmp_path, monkeypatch):
