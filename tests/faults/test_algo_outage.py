@@ -15,7 +15,8 @@ from imgworker.results import read_results
 from imgworker.services.algo_server import AlgoService, SyntheticParams
 from imgworker.services.netutil import free_port
 from imgworker.supervisor import Supervisor
-from tests.conftest import cli_env, upload
+from tests.support.cli import cli_env
+from tests.support.store import upload
 
 pytestmark = pytest.mark.timeout(150)
 

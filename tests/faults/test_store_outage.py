@@ -13,7 +13,9 @@ from imgworker.results import read_results
 from imgworker.services.algo_server import AlgoService, SyntheticParams
 from imgworker.services.store_server import EmbeddedStore
 from imgworker.store import Store
-from tests.conftest import cli_env, read_outcomes, reap, start_run, upload
+from tests.support.cli import cli_env, reap, start_run
+from tests.support.results import read_outcomes
+from tests.support.store import upload
 
 pytestmark = pytest.mark.timeout(240)
 

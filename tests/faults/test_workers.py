@@ -18,9 +18,10 @@ from imgworker.logs import LogSettings
 from imgworker.pool import ProcessPool
 from imgworker.services.algo_server import AlgoService, SyntheticParams
 from imgworker.supervisor import Supervisor, process_parts
-from tests.conftest import cli_env, read_outcomes, reap, start_run, upload, workers_of
-from tests.faults.test_far_end import count_results
+from tests.support.cli import cli_env, reap, start_run, workers_of
 from tests.support.kills import kill_workers_at_progress
+from tests.support.results import count_results, read_outcomes
+from tests.support.store import upload
 
 pytestmark = pytest.mark.timeout(180)
 

@@ -17,7 +17,7 @@ import pytest
 from imgworker.results import read_results
 from imgworker.services.algo_server import AlgoService, SyntheticParams
 from imgworker.supervisor import Supervisor
-from tests.conftest import upload
+from tests.support.store import upload
 
 pytestmark = pytest.mark.timeout(180)
 

@@ -9,7 +9,8 @@ from imgworker.ledger import ProcessedSet
 from imgworker.services.loadgen import photo_frames
 from imgworker.services.algo_server import AlgoService
 from imgworker.supervisor import Supervisor
-from tests.conftest import read_outcomes, upload
+from tests.support.results import read_outcomes
+from tests.support.store import upload
 
 pytestmark = pytest.mark.timeout(120)
 

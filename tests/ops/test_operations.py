@@ -24,7 +24,9 @@ from imgworker.services.algo_server import AlgoService, SyntheticParams
 from imgworker.services.netutil import free_port
 from imgworker.stats import Stats
 from imgworker.supervisor import Supervisor
-from tests.conftest import cli_env, read_outcomes, upload
+from tests.support.cli import cli_env
+from tests.support.results import read_outcomes
+from tests.support.store import upload
 
 pytestmark = pytest.mark.timeout(180)
 
