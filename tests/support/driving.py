@@ -23,7 +23,7 @@ def state(sup: Supervisor) -> str:
             f"draining {sup.draining}, outcomes {counts}")
 
 
-def reach(sup: Supervisor, done: Callable[[], bool], what: str, *, timeout_s: float = 30.0,
+def reach(sup: Supervisor, done: Callable[[], bool], what: str, timeout_s: float = 60.0, *,
           max_steps: int | None = None) -> None:
     """Step until ``done()``; fail naming ``what`` and the run's state if a limit comes first."""
     if not sup.step_until(done, timeout_s=timeout_s, max_steps=max_steps):
