@@ -1,4 +1,4 @@
-"""Fixtures that start real servers (and always stop them)."""
+"""Fixtures that start real servers (and always stop them); helpers live in tests/support."""
 
 from __future__ import annotations
 

@@ -54,7 +54,8 @@ def test_cleaner_deletes_wait_in_the_janitor_while_the_loop_goes_on(tmp_path):
         try:
             reach(sup, entered.is_set, "a delete request sent")
             # the first pass gave up the four oldest; the two kept are analysed meanwhile
-            sup.step_until(lambda: len(lines(cfg)) == 6 and sup.intake.scans_completed >= 3, max_steps=500)
+            reach(sup, lambda: len(lines(cfg)) == 6 and sup.intake.scans_completed >= 3,
+                  "six result lines and three sweeps", max_steps=500)
             sup.checkpoint()
             during = (dict(Counter(outcomes(cfg).values())), Counter(algo.calls), sorted(store.keys()),
                       os.path.exists(os.path.join(cfg.run.state_dir, "state.json")), release.is_set())
@@ -167,7 +168,7 @@ def test_inflight_deletes_queued_images_before_a_worker_can_take_one(tmp_path):
                      parts=dataclasses.replace(memory_parts(cfg, store, algo), janitor_inline=False))
     with sup.running():
         try:
-            sup.step_until(lambda: len(lines(cfg)) == 6, max_steps=500)
+            reach(sup, lambda: len(lines(cfg)) == 6, "six result lines", max_steps=500)
         finally:
             release.set()
     assert algo.calls == Counter(keys[4:])  # the four oldest were deleted while queued: no worker analysed them

@@ -232,7 +232,7 @@ def test_a_dead_route_does_not_hold_up_the_others(tmp_path):
     algo.down.add(dead)
     sup = supervisor(cfg, store, algo)
     with sup.running(drain=False):
-        sup.step_until(lambda: all(k in lines(cfg) for k in people), max_steps=200)
+        reach(sup, lambda: all(k in lines(cfg) for k in people), "a result line for every person image", max_steps=200)
         done = outcomes(cfg)
     assert all(done[k] == "no_detection" for k in people)
     assert sum(algo.calls[k] for k in vehicles) == 1  # one failed call ejected the route; the rest wait
