@@ -8,7 +8,7 @@ import pytest
 from imgworker.services.algo_server import AlgoService, SyntheticParams
 from imgworker.services.netutil import free_port
 from imgworker.supervisor import Supervisor
-from tests.conftest import upload
+from tests.support.store import upload
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -15,7 +15,9 @@ from imgworker.results import read_results
 from imgworker.services.algo_server import AlgoService, SyntheticParams
 from imgworker.services.netutil import free_port
 from imgworker.supervisor import Supervisor
-from tests.conftest import cli_env, upload
+from tests.support.cli import cli_env
+from tests.support.driving import reach
+from tests.support.store import upload
 
 pytestmark = pytest.mark.timeout(150)
 
@@ -58,21 +60,15 @@ def test_images_that_waited_out_an_outage_are_analysed_once_it_ends(make_config,
                                                  "eject_cooldown_s": 0.1, "no_endpoint_budget_s": 120.0})
     upload(store, keys)
     sup = Supervisor(cfg, show_progress=False)
-    sup.start()
-    try:
+    with sup.running():
         deadline = time.monotonic() + 60
-        while sup.endpoints.figures()[endpoint]["ejections"] < 2:  # down, and a probe failed too
-            assert time.monotonic() < deadline, sup.endpoints.figures()
-            sup.step()
+        # down, and a probe failed too
+        reach(sup, lambda: sup.endpoints.figures()[endpoint]["ejections"] >= 2, "two ejections", 60)
         assert sup.stats.finished == 0, sup.stats.counts  # they wait, not failed
         with AlgoService("synthetic", SyntheticParams(latency_ms=5.0, sigma=0.0, detection_rate=0.5),
                          port=port) as service:
-            while not sup.finished():
-                assert time.monotonic() < deadline, (sup.stats.counts, sup.endpoints.figures())
-                sup.step()
+            reach(sup, sup.finished, "the run's end", deadline - time.monotonic())
             calls = {k: n for k, n in service.calls().items() if k.startswith(prefix)}
-    finally:
-        sup.shutdown()
     results = list(read_results(cfg.results_path))
     assert Counter(r.key for r in results) == Counter(keys)
     assert {r.outcome.value for r in results} <= {"inferred", "no_detection"}, results

@@ -18,30 +18,18 @@ from typing import Any
 import psutil
 import pytest
 
-from imgworker.results import read_results
 from imgworker.services.algo_server import AlgoService, SyntheticParams
 from imgworker.services.netutil import free_port
 from imgworker.store import Store
 from imgworker.supervisor import Supervisor
-from tests.conftest import cli_env, read_outcomes, reap, start_run, upload
+from tests.support.cli import cli_env, kill_tree_leftovers, reap, start_run
+from tests.support.driving import drive, drive_after_warm_up
+from tests.support.results import SUCCESS, calls_under, count_results, read_outcomes, results_of
+from tests.support.store import upload
 
 pytestmark = pytest.mark.timeout(300)
 
-SUCCESS = ("inferred", "no_detection")
-
-
 # ----- helpers -------------------------------------------------------------------------
-
-
-def results_of(cfg) -> list[Any]:
-    return list(read_results(cfg.results_path))
-
-
-def count_results(cfg) -> int:
-    try:
-        return sum(1 for _ in read_results(cfg.results_path))
-    except FileNotFoundError:
-        return 0
 
 
 def wait_for_results(cfg, n: int, proc, timeout: float = 120) -> int:
@@ -53,60 +41,6 @@ def wait_for_results(cfg, n: int, proc, timeout: float = 120) -> int:
         assert proc.poll() is None, f"the run ended early (rc {proc.returncode}) with {got} results"
         time.sleep(0.02)
     raise AssertionError(f"fewer than {n} results after {timeout} s")
-
-
-def calls_under(service: AlgoService, prefix: str) -> dict[str, int]:
-    return {k: v for k, v in service.calls().items() if k.startswith(prefix)}
-
-
-def drive(sup: Supervisor, timeout: float):
-    """Run an in-process supervisor to its end (until_idle), but never past ``timeout``; always shut down."""
-    sup.start()
-    try:
-        deadline = time.monotonic() + timeout
-        while not sup.finished():
-            assert time.monotonic() < deadline, (
-                f"the run did not end within {timeout} s: pending {sup.dispatch.pending}, in flight "
-                f"{sup.in_flight}, backlog {len(sup.intake.backlog)}, outcomes {sup.stats.counts}")
-            sup.step()
-    finally:
-        sup.shutdown()
-    return sup.report()
-
-
-def drive_after_warm_up(cfg, store, keys: list[str], timeout: float):
-    """Start the workers with nothing to hold and step 4 s, so item deadlines do not count their start-up;
-    then upload ``keys`` and run to the end (never past ``timeout``); always shut down. The report."""
-    uploaded = threading.Event()
-    sup = Supervisor(cfg, show_progress=False, intake_done=uploaded.is_set)
-    sup.start()
-    try:
-        warm = time.monotonic() + 4.0
-        while time.monotonic() < warm:
-            sup.step()
-        upload(store, keys)
-        uploaded.set()
-        deadline = time.monotonic() + timeout
-        while not sup.finished():
-            assert time.monotonic() < deadline, f"the run did not end: {sup.stats.counts}"
-            sup.step()
-    finally:
-        sup.shutdown()
-    return sup.report()
-
-
-def kill_tree_leftovers(procs: list[psutil.Process]) -> list[str]:
-    """SIGKILL whatever of ``procs`` is still alive; return descriptions of those found alive."""
-    alive = []
-    for p in procs:
-        try:
-            if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
-                alive.append(f"{p.pid} {' '.join(p.cmdline())[:80]}")
-                p.kill()
-        except psutil.NoSuchProcess:
-            continue
-    psutil.wait_procs(procs, timeout=10)
-    return alive
 
 
 def stamp(base: dt.datetime, i: int, step_ms: int = 10) -> str:

@@ -19,10 +19,11 @@ from imgworker.services.algo_server import AlgoService, SyntheticParams
 from imgworker.supervisor import Supervisor
 from imgworker.worker import frame, unframe
 from imgworker.pool import lanes_of
-from tests.conftest import cli_env, read_outcomes, reap, start_run, upload, workers_of
-from tests.faults.test_far_end import (SUCCESS, calls_under, count_results, drive, drive_after_warm_up,
-                                       kill_tree_leftovers, results_of)
+from tests.support.cli import cli_env, kill_tree_leftovers, reap, start_run, workers_of
+from tests.support.driving import drive, drive_after_warm_up
 from tests.support.kills import kill_workers_at_progress
+from tests.support.results import SUCCESS, calls_under, count_results, read_outcomes, results_of
+from tests.support.store import upload
 
 pytestmark = pytest.mark.timeout(240)
 

@@ -14,8 +14,9 @@ import pytest
 
 from imgworker.config import load_config
 from imgworker.services.algo_server import AlgoService, SyntheticParams
-from tests.conftest import cli_env, read_outcomes, reap, start_run, upload
-from tests.faults.test_far_end import calls_under
+from tests.support.cli import cli_env, reap, start_run
+from tests.support.results import calls_under, read_outcomes
+from tests.support.store import upload
 
 pytestmark = pytest.mark.timeout(180)
 

@@ -14,7 +14,8 @@ from imgworker.errors import ExitCode, StoreFatal
 from imgworker.services.algo_server import AlgoService, SyntheticParams
 from imgworker.services.store_server import EmbeddedStore
 from imgworker.store import Store
-from tests.conftest import cli_env, upload
+from tests.support.cli import cli_env
+from tests.support.store import upload
 
 pytestmark = pytest.mark.timeout(180)
 

@@ -13,7 +13,9 @@ from imgworker.results import read_results
 from imgworker.services.algo_server import AlgoService, SyntheticParams
 from imgworker.services.store_server import EmbeddedStore
 from imgworker.store import Store
-from tests.conftest import cli_env, read_outcomes, reap, start_run, upload
+from tests.support.cli import cli_env, reap, start_run
+from tests.support.results import read_outcomes
+from tests.support.store import upload
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -97,16 +99,11 @@ def test_outage_beyond_budget_ends_as_failed_store(tmp_path, own_store, creds, a
     from imgworker.supervisor import Supervisor
 
     sup = Supervisor(cfg, show_progress=False)
-    sup.start()
-    try:
+    with sup.running(drain=False):
         while sup.dispatch.pending < 3:
             sup.intake_step()
         own_store.stop()
-        deadline = time.monotonic() + 60
-        while sup.stats.finished < 3 and time.monotonic() < deadline:
-            sup.step()
-    finally:
-        sup.shutdown()
+        sup.step_until(lambda: sup.stats.finished >= 3, timeout_s=60)  # the report below says what ended
     report = sup.report()
     assert report.outcomes["failed_store"] == 3 and report.conserved
     assert {r[0] for r in read_outcomes(cfg).values()} == {"failed_store"}

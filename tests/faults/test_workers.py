@@ -18,9 +18,11 @@ from imgworker.logs import LogSettings
 from imgworker.pool import ProcessPool
 from imgworker.services.algo_server import AlgoService, SyntheticParams
 from imgworker.supervisor import Supervisor, process_parts
-from tests.conftest import cli_env, read_outcomes, reap, start_run, upload, workers_of
-from tests.faults.test_far_end import count_results
+from tests.support.cli import cli_env, reap, start_run, workers_of
+from tests.support.driving import reach, step_for
 from tests.support.kills import kill_workers_at_progress
+from tests.support.results import count_results, read_outcomes
+from tests.support.store import upload
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -78,19 +80,21 @@ def _poison(cfg, store, prefix):
     poison = keys[2]
     upload(store, keys)
     sup = Supervisor(cfg, show_progress=False)
-    sup.start()
     kills = 0
-    try:
-        while not sup.finished():
-            sup.step()
-            lane = sup.inflight.holder(poison)
-            for handle in list(sup.pool.processes.values()):
-                if lane in handle.lanes and handle.process.is_alive():
-                    os.kill(handle.process.pid, signal.SIGKILL)
-                    handle.process.join()
-                    kills += 1
-    finally:
-        sup.shutdown()
+
+    def finished_killing_the_poison_s_holder() -> bool:
+        """After each step: SIGKILL the process whose lane holds the poison image."""
+        nonlocal kills
+        lane = sup.inflight.holder(poison)
+        for handle in list(sup.pool.processes.values()):
+            if lane in handle.lanes and handle.process.is_alive():
+                os.kill(handle.process.pid, signal.SIGKILL)
+                handle.process.join()
+                kills += 1
+        return sup.finished()
+
+    with sup.running():
+        reach(sup, finished_killing_the_poison_s_holder, "the run's end", 120)
     report = sup.report()
     outcomes = read_outcomes(cfg)
     assert kills == 3
@@ -120,23 +124,17 @@ def test_workers_that_die_at_start_are_backed_off_and_cost_no_image_an_attempt(m
                        make_backoff=lambda: restart_backoff(clock=clock))
     sup = Supervisor(cfg, show_progress=False, parts=dataclasses.replace(process_parts(cfg), pool=pool))
     caplog.set_level(logging.WARNING, logger="imgworker.supervisor")
-    sup.start()
-    try:
-        started = time.monotonic()
-        while time.monotonic() - started < 8.0 or not sup.dispatch.pending:  # many start-ups' worth of time ...
-            sup.step()
+    with sup.running():
+        step_for(sup, 8.0)  # many start-ups' worth of time ...
+        reach(sup, lambda: sup.dispatch.pending > 0, "images in the queue")
         assert sup.stats.worker_restarts == count, "a process was replaced before its backoff was over"
         for waits_over in (1, 2):  # ... then the backoff's waits end twice while the images wait in the queue
             clock.now += RESTART_CAP_S
-            while sup.stats.worker_restarts < count * (1 + waits_over):
-                sup.step()
+            reach(sup, lambda: sup.stats.worker_restarts >= count * (1 + waits_over), "the next restarts")
         deaths = sup.stats.worker_restarts
         pool.log_settings = LogSettings()  # the cause is removed: the next replacements start and stay
         clock.now += RESTART_CAP_S
-        while not sup.finished():
-            sup.step()
-    finally:
-        sup.shutdown()
+        reach(sup, sup.finished, "the run's end")
     report = sup.report()
     assert deaths == count * 3, "one start per worker each time the backoff's wait ended"
     assert report.respawn_backoffs == report.worker_restarts == deaths

@@ -11,7 +11,7 @@ from imgworker.algo_client import AlgoClient, AlgoRequest
 from imgworker.config import load_config
 from imgworker.errors import AlgoPermanent, AlgoTransient
 from imgworker.services.algo_server import AlgoService, SyntheticParams
-from tests.conftest import upload
+from tests.support.store import upload
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -8,7 +8,8 @@ import sys
 
 import pytest
 
-from tests.conftest import cli_env, upload
+from tests.support.cli import cli_env
+from tests.support.store import upload
 
 pytestmark = pytest.mark.timeout(180)
 

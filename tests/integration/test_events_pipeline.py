@@ -14,10 +14,11 @@ from multiprocessing.connection import wait
 import psutil
 import pytest
 
-from imgworker.results import read_results
 from imgworker.services.algo_server import AlgoService, SyntheticParams
 from imgworker.supervisor import Supervisor
-from tests.conftest import upload
+from tests.support.driving import reach, steps
+from tests.support.results import lines
+from tests.support.store import upload
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -27,19 +28,7 @@ def events_config(make_config, store_server, **sections):
                              "reconcile_interval_s": 3600.0}, run={"until_idle": False}, **sections)
 
 
-def lines(cfg) -> Counter[str]:
-    try:
-        return Counter(r.key for r in read_results(cfg.results_path))
-    except FileNotFoundError:
-        return Counter()
-
-
-def step_until(sup: Supervisor, done, what: str, timeout: float = 90.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not done():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        sup.step()
+PATIENCE_S = 90.0  #: how long a test steps towards one condition before it fails
 
 
 def watcher_process() -> psutil.Process:
@@ -53,20 +42,14 @@ def test_events_find_new_images_without_a_listing(make_config, store_server, sto
     with AlgoService("synthetic", SyntheticParams(latency_ms=10.0, sigma=0.0)) as service:
         cfg = events_config(make_config, store_server, algo={"endpoint": service.endpoint})
         sup = Supervisor(cfg, show_progress=False)
-        sup.start()
-        try:
-            step_until(sup, lambda: sup.intake.scans_completed >= 1, "the start-up reconciliation")
+        with sup.running():
+            reach(sup, lambda: sup.intake.scans_completed >= 1, "the start-up reconciliation", PATIENCE_S)
             keys = [f"{prefix}person/t1/20240101-120000.{i:03d}.jpg" for i in range(12)]
             keys.append(f"{prefix}person/t1/with space %+ü.jpg")
             upload(store, keys)
-            step_until(sup, lambda: len(lines(cfg)) >= len(keys), "the uploaded images")
+            reach(sup, lambda: len(lines(cfg)) >= len(keys), "the uploaded images", PATIENCE_S)
             assert sup.intake.scans_completed == 1  # found by events alone
             assert sup.intake.events_received >= len(keys)
-        finally:
-            sup.request_stop("test")
-            while not sup.finished():
-                sup.step()
-            sup.shutdown()
         calls = service.calls()
     assert lines(cfg) == Counter(keys)
     assert all(calls.get(k) == 1 for k in keys), calls
@@ -78,31 +61,25 @@ def test_a_stopped_event_stream_is_covered_by_reconciliation_exactly_once(make_c
                                                                            algo_server):
     cfg = events_config(make_config, store_server)
     sup = Supervisor(cfg, show_progress=False)
-    sup.start()
     watcher = None
-    try:
-        step_until(sup, lambda: sup.intake.scans_completed >= 1, "the start-up reconciliation")
-        watcher = watcher_process()
-        watcher.send_signal(signal.SIGSTOP)  # the event stream stops delivering
-        keys = [f"{prefix}vehicle/t2/20240101-120000.{i:03d}.jpg" for i in range(10)]
-        upload(store, keys)
-        for _ in range(20):
-            sup.step()
-        assert not lines(cfg)  # nothing can have found them yet
-        sup.intake.next_sweep = 0.0  # the reconciliation interval comes round
-        step_until(sup, lambda: len(lines(cfg)) >= len(keys), "reconciliation")
-        watcher.send_signal(signal.SIGCONT)  # the late events arrive: already analysed, not again
-        received = sup.intake.events_received
-        step_until(sup, lambda: sup.intake.events_received >= received + len(keys), "the late events")
-        for _ in range(20):
-            sup.step()
-    finally:
-        if watcher is not None:
-            watcher.send_signal(signal.SIGCONT)
-        sup.request_stop("test")
-        while not sup.finished():
-            sup.step()
-        sup.shutdown()
+    with sup.running():
+        try:
+            reach(sup, lambda: sup.intake.scans_completed >= 1, "the start-up reconciliation", PATIENCE_S)
+            watcher = watcher_process()
+            watcher.send_signal(signal.SIGSTOP)  # the event stream stops delivering
+            keys = [f"{prefix}vehicle/t2/20240101-120000.{i:03d}.jpg" for i in range(10)]
+            upload(store, keys)
+            steps(sup, 20)
+            assert not lines(cfg)  # nothing can have found them yet
+            sup.intake.next_sweep = 0.0  # the reconciliation interval comes round
+            reach(sup, lambda: len(lines(cfg)) >= len(keys), "reconciliation", PATIENCE_S)
+            watcher.send_signal(signal.SIGCONT)  # the late events arrive: already analysed, not again
+            received = sup.intake.events_received
+            reach(sup, lambda: sup.intake.events_received >= received + len(keys), "the late events", PATIENCE_S)
+            steps(sup, 20)
+        finally:
+            if watcher is not None:
+                watcher.send_signal(signal.SIGCONT)
     assert lines(cfg) == Counter(keys)
     calls = algo_server.calls()
     assert all(calls.get(k) == 1 for k in keys), {k: calls.get(k) for k in keys}
@@ -112,31 +89,19 @@ def test_restart_resumes_the_event_stream_without_a_gap(make_config, store_serve
     cfg = events_config(make_config, store_server)
     first = [f"{prefix}person/t3/20240101-120000.{i:03d}.jpg" for i in range(5)]
     sup = Supervisor(cfg, show_progress=False)
-    sup.start()
-    try:
-        step_until(sup, lambda: sup.intake.scans_completed >= 1, "the start-up reconciliation")
+    with sup.running():
+        reach(sup, lambda: sup.intake.scans_completed >= 1, "the start-up reconciliation", PATIENCE_S)
         upload(store, first)
-        step_until(sup, lambda: len(lines(cfg)) >= len(first), "the first images")
-    finally:
-        sup.request_stop("test")
-        while not sup.finished():
-            sup.step()
-        sup.shutdown()
+        reach(sup, lambda: len(lines(cfg)) >= len(first), "the first images", PATIENCE_S)
     position = sup.intake.position().events_ts_ns
     assert position > 0
     later = [f"{prefix}person/t3/20240101-120001.{i:03d}.jpg" for i in range(5)]
     upload(store, later)  # while imgworker is down
     again = Supervisor(cfg, show_progress=False, intake_done=lambda: False)  # no catch-up listing at start
-    again.start()
-    try:
+    with again.running():
         again.intake.next_sweep = float("inf")  # no reconciliation: the events must bring them
-        step_until(again, lambda: len(lines(cfg)) >= len(first) + len(later), "the images uploaded while down")
+        reach(again, lambda: len(lines(cfg)) >= len(first) + len(later), "the images uploaded while down", PATIENCE_S)
         assert again.intake.scans_completed == 0
-    finally:
-        again.request_stop("test")
-        while not again.finished():
-            again.step()
-        again.shutdown()
     assert lines(cfg) == Counter(first + later)
     calls = algo_server.calls()
     assert all(calls.get(k) == 1 for k in first + later)
@@ -146,9 +111,8 @@ def test_a_killed_watcher_loses_no_batch_it_had_sent(make_config, store_server, 
     with AlgoService("synthetic", SyntheticParams(latency_ms=10.0, sigma=0.0)) as service:
         cfg = events_config(make_config, store_server, algo={"endpoint": service.endpoint})
         sup = Supervisor(cfg, show_progress=False, intake_done=lambda: False)
-        sup.start()
-        try:
-            step_until(sup, lambda: sup.intake.scans_completed >= 1, "the start-up reconciliation")
+        with sup.running():
+            reach(sup, lambda: sup.intake.scans_completed >= 1, "the start-up reconciliation", PATIENCE_S)
             watcher = sup.intake.watcher
             assert watcher is not None
             pipe = watcher.waitables()[0]
@@ -162,14 +126,8 @@ def test_a_killed_watcher_loses_no_batch_it_had_sent(make_config, store_server, 
             sup.step()
             assert sup.intake.watcher is None  # the death was seen ...
             assert sup.intake.events_received > 0  # ... after what it had sent was read
-            step_until(sup, lambda: len(lines(cfg)) >= len(keys), "the uploaded images")
-            for _ in range(20):  # the new watcher replays the last seconds: nothing is taken twice
-                sup.step()
-        finally:
-            sup.request_stop("test")
-            while not sup.finished():
-                sup.step()
-            sup.shutdown()
+            reach(sup, lambda: len(lines(cfg)) >= len(keys), "the uploaded images", PATIENCE_S)
+            steps(sup, 20)  # the new watcher replays the last seconds: nothing is taken twice
         calls = service.calls()
     assert lines(cfg) == Counter(keys)
     assert all(calls.get(k) == 1 for k in keys), {k: calls.get(k) for k in keys}
@@ -182,33 +140,21 @@ def test_a_replay_after_a_restart_does_not_bring_back_deleted_finished_images(ma
                             actions={"delete_no_detection": True})
         keys = [f"{prefix}person/t5/20240101-120000.{i:03d}.jpg" for i in range(10)]
         sup = Supervisor(cfg, show_progress=False, intake_done=lambda: False)
-        sup.start()
-        try:
-            step_until(sup, lambda: sup.intake.scans_completed >= 1, "the start-up reconciliation")
+        with sup.running():
+            reach(sup, lambda: sup.intake.scans_completed >= 1, "the start-up reconciliation", PATIENCE_S)
             upload(store, keys)
-            step_until(sup, lambda: len(lines(cfg)) >= len(keys), "the uploaded images")  # then deleted at once
+            reach(sup, lambda: len(lines(cfg)) >= len(keys), "the uploaded images", PATIENCE_S)  # then deleted at once
             for _ in range(2):  # two complete listings without them: their objects are gone
                 done = sup.intake.scans_completed
                 sup.intake.next_sweep = 0.0
-                step_until(sup, lambda: sup.intake.scans_completed > done, "a reconciliation")
-        finally:
-            sup.request_stop("test")
-            while not sup.finished():
-                sup.step()
-            sup.shutdown()
+                reach(sup, lambda: sup.intake.scans_completed > done, "a reconciliation", PATIENCE_S)
         assert not [ref for page in store.list_pages(prefix, 1000) for ref in page]  # no detection: deleted
         again = Supervisor(cfg, show_progress=False, intake_done=lambda: False)
-        again.start()  # its watcher resumes a little before the saved position
         marker = f"{prefix}person/t5/20240101-120100.000.jpg"
-        try:
+        with again.running():  # its watcher resumes a little before the saved position
             upload(store, [marker])  # the tail sends in time order: any replay of the others comes first
-            step_until(again, lambda: marker in lines(cfg) and not again.in_flight
-                       and not again.dispatch.pending and not again.intake.backlog, "the new image")
-        finally:
-            again.request_stop("test")
-            while not again.finished():
-                again.step()
-            again.shutdown()
+            reach(again, lambda: marker in lines(cfg) and not again.in_flight
+                  and not again.dispatch.pending and not again.intake.backlog, "the new image", PATIENCE_S)
         calls = service.calls()
     assert lines(cfg) == Counter(keys + [marker]), "a finished image was taken in again"
     assert all(calls.get(k) == 1 for k in keys + [marker])

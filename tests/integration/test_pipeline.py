@@ -9,7 +9,9 @@ from imgworker.ledger import ProcessedSet
 from imgworker.services.loadgen import photo_frames
 from imgworker.services.algo_server import AlgoService
 from imgworker.supervisor import Supervisor
-from tests.conftest import read_outcomes, upload
+from tests.support.driving import reach
+from tests.support.results import read_outcomes
+from tests.support.store import upload
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -67,16 +69,11 @@ def test_image_deleted_while_queued(make_config, store, prefix, check, outcome):
     keys = [f"{prefix}p/t/20240101-120000.{i:03d}.jpg" for i in range(6)]
     upload(store, keys)
     sup = Supervisor(cfg, show_progress=False)
-    sup.start()
-    try:
-
+    with sup.running():
         while sup.dispatch.pending < len(keys):
             sup.intake_step()
         store.delete(keys[3:])
-        while not sup.finished():
-            sup.step()
-    finally:
-        sup.shutdown()
+        reach(sup, sup.finished, "the run's end")
     report = sup.report()
     outcomes = read_outcomes(cfg)
     assert {k: v[0] for k, v in outcomes.items() if k in keys[3:]} == {k: outcome for k in keys[3:]}

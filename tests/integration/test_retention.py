@@ -9,7 +9,9 @@ import pytest
 
 from imgworker.services.algo_server import AlgoService, SyntheticParams
 from imgworker.supervisor import Supervisor
-from tests.conftest import read_outcomes, upload
+from tests.support.driving import reach
+from tests.support.results import read_outcomes
+from tests.support.store import upload
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -31,10 +33,8 @@ def test_policies_against_a_real_queue(make_config, store, prefix, slow_algo, po
     keys = [f"{prefix}p/t/20240101-120000.{i:03d}.jpg" for i in range(8)]
     upload(store, keys)
     sup = Supervisor(cfg, show_progress=False)
-    sup.start()
-    try:
-        while sup.in_flight == 0:  # one held, seven queued, nothing finished yet
-            sup.step()
+    with sup.running():
+        reach(sup, lambda: sup.in_flight > 0, "an image in flight")  # one held, seven queued, nothing finished yet
         held = sup.inflight.held_keys()
         queued = set(sup.dispatch.pending_keys())
         from imgworker.cleaner import stored_image
@@ -47,10 +47,7 @@ def test_policies_against_a_real_queue(make_config, store, prefix, slow_algo, po
         while sup.janitor.outstanding:  # the deletes run on the janitor's thread
             time.sleep(0.01)
         remaining = listed(store, prefix)
-        while not sup.finished():
-            sup.step()
-    finally:
-        sup.shutdown()
+        reach(sup, sup.finished, "the run's end")
     report = sup.report()
     outcomes = read_outcomes(cfg)
     assert report.conserved and all(len(v) == 1 for v in outcomes.values())

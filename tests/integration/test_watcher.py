@@ -29,7 +29,7 @@ from imgworker.logs import LogSettings
 from imgworker.services.netutil import free_port, port_open, stop_process, wait_until
 from imgworker.services.store_server import EmbeddedStore
 from imgworker.store import Store
-from tests.conftest import upload
+from tests.support.store import upload
 
 pytestmark = pytest.mark.slow
 

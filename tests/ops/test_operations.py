@@ -24,7 +24,10 @@ from imgworker.services.algo_server import AlgoService, SyntheticParams
 from imgworker.services.netutil import free_port
 from imgworker.stats import Stats
 from imgworker.supervisor import Supervisor
-from tests.conftest import cli_env, read_outcomes, upload
+from tests.support.cli import cli_env
+from tests.support.driving import reach
+from tests.support.results import read_outcomes
+from tests.support.store import upload
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -48,23 +51,23 @@ def test_metrics_match_the_final_report(make_config, store, prefix):
         sup = Supervisor(cfg, show_progress=False)
         port = free_port()
         server = serve_metrics(sup.snapshot, port)
-        sup.start()
+        scraped: list[dict[str, float]] = []  # once, while images are in flight
+
+        def finished_after_a_scrape_at_work() -> bool:
+            if not scraped and sup.in_flight:
+                scraped.append(scrape(port))
+            return sup.finished()
+
         try:
-            during = None
-            deadline = time.monotonic() + 120
-            while not sup.finished():
-                assert time.monotonic() < deadline, "the run did not end"
-                sup.step()
-                if during is None and sup.in_flight:
-                    during = scrape(port)
-            after = scrape(port)
+            with sup.running():
+                reach(sup, finished_after_a_scrape_at_work, "the run's end", 120)
+                after = scrape(port)
         finally:
-            sup.shutdown()
             server.shutdown()
             server.server_close()
         calls = algo.calls()
     report = sup.report()
-    assert during is not None and during["imgworker_workers_alive"] == 2
+    assert scraped and scraped[0]["imgworker_workers_alive"] == 2
     for outcome, count in report.outcomes.items():
         assert after[f"imgworker_images_total{{outcome={outcome}}}"] == count
     assert after["imgworker_images_scanned_total"] == report.scanned == 12
@@ -135,15 +138,10 @@ def test_failover_when_one_of_two_services_stops(make_config, store, prefix):
         keys = [f"{prefix}p/t/20240101-120000.{i:03d}.jpg" for i in range(120)]
         upload(store, keys)
         sup = Supervisor(cfg, show_progress=False)
-        sup.start()
-        try:
-            while sup.stats.finished < 20:
-                sup.step()
+        with sup.running():
+            reach(sup, lambda: sup.stats.finished >= 20, "twenty images finished", 120)
             one.stop()
-            while not sup.finished():
-                sup.step()
-        finally:
-            sup.shutdown()
+            reach(sup, sup.finished, "the run's end", 120)
     report = sup.report()
     assert report.conserved and report.scanned == 120
     assert report.failures == 0 and report.inferences == 120
@@ -160,18 +158,13 @@ def test_no_healthy_service_means_waiting_then_failing_after_the_budget(make_con
                                                  "no_endpoint_budget_s": 1.0})
     upload(store, [f"{prefix}p/t/20240101-120000.{i:03d}.jpg" for i in range(4)])
     sup = Supervisor(cfg, show_progress=False)
-    sup.start()
-    try:
-        while not sup.endpoints.figures()[cfg.algo.endpoints[0]]["ejections"]:
-            sup.step()
+    with sup.running():
+        reach(sup, lambda: sup.endpoints.figures()[cfg.algo.endpoints[0]]["ejections"] > 0, "an ejection", 120)
         waited_since = time.monotonic()
         sup.step()
         # they wait, they are not failed: the one whose call ejected the endpoint too
         assert sup.pending + sup.in_flight == 4 and sup.stats.finished == 0
-        while not sup.finished():
-            sup.step()
-    finally:
-        sup.shutdown()
+        reach(sup, sup.finished, "the run's end", 120)
     report = sup.report()
     assert time.monotonic() - waited_since >= 1.0
     assert report.outcomes["failed_algo"] == 4 and report.conserved

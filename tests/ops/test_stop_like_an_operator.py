@@ -39,7 +39,8 @@ import psutil
 import pytest
 
 from imgworker.services.algo_server import AlgoService, SyntheticParams
-from tests.conftest import cli_env, upload, workers_of
+from tests.support.cli import cli_env, workers_of
+from tests.support.store import upload
 
 pytestmark = pytest.mark.timeout(180)
 

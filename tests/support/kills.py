@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 import psutil
 
-from tests.conftest import workers_of
+from tests.support.cli import workers_of
 
 
 def kill_workers_at_progress(proc: subprocess.Popen[str], rng: random.Random, *, kills: int, every: int,

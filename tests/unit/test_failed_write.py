@@ -17,7 +17,9 @@ from imgworker.errors import StateError
 from imgworker.memstore import MemoryAlgo, MemoryStore
 from imgworker.outcomes import ImageRef, WorkItem
 from imgworker.supervisor import Supervisor
-from tests.unit.test_supervisor_memory import config, fill, lines, supervisor
+from tests.support.driving import steps
+from tests.support.memory import config, fill, supervisor
+from tests.support.results import lines
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -83,13 +85,9 @@ def test_a_full_queue_whose_drop_cannot_be_written_loses_neither_the_victim_nor_
     store = MemoryStore()
     keys = fill(store, ["p/a"], 3)
     sup = supervisor(cfg, store, MemoryAlgo(store))
-    sup.start()
-    try:
+    with sup.running(drain=False):
         break_journal(sup)
         with pytest.raises(StateError):
-            for _ in range(20):
-                sup.step()  # the first sweep finds all three; the second does not fit
-    finally:
-        sup.shutdown()
+            steps(sup, 20)  # the first sweep finds all three; the second does not fit
     assert not lines(cfg)
     assert saved_for_next_run(cfg, store) == set(keys)

@@ -21,6 +21,7 @@ from imgworker.pool import Answer, Event, Exit, InlinePool
 from imgworker.results import read_results
 from imgworker.supervisor import Supervisor, memory_parts
 from imgworker.worker import Reply
+from tests.support.driving import steps
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -125,8 +126,7 @@ def test_an_item_past_its_deadline_on_the_supervisor_s_clock_ends_once(tmp_path)
     sup = Supervisor(cfg, show_progress=False, parts=dataclasses.replace(parts, pool=pool), clock=clock)
     with sup.running(drain=False):
         assert sup.step_until(lambda: sup.in_flight == 1, max_steps=200)
-        for _ in range(5):  # real time passes; the supervisor's clock does not
-            sup.step()
+        steps(sup, 5)  # real time passes; the supervisor's clock does not
         assert not pool.killed and sup.in_flight == 1 and not lines(cfg)
         clock.now += 30.0
         sup.step()  # the deadline came on its clock: the process is killed, its exit ends the image

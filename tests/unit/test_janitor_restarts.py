@@ -22,7 +22,9 @@ from imgworker.errors import StoreUnavailable
 from imgworker.memstore import MemoryAlgo, MemoryStore
 from imgworker.outcomes import Outcome, Result
 from imgworker.supervisor import Supervisor, memory_parts
-from tests.unit.test_supervisor_memory import config, fill, lines, outcomes, supervisor
+from tests.support.driving import reach
+from tests.support.memory import config, fill, supervisor
+from tests.support.results import lines, outcomes
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -48,23 +50,17 @@ def test_cleaner_deletes_wait_in_the_janitor_while_the_loop_goes_on(tmp_path):
     algo = MemoryAlgo(store)
     parts = dataclasses.replace(memory_parts(cfg, store, algo), janitor_inline=False)
     sup = Supervisor(cfg, show_progress=False, parts=parts)
-    sup.start()
-    try:
-        while not entered.is_set():
-            sup.step()
-        for _ in range(500):  # the first pass gave up the four oldest; the two kept are analysed meanwhile
-            if len(lines(cfg)) == 6 and sup.intake.scans_completed >= 3:
-                break
-            sup.step()
-        sup.checkpoint()
-        during = (dict(Counter(outcomes(cfg).values())), Counter(algo.calls), sorted(store.keys()),
-                  os.path.exists(os.path.join(cfg.run.state_dir, "state.json")), release.is_set())
-    finally:
-        release.set()
-        sup.request_stop("test")
-        while not sup.finished():
-            sup.step()
-        sup.shutdown()
+    with sup.running():
+        try:
+            reach(sup, entered.is_set, "a delete request sent")
+            # the first pass gave up the four oldest; the two kept are analysed meanwhile
+            reach(sup, lambda: len(lines(cfg)) == 6 and sup.intake.scans_completed >= 3,
+                  "six result lines and three sweeps", max_steps=500)
+            sup.checkpoint()
+            during = (dict(Counter(outcomes(cfg).values())), Counter(algo.calls), sorted(store.keys()),
+                      os.path.exists(os.path.join(cfg.run.state_dir, "state.json")), release.is_set())
+        finally:
+            release.set()
     assert during == ({"dropped_expired": 4, "no_detection": 2}, Counter(keys[4:]), sorted(keys), True, False)
     assert sorted(store.keys()) == keys[4:]
     assert (sup.cleaner.deleted, sup.cleaner.delete_errors, sup.cleaner.given_up) == (4, 0, 4)  # none twice
@@ -170,17 +166,10 @@ def test_inflight_deletes_queued_images_before_a_worker_can_take_one(tmp_path):
     algo = MemoryAlgo(store)
     sup = Supervisor(cfg, show_progress=False,
                      parts=dataclasses.replace(memory_parts(cfg, store, algo), janitor_inline=False))
-    sup.start()
-    try:
-        for _ in range(500):
-            if len(lines(cfg)) == 6:
-                break
-            sup.step()
-    finally:
-        release.set()
-        sup.request_stop("test")
-        while not sup.finished():
-            sup.step()
-        sup.shutdown()
+    with sup.running():
+        try:
+            reach(sup, lambda: len(lines(cfg)) == 6, "six result lines", max_steps=500)
+        finally:
+            release.set()
     assert algo.calls == Counter(keys[4:])  # the four oldest were deleted while queued: no worker analysed them
     assert dict(Counter(outcomes(cfg).values())) == {"skipped_missing": 4, "no_detection": 2}

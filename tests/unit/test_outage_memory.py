@@ -14,22 +14,15 @@ import pytest
 from imgworker.errors import AlgoTransient
 from imgworker.memstore import MemoryAlgo, MemoryStore
 from imgworker.results import read_results
-from imgworker.supervisor import Supervisor
-from tests.unit.test_supervisor_memory import config, fill, lines, supervisor
+from tests.support.driving import reach
+from tests.support.memory import config, fill, supervisor
+from tests.support.results import lines
 
 pytestmark = pytest.mark.timeout(60)
 
 
 def ends(cfg) -> dict[str, tuple[str, str]]:
     return {r.key: (r.outcome.value, r.cause) for r in read_results(cfg.results_path)}
-
-
-def step_until(sup: Supervisor, done, most: int = 2000) -> None:
-    for _ in range(most):
-        if done():
-            return
-        sup.step()
-    raise AssertionError(f"not reached in {most} steps: outcomes {sup.stats.counts}, pending {sup.dispatch.pending}")
 
 
 def test_failed_probes_charge_no_image_and_the_budget_ends_each_once(tmp_path):
@@ -40,9 +33,8 @@ def test_failed_probes_charge_no_image_and_the_budget_ends_each_once(tmp_path):
     algo = MemoryAlgo(store)
     algo.down.add(cfg.algo.endpoint)
     sup = supervisor(cfg, store, algo)
-    sup.start()
-    try:
-        step_until(sup, lambda: sum(algo.calls.values()) >= 12)
+    with sup.running(drain=False):
+        reach(sup, lambda: sum(algo.calls.values()) >= 12, "twelve failed probes", max_steps=2000)
         sup.step()
         assert not lines(cfg), "an image was ended while its budget was not spent"
         assert sup.dispatch.pending == 3
@@ -51,9 +43,6 @@ def test_failed_probes_charge_no_image_and_the_budget_ends_each_once(tmp_path):
         sup._fail_waited_out(time.monotonic() + 3600.0)  # the budget runs out
         assert ends(cfg) == {k: ("failed_algo", "no_healthy_endpoint") for k in keys}
         assert lines(cfg) == Counter(keys)
-    finally:
-        sup.request_stop("test", force=True)
-        sup.shutdown()
 
 
 def test_an_image_that_makes_the_service_fail_does_not_keep_the_route_down(tmp_path):
@@ -64,12 +53,8 @@ def test_an_image_that_makes_the_service_fail_does_not_keep_the_route_down(tmp_p
     poison = keys[0]
     algo = MemoryAlgo(store, fail=lambda path: AlgoTransient("http_500") if path == poison else None)
     sup = supervisor(cfg, store, algo)
-    sup.start()
-    try:
-        step_until(sup, lambda: len(lines(cfg)) == len(keys))
-    finally:
-        sup.request_stop("test", force=True)
-        sup.shutdown()
+    with sup.running(drain=False):
+        reach(sup, lambda: len(lines(cfg)) == len(keys), "a result line for every image", max_steps=2000)
     assert ends(cfg) == {poison: ("failed_algo", "http_500"), **{k: ("no_detection", "") for k in keys[1:]}}
     assert lines(cfg) == Counter(keys)
     # it waited once (its first outage could have been anyone's), then ended at its second
@@ -84,15 +69,11 @@ def test_images_that_waited_are_analysed_once_the_service_answers(tmp_path):
     algo = MemoryAlgo(store)
     algo.down.add(cfg.algo.endpoint)
     sup = supervisor(cfg, store, algo)
-    sup.start()
-    try:
-        step_until(sup, lambda: sum(algo.calls.values()) >= 10)
+    with sup.running(drain=False):
+        reach(sup, lambda: sum(algo.calls.values()) >= 10, "ten failed calls", max_steps=2000)
         algo.down.clear()
         before = Counter(algo.calls)
-        step_until(sup, lambda: len(lines(cfg)) == len(keys))
-    finally:
-        sup.request_stop("test", force=True)
-        sup.shutdown()
+        reach(sup, lambda: len(lines(cfg)) == len(keys), "a result line for every image", max_steps=2000)
     assert ends(cfg) == {k: ("no_detection", "") for k in keys}
     assert lines(cfg) == Counter(keys)
     assert algo.calls - before == Counter(keys)  # once the service answers, one call per image

@@ -6,66 +6,25 @@ objects left in the in-memory bucket, the lines in the results file.
 
 from __future__ import annotations
 
-import dataclasses
 import os
-import random
 from collections import Counter
 from typing import Any
 
 import pytest
 
-from imgworker.config import Config, load_config
+from imgworker.config import Config
 from imgworker.errors import AlreadyRunning, StateError
 from imgworker.ledger import Ledger, LocalBackend
 from imgworker.memstore import MemoryAlgo, MemoryStore
 from imgworker.outcomes import WorkItem
-from imgworker.pool import Exit, InlinePool
+from imgworker.pool import Exit
 from imgworker.results import read_results
 from imgworker.supervisor import Supervisor, memory_parts
+from tests.support.driving import reach, steps
+from tests.support.memory import EVENTS, config, fill, supervisor
+from tests.support.results import lines, outcomes
 
 pytestmark = pytest.mark.timeout(60)
-
-
-EVENTS = {"filer": "127.0.0.1:1.2"}  # [scan.events] for memory parts: no watcher process runs
-
-
-def config(tmp_path: Any, **sections: dict[str, Any]) -> Config:
-    overrides: dict[str, dict[str, Any]] = {
-        "run": {"state_dir": str(tmp_path / "state"), "until_idle": True, "checkpoint_interval_s": 3600.0},
-        "scan": {"interval_s": 0.01},
-        "worker": {"count": 2},
-    }
-    for name, values in sections.items():
-        overrides.setdefault(name, {}).update(values)
-    return load_config(env={}, overrides=overrides)
-
-
-def fill(store: MemoryStore, groups: list[str], per_group: int) -> list[str]:
-    keys = [f"{g}/20240101-000000.{i:03d}.jpg" for g in groups for i in range(per_group)]
-    for key in keys:
-        store.put(key, b"\xff\xd8jpeg")
-    return keys
-
-
-def lines(cfg: Config) -> Counter[str]:
-    return Counter(r.key for r in read_results(cfg.results_path))
-
-
-def outcomes(cfg: Config) -> dict[str, str]:
-    return {r.key: r.outcome.value for r in read_results(cfg.results_path)}
-
-
-def supervisor(cfg: Config, store: MemoryStore, algo: MemoryAlgo, *, late: int | None = None,
-               **kwargs: Any) -> Supervisor:
-    """A supervisor on in-memory parts; ``late`` (a seed) holds answers across steps and reorders them."""
-    die_on = kwargs.pop("die_on", lambda item: False)
-    parts = memory_parts(cfg, store, algo, die_on=die_on)
-    if late is not None:
-        prompt = parts.pool
-        assert isinstance(prompt, InlinePool)
-        parts = dataclasses.replace(parts, pool=InlinePool(prompt.count, prompt.process, die_on,
-                                                           late=random.Random(late)))
-    return Supervisor(cfg, show_progress=False, parts=parts, **kwargs)
 
 
 @pytest.fixture(params=[None, 1, 2], ids=["prompt", "late-1", "late-2"])
@@ -99,8 +58,7 @@ def test_crash_after_results_were_written_analyses_nothing_twice(tmp_path, late)
     algo = MemoryAlgo(store)
     first = supervisor(cfg, store, algo, late=late)
     first.start()
-    while len(lines(cfg)) < 4:
-        first.step()
+    reach(first, lambda: len(lines(cfg)) >= 4, "four result lines")
     crash(first)  # no checkpoint was ever written: only the results journal survives
     supervisor(cfg, store, algo, late=late).run()
     assert lines(cfg) == Counter(keys)
@@ -116,8 +74,7 @@ def test_crash_before_delete_action_redoes_it_and_keeps_the_real_outcome(tmp_pat
     first.start()
     assert first.janitor is not None
     first.janitor.collect = lambda: []  # type: ignore[method-assign]  # crash before any delete ran
-    while len(lines(cfg)) < 3:
-        first.step()
+    reach(first, lambda: len(lines(cfg)) >= 3, "three result lines")
     first.checkpoint()  # the watermark stays at the first line whose delete is not done
     crash(first)
     assert all(key in store for key in keys)
@@ -170,8 +127,7 @@ def test_power_loss_after_a_delete_batch_leaves_no_image_deleted_without_its_lin
         return real_delete(batch)
 
     store.delete = delete  # type: ignore[method-assign]
-    while len(store) > 6:  # some images were deleted, others are still to be analysed
-        first.step()
+    reach(first, lambda: len(store) <= 6, "six images deleted")  # others are still to be analysed
     crash(first)
     store.delete = real_delete  # type: ignore[method-assign]
     with open(cfg.results_path, "r+b") as f:
@@ -229,21 +185,15 @@ def test_cleaner_never_deletes_an_image_whose_alert_copy_is_pending(tmp_path, la
     keys = fill(store, ["p/a"], 5)
     algo = MemoryAlgo(store, detections=lambda path: 1)
     sup = supervisor(cfg, store, algo, late=late)
-    sup.start()
-    assert sup.janitor is not None
-    held_back = sup.janitor.collect
-    sup.janitor.collect = lambda: []  # type: ignore[method-assign]  # copies wait
-    while len(lines(cfg)) < len(keys):
-        sup.step()
-    sup.intake.next_sweep = 0.0
-    while sup.cleaner.passes == 0:
-        sup.step()
-    assert all(key in store for key in keys)  # every image still has an alert copy to make
-    sup.janitor.collect = held_back  # type: ignore[method-assign]
-    sup.request_stop("test")
-    while not sup.finished():
-        sup.step()
-    sup.shutdown()
+    with sup.running():
+        assert sup.janitor is not None
+        held_back = sup.janitor.collect
+        sup.janitor.collect = lambda: []  # type: ignore[method-assign]  # copies wait
+        reach(sup, lambda: len(lines(cfg)) == len(keys), "a result line for every image")
+        sup.intake.next_sweep = 0.0
+        reach(sup, lambda: sup.cleaner.passes > 0, "a cleaner pass")
+        assert all(key in store for key in keys)  # every image still has an alert copy to make
+        sup.janitor.collect = held_back  # type: ignore[method-assign]
     assert sorted(k for k in store.keys() if k.startswith("alerts/")) == sorted(f"alerts/{k}" for k in keys)
     assert outcomes(cfg) == {key: "inferred" for key in keys}
 
@@ -281,14 +231,9 @@ def test_a_dead_route_does_not_hold_up_the_others(tmp_path):
     algo = MemoryAlgo(store)
     algo.down.add(dead)
     sup = supervisor(cfg, store, algo)
-    sup.start()
-    for _ in range(200):
-        sup.step()
-        if all(k in lines(cfg) for k in people):
-            break
-    done = outcomes(cfg)
-    sup.request_stop("test", force=True)
-    sup.shutdown()
+    with sup.running(drain=False):
+        reach(sup, lambda: all(k in lines(cfg) for k in people), "a result line for every person image", max_steps=200)
+        done = outcomes(cfg)
     assert all(done[k] == "no_detection" for k in people)
     assert sum(algo.calls[k] for k in vehicles) == 1  # one failed call ejected the route; the rest wait
     assert sup.dispatch.pending == len(vehicles)  # the image whose call ejected it waits too, uncharged
@@ -328,16 +273,11 @@ def test_full_queue_takes_directories_in_turn_and_keeps_cleaning(tmp_path, late)
     store = MemoryStore()
     fill(store, ["p/a", "p/b", "p/c", "p/d"], 6)
     sup = supervisor(cfg, store, MemoryAlgo(store), late=late)
-    sup.start()
-    try:
-        while sup.cleaner.passes < 1:
-            sup.step()
+    with sup.running(drain=False):
+        reach(sup, lambda: sup.cleaner.passes >= 1, "a cleaner pass")
         groups = Counter(k.split("/")[1] for k in lines(cfg))
         assert len(store) <= 4 * 3  # the limit held while the queue was full
         assert set(groups) == {"a", "b", "c", "d"}  # no directory starved behind the first
-    finally:
-        sup.request_stop("test", force=True)
-        sup.shutdown()
     assert sum(1 for _ in read_results(cfg.results_path)) == len(lines(cfg))
 
 
@@ -347,17 +287,11 @@ def test_until_idle_waits_for_a_sweep_that_began_after_intake_ended(tmp_path, la
     fill(store, ["p/a"], 2)
     uploading = [True]
     sup = supervisor(cfg, store, MemoryAlgo(store), late=late, intake_done=lambda: not uploading[0])
-    sup.start()
-    try:
-        for _ in range(20):
-            sup.step()
-        assert not sup.draining  # intake is not done: never idle
+    with sup.running():
+        assert not sup.step_until(lambda: sup.draining, max_steps=20), "idle while intake was not done"
         late = fill(store, ["p/z"], 1)
         uploading[0] = False
-        while not sup.finished():
-            sup.step()
-    finally:
-        sup.shutdown()
+        reach(sup, sup.finished, "the run's end")
     assert late[0] in lines(cfg)
 
 
@@ -434,25 +368,17 @@ def test_events_find_images_without_listing_and_reconciliation_finds_what_they_m
     watchers: list[InlineWatcher] = []
     algo = MemoryAlgo(store)
     sup = events_supervisor(cfg, store, algo, watchers)
-    sup.start()
-    try:
-        while sup.intake.scans_completed < 1:
-            sup.step()  # the first reconciliation runs at start; the bucket is empty
+    with sup.running():
+        # the first reconciliation runs at start; the bucket is empty
+        reach(sup, lambda: sup.intake.scans_completed >= 1, "the first reconciliation")
         announced = fill(store, ["p/a"], 3)
         missed = fill(store, ["p/b"], 2)  # uploaded, but the event stream never said so
         watchers[0].batches.append(event_batch(store, announced, ts_ns=500))
-        for _ in range(20):
-            sup.step()
+        steps(sup, 20)
         assert set(lines(cfg)) == set(announced)  # found by events alone: no listing ran
         assert sup.intake.scans_completed == 1
         sup.intake.next_sweep = 0.0  # the reconciliation interval comes round
-        while len(lines(cfg)) < 5:
-            sup.step()
-    finally:
-        sup.request_stop("test")
-        while not sup.finished():
-            sup.step()
-        sup.shutdown()
+        reach(sup, lambda: len(lines(cfg)) >= 5, "a result line for every image")
     assert lines(cfg) == Counter(announced + missed) and algo.calls == Counter(announced + missed)
     assert sup.stats.discovery_ms.count == 5
 
@@ -464,27 +390,19 @@ def test_the_event_position_and_the_backlog_survive_a_restart_without_a_gap(tmp_
     keys = fill(store, ["p/a"], 4)
     watchers: list[InlineWatcher] = []
     first = events_supervisor(cfg, store, MemoryAlgo(store), watchers, intake_done=lambda: False)
-    first.start()
-    first.intake.next_sweep = float("inf")  # no reconciliation: only events
-    watchers[0].batches += [event_batch(store, keys[:2], ts_ns=100), event_batch(store, keys[2:], ts_ns=200)]
-    for _ in range(3):
-        first.step()
-    first.checkpoint()
-    first.request_stop("test", force=True)
-    first.shutdown()
+    with first.running(drain=False):
+        first.intake.next_sweep = float("inf")  # no reconciliation: only events
+        watchers[0].batches += [event_batch(store, keys[:2], ts_ns=100), event_batch(store, keys[2:], ts_ns=200)]
+        steps(first, 3)
+        first.checkpoint()
     done = set(lines(cfg))
     assert done != set(keys)  # a full queue kept some event-found images in the backlog
     algo = MemoryAlgo(store)
     second = events_supervisor(cfg, store, algo, watchers, intake_done=lambda: False)
-    second.start()
-    assert watchers[-1].since_ns == 200  # the stream resumes after the last event handled ...
-    second.intake.next_sweep = float("inf")
-    for _ in range(20):  # ... and no event is replayed: the saved backlog brings the rest
-        second.step()
-    second.request_stop("test")
-    while not second.finished():
-        second.step()
-    second.shutdown()
+    with second.running():
+        assert watchers[-1].since_ns == 200  # the stream resumes after the last event handled ...
+        second.intake.next_sweep = float("inf")
+        steps(second, 20)  # ... and no event is replayed: the saved backlog brings the rest
     assert lines(cfg) == Counter(keys)
     assert set(algo.calls) == set(keys) - done
 
@@ -496,8 +414,7 @@ def test_a_dead_watcher_is_restarted_from_the_last_event_handled(tmp_path):
     keys = fill(store, ["p/a"], 2)
     watchers: list[InlineWatcher] = []
     sup = events_supervisor(cfg, store, MemoryAlgo(store), watchers, intake_done=lambda: False)
-    sup.start()
-    try:
+    with sup.running(drain=False):
         sup.intake.next_sweep = float("inf")
         watchers[0].batches.append(event_batch(store, keys[:1], ts_ns=300))
         sup.step()
@@ -509,9 +426,6 @@ def test_a_dead_watcher_is_restarted_from_the_last_event_handled(tmp_path):
         sup.intake._watcher_restart_at = 1.0  # its backoff has passed
         sup.step()
         assert len(watchers) == 2 and watchers[1].since_ns == 400
-    finally:
-        sup.request_stop("test", force=True)
-        sup.shutdown()
 
 
 def test_what_the_watcher_sent_before_a_stop_is_in_the_saved_backlog(tmp_path):
@@ -537,19 +451,14 @@ def test_the_watcher_is_read_while_draining_after_the_lister_died(tmp_path):
     keys = fill(store, ["p/a"], 2)
     watchers: list[InlineWatcher] = []
     sup = events_supervisor(cfg, store, MemoryAlgo(store), watchers, intake_done=lambda: False)
-    sup.start()
-    try:
+    with sup.running(drain=False):
         sup.intake.next_sweep = float("inf")
         sup.request_stop("test")
         assert sup.intake.lister is not None
         sup.intake.lister.alive = lambda: False  # type: ignore[method-assign]
         watchers[0].batches.append(event_batch(store, keys, ts_ns=700))
-        sup.step()
-        sup.step()
+        steps(sup, 2)
         assert sup.intake.lister is None and sup.intake.backlog.keys() == set(keys)
-    finally:
-        sup.request_stop("test", force=True)
-        sup.shutdown()
 
 
 def test_incremental_reconciliation_reads_only_what_is_new_and_keeps_its_checkpoints(tmp_path):
@@ -566,11 +475,15 @@ def test_incremental_reconciliation_reads_only_what_is_new_and_keeps_its_checkpo
 
     store.list_pages = counting_pages  # type: ignore[method-assign]
     sup = supervisor(cfg, store, MemoryAlgo(store))
-    sup.start()
-    try:
-        while len(lines(cfg)) < 10 or sup.intake.sweeping or sup.intake.checkpoints.get("cam/b") != first_keys[-1]:
-            sup.intake.next_sweep = 0.0
-            sup.step()
+
+    def swept_to_the_end() -> bool:
+        if len(lines(cfg)) >= 10 and not sup.intake.sweeping and sup.intake.checkpoints.get("cam/b") == first_keys[-1]:
+            return True
+        sup.intake.next_sweep = 0.0
+        return False
+
+    with sup.running():
+        reach(sup, swept_to_the_end, "ten result lines and a finished sweep up to the last key")
         assert sup.intake.checkpoints == {"cam/a": first_keys[4], "cam/b": first_keys[-1]}
         late = [f"cam/a/20240101-000001.{i:03d}.jpg" for i in range(2)]
         for key in late:
@@ -578,25 +491,14 @@ def test_incremental_reconciliation_reads_only_what_is_new_and_keeps_its_checkpo
         listed.clear()
         scans = sup.intake.scans_completed
         sup.intake.next_sweep = 0.0
-        while sup.intake.scans_completed == scans:
-            sup.step()
+        reach(sup, lambda: sup.intake.scans_completed > scans, "the next sweep")
         assert sorted(listed) == late  # nothing below the checkpoints was read again
-        while len(lines(cfg)) < 12:
-            sup.step()
+        reach(sup, lambda: len(lines(cfg)) >= 12, "a result line for the two new images")
         sup.checkpoint()
-    finally:
-        sup.request_stop("test")
-        while not sup.finished():
-            sup.step()
-        sup.shutdown()
     assert lines(cfg) == Counter(first_keys + late)
     restarted = supervisor(cfg, store, MemoryAlgo(store))
-    restarted.start()
-    try:
+    with restarted.running(drain=False):
         assert restarted.intake.checkpoints["cam/b"] == first_keys[-1]
-    finally:
-        restarted.request_stop("test", force=True)
-        restarted.shutdown()
 
 
 def test_incremental_reconciliation_is_refused_with_the_cleaner(tmp_path):
@@ -606,18 +508,15 @@ def test_incremental_reconciliation_is_refused_with_the_cleaner(tmp_path):
         config(tmp_path, scan={"reconcile": "incremental"}, retention={"enabled": True, "max_count": 5})
 
 
-def drive(sup: Supervisor, *, steps: int, sweep_every_step: bool = True) -> None:
-    for _ in range(steps):
-        if sweep_every_step and not sup.intake.sweeping:
+def sweeping_steps(sup: Supervisor, n: int) -> None:
+    """``n`` steps, a sweep requested before each one that finds none running."""
+
+    def request_a_sweep() -> bool:
+        if not sup.intake.sweeping:
             sup.intake.next_sweep = 0.0
-        sup.step()
+        return False
 
-
-def stop_and_shut(sup: Supervisor) -> None:
-    sup.request_stop("test")
-    while not sup.finished():
-        sup.step()
-    sup.shutdown()
+    sup.step_until(request_a_sweep, max_steps=n)
 
 
 def test_a_full_pass_keeps_backlog_keys_outside_task_directories(tmp_path):
@@ -633,12 +532,9 @@ def test_a_full_pass_keeps_backlog_keys_outside_task_directories(tmp_path):
     watchers: list[InlineWatcher] = []
     algo = MemoryAlgo(store)
     sup = events_supervisor(cfg, store, algo, watchers, intake_done=lambda: False)
-    sup.start()
-    try:
+    with sup.running():
         watchers[0].batches.append(event_batch(store, loose + nested, ts_ns=100))
-        drive(sup, steps=400)  # a full pass after nearly every step, while the queue holds one image
-    finally:
-        stop_and_shut(sup)
+        sweeping_steps(sup, 400)  # a full pass after nearly every step, while the queue holds one image
     assert lines(cfg) == Counter(loose + nested) and algo.calls == Counter(loose + nested)
 
 
@@ -653,17 +549,21 @@ def test_a_key_outside_task_directories_stays_processed_while_it_exists(tmp_path
     watchers: list[InlineWatcher] = []
     algo = MemoryAlgo(store)
     sup = events_supervisor(cfg, store, algo, watchers, intake_done=lambda: False)
-    sup.start()
-    try:
+    with sup.running():
         watchers[0].batches.append(event_batch(store, loose, ts_ns=100))
-        drive(sup, steps=50)
+        sweeping_steps(sup, 50)
         assert lines(cfg) == Counter(loose)
-        while sup.intake.scans_completed < 10:  # five full passes and five incremental ones
-            drive(sup, steps=1)
+
+        def ten_sweeps() -> bool:  # five full passes and five incremental ones
+            if sup.intake.scans_completed >= 10:
+                return True
+            if not sup.intake.sweeping:
+                sup.intake.next_sweep = 0.0
+            return False
+
+        reach(sup, ten_sweeps, "ten sweeps")
         watchers[0].batches.append(event_batch(store, loose, ts_ns=200))  # a redelivery of the same events
-        drive(sup, steps=20)
-    finally:
-        stop_and_shut(sup)
+        sweeping_steps(sup, 20)
     assert lines(cfg) == Counter(loose) and algo.calls == Counter(loose)
 
 
@@ -676,13 +576,9 @@ def test_the_first_listing_after_a_start_is_full_in_incremental_mode(tmp_path):
         store.put(key, b"\xff\xd8jpeg")
     algo = MemoryAlgo(store)
     sup = supervisor(cfg, store, algo)
-    sup.start()
-    try:
-        while sup.intake.scans_completed < 1:
-            drive(sup, steps=1, sweep_every_step=False)
-        drive(sup, steps=50, sweep_every_step=False)  # no second listing: only the first one found anything
-    finally:
-        stop_and_shut(sup)
+    with sup.running():
+        reach(sup, lambda: sup.intake.scans_completed >= 1, "the first listing")
+        steps(sup, 50)  # no second listing: only the first one found anything
     assert lines(cfg) == Counter(keys)
 
 
@@ -748,8 +644,7 @@ def test_the_loop_blocks_while_a_sweep_waits_for_its_next_page(tmp_path):
         return real_wait(timeout, extra)
 
     sup.pool.wait = recording_wait  # type: ignore[method-assign]
-    sup.start()
-    try:
+    with sup.running(drain=False):
         sup.step()
         assert sup.intake.sweeping and len(timeouts) == 1
         sup.step()  # the lister has sent nothing yet: the loop waits on its pipe
@@ -758,9 +653,6 @@ def test_the_loop_blocks_while_a_sweep_waits_for_its_next_page(tmp_path):
             listers[0].release()
             sup.step()
         assert not sup.intake.sweeping and sup.intake.scans_completed == 1
-    finally:
-        sup.request_stop("test", force=True)
-        sup.shutdown()
     assert set(lines(cfg)) <= set(keys)
 
 
@@ -772,17 +664,10 @@ def test_until_idle_in_events_mode_ends_when_the_work_does_not_at_the_next_recon
     watchers: list[InlineWatcher] = []
     algo = MemoryAlgo(store)
     sup = events_supervisor(cfg, store, algo, watchers)
-    sup.start()
-    try:
-        for _ in range(200):
-            if sup.finished():
-                break
-            sup.step()
-        assert sup.finished() and sup.stopping.reason == "idle"
+    with sup.running(drain=False):
+        assert sup.step_until(sup.finished, max_steps=200), "the run did not end within 200 steps"
+        assert sup.stopping.reason == "idle"
         assert sup.intake.scans_completed == 2  # the one at start, the one after the last outcome
-    finally:
-        sup.request_stop("test", force=True)
-        sup.shutdown()
     assert lines(cfg) == Counter(keys) and algo.calls == Counter(keys)
 
 

@@ -1,0 +1,45 @@
+"""A supervisor on in-memory parts (store, algorithm, inline pool and lister): no process, no socket."""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+from typing import Any
+
+from imgworker.config import Config, load_config
+from imgworker.memstore import MemoryAlgo, MemoryStore
+from imgworker.pool import InlinePool
+from imgworker.supervisor import Supervisor, memory_parts
+
+EVENTS = {"filer": "127.0.0.1:1.2"}  # [scan.events] for memory parts: no watcher process runs
+
+
+def config(tmp_path: Any, **sections: dict[str, Any]) -> Config:
+    overrides: dict[str, dict[str, Any]] = {
+        "run": {"state_dir": str(tmp_path / "state"), "until_idle": True, "checkpoint_interval_s": 3600.0},
+        "scan": {"interval_s": 0.01},
+        "worker": {"count": 2},
+    }
+    for name, values in sections.items():
+        overrides.setdefault(name, {}).update(values)
+    return load_config(env={}, overrides=overrides)
+
+
+def fill(store: MemoryStore, groups: list[str], per_group: int) -> list[str]:
+    keys = [f"{g}/20240101-000000.{i:03d}.jpg" for g in groups for i in range(per_group)]
+    for key in keys:
+        store.put(key, b"\xff\xd8jpeg")
+    return keys
+
+
+def supervisor(cfg: Config, store: MemoryStore, algo: MemoryAlgo, *, late: int | None = None,
+               **kwargs: Any) -> Supervisor:
+    """A supervisor on in-memory parts; ``late`` (a seed) holds answers across steps and reorders them."""
+    die_on = kwargs.pop("die_on", lambda item: False)
+    parts = memory_parts(cfg, store, algo, die_on=die_on)
+    if late is not None:
+        prompt = parts.pool
+        assert isinstance(prompt, InlinePool)
+        parts = dataclasses.replace(parts, pool=InlinePool(prompt.count, prompt.process, die_on,
+                                                           late=random.Random(late)))
+    return Supervisor(cfg, show_progress=False, parts=parts, **kwargs)
