@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import random
 from typing import Any
 
@@ -43,3 +44,52 @@ def supervisor(cfg: Config, store: MemoryStore, algo: MemoryAlgo, *, late: int |
         parts = dataclasses.replace(parts, pool=InlinePool(prompt.count, prompt.process, die_on,
                                                            late=random.Random(late)))
     return Supervisor(cfg, show_progress=False, parts=parts, **kwargs)
+
+
+def crash(sup: Supervisor) -> None:
+    """What SIGKILL leaves behind: no shutdown, no checkpoint; the kernel drops the lock."""
+    sup.lock.release()
+    if sup.journal is not None:
+        os.close(sup.journal._fd)  # type: ignore[arg-type]
+        sup.journal._fd = None
+
+
+class InlineWatcher:
+    """Change events a test hands over, as the watcher process would send them."""
+
+    def __init__(self, since_ns: int) -> None:
+        self.since_ns = since_ns
+        self.batches: list[Any] = []
+
+    def waitables(self) -> list[Any]:
+        return []
+
+    def alive(self) -> bool:
+        return True
+
+    def exitcode(self) -> int | None:
+        return None
+
+    def poll(self) -> Any:
+        return self.batches.pop(0) if self.batches else None
+
+    def stop(self, timeout: float = 2.0, on_message: Any = None) -> None:
+        """Like the real one: what was sent and not yet read is handed over, to the end."""
+        while self.batches and on_message is not None:
+            on_message(self.batches.pop(0))
+
+
+def events_supervisor(cfg: Config, store: MemoryStore, algo: MemoryAlgo, watchers: list[InlineWatcher],
+                      **kwargs: Any) -> Supervisor:
+    def make_watcher(since_ns: int) -> InlineWatcher:
+        watchers.append(InlineWatcher(since_ns))
+        return watchers[-1]
+
+    return Supervisor(cfg, show_progress=False, parts=memory_parts(cfg, store, algo, make_watcher=make_watcher),
+                      **kwargs)
+
+
+def event_batch(store: MemoryStore, keys: list[str], ts_ns: int) -> Any:
+    from imgworker.events import ChangeEvent, EventBatch
+
+    return EventBatch(events=[ChangeEvent(key=k, size=4, mtime=1.7e9, ts_ns=ts_ns) for k in keys], ts_ns=ts_ns)

@@ -14,9 +14,8 @@ import pytest
 
 from imgworker.memstore import MemoryAlgo, MemoryStore
 
-from tests.unit.test_supervisor_memory import (
-    EVENTS, InlineWatcher, config, crash, event_batch, events_supervisor, lines, supervisor,
-)
+from tests.support.memory import EVENTS, InlineWatcher, config, crash, event_batch, events_supervisor, supervisor
+from tests.support.results import lines
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -21,7 +21,9 @@ from imgworker.pool import Exit
 from imgworker.results import read_results
 from imgworker.supervisor import Supervisor, memory_parts
 from tests.support.driving import reach, steps
-from tests.support.memory import EVENTS, config, fill, supervisor
+from tests.support.memory import (
+    EVENTS, InlineWatcher, config, crash, event_batch, events_supervisor, fill, supervisor,
+)
 from tests.support.results import lines, outcomes
 
 pytestmark = pytest.mark.timeout(60)
@@ -31,14 +33,6 @@ pytestmark = pytest.mark.timeout(60)
 def late(request: pytest.FixtureRequest) -> int | None:
     """Answers delivered in the step they are run, or held for a few steps and reordered (seeded)."""
     return request.param
-
-
-def crash(sup: Supervisor) -> None:
-    """What SIGKILL leaves behind: no shutdown, no checkpoint; the kernel drops the lock."""
-    sup.lock.release()
-    if sup.journal is not None:
-        os.close(sup.journal._fd)  # type: ignore[arg-type]
-        sup.journal._fd = None
 
 
 def test_every_image_one_outcome_and_one_call(tmp_path, late):
@@ -318,47 +312,6 @@ def test_corrupt_state_file_is_refused_with_the_repair_command(tmp_path):
     with pytest.raises(StateError, match="imgworker repair"):
         supervisor(cfg, store, MemoryAlgo(store)).start()
     supervisor(cfg, store, MemoryAlgo(store)).lock.acquire()  # a refused start leaves no lock behind
-
-
-class InlineWatcher:
-    """Change events a test hands over, as the watcher process would send them."""
-
-    def __init__(self, since_ns: int) -> None:
-        self.since_ns = since_ns
-        self.batches: list[Any] = []
-
-    def waitables(self) -> list[Any]:
-        return []
-
-    def alive(self) -> bool:
-        return True
-
-    def exitcode(self) -> int | None:
-        return None
-
-    def poll(self) -> Any:
-        return self.batches.pop(0) if self.batches else None
-
-    def stop(self, timeout: float = 2.0, on_message: Any = None) -> None:
-        """Like the real one: what was sent and not yet read is handed over, to the end."""
-        while self.batches and on_message is not None:
-            on_message(self.batches.pop(0))
-
-
-def events_supervisor(cfg: Config, store: MemoryStore, algo: MemoryAlgo, watchers: list[InlineWatcher],
-                      **kwargs: Any) -> Supervisor:
-    def make_watcher(since_ns: int) -> InlineWatcher:
-        watchers.append(InlineWatcher(since_ns))
-        return watchers[-1]
-
-    return Supervisor(cfg, show_progress=False, parts=memory_parts(cfg, store, algo, make_watcher=make_watcher),
-                      **kwargs)
-
-
-def event_batch(store: MemoryStore, keys: list[str], ts_ns: int) -> Any:
-    from imgworker.events import ChangeEvent, EventBatch
-
-    return EventBatch(events=[ChangeEvent(key=k, size=4, mtime=1.7e9, ts_ns=ts_ns) for k in keys], ts_ns=ts_ns)
 
 
 def test_events_find_images_without_listing_and_reconciliation_finds_what_they_missed(tmp_path):
