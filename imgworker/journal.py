@@ -23,6 +23,7 @@ import threading
 import msgspec
 
 from .errors import AlreadyRunning, StateError
+from .files import fsync_directory
 from .outcomes import Result
 from .results import truncate_partial_line
 
@@ -71,7 +72,10 @@ class ResultsJournal:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         truncate_partial_line(path)
         self.path = path
+        created = not os.path.exists(path)
         self._fd: int | None = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        if created:  # its entry must be durable before any delete relies on its lines
+            fsync_directory(os.path.dirname(os.path.abspath(path)))
         self.offset = os.fstat(self._fd).st_size
         self._lock = threading.Lock()  # the janitor thread fsyncs while the supervisor writes and closes
         self._failure = ""

@@ -74,3 +74,17 @@ def test_incomplete_last_line_is_ignored_silently(tmp_path):
     path = str(tmp_path / "results.jsonl")
     write_lines(path, line("a"), b"garbage without a newline")
     assert [r.key for r in read_results(path)] == ["a"]
+
+
+def test_a_new_results_file_has_its_directory_entry_made_durable(tmp_path, monkeypatch):
+    """Deletes rely on result lines: the file that holds them must survive a power loss, not only its data."""
+    import imgworker.journal as journal_module
+    from imgworker.journal import ResultsJournal
+
+    synced: list[str] = []
+    monkeypatch.setattr(journal_module, "fsync_directory", synced.append)
+    path = tmp_path / "state" / "results.jsonl"
+    ResultsJournal(str(path)).close()
+    assert synced == [str(tmp_path / "state")]
+    ResultsJournal(str(path)).close()  # it exists now: nothing more to make durable
+    assert synced == [str(tmp_path / "state")]
