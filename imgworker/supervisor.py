@@ -559,7 +559,7 @@ class Supervisor:
                         self.cfg.item_deadline_s)
         elif event.overdue and not item.spared:
             self.recorder.retried()
-            self._requeue(lane, WorkItem(ref=ref, attempt=item.attempt, spared=True))
+            self._requeue(lane, msgspec.structs.replace(item, endpoints=(), spared=True))
             return
         elif event.overdue:
             cause = "deadline_of_another_lane"
@@ -573,7 +573,7 @@ class Supervisor:
             self._lane_done(lane)
             return
         self.recorder.retried()
-        self._requeue(lane, WorkItem(ref=ref, attempt=item.attempt + 1, spared=item.spared))
+        self._requeue(lane, msgspec.structs.replace(item, endpoints=(), attempt=item.attempt + 1))
 
     def _requeue(self, lane: int, item: WorkItem) -> None:
         """The lane gives its item back to the head of the queue; it keeps the time it was first queued."""

@@ -77,6 +77,7 @@ def test_images_that_waited_are_analysed_once_the_service_answers(tmp_path):
     assert ends(cfg) == {k: ("no_detection", "") for k in keys}
     assert lines(cfg) == Counter(keys)
     assert algo.calls - before == Counter(keys)  # once the service answers, one call per image
+    assert {r.attempt for r in read_results(cfg.results_path)} == {1}  # waiting used up no attempt
 
 
 def test_exit_code_and_report_say_the_service_was_unavailable(capsys):
