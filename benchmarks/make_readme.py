@@ -75,11 +75,14 @@ Rebuild this page with `python -m benchmarks.make_readme`.
   2.5-3.1x the floor's CPU and falls to 0.75x its efficiency at N = 64; listing the bucket every
   second instead of change events costs 0.8-1.7 CPU-s more per 1,000 images.
 - **Discovery in a bucket of 100,000** (discovery, 30 new images a second): on change events an image
-  reaches a worker 50 ms after its upload at p50 and p99 (the watcher's 50 ms batching window), against
-  3.3 s and 6.4 s when listing (one listing of 100,000 objects takes 5-7 s here). With incremental
-  reconciliation (per-directory checkpoints) every 10 s, the supervisor uses 1.4 % of one core while
-  nothing arrives and 2.5 % under load; a full reconciliation of 100,000 objects every 10 s costs 23 %
-  (every 60 s, the default, about a sixth of that); listing every second, 81 %.
+  reaches a worker about 50 ms after its upload at p50 (the watcher's 50 ms batching window), against
+  seconds when listing (one listing of 100,000 objects takes 5-7 s on a quiet machine, 10-38 s in the
+  loaded run below). **The supervisor's own CPU**, idle / under load, as % of one core: events with a
+  full reconciliation every 10 s 0.6 / 2.4, incremental reconciliation 0.1 / 2.5, listing every second
+  0.8-2.0 / 1.3-2.6. Before the loop waited on the lister's pipe it polled with a zero timeout for the
+  whole of every listing: 22.7 / 32.3, 1.4 / 2.5 and 80.5 / 70.3 % in the same benchmark (the previous
+  results). What listing still costs is the lister process's own work (it parses the whole bucket every
+  pass: 34-71 % of a core here), not the supervisor's.
 - **Efficiency against the limit N / latency** (tune, L = 200 ms): 0.98-0.99 for every N up to 32,
   the goal being 0.95. At 64 and 128 the 2-core machine runs out of CPU: the store, the service and
   imgworker share it, the measured algorithm latency itself rises (232 and 307 ms at p50), and
