@@ -384,6 +384,22 @@ def test_the_webhook_acknowledges_only_what_is_in_the_pipe_and_refuses_everythin
         server.server_close()
 
 
+class _GoneConn(_Conn):
+    def send_bytes(self, data: bytes) -> None:
+        raise BrokenPipeError("the supervisor is gone")
+
+
+def test_the_webhook_refuses_a_batch_the_open_pipe_could_not_take() -> None:
+    """The supervisor gone (or a stop racing the send): the batch is not in the pipe, so no 200."""
+    pipe = messages.Pipe(_GoneConn())  # type: ignore[arg-type]
+    server = minio_source._WebhookServer(("127.0.0.1", 0), config(prefix="rec/", bucket="frames"), "", pipe)
+    try:
+        assert pipe.open
+        assert server.deliver(minio_put("frames", "rec/cam1/a.jpg")) == 503  # MinIO sends it again later
+    finally:
+        server.server_close()
+
+
 class _Message:
     def __init__(self, data: bytes) -> None:
         self.data = data

@@ -236,6 +236,25 @@ def test_a_checkpoint_writes_what_changed_in_the_backlog_and_a_restart_restores_
     assert (restored.intake.events_ts_ns, restored.intake.checkpoints, restored.pending) == (7, {"a/b": "k"}, ["p"])
 
 
+def test_backlog_log_tail_left_by_a_crash_is_not_read_after_the_next_save(tmp_path):
+    """A crash between the log append and the state file: the next save must not build on that tail."""
+    from imgworker.ledger import LocalBackend
+    from imgworker.outcomes import IntakePosition
+
+    state, results = str(tmp_path / "state.json"), str(tmp_path / "results.jsonl")
+    ledger = Ledger(state, results, LocalBackend())
+    ledger.start()
+    ledger.save(0, [], IntakePosition(backlog=["a", "b", "c"]))
+    log_name = json.loads((tmp_path / "state.json").read_text())["backlog_log"]
+    with open(tmp_path / log_name, "ab") as f:
+        f.write(b'"d"\n{"left": "a"}\n')  # a checkpoint's append; the crash came before its state file
+    again = Ledger(state, results, LocalBackend())
+    assert again.start().intake.backlog == ["a", "b", "c"]
+    again.save(0, [], IntakePosition(backlog=["a", "b"]))  # one more save, appended to the same log
+    assert json.loads((tmp_path / "state.json").read_text())["backlog_log"] == log_name  # not compacted
+    assert Ledger(state, results, LocalBackend()).start().intake.backlog == ["a", "b"]
+
+
 def test_backlog_log_is_cut_back_after_a_crash_and_compacted_when_it_churns(tmp_path, monkeypatch):
     import imgworker.ledger as ledger_module
     from imgworker.ledger import LocalBackend

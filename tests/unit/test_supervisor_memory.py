@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -278,15 +279,31 @@ def test_full_queue_takes_directories_in_turn_and_keeps_cleaning(tmp_path, late)
 def test_until_idle_waits_for_a_sweep_that_began_after_intake_ended(tmp_path, late):
     cfg = config(tmp_path)
     store = MemoryStore()
-    fill(store, ["p/a"], 2)
+    early = fill(store, ["p/a"], 2)
     uploading = [True]
     sup = supervisor(cfg, store, MemoryAlgo(store), late=late, intake_done=lambda: not uploading[0])
+
+    def listed_after_the_work(n: int) -> Callable[[], bool]:
+        """Stop early on a drain; else once ``n`` listings completed after both images had their lines."""
+        since: list[int] = []
+
+        def done() -> bool:
+            if sup.draining:
+                return True
+            if not since and len(lines(cfg)) >= 2 and not sup.intake.sweeping:
+                since.append(sup.intake.scans_completed)
+            return bool(since) and sup.intake.scans_completed >= since[0] + n
+
+        return done
+
     with sup.running():
-        assert not sup.step_until(lambda: sup.draining, max_steps=20), "idle while intake was not done"
-        late = fill(store, ["p/z"], 1)
+        # two complete listings that found nothing new, both begun while intake was not done
+        reach(sup, listed_after_the_work(2), "two empty listings while intake was not done")
+        assert not sup.draining, "idle while intake was not done"
+        late_keys = fill(store, ["p/z"], 1)
         uploading[0] = False
         reach(sup, sup.finished, "the run's end")
-    assert late[0] in lines(cfg)
+    assert lines(cfg) == Counter(early + late_keys)
 
 
 def test_second_run_on_the_same_state_directory_is_refused(tmp_path):
@@ -452,6 +469,50 @@ def test_incremental_reconciliation_reads_only_what_is_new_and_keeps_its_checkpo
     restarted = supervisor(cfg, store, MemoryAlgo(store))
     with restarted.running(drain=False):
         assert restarted.intake.checkpoints["cam/b"] == first_keys[-1]
+
+
+def test_incremental_passes_do_not_count_towards_pruning_the_processed_set(tmp_path):
+    """An entry goes only after two FULL listings missed its object; incremental passes between them do not count."""
+    cfg = config(tmp_path, scan={"reconcile": "incremental", "full_every": 2, "interval_s": 3600.0},
+                 run={"until_idle": False})
+    store = MemoryStore()
+    keys = fill(store, ["cam/a"], 2)
+    gone = keys[0]
+    sup = supervisor(cfg, store, MemoryAlgo(store))
+
+    def processed(key: str) -> bool:
+        return sup.ledger._call(lambda s: s.contains(key))  # reads without marking it seen
+
+    def listings(n: int) -> None:
+        """Begin listings one after another until ``n`` have completed since the start."""
+
+        def done() -> bool:
+            if sup.intake.scans_completed >= n:
+                return True
+            if not sup.intake.sweeping:
+                sup.intake.next_sweep = 0.0
+            return False
+
+        reach(sup, done, f"{n} complete listings")
+
+    # listings 0 and 1 are full (the first after a start, then every second one), 2 incremental, 3 full, ...
+    def full(index: int) -> bool:
+        return index == 0 or index % 2 == 1
+
+    with sup.running():
+        reach(sup, lambda: len(lines(cfg)) >= 2 and not sup.intake.sweeping, "both images processed")
+        done = sup.intake.scans_completed
+        listings(done + 1 if done % 2 else done + 2)  # a full listing saw both; the next one is incremental
+        assert not full(sup.intake.scans_completed) and processed(gone)
+        store.delete([gone])
+        listings(sup.intake.scans_completed + 1)  # incremental
+        assert processed(gone)
+        listings(sup.intake.scans_completed + 1)  # the first full listing that misses it
+        assert full(sup.intake.scans_completed - 1)
+        assert processed(gone), "pruned after one full listing missed it"
+        listings(sup.intake.scans_completed + 2)  # incremental, then the second full listing that misses it
+        assert not processed(gone) and processed(keys[1])
+    assert lines(cfg) == Counter(keys)
 
 
 def test_incremental_reconciliation_is_refused_with_the_cleaner(tmp_path):
