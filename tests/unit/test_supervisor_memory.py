@@ -142,13 +142,16 @@ def test_an_image_is_spared_once_when_killed_for_another_lane_s_deadline(tmp_pat
     sup.start()
     try:
         key = "p/a/20240101-000000.000.jpg"
-        sup.dispatch.append(WorkItem(ref=sup_ref(key)))
+        sup.dispatch.append(WorkItem(ref=sup_ref(key), waits=1))  # it once waited for an endpoint, too
         killed_for_lane_0 = Exit(process=0, lanes=(0, 1), code=-9, retiring=False, overdue=(0,))
-        for _ in range(2):  # its process is killed twice for the other lane's deadline
+        for kill in range(2):  # its process is killed twice for the other lane's deadline
             queued = sup.dispatch.pop_next()
             assert queued is not None
             sup.inflight.take(1, queued.item, queued_at=queued.queued_at)
             sup._on_exit(killed_for_lane_0)
+            if kill == 0:  # spared: back in the queue as it was, its one attempt not used
+                (again,) = sup.dispatch.in_take_order()
+                assert (again.attempt, again.spared, again.waits) == (1, True, 1)
         assert outcomes(cfg) == {key: "failed_worker"}, "spared more than once: its attempts never run out"
         assert [r.cause for r in read_results(cfg.results_path)] == ["deadline_of_another_lane"]
         assert sup.dispatch.pending == 0 and len(sup.inflight) == 0
@@ -533,10 +536,12 @@ def sweeping_steps(sup: Supervisor, n: int) -> None:
     sup.step_until(request_a_sweep, max_steps=n)
 
 
-def test_a_full_pass_keeps_backlog_keys_outside_task_directories(tmp_path):
-    """Incremental reconciliation: event-found keys beside the ``<type>/<id>/`` directories are listed by full passes."""
+@pytest.mark.parametrize("full_every", [1, 60], ids=["every-pass-full", "incremental-passes"])
+def test_a_full_pass_keeps_backlog_keys_outside_task_directories(tmp_path, full_every):
+    """Incremental reconciliation: event-found keys beside the ``<type>/<id>/`` directories are listed by full
+    passes, and an incremental pass, which cannot list them, never forgets them."""
     cfg = config(tmp_path, scan={"mode": "events", "events": EVENTS, "reconcile": "incremental",
-                                 "full_every": 1}, worker={"count": 1}, dispatch={"queue_capacity": 1},
+                                 "full_every": full_every}, worker={"count": 1}, dispatch={"queue_capacity": 1},
                  run={"until_idle": False})
     store = MemoryStore()
     loose = [f"person/snap-{i}.jpg" for i in range(8)]
