@@ -74,6 +74,16 @@ Rebuild this page with `python -m benchmarks.make_readme`.
   2-core machine shared with the store and the service; lanes wake one of N / 8. Celery prefork needs
   2.5-3.1x the floor's CPU and falls to 0.75x its efficiency at N = 64; listing the bucket every
   second instead of change events costs 0.8-1.7 CPU-s more per 1,000 images.
+- **Listing mode beside events mode** (peers-n32, this round, N = 32, L = 200 ms, one run): lanes on
+  change events use 1.26x the floor's CPU per image at 1.03x its efficiency (goal 1.3x and 0.97x: met);
+  lanes in the default listing mode use 1.62x at 1.01x (goal 1.3x: **not met**). By process, in CPU-s
+  per 1,000 images: the supervisor 0.38 in listing mode against 0.40 on events (the loop no longer
+  polls during a listing; before, listing mode cost 2.15x the floor), the workers 2.28 against 2.21;
+  the difference is the lister process, 0.78 against 0.06: it lists the whole prefix (2,400 objects,
+  16 s of work) every second, 16 listed objects per analysed image, and minio's XML parsing costs
+  about 67 us per object (`Object.fromxml`: namespace-qualified finds and two `strptime` per object).
+  Listing mode's CPU per image grows with what the bucket holds over what is analysed per listing;
+  events mode, or `scan.reconcile = "incremental"` for time-ordered keys, avoids it.
 - **Discovery in a bucket of 100,000** (discovery, 30 new images a second): on change events an image
   reaches a worker about 50 ms after its upload at p50 (the watcher's 50 ms batching window), against
   seconds when listing (one listing of 100,000 objects takes 5-7 s on a quiet machine, 10-38 s in the
