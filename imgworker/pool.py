@@ -69,16 +69,42 @@ Event = Answer | Exit
 
 
 class Pool(Protocol):
-    def start(self) -> None: ...
-    def idle_lanes(self) -> int: ...
-    def take_idle_lane(self) -> int: ...
-    def return_lane(self, lane: int) -> None: ...
-    def send(self, lane: int, item: WorkItem) -> None: ...
-    def wait(self, timeout: float, extra: Sequence[Any]) -> tuple[list[Event], list[Any]]: ...
-    def kill_overdue(self, lanes: Collection[int]) -> bool: ...
-    def respawn(self, process: int) -> float: ...
-    def alive(self) -> int: ...
-    def stop(self, deadline: float, held: Collection[int]) -> list[Event]: ...
+    """Worker processes and their lanes, as the supervisor drives them (``ProcessPool``, ``InlinePool``).
+
+    The pool owns processes: which lanes each runs, which lanes are idle, pipes, sentinels, start-up
+    and deaths. It does not own items: ``inflight.InFlight`` knows what each lane holds; the pool
+    only carries items to lanes and answers back, and names the lanes of a process that exited.
+    """
+
+    def start(self) -> None:
+        """Start every worker process (its lanes become idle once it says it is ready)."""
+
+    def idle_lanes(self) -> int:
+        """How many lanes can take an item now."""
+
+    def take_idle_lane(self) -> int:
+        """An idle lane, now busy (call only when ``idle_lanes()`` is not 0)."""
+
+    def return_lane(self, lane: int) -> None:
+        """The lane's item is done: idle again, unless its process is leaving or gone."""
+
+    def send(self, lane: int, item: WorkItem) -> None:
+        """Hand ``item`` to ``lane`` (taken with ``take_idle_lane``); a dead process shows as an ``Exit``."""
+
+    def wait(self, timeout: float, extra: Sequence[Any]) -> tuple[list[Event], list[Any]]:
+        """Block until an answer, a death or one of ``extra`` is ready; the events and the ready extras."""
+
+    def kill_overdue(self, lanes: Collection[int]) -> bool:
+        """Kill the processes running ``lanes`` (items past their deadline); True if an answer waits first."""
+
+    def respawn(self, process: int) -> float:
+        """Replace an exited process; the seconds its replacement waits (a backoff after early deaths)."""
+
+    def alive(self) -> int:
+        """Worker processes alive."""
+
+    def stop(self, deadline: float, held: Collection[int]) -> list[Event]:
+        """Tell every process to leave; the answers for ``held`` lanes that arrive before ``deadline``."""
 
 
 def lanes_of(process: int, threads: int) -> tuple[int, ...]:
