@@ -15,9 +15,23 @@ import pytest
 from imgworker.memstore import MemoryAlgo, MemoryStore
 
 from tests.support.memory import EVENTS, InlineWatcher, config, crash, event_batch, events_supervisor, supervisor
+from tests.support.driving import reach, steps
 from tests.support.results import lines
 
 pytestmark = pytest.mark.timeout(60)
+
+
+def pruned(sup: Any, key: str) -> bool:
+    """Ask for a listing, and say whether ``key`` left the processed set (read without marking it seen)."""
+    sup.intake.next_sweep = 0.0
+    return not sup.ledger._call(lambda s: s.contains(key))
+
+
+def sweeping_steps(sup: Any, n: int) -> None:
+    """``n`` steps, a listing asked for before each."""
+    for _ in range(n):
+        sup.intake.next_sweep = 0.0
+        steps(sup, 1)
 
 
 def test_a_prune_before_any_saved_event_position_does_not_let_a_replay_analyse_a_finished_image_again(
@@ -38,20 +52,18 @@ def test_a_prune_before_any_saved_event_position_does_not_let_a_replay_analyse_a
     watchers: list[InlineWatcher] = []
     first = events_supervisor(cfg, store, MemoryAlgo(store), watchers, intake_done=lambda: False)
     first.start()
-    while first.intake.scans_completed < 1:
-        first.step()  # the start-up listing: the bucket is empty
+    reach(first, lambda: first.intake.scans_completed >= 1, "the start-up listing (the bucket is empty)")
     key = "p/a/20240101-000000.000.jpg"
     store.put(key, b"\xff\xd8jpeg")
     event_ts = wall[0] - 60 * 10**9  # the store's event time: a minute before the prune below
     watchers[0].batches.append(event_batch(store, [key], ts_ns=event_ts))
-    while key in store:
-        first.step()  # analysed (no detection), its line written, then deleted by its action
+    reach(first, lambda: key not in store, "analysed (no detection), its line written, then deleted by its action")
     assert lines(cfg) == Counter([key])
     for _ in range(10):  # reconciliation listings that no longer see it, ten seconds apart
         wall[0] += 10 * 10**9
         first.intake.next_sweep = 0.0
-        first.step_until(lambda: not first.intake.sweeping, max_steps=50)
-        first.step()
+        steps(first, 1)
+        reach(first, lambda: not first.intake.sweeping, "the listing's end", max_steps=50)
     first.checkpoint()  # saves any prune, and the event position: the last event handled
     crash(first)
 
@@ -60,12 +72,10 @@ def test_a_prune_before_any_saved_event_position_does_not_let_a_replay_analyse_a
     second.start()
     since = watchers[-1].since_ns
     assert since == event_ts
-    while second.intake.scans_completed < 1:
-        second.step()  # the start-up listing (a real one takes a while: the replay comes meanwhile)
+    reach(second, lambda: second.intake.scans_completed >= 1, "the start-up listing")  # the replay comes meanwhile
     # the watcher resumes OVERLAP_NS before its position: the finished image's event comes again
     watchers[-1].batches.append(event_batch(store, [key], ts_ns=event_ts))
-    for _ in range(20):
-        second.step()
+    steps(second, 20)
     second.request_stop("test")
     second.step_until(second.finished, max_steps=100)
     second.shutdown()
@@ -96,12 +106,9 @@ def test_a_restart_redoes_no_delete_of_a_pruned_key_and_analyses_its_new_upload(
     store.copy = copy_fails  # type: ignore[method-assign]  # the alert's copy is retried: the watermark stays
     first = supervisor(cfg, store, algo, intake_done=lambda: False)
     first.start()
-    while key in store or len(lines(cfg)) < 2:
-        first.step()
+    reach(first, lambda: key not in store and len(lines(cfg)) >= 2, "both lines, and the deleted image gone")
     assert lines(cfg) == Counter([alert, key])
-    while first.ledger._call(lambda s: s.contains(key)):  # flushed first; unlike filter_new, marks nothing
-        first.intake.next_sweep = 0.0  # complete listings that no longer see it: pruned
-        first.step()
+    reach(first, lambda: pruned(first, key), "complete listings that no longer see it: pruned")
     assert first.janitor is not None and first.janitor.watermark(10**9) == 0  # the alert's line holds it back
     store.put(key, b"\xff\xd8new image")  # the same key names a new image
     first.checkpoint()  # watermark: the alert's line, before the pruned key's line
@@ -145,17 +152,12 @@ def test_a_ledger_rebuild_keeps_a_pruned_key_pruned_and_its_new_upload_is_analys
     sup = supervisor(cfg, store, MemoryAlgo(store), intake_done=lambda: False)
     sup.start()
     try:
-        while key in store:
-            sup.step()  # analysed (no detection), its line written, then deleted by its action
-        while sup.ledger._call(lambda s: s.contains(key)):  # flushed first; unlike filter_new, marks nothing
-            sup.intake.next_sweep = 0.0  # complete listings that no longer see it: pruned
-            sup.step()
+        reach(sup, lambda: key not in store, "analysed (no detection), its line written, then deleted by its action")
+        reach(sup, lambda: pruned(sup, key), "complete listings that no longer see it: pruned")
         store.put(key, b"\xff\xd8new image")  # the same key names a new image
         sup.ledger._set = _LostOnce(sup.ledger._set)  # the Manager is SIGKILLed ...
         sup.ledger.backend.alive = lambda: False  # type: ignore[method-assign]  # ... and found dead
-        for _ in range(30):
-            sup.intake.next_sweep = 0.0
-            sup.step()
+        sweeping_steps(sup, 30)
         assert sup.ledger.restarts == 1
     finally:
         sup.request_stop("test")
