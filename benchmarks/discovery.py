@@ -371,15 +371,8 @@ def run_mode(mode: str, base: Config, server: EmbeddedStore, pristine_state: str
     try:
         sup = Supervisor(cfg, show_progress=False, on_result=record)
         t_start = time.monotonic()
-        sup.start()
-        try:
+        with sup.running():  # drained at the end, forced on an error, always shut down
             figures = _phases(mode, sup, uploader, results, params, progress, t_start)
-            sup.request_stop("benchmark done")
-            sup.step_until(sup.finished)
-        finally:
-            if not sup.finished():
-                sup.request_stop("benchmark stopped", force=True)
-            sup.shutdown()
         report = sup.report()
     finally:
         uploader.stop()
