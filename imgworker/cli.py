@@ -43,6 +43,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(exc.exit_code)
     except KeyboardInterrupt:
         return int(ExitCode.INTERRUPTED)
+    except ModuleNotFoundError as exc:
+        extra = _EXTRA_OF.get((exc.name or "").partition(".")[0])
+        if extra is None:
+            raise
+        print(f"imgworker: error: {args.command} needs the {exc.name} package, which the base install leaves out: "
+              f"pip install 'imgworker[{extra}]'", file=sys.stderr)
+        return int(ExitCode.CONFIG)
+
+
+#: Packages only some commands need, by the extra that installs them (setup.cfg); `run` needs none of them.
+_EXTRA_OF = {"aiohttp": "demo", "yarl": "demo", "numpy": "demo", "PIL": "demo", "skimage": "demo",
+             "matplotlib": "bench", "nats": "nats", "rich": "top"}
 
 
 # ----- parsing -----------------------------------------------------------------------------
@@ -144,7 +156,7 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _add_synthetic_flags(p: argparse.ArgumentParser) -> None:
-    from .services.algo_server import SyntheticParams
+    from .services.synthetic import SyntheticParams
 
     for field in msgspec.structs.fields(SyntheticParams):
         kind = int if field.type is int else float
@@ -308,7 +320,8 @@ def cmd_store_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_algo_serve(args: argparse.Namespace) -> int:
-    from .services.algo_server import SyntheticParams, serve
+    from .services.algo_server import serve
+    from .services.synthetic import SyntheticParams
 
     params = SyntheticParams(**{f.name: getattr(args, f.name) for f in msgspec.structs.fields(SyntheticParams)})
     print(f"algorithm service ({args.backend}) on http://{args.host}:{args.port}/infer", flush=True)

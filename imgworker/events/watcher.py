@@ -47,7 +47,7 @@ def check_source(source: EventsConfig) -> None:
         raise ConfigError(f"invalid config key scan.events.webhook_port: value {source.webhook_port} is not allowed "
                           "(0 to 65535)")
     if source.source == "minio_nats" and importlib.util.find_spec("nats") is None:
-        raise ConfigError("scan.events.source = 'minio_nats' needs the nats-py package: pip install nats-py")
+        raise ConfigError("scan.events.source = 'minio_nats' needs the nats-py package: pip install 'imgworker[nats]'")
 
 
 class Watcher(ChildHandle):
