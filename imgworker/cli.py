@@ -44,17 +44,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return int(ExitCode.INTERRUPTED)
     except ModuleNotFoundError as exc:
-        extra = _EXTRA_OF.get((exc.name or "").partition(".")[0])
-        if extra is None:
+        package, extra = _EXTRA_OF.get((exc.name or "").partition(".")[0], ("", ""))
+        if not extra:
             raise
-        print(f"imgworker: error: {args.command} needs the {exc.name} package, which the base install leaves out: "
+        print(f"imgworker: error: {args.command} needs {package}, which the base install leaves out: "
               f"pip install 'imgworker[{extra}]'", file=sys.stderr)
         return int(ExitCode.CONFIG)
 
 
-#: Packages only some commands need, by the extra that installs them (setup.cfg); `run` needs none of them.
-_EXTRA_OF = {"aiohttp": "demo", "yarl": "demo", "numpy": "demo", "PIL": "demo", "skimage": "demo",
-             "matplotlib": "bench", "nats": "nats", "rich": "top"}
+#: Modules only some commands need: the package that has each, and the extra that installs it (setup.cfg).
+_EXTRA_OF = {"aiohttp": ("aiohttp", "demo"), "yarl": ("aiohttp", "demo"), "numpy": ("numpy", "demo"),
+             "PIL": ("pillow", "demo"), "skimage": ("scikit-image", "demo"), "matplotlib": ("matplotlib", "bench"),
+             "nats": ("nats-py", "nats"), "rich": ("rich", "top")}
 
 
 # ----- parsing -----------------------------------------------------------------------------

@@ -50,15 +50,25 @@ class StoreConfig(msgspec.Struct, **_STRUCT):
     """Where the images are and how to reach them."""
 
     endpoint: str = "127.0.0.1:9000"
+    """The store's S3 API as host:port, without scheme or path (``secure`` chooses TLS)."""
     public_endpoint: str = ""
+    """host:port the algorithm service reaches the store at, used in presigned URLs (empty: ``endpoint``)."""
     secure: bool = False
+    """Talk to the store over TLS (https)."""
     ca_bundle: str = ""
+    """PEM file of the CA that signed the store's certificate, for a private CA (empty: the system's)."""
     region: str = "us-east-1"
+    """The region requests are signed for; set, so presigning needs no network call."""
     bucket: str = "images"
+    """The bucket that holds the images."""
     prefix: str = ""
+    """Only keys below this prefix are listed and analysed (empty: the whole bucket)."""
     credentials_file: str = ""
+    """TOML file with ``access_key`` and ``secret_key``, read instead of the environment."""
     connect_timeout_s: Positive = 2.0
+    """Seconds to wait for a connection to the store."""
     list_timeout_s: Positive = 30.0
+    """Seconds the supervisor and the lister wait for one store answer (a listing page, a delete)."""
 
 
 class EventsConfig(msgspec.Struct, **_STRUCT):
@@ -72,13 +82,22 @@ class EventsConfig(msgspec.Struct, **_STRUCT):
     """
 
     source: Literal["seaweed", "minio_webhook", "minio_nats"] = "seaweed"
+    """Where change events come from: ``seaweed`` (the filer's metadata log), ``minio_webhook`` or
+    ``minio_nats``."""
     filer: str = ""
+    """seaweed: the filer as host:port.grpcport."""
     webhook_host: str = "127.0.0.1"
+    """minio_webhook: the address imgworker serves MinIO's notifications on."""
     webhook_port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 0
+    """minio_webhook: the port (0: any free port)."""
     nats_url: str = "nats://127.0.0.1:4222"
-    nats_subject: str = "minio.events"  # the subject MinIO publishes to (its ``subject`` setting)
-    nats_stream: str = ""  # the JetStream stream; empty = the one holding ``nats_subject``
-    nats_durable: str = "imgworker"  # the durable consumer, which keeps the position
+    """minio_nats: the NATS server; a password in it never shows in logs."""
+    nats_subject: str = "minio.events"
+    """minio_nats: the subject MinIO publishes to (its ``subject`` setting)."""
+    nats_stream: str = ""
+    """minio_nats: the JetStream stream (empty: the one holding ``nats_subject``)."""
+    nats_durable: str = "imgworker"
+    """minio_nats: the durable consumer, which keeps the position across restarts."""
 
     def __repr__(self) -> str:
         url = urllib.parse.urlsplit(self.nats_url)
@@ -100,22 +119,37 @@ class ScanConfig(msgspec.Struct, **_STRUCT):
     """
 
     mode: Literal["listing", "events"] = "listing"
+    """How new images are found: ``listing`` the bucket, or change ``events`` plus a reconciliation listing."""
     interval_s: Positive = 1.0
+    """listing: seconds between two listings of the bucket."""
     reconcile_interval_s: Positive = 60.0
+    """events: seconds between two reconciliation listings, which find what the events missed."""
     reconcile: Literal["full", "incremental"] = "full"
-    full_every: PositiveInt = 60  # incremental: every Nth reconciliation lists everything (prunes, forgets)
+    """``full`` lists the whole prefix; ``incremental`` lists each task directory from a checkpoint."""
+    full_every: PositiveInt = 60
+    """incremental: every Nth reconciliation lists everything (it alone prunes and forgets)."""
     events: EventsConfig = EventsConfig()
+    """The ``[scan.events]`` table."""
     page_size: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 1000
+    """Keys per listing page."""
     extensions: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+    """Only keys ending in one of these (any case) are images."""
     exclude_prefixes: tuple[str, ...] = ("alerts/", "results/")
+    """Keys below these prefixes (under ``store.prefix``) are never analysed; ``preview_*`` and hidden keys never
+    are either."""
 
 
 class DispatchConfig(msgspec.Struct, **_STRUCT):
     """The supervisor's bounded pending queue."""
 
     queue_capacity: PositiveInt = 10_000
+    """Images queued for the workers at most; the rest wait in the backlog."""
     overflow: Overflow = "block"
+    """A full queue: ``block`` keeps new images in the backlog; ``drop_oldest``/``drop_newest`` end one as
+    ``dropped_backlog``."""
     order: Literal["oldest_first", "newest_first"] = "oldest_first"
+    """Which queued images go first: ``oldest_first`` or ``newest_first`` (the freshest, when images expire
+    elsewhere)."""
 
 
 Protect = Literal["none", "inflight", "queued", "lease"]
@@ -125,14 +159,26 @@ class RetentionConfig(msgspec.Struct, **_STRUCT):
     """imgworker's own cleaner (enabled), and what it knows of a cleaner that is not its own."""
 
     enabled: bool = False
+    """Run imgworker's own cleaner (needs at least one of max_count, max_age_s, max_bytes)."""
     max_count: NonNegativeInt = 0
+    """Images kept per task directory, oldest deleted first (0: no limit)."""
     max_count_overrides: dict[str, NonNegativeInt] = {}
+    """Per task type or task directory, a max_count of its own: ``{ person = 500, "vehicle/cam-7" = 100 }``."""
     max_age_s: NonNegative = 0.0
+    """Images older than this are deleted (0: no limit)."""
     max_bytes: NonNegativeInt = 0
+    """Bytes kept below ``store.prefix``, oldest deleted first (0: no limit)."""
     protect: Protect = "lease"
+    """What a rule may delete: ``none``, ``inflight``, ``queued`` or ``lease`` (see "Retention without losing
+    images")."""
     batch_size: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 100
+    """Keys per batch delete request."""
     external_max_age_s: NonNegative = 0.0
+    """Images expire elsewhere after this age (S3 lifecycle, another program); queued ones that would expire first
+    are dropped (0: no such rule)."""
     external_max_count: NonNegativeInt = 0
+    """Another program keeps only the newest N per task directory; queued images it would delete first are dropped
+    (0: no such rule)."""
 
 
 class WorkerConfig(msgspec.Struct, **_STRUCT):
@@ -145,34 +191,62 @@ class WorkerConfig(msgspec.Struct, **_STRUCT):
     """
 
     count: Annotated[int, msgspec.Meta(ge=1, le=1024)] = 4
+    """Worker processes."""
     threads: Annotated[int, msgspec.Meta(ge=1, le=256)] = 1
+    """Lanes (threads) per worker process: images analysed at once = count x threads."""
     stat_check: bool = True
+    """Check that the image still exists (StatObject) before inference."""
     stat_timeout_s: Positive = 2.0
+    """Seconds a lane waits for one store answer (the existence check, presigning)."""
     presign_expiry_s: Annotated[int, msgspec.Meta(ge=1, le=604800)] = 900
+    """Lifetime of the presigned GET URL the algorithm service receives."""
     store_retry_budget_s: NonNegative = 30.0
+    """Seconds of store outage tolerated per image before it ends ``failed_store``."""
     max_attempts: PositiveInt = 3
+    """Worker deaths on one image before it ends ``failed_worker``."""
     max_tasks: NonNegativeInt = 0
+    """Recycle a worker process after this many images (0: never)."""
     max_memory_mb: NonNegativeInt = 0
-    item_deadline_s: NonNegative = 0.0  # 0: derived from the store and algorithm timeouts (Config.item_deadline_s)
+    """Recycle a worker process above this resident memory (0: never)."""
+    item_deadline_s: NonNegative = 0.0
+    """Seconds a worker may hold one image before it is killed, cause ``deadline`` (0: derived from the store and
+    algorithm timeouts and retries)."""
 
 
 class AlgoConfig(msgspec.Struct, **_STRUCT):
     """The HTTP algorithm service and how it is called."""
 
     endpoint: str = "http://127.0.0.1:8000/infer"
+    """The algorithm service's URL, used when ``endpoints`` is empty."""
     timeout_s: Positive = 60.0
+    """Seconds to wait for the service's answer to one call."""
     connect_timeout_s: Positive = 3.0
+    """Seconds to wait for a connection to the service."""
     retries: NonNegativeInt = 2
+    """Retries of a transient failure (5xx, 429, timeout, refused, malformed answer), each on another healthy
+    endpoint if there is one."""
     backoff_base_s: NonNegative = 0.2
+    """First backoff between retries; it doubles, jittered."""
     backoff_cap_s: NonNegative = 5.0
+    """Longest backoff between retries."""
     max_body_bytes: PositiveInt = 1 << 20
+    """Answers longer than this end ``failed_algo`` (``body_too_large``)."""
     algo_config: dict[str, Any] | None = None
+    """A table sent as ``algo_config`` with every request (unset: null)."""
     endpoints: tuple[str, ...] = ()
+    """Several services: each image goes to the healthy one with the fewest requests in flight."""
     routes: dict[str, tuple[str, ...]] = {}
+    """Per task type, its own endpoints: ``{ vehicle = ["http://gpu-3:8000/infer"] }``; other task types use
+    ``endpoints``."""
     max_in_flight_per_endpoint: NonNegativeInt = 0
+    """Requests in flight per endpoint at most (0: no limit)."""
     eject_after_failures: PositiveInt = 3
+    """Consecutive transient failures before an endpoint is ejected."""
     eject_cooldown_s: NonNegative = 10.0
+    """Seconds before an ejected endpoint is probed with one image."""
     no_endpoint_budget_s: NonNegative = 300.0
+    """Seconds images wait in the queue while no endpoint is healthy, before ``failed_algo``
+    (``no_healthy_endpoint``)."""
     trust_env: bool = False
     """Read proxy settings (HTTP(S)_PROXY, NO_PROXY), ~/.netrc and REQUESTS_CA_BUNDLE from the environment."""
     ca_bundle: str = ""
@@ -183,22 +257,34 @@ class ActionsConfig(msgspec.Struct, **_STRUCT):
     """Optional result actions, off by default; each failure is counted."""
 
     delete_no_detection: bool = False
+    """Delete images the service found nothing in."""
     copy_alerts: bool = False
+    """Copy images with detections below ``alerts_prefix``."""
     alerts_prefix: str = "alerts/"
+    """Where copy_alerts writes, below ``store.prefix``; it must be one of ``scan.exclude_prefixes``."""
     write_results: bool = False
+    """Write one JSON object per result below ``results_prefix``."""
     results_prefix: str = "results/"
+    """Where write_results writes, below ``store.prefix``; it must be one of ``scan.exclude_prefixes``."""
 
 
 class RunConfig(msgspec.Struct, **_STRUCT):
     """Where state and results go, and when a run ends."""
 
     state_dir: str = ".imgworker"
+    """Where state.json (processed set, queue), results.jsonl and the run lock are kept."""
     results_file: str = ""
+    """The results file, if not ``<state_dir>/results.jsonl``."""
     checkpoint_interval_s: Positive = 5.0
+    """Seconds between two checkpoints of the state."""
     duration_s: NonNegative = 0.0
+    """Stop after this many seconds (0: run until signalled); ``--duration``."""
     until_idle: bool = False
+    """Stop once nothing is left to analyse; ``--until-idle``."""
     grace_s: NonNegative = 30.0
+    """On SIGTERM, seconds in-flight images may take to finish before their workers are stopped."""
     progress_interval_s: Positive = 1.0
+    """Seconds between two progress updates."""
 
 
 class Config(msgspec.Struct, **_STRUCT):

@@ -30,17 +30,27 @@ class ExitCode(enum.IntEnum):
     """Process exit codes; each fatal cause has its own."""
 
     OK = 0
+    """The run ended (``--duration``, ``--until-idle``, a signal) and the algorithm service answered."""
     UNEXPECTED = 1
+    """An unexpected error (a bug), with its traceback on stderr."""
     CONFIG = 2
+    """Configuration: a bad value, file or flag, or an optional extra the command needs is not installed."""
     STORE_CREDENTIALS = 3
+    """The store refused the credentials at start."""
     STORE_BUCKET = 4
+    """The bucket does not exist."""
     STORE_UNREACHABLE = 5
+    """The store could not be reached at start."""
     STORE_TLS = 6
+    """TLS with the store failed at start (a plain-HTTP store with ``store.secure``, an unknown CA)."""
     STATE = 7
+    """The state file or the results file cannot be trusted: ``imgworker repair``."""
     LOCKED = 8
+    """Another run holds the state directory."""
     ALGO_UNAVAILABLE = 9
     """The run ended, but images failed for want of a healthy algorithm endpoint, or no call was answered."""
     INTERRUPTED = 130
+    """Interrupted (Ctrl-C) before a run took over its own stop handling."""
 
 
 class ImgworkerError(Exception):

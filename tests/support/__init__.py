@@ -6,4 +6,5 @@
 - ``memory``: a supervisor on in-memory parts.
 - ``results``: the far end counted: result lines per key, calls the algorithm service received.
 - ``store``: images put into the bucket.
+- ``tomldoc``: TOML shown to users (README blocks, the sample config) read against the config's defaults.
 """
