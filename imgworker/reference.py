@@ -202,12 +202,16 @@ def _restarts(unit_file: str) -> Callable[[int], bool]:
 # ----- the README ----------------------------------------------------------------------------------
 
 
+#: Each generated part of the README by its marker name, made from the README's directory.
+PARTS: dict[str, Callable[[str], str]] = {
+    "config-reference": lambda readme_dir: config_reference(),
+    "exit-codes": lambda readme_dir: exit_code_table(os.path.join(readme_dir, UNIT_FILE)),
+}
+
+
 def generated_parts(readme_dir: str) -> dict[str, str]:
     """Each generated part of the README, by its marker name."""
-    return {
-        "config-reference": config_reference(),
-        "exit-codes": exit_code_table(os.path.join(readme_dir, UNIT_FILE)),
-    }
+    return {name: make(readme_dir) for name, make in PARTS.items()}
 
 
 def _markers(name: str) -> tuple[str, str]:
@@ -217,7 +221,7 @@ def _markers(name: str) -> tuple[str, str]:
 def current_parts(readme: str) -> dict[str, str | None]:
     """The README's copy of each generated part (None where its markers are missing)."""
     found: dict[str, str | None] = {}
-    for name in ("config-reference", "exit-codes"):
+    for name in PARTS:
         begin, end = _markers(name)
         match = re.search(re.escape(begin) + r"\n(.*?)" + re.escape(end), readme, re.S)
         found[name] = match.group(1) if match else None
