@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import difflib
 import os
-import re
-import tomllib
+
 import msgspec
 import pytest
 
@@ -26,9 +26,10 @@ def test_readme_generated_part_is_what_the_code_says(part):
     expected = reference.PARTS[part](ROOT)
     current = reference.current_parts(_readme())[part]
     assert current is not None, f"README.md lost the markers of its {part}: run {reference.REGENERATE}"
-    assert current == expected, (
-        f"README.md's {part} differs from imgworker/config.py and imgworker/errors.py: run {reference.REGENERATE} "
-        "(from the repository root) and commit README.md")
+    diff = "\n".join(list(difflib.unified_diff(current.splitlines(), expected.splitlines(), "README.md",
+                                                 "generated", lineterm=""))[:30])
+    assert current == expected, (f"README.md's {part} is not what the code says: run {reference.REGENERATE} "
+                                 f"(from the repository root) and commit README.md\n{diff}")
 
 
 def test_every_key_of_every_section_is_in_the_reference():
@@ -42,7 +43,8 @@ def test_every_key_of_every_section_is_in_the_reference():
 
 def test_every_section_of_the_config_is_a_section_of_the_file():
     """The reference and the environment variables follow SECTIONS: a section missing there is missing in both."""
-    assert set(SECTIONS) == {f.name for f in msgspec.structs.fields(Config)} - {"credentials"}
+    sections = {f.name for f in msgspec.structs.fields(Config)} - {"credentials"}
+    assert set(SECTIONS) == sections, f"imgworker/config.py: SECTIONS must name every section of Config: {sections}"
 
 
 class _Half(msgspec.Struct, kw_only=True):
