@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import io
+import itertools
 import logging
 import random
 import time
@@ -54,10 +55,10 @@ def generated_frames(count: int, seed: int = 0, size: tuple[int, int] = (240, 32
 
 
 def frame_source(seed: int = 0) -> Iterator[bytes]:
+    """Frames drawn at random, endlessly; all are made here, so the first is not late (a busy host takes seconds)."""
     frames = photo_frames() + generated_frames(8, seed)
     rng = random.Random(seed)
-    while True:
-        yield rng.choice(frames)
+    return (rng.choice(frames) for _ in itertools.count())
 
 
 class Cameras:
