@@ -47,6 +47,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         package, extra = _EXTRA_OF.get((exc.name or "").partition(".")[0], ("", ""))
         if not extra:
             raise
+        extra = "bench" if args.command in ("scenario", "tune") else extra  # the extra that has all they need
         print(f"imgworker: error: {args.command} needs {package}, which the base install leaves out: "
               f"pip install 'imgworker[{extra}]'", file=sys.stderr)
         return int(ExitCode.CONFIG)

@@ -115,6 +115,7 @@ def test_run_and_every_server_module_work_without_any_optional_package():
     (["loadgen", "--rate", "1"], "numpy", "demo"),
     (["demo", "--duration", "1"], "aiohttp", "demo"),
     (["algo-serve"], "aiohttp", "demo"),
+    (["tune", "--plot", "tune.png"], "aiohttp", "bench"),
 ])
 def test_a_command_whose_extra_is_missing_names_the_extra(command, package, extra, tmp_path):
     done = _python(f"""
