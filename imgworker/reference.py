@@ -87,7 +87,7 @@ def _section(name: str, cls: type[msgspec.Struct]) -> str:
     docs = attribute_docs(cls)
     summary = _markdown((inspect.getdoc(cls) or "").split("\n\n")[0])
     env = "IMGWORKER_" + name.upper().replace(".", "_") + "_<KEY>"
-    lines = [f"#### `[{name}]`", "", f"{summary} Environment: `{env}`.", "",
+    lines = [f"### `[{name}]`", "", f"{summary} Environment: `{env}`.", "",
              "| key | default | allowed | meaning |", "|---|---|---|---|"]
     for field in msgspec.structs.fields(cls):
         if _is_table(field.type):

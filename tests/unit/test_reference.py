@@ -35,10 +35,10 @@ def test_readme_generated_part_is_what_the_code_says(part):
 def test_every_key_of_every_section_is_in_the_reference():
     text = reference.config_reference()
     for section, cls in reference.tables():
-        assert f"#### `[{section}]`" in text
+        assert f"### `[{section}]`" in text
         for field in msgspec.structs.fields(cls):
             if not isinstance(field.type, type) or not issubclass(field.type, msgspec.Struct):
-                assert f"| `{field.name}` |" in text.split(f"#### `[{section}]`")[1].split("####")[0]
+                assert f"| `{field.name}` |" in text.split(f"### `[{section}]`")[1].split("### ")[0]
 
 
 def test_every_section_of_the_config_is_a_section_of_the_file():
