@@ -27,9 +27,9 @@ from urllib.parse import unquote_plus
 
 from .outcomes import ImageRef
 
-#: Answers an ``AnswerMemo`` keeps (of up to 1,000 objects each, about 150 bytes per object):
+#: Answers an ``AnswerMemo`` keeps (of up to 1,000 objects each, about 250 bytes per object):
 #: buckets of up to about this many thousand objects are listed again without parsing.
-MEMO_PAGES = 200
+MEMO_PAGES = 100
 
 
 class MalformedListing(ValueError):

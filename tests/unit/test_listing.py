@@ -183,3 +183,25 @@ def test_a_malformed_answer_is_the_store_being_unavailable_not_a_crash(garbage_s
                   Credentials(access_key="k", secret_key="s"))
     with pytest.raises(StoreUnavailable, match="malformed listing"):
         list(store.list_pages("cam/", 1000))
+
+
+# ----- the filter the lister applies to every page ------------------------------------------------------
+
+KEYS = ["cam/person/t1/20240101-120000.123.jpg", "cam/person/t1/A.JPEG", "cam/x.jpg", "cam/a/x.jpg",
+        "cam/a/b/c/x.jpg", "cam//b/x.jpg", "cam/a//x.jpg", "cam/person/t1/meta.json", "cam/person/t1/preview_1.jpg",
+        "cam/person/.t1/a.jpg", "cam/.person/t1/a.jpg", "cam/person/t1/.a.jpg", "cam/alerts/p/t/a.jpg",
+        "cam/results/a.jpg", "cam/person/t1/", "cam/中文 类型/任务 1/a %+#.jpg", "cam/person/t1/a.b.c.png",
+        "other/person/t1/a.jpg", "cam", "cam/", "cam/p/t/preview_/x.jpg", "cam/p/t/x.jpg.json"]
+
+
+@pytest.mark.parametrize("prefix", ["cam/", "cam", ""])
+def test_select_images_keeps_what_is_image_keeps_with_parse_task_fields(prefix):
+    from imgworker.config import ScanConfig
+    from imgworker.scanner import is_image, parse_task, select_images
+
+    cfg = ScanConfig()
+    page = [ImageRef(key, size=n, mtime=float(n)) for n, key in enumerate(KEYS)]
+    expected = [ImageRef(r.key, *parse_task(r.key, prefix), size=r.size, mtime=r.mtime)
+                for r in page if is_image(r.key, prefix=prefix, cfg=cfg)]
+    assert select_images(page, prefix=prefix, cfg=cfg) == expected
+    assert len(expected) >= 5
