@@ -60,7 +60,8 @@ def with_minio(body: bytes) -> list[ImageRef]:
 
 
 def with_parse_page(body: bytes) -> list[ImageRef]:
-    return [ImageRef(key=o.key, size=o.size, mtime=o.mtime) for o in parse_page(body).objects if not o.key.endswith("/")]
+    objects = parse_page(body).objects
+    return [ImageRef(key=o.key, size=o.size, mtime=o.mtime) for o in objects if not o.key.endswith("/")]
 
 
 def us_per_object(run: Callable[[], object], objects: int, repeat: int) -> float:

@@ -138,7 +138,8 @@ class Store:
     ) -> Iterator[list[ImageRef]]:
         """Lazily list objects under prefix (after ``start_after``), one page of ImageRefs at a time.
 
-        ``max_keys`` is how many objects each request asks the store for; ``page_size`` how many go in each page yielded.
+        ``max_keys`` is how many objects each request asks the store for; ``page_size`` how many
+        go in each page yielded.
         """
         page: list[ImageRef] = []
         try:

@@ -11,8 +11,8 @@ ODD = ["a b.jpg", "plus+sign.jpg", "pct%20x.jpg", "amp&lt<gt>.jpg", "ünïcødé
 
 def minio_listing(store: Store, prefix: str, start_after: str = "") -> list[ImageRef]:
     objects = store._client.list_objects(store.bucket, prefix=prefix, recursive=True, start_after=start_after or None)
-    return [ImageRef(key=o.object_name or "", size=int(o.size or 0), mtime=o.last_modified.timestamp() if o.last_modified else 0.0)
-            for o in objects if not o.is_dir]
+    return [ImageRef(key=o.object_name or "", size=int(o.size or 0),
+                     mtime=o.last_modified.timestamp() if o.last_modified else 0.0) for o in objects if not o.is_dir]
 
 
 def ours(store: Store, prefix: str, start_after: str = "", *, page_size: int = 1000, max_keys: int = 1000):
@@ -20,7 +20,8 @@ def ours(store: Store, prefix: str, start_after: str = "", *, page_size: int = 1
 
 
 def test_odd_keys_over_many_pages_list_as_minio_lists_them(store: Store, prefix: str):
-    keys = [prefix + k for k in ODD] + [f"{prefix}person/cam{i % 3}/2024010{i % 9 + 1}-120000.{i:03d}.jpg" for i in range(14)]
+    frames = [f"{prefix}person/cam{i % 3}/2024010{i % 9 + 1}-120000.{i:03d}.jpg" for i in range(14)]
+    keys = [prefix + k for k in ODD] + frames
     for n, key in enumerate(keys):
         store.put(key, b"x" * n)
     expected = minio_listing(store, prefix)
