@@ -1,6 +1,6 @@
 """The lister process: lists the bucket page by page and filters it, off the supervisor's loop.
 
-Listing and XML parsing cost tens of milliseconds per 1,000 keys; done in the supervisor they
+Listing and XML parsing cost milliseconds per 1,000 keys (``listing``); done in the supervisor they
 would delay every dispatch and every reply behind them. The supervisor asks for a sweep; the
 lister sends filtered pages, then an end marker saying whether the listing was complete. The
 pipe gives back-pressure: while the supervisor does not read, the lister waits.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import re
 from collections.abc import Iterable
 
@@ -19,17 +20,22 @@ def relative_key(key: str, prefix: str) -> str:
 
 def is_image(key: str, *, prefix: str, cfg: ScanConfig) -> bool:
     """Images only: wanted extension, not excluded, no preview_*, no hidden path part."""
-    rel = relative_key(key, prefix)
-    if not rel or rel.endswith("/"):
+    return _is_image(relative_key(key, prefix), _lowered(tuple(cfg.extensions)), tuple(cfg.exclude_prefixes))
+
+
+def _is_image(rel: str, extensions: tuple[str, ...], excluded: tuple[str, ...]) -> bool:
+    """``is_image`` on the key below the prefix, with the extensions in lower case."""
+    if not rel or rel.endswith("/") or not rel.lower().endswith(extensions) or rel.startswith(excluded):
         return False
-    if not rel.lower().endswith(tuple(e.lower() for e in cfg.extensions)):
+    if rel.rpartition("/")[2].startswith("preview_"):
         return False
-    if any(rel.startswith(p) for p in cfg.exclude_prefixes):
-        return False
-    parts = rel.split("/")
-    if parts[-1].startswith("preview_"):
-        return False
-    return not any(part.startswith(".") for part in parts)
+    return not rel.startswith(".") and "/." not in rel  # no path part starts with a dot
+
+
+@functools.lru_cache(maxsize=8)
+def _lowered(extensions: tuple[str, ...]) -> tuple[str, ...]:
+    """The extensions in lower case, once per configuration rather than once per key."""
+    return tuple(e.lower() for e in extensions)
 
 
 def parse_task(key: str, prefix: str) -> tuple[str, str]:
@@ -54,10 +60,14 @@ def captured_at(key: str) -> float | None:
 
 
 def select_images(page: Iterable[ImageRef], *, prefix: str, cfg: ScanConfig) -> list[ImageRef]:
-    """Filter a listing page to images and fill in their task fields."""
+    """Filter a listing page to images and fill in their task fields (``is_image`` and ``parse_task`` per key)."""
+    extensions, excluded = _lowered(tuple(cfg.extensions)), tuple(cfg.exclude_prefixes)
     out = []
     for ref in page:
-        if is_image(ref.key, prefix=prefix, cfg=cfg):
-            task_type, task_id = parse_task(ref.key, prefix)
-            out.append(ImageRef(key=ref.key, task_type=task_type, task_id=task_id, size=ref.size, mtime=ref.mtime))
+        rel = relative_key(ref.key, prefix)
+        if _is_image(rel, extensions, excluded):
+            parts = rel.split("/")
+            if len(parts) != 3 or not parts[0] or not parts[1]:
+                parts = ["", ""]
+            out.append(ImageRef(ref.key, parts[0], parts[1], ref.size, ref.mtime))
     return out
