@@ -199,6 +199,8 @@ class RunConfig(msgspec.Struct, **_STRUCT):
     until_idle: bool = False
     grace_s: NonNegative = 30.0
     progress_interval_s: Positive = 1.0
+    progress_log_interval_s: Positive = 10.0
+    stall_after_s: Positive = 120.0
 
 
 class Config(msgspec.Struct, **_STRUCT):
