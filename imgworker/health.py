@@ -1,7 +1,8 @@
 """Whether a run is alive and making progress: the rule ``/healthz`` answers by.
 
+    the loop has not looked yet (the run is starting)                      -> 503 "starting"
     stopping (a stop was requested, the run drains)                       -> 503 "stopping"
-    the supervisor's loop has not looked for ``stall_after_s``            -> 503 "stalled" (loop)
+    the supervisor's loop has not looked for ``stall_after_s`` (10 s at least)  -> 503 "stalled" (loop)
     images wait (queue or backlog) and a lane is free (fewer images held
     than lanes), and no image got an outcome, all for ``stall_after_s``   -> 503 "stalled"
     nothing waits                                                          -> 200 "idle"
@@ -22,6 +23,8 @@ from .recorder import Snapshot
 
 #: How often the supervisor's loop looks at its figures for the health verdict.
 OBSERVE_EVERY_S = 1.0
+#: The least time without a look from the loop that counts as a stalled loop (a step may block a while).
+LOOP_PATIENCE_S = 10.0
 
 
 class Health:
@@ -62,9 +65,11 @@ class Health:
         now = self.clock()
         body: dict[str, Any] = {**self._figures, "since_last_outcome_s": round(now - self._progress_at, 1),
                                 "stall_after_s": self.stall_after_s}
+        if not self._figures:
+            return 503, {"status": "starting", **body}
         if self._stopping:
             return 503, {"status": "stopping", **body}
-        if now - self._seen_at >= self.stall_after_s:
+        if now - self._seen_at >= max(self.stall_after_s, LOOP_PATIENCE_S):
             return 503, {"status": "stalled", "reason": "the supervisor's loop stopped looking", **body}
         if self._stuck_since is not None and now - self._stuck_since >= self.stall_after_s:
             return 503, {"status": "stalled", "reason": "images wait, lanes are free, and none got an outcome", **body}
