@@ -329,3 +329,41 @@ def test_a_child_that_dies_mid_record_neither_wedges_the_relay_nor_loses_another
         assert relay.drain(10.0)  # still reading after both ends closed
     finally:
         logger.removeHandler(keep)
+
+
+def test_off_a_terminal_a_record_with_newlines_and_a_traceback_is_one_line(monkeypatch):
+    import io
+    import logging
+
+    from imgworker.logs import LogSettings, setup_logging
+
+    root = logging.getLogger()
+    before = (root.handlers[:], root.level)
+    stream = io.StringIO()  # not a terminal, like journald or a pipe
+    monkeypatch.setattr(sys, "stderr", stream)
+    try:
+        setup_logging(LogSettings(level="INFO"))
+        log = logging.getLogger("imgworker.test_one_line")
+        log.warning("a key with a newline: %s", "p/t/a\nb.jpg")
+        try:
+            raise ValueError("first line\nsecond line")
+        except ValueError:
+            log.exception("it failed")
+    finally:
+        root.handlers[:], _ = before
+        root.setLevel(before[1])
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 2 and all(RECORD.match(line) for line in lines), lines
+    assert "p/t/a\\nb.jpg" in lines[0]
+    assert "Traceback" in lines[1] and "ValueError: first line\\nsecond line" in lines[1]
+
+
+def test_top_on_a_terminal_without_rich_says_which_extra_to_install(tmp_path):
+    shadow = tmp_path / "no-rich" / "rich"
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text("raise ImportError('rich is not installed here')\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("IMGWORKER_", "AWS_"))}
+    env["PYTHONPATH"] = os.pathsep.join([str(shadow.parent), str(ROOT)])
+    code, screen = on_a_terminal(["top", f"127.0.0.1:{free_port()}"], env, patience_s=60)
+    assert code != 0, screen
+    assert "pip install 'imgworker[top]'" in screen and "Traceback" not in screen, screen
