@@ -7,6 +7,8 @@ run ends. SIGTERM and SIGINT are blocked in the supervisor while a child starts,
 lands between fork and the child's own set-up cannot kill it; the child inherits the blocked mask,
 sets the signals to ignored, then unblocks them. A child also gets SIGKILL if the supervisor dies
 (``PR_SET_PDEATHSIG``): nothing keeps calling the algorithm service for a supervisor that is gone.
+A child started with ``spawn`` never writes to the terminal: its log records go over its own log
+pipe to the supervisor's relay, which prints them (see ``logs``).
 """
 
 from __future__ import annotations

@@ -441,7 +441,11 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_top(args: argparse.Namespace) -> int:
+    from .errors import ConfigError
     from .top import run_top
+
+    if args.interval <= 0 or args.timeout <= 0:
+        raise ConfigError("--interval and --timeout: values must be positive seconds")
 
     return int(run_top(args.urls, interval_s=args.interval, once=args.once, timeout_s=args.timeout))
 
