@@ -446,7 +446,6 @@ def cmd_top(args: argparse.Namespace) -> int:
 
     if args.interval <= 0 or args.timeout <= 0:
         raise ConfigError("--interval and --timeout: values must be positive seconds")
-
     return int(run_top(args.urls, interval_s=args.interval, once=args.once, timeout_s=args.timeout))
 
 

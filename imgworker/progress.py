@@ -26,7 +26,7 @@ def progress_line(snapshot: Snapshot) -> str:
 
 
 class Progress:
-    """Redraws the status line every ``interval_s`` on a terminal; off one, a ``progress:`` log line every ``log_interval_s``.
+    """The status line every ``interval_s`` on a terminal; off one, a ``progress:`` log line every ``log_interval_s``.
 
     On a terminal the line goes through the console that log records use (one lock: clear, emit,
     redraw), so a record never lands in the middle of it. Off a terminal nothing is rewritten: each
