@@ -7,6 +7,8 @@ run ends. SIGTERM and SIGINT are blocked in the supervisor while a child starts,
 lands between fork and the child's own set-up cannot kill it; the child inherits the blocked mask,
 sets the signals to ignored, then unblocks them. A child also gets SIGKILL if the supervisor dies
 (``PR_SET_PDEATHSIG``): nothing keeps calling the algorithm service for a supervisor that is gone.
+A child started with ``spawn`` never writes to the terminal: its log records go over its own log
+pipe to the supervisor's relay, which prints them (see ``logs``).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from multiprocessing.connection import Connection, wait
 from multiprocessing.context import SpawnContext, SpawnProcess
 from typing import Any
 
-from .logs import LogSettings, setup_logging
+from .logs import LogSettings, relay, send_to_parent, setup_child_logging
 from .proctitle import set_title
 
 CTX: SpawnContext = multiprocessing.get_context("spawn")
@@ -43,7 +45,7 @@ def child_setup(role: str, log_settings: LogSettings | None) -> None:
     """First call in every child: title, logging, ignore stop signals, die with the supervisor."""
     set_title(role)
     if log_settings is not None:
-        setup_logging(log_settings)
+        setup_child_logging(log_settings, role)
     for sig in _STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
@@ -58,11 +60,29 @@ def die_with_parent(sig: int) -> None:
 
 
 def spawn(target: Callable[..., None], args: tuple[Any, ...], name: str) -> SpawnProcess:
-    """Start ``target(*args)`` in a spawned child, with stop signals blocked around the start."""
-    process = CTX.Process(target=target, args=args, name=name)
-    with signals_blocked():
-        process.start()
+    """Start ``target(*args)`` in a spawned child, with stop signals blocked around the start.
+
+    The child gets its own log pipe, read by this process's log relay (see ``logs``): its records
+    are printed by the supervisor, never written to the terminal by the child itself.
+    """
+    ours, theirs = CTX.Pipe(duplex=False)
+    process = CTX.Process(target=_child_main, args=(theirs, target, args), name=name)
+    try:
+        with signals_blocked():
+            process.start()
+    except BaseException:
+        ours.close()
+        raise
+    finally:
+        theirs.close()  # only the child holds the writing end: its death ends the pipe
+    relay().adopt(ours)
     return process
+
+
+def _child_main(log_conn: Connection, target: Callable[..., None], args: tuple[Any, ...]) -> None:
+    """Every child's entry point: its log records go to ``log_conn``, then ``target(*args)`` runs."""
+    send_to_parent(log_conn)
+    target(*args)
 
 
 def stop_processes(processes: Sequence[Any], deadline: float) -> None:

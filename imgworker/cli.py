@@ -136,6 +136,14 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("--json", action="store_true", help="print JSON instead of the table")
     report.set_defaults(func=cmd_report)
 
+    top = sub.add_parser("top", help="a live table of one or more running instances, from their /metrics")
+    top.add_argument("urls", nargs="+", metavar="URL",
+                     help="a /metrics address (http://host:port/metrics, or host:port); several: one row each")
+    top.add_argument("--interval", type=float, default=2.0, help="seconds between polls (default 2)")
+    top.add_argument("--once", action="store_true", help="print one table and exit")
+    top.add_argument("--timeout", type=float, default=2.0, help="seconds to wait for each endpoint (default 2)")
+    top.set_defaults(func=cmd_top)
+
     repair = sub.add_parser("repair", help="move corrupt results lines aside; the next run rebuilds its state")
     repair.add_argument("--state-dir", required=True, help="the run's state directory")
     repair.add_argument("--results", help="results file (default: STATE_DIR/results.jsonl)")
@@ -216,7 +224,7 @@ def _run_pipeline(cfg: Config, args: argparse.Namespace, **kwargs: Any) -> Repor
     from .supervisor import Supervisor
 
     supervisor = Supervisor(cfg, show_progress=not args.no_progress, **kwargs)
-    with _metrics(args, supervisor.snapshot):
+    with _metrics(args, supervisor.snapshot, supervisor.healthz):
         report = supervisor.run()
     print(format_report(report))
     if args.report_json:
@@ -226,15 +234,16 @@ def _run_pipeline(cfg: Config, args: argparse.Namespace, **kwargs: Any) -> Repor
 
 
 @contextlib.contextmanager
-def _metrics(args: argparse.Namespace, current: Callable[[], Snapshot | None]) -> Iterator[None]:
-    """Serve /metrics while the body runs, if --metrics-port was given."""
+def _metrics(args: argparse.Namespace, current: Callable[[], Snapshot | None],
+             health: Callable[[], tuple[int, dict[str, Any]]] | None = None) -> Iterator[None]:
+    """Serve /metrics (and /healthz) while the body runs, if --metrics-port was given."""
     if not args.metrics_port:
         yield
         return
     from .metrics import serve_metrics
 
     try:
-        server = serve_metrics(current, args.metrics_port, args.metrics_addr)
+        server = serve_metrics(current, args.metrics_port, args.metrics_addr, health)
     except OSError as exc:
         from .errors import ConfigError
 
@@ -292,9 +301,14 @@ def _start_cameras(args: argparse.Namespace, cfg: Config, creds: Credentials) ->
                IMGWORKER_STORE_ENDPOINT=cfg.store.endpoint, IMGWORKER_STORE_BUCKET=cfg.store.bucket)
     cmd = [sys.executable, "-m", "imgworker", "--log-level", "WARNING", "loadgen", "--rate", str(args.rate),
            "--duration", str(args.duration)]
+    from .logs import forward_output
     from .services.netutil import die_with_parent
 
-    return subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, preexec_fn=die_with_parent)
+    # its output goes through the console, like a log record: never into the status line
+    proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            preexec_fn=die_with_parent)
+    forward_output(proc, "imgworker.cameras")
+    return proc
 
 
 def cmd_store_serve(args: argparse.Namespace) -> int:
@@ -439,6 +453,15 @@ def cmd_report(args: argparse.Namespace) -> int:
     else:
         print(format_report(report))
     return int(ExitCode.OK)
+
+
+def cmd_top(args: argparse.Namespace) -> int:
+    from .errors import ConfigError
+    from .top import run_top
+
+    if args.interval <= 0 or args.timeout <= 0:
+        raise ConfigError("--interval and --timeout: values must be positive seconds")
+    return int(run_top(args.urls, interval_s=args.interval, once=args.once, timeout_s=args.timeout))
 
 
 def cmd_repair(args: argparse.Namespace) -> int:

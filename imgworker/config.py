@@ -285,6 +285,10 @@ class RunConfig(msgspec.Struct, **_STRUCT):
     """On SIGTERM, seconds in-flight images may take to finish before their workers are stopped."""
     progress_interval_s: Positive = 1.0
     """Seconds between two progress updates."""
+    progress_log_interval_s: Positive = 10.0
+    """When stderr is not a terminal, seconds between two plain ``progress:`` log lines."""
+    stall_after_s: Positive = 120.0
+    """``/healthz`` answers 503 ``stalled`` when images wait, a lane is free and no outcome came for this long."""
 
 
 class Config(msgspec.Struct, **_STRUCT):

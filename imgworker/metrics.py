@@ -2,15 +2,22 @@
 
 Workers report every outcome to the supervisor over their pipes, so the supervisor alone holds
 the figures and a plain collector reads them at scrape time: no multiprocess mode, no shared
-directory of per-process files.
+directory of per-process files. The same port answers ``/healthz`` (see ``health`` for the rule):
+200 with a short JSON body while the run is alive and making progress (or idle), 503 when it is
+stalled or stopping.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import json
+import socket
+import threading
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, make_server
 
-from prometheus_client import start_http_server
+from prometheus_client import make_wsgi_app
+from prometheus_client.exposition import ThreadingWSGIServer
 from prometheus_client.core import CollectorRegistry, CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.metrics_core import Metric
 
@@ -67,6 +74,7 @@ class SupervisorCollector:
         yield _gauge("imgworker_queue_depth", "Images waiting in the queue.", gauges.queue_depth)
         yield _gauge("imgworker_in_flight", "Images held by lanes.", gauges.in_flight)
         yield _gauge("imgworker_workers_alive", "Worker processes alive.", gauges.processes_alive)
+        yield _gauge("imgworker_lanes", "Images the run can work on at once (processes x lanes each).", report.lanes)
         yield _counter("imgworker_worker_restarts", "Workers replaced after an unexpected exit.", report.worker_restarts)
         yield _counter("imgworker_worker_respawn_backoffs",
                        "Worker processes that died before answering anything and were replaced after a backoff.",
@@ -91,6 +99,13 @@ class SupervisorCollector:
         yield _counter("imgworker_cleaner_protected", "Deletions skipped to protect queued or held images.",
                        c.skipped_protected)
         yield _counter("imgworker_cleaner_given_up", "Queued images given up so storage limits hold.", c.given_up)
+        yield _counter("imgworker_cleaner_passes_over_limit",
+                       "Cleaning passes that left storage over a retention limit (protected images kept).",
+                       c.passes_over_limit)
+        yield _gauge("imgworker_cleaner_peak_objects", "Most images left in the bucket after a cleaning pass.",
+                     c.peak_objects)
+        yield _gauge("imgworker_cleaner_peak_bytes", "Most bytes left in the bucket after a cleaning pass.",
+                     c.peak_bytes)
 
     @staticmethod
     def _endpoints(snapshot: Snapshot) -> Iterator[Metric]:
@@ -105,12 +120,42 @@ class SupervisorCollector:
         yield from (requests, failures, healthy)
 
 
-def serve_metrics(current: Callable[[], Snapshot | None], port: int, addr: str = "127.0.0.1") -> Any:
-    """Serve /metrics for the run whose ``Snapshot`` ``current()`` returns (None: no run yet), from a daemon thread.
+Health = Callable[[], tuple[int, dict[str, Any]]]
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (the base class's name)
+        """No access log on the terminal."""
+
+
+def metrics_app(registry: CollectorRegistry, health: Health | None) -> Callable[..., Iterable[bytes]]:
+    """``/healthz`` answered by ``health``; every other path is Prometheus's exposition."""
+    metrics = make_wsgi_app(registry)
+
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        if environ.get("PATH_INFO") != "/healthz" or health is None:
+            return metrics(environ, start_response)  # type: ignore[no-any-return]
+        code, body = health()
+        reason = "OK" if code == 200 else "Service Unavailable"
+        start_response(f"{code} {reason}", [("Content-Type", "application/json")])
+        return [json.dumps(body).encode() + b"\n"]
+
+    return app
+
+
+def serve_metrics(current: Callable[[], Snapshot | None], port: int, addr: str = "127.0.0.1",
+                  health: Health | None = None) -> Any:
+    """Serve /metrics for the run whose ``Snapshot`` ``current()`` returns (None: no run yet), and
+    /healthz from ``health()`` (status, JSON body), from a daemon thread.
 
     Returns the server; ``shutdown()`` and ``server_close()`` stop it.
     """
     registry = CollectorRegistry(auto_describe=False)
     registry.register(SupervisorCollector(current))
-    server, _thread = start_http_server(port, addr=addr, registry=registry)
+
+    class Server(ThreadingWSGIServer):
+        address_family = socket.AF_INET6 if ":" in addr else socket.AF_INET
+
+    server = make_server(addr, port, metrics_app(registry, health), Server, handler_class=_QuietHandler)
+    threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
     return server

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import logging
-import sys
 import time
 from collections.abc import Callable
 from typing import IO
 
+from .logs import Console, console
 from .recorder import Snapshot
 
 log = logging.getLogger(__name__)
@@ -26,16 +26,21 @@ def progress_line(snapshot: Snapshot) -> str:
 
 
 class Progress:
-    """Shows progress every ``interval_s`` on a TTY, every ten intervals as a log line otherwise."""
+    """The status line every ``interval_s`` on a terminal; off one, a ``progress:`` log line every ``log_interval_s``.
 
-    def __init__(self, interval_s: float, *, enabled: bool = True, stream: IO[str] | None = None) -> None:
-        self.stream = stream or sys.stderr
-        self.tty = self.stream.isatty()
-        self.interval_s = interval_s if self.tty else interval_s * 10
+    On a terminal the line goes through the console that log records use (one lock: clear, emit,
+    redraw), so a record never lands in the middle of it. Off a terminal nothing is rewritten: each
+    progress line is a plain log record, like any other one line.
+    """
+
+    def __init__(self, interval_s: float, *, log_interval_s: float | None = None, enabled: bool = True,
+                 stream: IO[str] | None = None) -> None:
+        self.console = Console(stream) if stream is not None else console()
+        self.tty = self.console.tty
+        self.interval_s = interval_s if self.tty else (log_interval_s or interval_s * 10)
         self.enabled = enabled
         self._start = time.monotonic()
         self._next = self._start + self.interval_s
-        self._shown = False
 
     def maybe_show(self, snapshot: Callable[[], Snapshot]) -> None:
         """Show a line if one is due; ``snapshot`` is only taken then."""
@@ -45,14 +50,9 @@ class Progress:
         self._next = now + self.interval_s
         line = progress_line(snapshot())
         if self.tty:
-            self.stream.write("\r\033[K" + line)
-            self.stream.flush()
-            self._shown = True
+            self.console.status(line)
         else:
             log.info("progress: %s", line)
 
     def close(self) -> None:
-        if self._shown:
-            self.stream.write("\n")
-            self.stream.flush()
-            self._shown = False
+        self.console.end_status()

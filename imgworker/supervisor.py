@@ -41,11 +41,12 @@ from .dispatch import Dispatch
 from .endpoints import EndpointPool
 from .inflight import Held, InFlight
 from .intake import EventSource, Intake, ListingSource, SweepEnd
+from .health import Health
 from .janitor import Janitor
 from .journal import ResultsJournal, RunLock
 from .ledger import Ledger, LocalBackend, Restored
 from .lister import InlineLister, Lister
-from .logs import current_settings
+from .logs import current_settings, drain_child_logs
 from .memstore import MemoryStore
 from .outcomes import ImageRef, Outcome, Result, WorkItem
 from .ports import ObjectStore, ProcessedSetBackend
@@ -136,7 +137,9 @@ class Supervisor:
         self.inflight = InFlight(cfg.item_deadline_s, clock)
         self.dispatch = Dispatch(cfg.dispatch, clock, is_held=self.inflight.is_held)
         self.endpoints = EndpointPool(cfg.algo, clock)
-        self.progress = Progress(cfg.run.progress_interval_s, enabled=show_progress)
+        self.progress = Progress(cfg.run.progress_interval_s, log_interval_s=cfg.run.progress_log_interval_s,
+                                 enabled=show_progress)
+        self.health = Health(cfg.run.stall_after_s, clock)
         self.lock = RunLock(cfg.run.state_dir)
         self.ledger = Ledger(os.path.join(cfg.run.state_dir, "state.json"), cfg.results_path, parts.ledger_backend)
         self.intake = Intake(cfg, ledger=self.ledger, dispatch=self.dispatch, make_lister=parts.make_lister,
@@ -234,6 +237,8 @@ class Supervisor:
         if self.journal is not None and not self.journal.closed:
             self._stage("writing state", self.checkpoint)
         self._stage("closing files", self._close_durable)
+        self._stage("looking at the figures", self._observe_health)
+        drain_child_logs()  # what the children logged before they left, before the report
         self.progress.close()
 
     def _stop_pool(self, grace_s: float) -> None:
@@ -305,6 +310,15 @@ class Supervisor:
         if self.clock() >= self._next_checkpoint:
             self.checkpoint()
         self.progress.maybe_show(self.snapshot)
+        if self.health.due():
+            self._observe_health()
+
+    def _observe_health(self) -> None:
+        self.health.observe(self.snapshot(), stopping=self.stopping.draining)
+
+    def healthz(self) -> tuple[int, dict[str, Any]]:
+        """What ``/healthz`` answers (see ``health``); safe to call from another thread."""
+        return self.health.verdict()
 
     def finished(self) -> bool:
         s = self.stopping

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -37,7 +38,7 @@ def test_no_secret_or_signature_in_logs_results_state_or_report(tmp_path, store_
     for path in (tmp_path / "s").iterdir():
         texts[path.name] = path.read_text()
     texts["report"] = (tmp_path / "r.json").read_text()
-    assert "DEBUG imgworker.worker: lane" in proc.stderr  # worker DEBUG logging really was on
+    assert re.search(r"DEBUG imgworker\.worker \[worker \d+\]: lane", proc.stderr)  # worker DEBUG logging was on
     assert "attempt 1: " in proc.stderr  # and the failure paths logged
     for name, text in texts.items():
         assert creds.secret_key not in text, name
