@@ -232,7 +232,7 @@ def _warn_unanswered_endpoints(cfg: Config) -> None:
     """The endpoint checks of ``imgworker check``, warned about loudly; the run starts anyway (the service
     may come up later: images wait up to algo.no_endpoint_budget_s for it)."""
     from .errors import StoreError
-    from .preflight import check_endpoints, failed, sample_image
+    from .preflight import START_CHECK_TIMEOUT_S, check_endpoints, failed, sample_image
     from .store import Store
 
     try:
@@ -242,7 +242,7 @@ def _warn_unanswered_endpoints(cfg: Config) -> None:
     listed, sample = sample_image(cfg, store)
     if not listed:
         return
-    for check in failed(check_endpoints(cfg, store, sample)):
+    for check in failed(check_endpoints(cfg, store, sample, timeout_s=START_CHECK_TIMEOUT_S)):
         log.warning("%s does not answer: %s. Starting anyway: images wait up to algo.no_endpoint_budget_s = %g s "
                     "for a healthy endpoint (`imgworker check` checks again)", check.what, check.detail,
                     cfg.algo.no_endpoint_budget_s)

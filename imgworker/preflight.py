@@ -22,8 +22,10 @@ from .outcomes import ImageRef
 from .ports import ObjectStore
 from .scanner import select_images
 
-#: The longest one endpoint check waits for its answer (the configured timeout, if shorter).
+#: The longest one endpoint check of ``imgworker check`` waits for its answer (the configured timeout, if shorter).
 CHECK_TIMEOUT_S = 15.0
+#: The same for the check ``run`` makes at start: it only warns, and it holds up the start.
+START_CHECK_TIMEOUT_S = 5.0
 CHECK_TASK_ID = "imgworker-check"
 
 
@@ -89,7 +91,8 @@ def targets(cfg: Config, sample: ImageRef | None) -> list[tuple[str, str]]:
     return list(dict.fromkeys(pairs))
 
 
-def check_endpoints(cfg: Config, store: ObjectStore | None, sample: ImageRef | None) -> list[Check]:
+def check_endpoints(cfg: Config, store: ObjectStore | None, sample: ImageRef | None, *,
+                    timeout_s: float = CHECK_TIMEOUT_S) -> list[Check]:
     """One request to each endpoint and route, at the same time; one Check each, in ``targets`` order."""
     url = ""
     if store is not None and sample is not None:
@@ -97,7 +100,7 @@ def check_endpoints(cfg: Config, store: ObjectStore | None, sample: ImageRef | N
             url = store.presign(sample.key, cfg.worker.presign_expiry_s)
         except StoreError:
             url = ""
-    timeout = min(cfg.algo.timeout_s, CHECK_TIMEOUT_S)
+    timeout = min(cfg.algo.timeout_s, timeout_s)
     client = AlgoClient(msgspec.structs.replace(cfg.algo, timeout_s=timeout))
     pairs = targets(cfg, sample)
     key = sample.key if url and sample is not None else ""
