@@ -68,6 +68,7 @@ def test_start_errors_are_one_clear_line(store_server, creds, extra_env, code, m
     assert message in proc.stderr
     assert "Traceback" not in proc.stderr
     assert proc.stderr.strip().count("\n") == 0
+    assert proc.stderr.count(message.split(" at ")[0]) == 1  # the message names its failure once
     assert "wrong-secret" not in proc.stderr and creds.secret_key not in proc.stderr
 
 
