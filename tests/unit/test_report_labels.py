@@ -43,3 +43,22 @@ def test_http_retries_are_counted_apart_from_re_dispatches():
     assert "| re-dispatches (process died, or waited for an endpoint) | 0 |" in text
     assert "| p50 / p95 / p99 inference | n/a |" in text and "| mean inference time | n/a |" in text
     assert "| p50 / p99 discovery (upload to dispatch) | n/a |" in text
+
+
+def test_the_share_of_time_lanes_waited_for_images_follows_the_queue(tmp_path):
+    import itertools
+
+    from imgworker.memstore import MemoryAlgo, MemoryStore
+    from tests.support.memory import config, fill, supervisor
+
+    shares = []
+    for n, count in [(2, 4), (60, 1)]:  # lanes to spare; a queue that never runs dry until the end
+        cfg = config(tmp_path / str(n), worker={"count": count})
+        store = MemoryStore()
+        fill(store, ["p/a"], n)
+        ticks = itertools.count()
+        report = supervisor(cfg, store, MemoryAlgo(store), clock=lambda: next(ticks) * 0.01).run()
+        assert report.conserved
+        shares.append(report.input_starved_share)
+    assert shares[0] is not None and shares[0] > 0.5
+    assert shares[1] is not None and shares[1] < 0.1

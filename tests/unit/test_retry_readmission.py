@@ -119,3 +119,20 @@ def test_a_readmission_line_cut_by_a_crash_readmits_the_lines_before_it(tmp_path
     readmitted = {r.key for r in found.selected[:2]}
     assert algo.calls == Counter({k: 2 if k in readmitted else 1 for k in keys})
     assert retry(cfg, store) == (2, [])  # running retry again takes the rest
+
+
+def test_readmitted_images_are_queued_at_start_without_waiting_for_a_listing(tmp_path):
+    from tests.support.driving import steps
+    from tests.support.memory import EVENTS, events_supervisor
+
+    cfg, store, algo, switch, keys = failed_run(tmp_path, n=4)
+    cfg = config(tmp_path, worker={"count": 1}, scan={"mode": "events", "events": EVENTS})
+    retry(cfg, store)
+    switch.healthy = True
+    second = events_supervisor(cfg, store, algo, [], intake_done=lambda: False)
+    with second.running():
+        second.intake.next_sweep = float("inf")  # no listing: only what the start queued
+        steps(second, 20)
+        assert second.intake.scans_completed == 0
+    assert after_readmission(cfg) == Counter({k: 1 for k in keys})
+    assert algo.calls == Counter({k: 2 for k in keys})
