@@ -136,3 +136,38 @@ def test_readmitted_images_are_queued_at_start_without_waiting_for_a_listing(tmp
         assert second.intake.scans_completed == 0
     assert after_readmission(cfg) == Counter({k: 1 for k in keys})
     assert algo.calls == Counter({k: 2 for k in keys})
+
+
+def test_a_readmission_after_a_crash_supersedes_the_lines_no_checkpoint_saved(tmp_path):
+    cfg = config(tmp_path, worker={"count": 1})
+    store = MemoryStore()
+    keys = fill(store, ["p/a"], 5)
+    switch = Switch()
+    algo = MemoryAlgo(store, fail=switch)
+    first = supervisor(cfg, store, algo)
+    first.start()
+    reach(first, lambda: len(outcomes(cfg)) == 5, "five failed")
+    crash(first)  # no checkpoint: the next start reads every line, the failures and then the re-admissions
+    assert retry(cfg, store) == (5, [])
+    switch.healthy = True
+    supervisor(cfg, store, algo).run()
+    assert algo.calls == Counter({k: 2 for k in keys})
+    assert after_readmission(cfg) == Counter({k: 1 for k in keys})
+
+
+def test_a_start_redoes_no_action_of_a_superseded_line(tmp_path):
+    from imgworker.journal import ResultsJournal
+    from imgworker.ledger import Ledger, LocalBackend
+    from imgworker.outcomes import Result
+
+    results = str(tmp_path / "results.jsonl")
+    journal = ResultsJournal(results)
+    journal.write(Result(key="k", outcome=Outcome.INFERRED, detections=1))
+    journal.write(Result(key="other", outcome=Outcome.INFERRED, detections=1))
+    journal.close()
+    readmit(results, [Result(key="k", outcome=Outcome.INFERRED)])
+    ledger = Ledger(str(tmp_path / "state.json"), results, LocalBackend())
+    restored = ledger.start()  # no checkpoint: every line's actions would be redone
+    assert [r.key for _, r in restored.redo] == ["other"]
+    assert (restored.pending, restored.readmitted) == (["k"], ["k"])
+    assert ledger.filter_new(["k", "other"]) == {"k"}
