@@ -522,8 +522,9 @@ def cmd_retry(args: argparse.Namespace) -> int:
     lock = RunLock(cfg.run.state_dir)
     try:
         lock.acquire()
-    except AlreadyRunning as exc:
-        holder = str(exc).split("(pid ", 1)[-1].split(")", 1)[0]
+    except AlreadyRunning:
+        with open(lock.path, errors="replace") as f:
+            holder = f.read(32).strip() or "unknown"
         raise AlreadyRunning(f"a run (pid {holder}) is using the state directory {cfg.run.state_dir}: stop it "
                              "before `imgworker retry` (a run reads re-admissions only when it starts)") from None
     try:
