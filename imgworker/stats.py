@@ -337,6 +337,8 @@ def format_report(report: Report) -> str:
     answered = report.inferences
     inference = _ms(report, "inference", report.p50_inference_ms, report.p95_inference_ms, report.p99_inference_ms)
     discovery = _ms(report, "discovery", report.p50_discovery_ms, report.p99_discovery_ms)
+    busy = (f"{report.analysed_per_busy_s:.2f} img/s analysed over {report.busy_s:.1f} s from the first image started"
+            " to the last outcome" if report.busy_s > 0 else "n/a (no image was started and finished)")
     lines = [
         "imgworker report",
         "",
@@ -354,8 +356,7 @@ def format_report(report: Report) -> str:
         f"| p50 / p95 / p99 inference | {inference} |",
         f"| p50 / p99 end to end | {_ms(report, 'end_to_end', report.p50_e2e_ms, report.p99_e2e_ms)} |",
         f"| p50 / p99 discovery (upload to dispatch) | {discovery} |",
-        f"| throughput while busy | {_rate(report.analysed_per_busy_s, report.busy_s)} analysed over"
-        f" {report.busy_s:.1f} s from the first image started to the last outcome |",
+        f"| throughput while busy | {busy} |",
         f"| throughput over the run | {_rate(report.analysed_per_s, report.wall_s)} analysed,"
         f" {_rate(report.throughput_per_s, report.wall_s)} outcomes (skips and drops included) over"
         f" {report.wall_s:.1f} s of wall time, {_lanes(report)} |",
