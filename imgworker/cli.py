@@ -189,7 +189,8 @@ def _add_synthetic_flags(p: argparse.ArgumentParser) -> None:
     for field in msgspec.structs.fields(SyntheticParams):
         kind = int if field.type is int else float
         p.add_argument(f"--{field.name.replace('_', '-')}", type=kind, default=field.default,
-                       help=f"synthetic backend: {_SYNTHETIC_HELP.get(field.name, field.name)} (default {field.default})")
+                       help=f"synthetic backend: {_SYNTHETIC_HELP.get(field.name, field.name)} "
+                       f"(default {field.default})")
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:

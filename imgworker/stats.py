@@ -385,7 +385,8 @@ def format_report(report: Report) -> str:
         lines.append(f"re-admitted, not analysed since (counted by their earlier outcome): {report.awaiting_retry:,}")
     lines.append(f"failure rate denominator: {report.failure_rate_denominator}")
     if report.false_errors:
-        lines.append("success=false errors: " + ", ".join(f"{text!r} x{n:,}" for text, n in report.false_errors.items()))
+        errors = ", ".join(f"{text!r} x{n:,}" for text, n in report.false_errors.items())
+        lines.append(f"success=false errors: {errors}")
     if report.cleaner:
         lines += ["", "cleaner: " + ", ".join(f"{k}={v:,}" for k, v in report.cleaner.items())]
     if report.no_healthy_endpoint:

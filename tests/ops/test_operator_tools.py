@@ -217,7 +217,8 @@ def test_a_bad_value_names_the_environment_variable_or_flag_it_came_from(tmp_pat
                            "number); it came from the environment variable IMGWORKER_WORKER_COUNT\n")
     proc = imgworker("run", "--threads", "0", env=offline_env(tmp_path), timeout=60)
     assert proc.returncode == 2
-    assert "worker.threads: value 0 is not allowed (a whole number >= 1); it came from the flag --threads" in proc.stderr
+    assert ("worker.threads: value 0 is not allowed (a whole number >= 1); it came from the flag --threads"
+            in proc.stderr)
 
 
 def test_unknown_keys_and_sections_get_the_nearest_valid_one(tmp_path):

@@ -32,7 +32,8 @@ def test_an_input_bound_run_says_its_throughput_is_the_arrival_rate():
     text = format_report(report_with(0.97, no_detection=2))
     assert "| input-bound | yes: lanes waited for images 97% of the time with the queue empty; the throughput is " \
            "the rate images arrived, not what the lanes can do" in text
-    assert "| input-bound | no: lanes waited for images 30% of the time |" in format_report(report_with(0.3, no_detection=2))
+    text = format_report(report_with(0.3, no_detection=2))
+    assert "| input-bound | no: lanes waited for images 30% of the time |" in text
 
 
 def test_http_retries_are_counted_apart_from_re_dispatches():
