@@ -199,8 +199,12 @@ def _startup_error(exc: BaseException, cfg: StoreConfig) -> StoreFatal:
         return err
     detail = str(err).removeprefix("store unreachable: ")  # the message names it once, with the endpoint
     hint = ""
-    if not cfg.secure and isinstance(_root(exc), (ConnectionResetError, http.client.RemoteDisconnected,
-                                                   urllib3.exceptions.ProtocolError)):
+    if not cfg.secure and "HTTPS server" in str(exc):  # Go's answer to plain HTTP on a TLS port (MinIO)
+        detail = "it serves HTTPS, and plain HTTP was sent"
+        hint = "; set store.secure = true (IMGWORKER_STORE_SECURE=true)"
+    elif not cfg.secure and (isinstance(_root(exc), (ConnectionResetError, http.client.RemoteDisconnected,
+                                                      urllib3.exceptions.ProtocolError))
+                             or isinstance(exc, S3Error) and exc.code == "BadRequest"):  # HEAD gets no body
         hint = "; if the store serves HTTPS there, set store.secure = true (IMGWORKER_STORE_SECURE=true)"
     return StoreFatal(f"store unreachable at {cfg.endpoint} ({detail}){hint}", ExitCode.STORE_UNREACHABLE)
 

@@ -110,7 +110,8 @@ def offline_env(tmp_path: Any, **extra: str) -> dict[str, str]:
     """Credentials and a state directory, and a store nobody listens at: these commands must not need it."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("IMGWORKER_", "AWS_"))}
     env.update(IMGWORKER_ACCESS_KEY="ak", IMGWORKER_SECRET_KEY="sk-not-shown", IMGWORKER_STORE_ENDPOINT="127.0.0.1:9",
-               IMGWORKER_RUN_STATE_DIR=str(tmp_path / "state"), **extra)
+               IMGWORKER_RUN_STATE_DIR=str(tmp_path / "state"))
+    env.update(extra)
     return env
 
 
@@ -314,3 +315,49 @@ def test_success_false_answers_keep_the_service_error_and_are_counted(make_confi
     assert "success=false errors: 'nothing detected' x4" in text
     assert report.input_starved_share is not None and 0.0 <= report.input_starved_share <= 1.0
     assert "figures of: this run:" in text
+
+
+@pytest.mark.parametrize("answer", ["go", "tls-close"])
+def test_plain_http_against_a_tls_store_gets_a_hint(tmp_path, answer):
+    """A TLS port answers plain HTTP as Go's server (MinIO) does, or by closing the failed handshake."""
+    import socket
+    import ssl
+    import threading
+
+    import trustme
+
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    trustme.CA().issue_cert("127.0.0.1").configure_cert(context)
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(8)
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            try:
+                if answer == "go":
+                    conn.recv(65536)
+                    conn.sendall(b"HTTP/1.0 400 Bad Request\r\nContent-Type: text/plain; charset=utf-8\r\n"
+                                 b"Connection: close\r\n\r\nClient sent an HTTP request to an HTTPS server.\n")
+                else:
+                    context.wrap_socket(conn, server_side=True)
+            except (OSError, ssl.SSLError):
+                pass
+            finally:
+                conn.close()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        env = offline_env(tmp_path, IMGWORKER_STORE_ENDPOINT=f"127.0.0.1:{server.getsockname()[1]}")
+        proc = imgworker("run", "--until-idle", "--no-progress", env=env, timeout=60)
+    finally:
+        server.close()
+        thread.join(5)
+    assert proc.returncode == 5
+    assert "set store.secure = true (IMGWORKER_STORE_SECURE=true)" in proc.stderr
+    assert proc.stderr.count("store unreachable") == 1 and proc.stderr.strip().count("\n") == 0
