@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 import time
 from typing import Any
 
@@ -40,12 +41,16 @@ class AlgoAnswer(msgspec.Struct, frozen=True):
     detections: int
     elapsed_ms: float
     inference_time_ms: float | None = None
+    error: str = ""
 
 
 _request_encoder = msgspec.json.Encoder()
 _response_decoder = msgspec.json.Decoder(AlgoResponse)
 _COUNT_FIELDS = ("total_count", "count", "num")
 _LIST_FIELDS = ("detections", "objects")
+_URL_QUERY = re.compile(r"(https?://[^\s?#\"']*)[?#][^\s\"']*")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]+")
+ERROR_TEXT_CHARS = 200
 MAX_DETECTIONS = 1_000_000
 """A count above this is a broken answer, not a busy image (it would also overflow msgpack)."""
 
@@ -85,6 +90,14 @@ def detection_count(result: Any) -> int:
     return 0
 
 
+def error_text(text: object) -> str:
+    """The service's ``error`` text as kept in a result: one line, no URL query (a presigned signature), short."""
+    if not isinstance(text, str):
+        return ""
+    line = _CONTROL.sub(" ", _URL_QUERY.sub(r"\1?…", text)).strip()
+    return line if len(line) <= ERROR_TEXT_CHARS else line[: ERROR_TEXT_CHARS - 1] + "…"
+
+
 def classify_status(status: int, body_head: bytes) -> None:
     """Raise the error a non-200 status means; return for 200."""
     if status == 200:
@@ -107,7 +120,8 @@ def decode_answer(body: bytes, elapsed_ms: float) -> AlgoAnswer:
         raise AlgoTransient("malformed", str(exc)[:120]) from None
     detections = detection_count(resp.result) if resp.success else 0
     return AlgoAnswer(
-        success=resp.success, detections=detections, elapsed_ms=elapsed_ms, inference_time_ms=resp.inference_time_ms
+        success=resp.success, detections=detections, elapsed_ms=elapsed_ms, inference_time_ms=resp.inference_time_ms,
+        error="" if resp.success else error_text(resp.error),
     )
 
 

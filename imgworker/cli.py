@@ -24,11 +24,13 @@ import msgspec
 from .config import Config, Credentials, load_config
 from .errors import ExitCode, ImgworkerError
 from .logs import LogSettings, setup_logging
+from .outcomes import Outcome
 from .stats import Report, format_report
 
 if TYPE_CHECKING:
     from .ledger import LedgerState
     from .recorder import Snapshot
+    from .retry import Selection
 
 log = logging.getLogger("imgworker")
 
@@ -63,8 +65,12 @@ _EXTRA_OF = {"aiohttp": ("aiohttp", "demo"), "yarl": ("aiohttp", "demo"), "numpy
 
 
 def _parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     parser = argparse.ArgumentParser(prog="imgworker", description="Image inference over an object store.")
-    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    parser.add_argument("--version", action="version", version=f"imgworker {__version__}")
+    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                        help="least severe log records shown (default INFO)")
     parser.add_argument("--log-json", action="store_true", help="log JSON lines instead of text")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -79,22 +85,24 @@ def _parser() -> argparse.ArgumentParser:
     _add_run_flags(demo)
     demo.add_argument("--duration", type=float, default=30.0, help="seconds the cameras upload (default 30)")
     demo.add_argument("--rate", type=float, default=6.0, help="images per second uploaded (default 6)")
-    demo.add_argument("--backend", choices=["face", "synthetic"], default="face")
+    demo.add_argument("--backend", choices=["face", "synthetic"], default="face",
+                      help="the algorithm service: a real face detector (default) or the synthetic one")
     demo.add_argument("--data-dir", default=".imgworker-demo", help="where the demo keeps store data and state")
     demo.add_argument("--scan-mode", choices=["events", "listing"], default="events",
                       help="find new images from the store's change events (default) or by listing it")
     demo.set_defaults(func=cmd_demo)
 
     store = sub.add_parser("store-serve", help="the embedded S3 store alone (SeaweedFS weed mini on 127.0.0.1)")
-    store.add_argument("--data-dir", default=".imgworker-store")
-    store.add_argument("--port", type=int, default=9000)
-    store.add_argument("--bucket", default="images")
+    store.add_argument("--data-dir", default=".imgworker-store", help="where the store keeps its data")
+    store.add_argument("--port", type=int, default=9000, help="S3 port (default 9000)")
+    store.add_argument("--bucket", default="images", help="bucket created at start (default images)")
     store.set_defaults(func=cmd_store_serve)
 
     algo = sub.add_parser("algo-serve", help="the reference algorithm service")
-    algo.add_argument("--backend", choices=["face", "synthetic"], default="synthetic")
-    algo.add_argument("--host", default="127.0.0.1")
-    algo.add_argument("--port", type=int, default=8000)
+    algo.add_argument("--backend", choices=["face", "synthetic"], default="synthetic",
+                      help="a real face detector or the synthetic model (default)")
+    algo.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    algo.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
     _add_synthetic_flags(algo)
     algo.set_defaults(func=cmd_algo_serve)
 
@@ -103,8 +111,8 @@ def _parser() -> argparse.ArgumentParser:
     loadgen.add_argument("--rate", type=float, required=True, help="images per second")
     loadgen.add_argument("--duration", type=float, default=0.0, help="seconds (default: until Ctrl-C)")
     loadgen.add_argument("--task-types", default="person,vehicle", help="comma-separated task types")
-    loadgen.add_argument("--tasks-per-type", type=int, default=2)
-    loadgen.add_argument("--seed", type=int, default=0)
+    loadgen.add_argument("--tasks-per-type", type=int, default=2, help="camera directories per task type")
+    loadgen.add_argument("--seed", type=int, default=0, help="random seed of the image contents")
     loadgen.set_defaults(func=cmd_loadgen)
 
     scenario = sub.add_parser("scenario", help="retention policies under the same load (time compressed)")
@@ -132,7 +140,7 @@ def _parser() -> argparse.ArgumentParser:
     tune.set_defaults(func=cmd_tune)
 
     report = sub.add_parser("report", help="recompute the report from a results file")
-    report.add_argument("results", help="results JSON-lines file")
+    report.add_argument("results", help="results JSON-lines file (STATE_DIR/results.jsonl, or run.results_file)")
     report.add_argument("--json", action="store_true", help="print JSON instead of the table")
     report.set_defaults(func=cmd_report)
 
@@ -144,6 +152,28 @@ def _parser() -> argparse.ArgumentParser:
     top.add_argument("--timeout", type=float, default=2.0, help="seconds to wait for each endpoint (default 2)")
     top.set_defaults(func=cmd_top)
 
+    retry = sub.add_parser("retry", help="re-admit images whose latest outcome matches; the next run analyses them",
+                           description="Re-admit images whose latest outcome matches (and whose object still "
+                           "exists): the next `imgworker run` analyses each once more, and its new outcome "
+                           "supersedes the old one. Refused while a run uses the state directory.")
+    retry.add_argument("--config", help="TOML configuration file (the run's store and run.state_dir)")
+    retry.add_argument("--state-dir", help="the run's state directory (default: run.state_dir)")
+    retry.add_argument("--outcome", required=True, action="append", choices=[o.value for o in Outcome],
+                       metavar="OUTCOME", help="re-admit images whose latest outcome is this (repeat for several; "
+                       "e.g. failed_algo)")
+    retry.add_argument("--cause", default="", help="only those whose cause is exactly this (e.g. http_500, "
+                       "no_healthy_endpoint, timeout)")
+    retry.add_argument("--since", help="only outcomes recorded since this time (2024-05-01T12:00, local time "
+                       "unless a zone is given) or this age (90s, 30m, 2h, 1d)")
+    retry.add_argument("--key-prefix", default="", help="only keys that start with this (e.g. cams/person/)")
+    retry.add_argument("--dry-run", action="store_true", help="say what would be re-admitted; change nothing")
+    retry.set_defaults(func=cmd_retry)
+
+    check = sub.add_parser("check", help="preflight: the store, the credentials, the bucket, every algorithm "
+                           "endpoint and route; exit 0 only if all answer")
+    check.add_argument("--config", help="TOML configuration file")
+    check.set_defaults(func=cmd_check)
+
     repair = sub.add_parser("repair", help="move corrupt results lines aside; the next run rebuilds its state")
     repair.add_argument("--state-dir", required=True, help="the run's state directory")
     repair.add_argument("--results", help="results file (default: STATE_DIR/results.jsonl)")
@@ -152,7 +182,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _add_metrics_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--metrics-port", type=int, default=0, help="serve Prometheus /metrics on this port")
+    p.add_argument("--metrics-port", type=int, default=0, help="serve Prometheus /metrics on this port (default: off)")
     p.add_argument("--metrics-addr", default="127.0.0.1", help="address for /metrics (default 127.0.0.1)")
 
 
@@ -165,12 +195,24 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no live progress line")
 
 
+_SYNTHETIC_HELP = {
+    "latency_ms": "mean latency in ms", "sigma": "lognormal sigma of the latency (0 = fixed)",
+    "error_rate": "share of calls answered HTTP 500", "timeout_rate": "share of calls that hang for --hang-s",
+    "malformed_rate": "share of calls answered with an HTML body", "false_rate": "share answered success=false",
+    "detection_rate": "share of images with detections", "hang_s": "how long a hanging call hangs",
+    "seed": "random seed", "trickle_s": "for paths containing 'trickle': seconds between bytes of the answer",
+    "count_override": "for paths containing 'huge': the count answered (-1: off)",
+}
+
+
 def _add_synthetic_flags(p: argparse.ArgumentParser) -> None:
     from .services.synthetic import SyntheticParams
 
     for field in msgspec.structs.fields(SyntheticParams):
         kind = int if field.type is int else float
-        p.add_argument(f"--{field.name.replace('_', '-')}", type=kind, default=field.default)
+        p.add_argument(f"--{field.name.replace('_', '-')}", type=kind, default=field.default,
+                       help=f"synthetic backend: {_SYNTHETIC_HELP.get(field.name, field.name)} "
+                       f"(default {field.default})")
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
@@ -191,11 +233,42 @@ def _overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
 # ----- commands ----------------------------------------------------------------------------
 
 
+#: The flag each override of ``_overrides`` came from, for error messages.
+_FLAG_OF = {"worker.count": "--workers", "worker.threads": "--threads", "run.state_dir": "--state-dir",
+            "run.duration_s": "--duration", "run.until_idle": "--until-idle"}
+
+
+def _load(args: argparse.Namespace) -> Config:
+    """The Config from --config, the environment and this command's flags (errors name the flag)."""
+    return load_config(path=getattr(args, "config", None), overrides=_overrides(args), flags=_FLAG_OF)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
-    cfg = load_config(path=args.config, overrides=_overrides(args))
+    cfg = _load(args)
     _require_credentials(cfg)
+    _warn_unanswered_endpoints(cfg)
     report = _run_pipeline(cfg, args)
     return int(run_exit_code(report))
+
+
+def _warn_unanswered_endpoints(cfg: Config) -> None:
+    """The endpoint checks of ``imgworker check``, warned about loudly; the run starts anyway (the service
+    may come up later: images wait up to algo.no_endpoint_budget_s for it)."""
+    from .errors import StoreError
+    from .preflight import START_CHECK_TIMEOUT_S, check_endpoints, failed, sample_image
+    from .store import Store
+
+    try:
+        store = Store(cfg.store, cfg.credentials)
+    except (StoreError, ValueError):
+        return  # the run's own store check says what is wrong, once
+    listed, sample = sample_image(cfg, store)
+    if not listed:
+        return
+    for check in failed(check_endpoints(cfg, store, sample, timeout_s=START_CHECK_TIMEOUT_S)):
+        log.warning("%s does not answer: %s. Starting anyway: images wait up to algo.no_endpoint_budget_s = %g s "
+                    "for a healthy endpoint (`imgworker check` checks again)", check.what, check.detail,
+                    cfg.algo.no_endpoint_budget_s)
 
 
 def run_exit_code(report: Report) -> ExitCode:
@@ -437,17 +510,23 @@ def _write(path: str | None, data: bytes) -> None:
             f.write(data)
 
 
+#: What ``imgworker report FILE`` covers (a run's own report covers that run only).
+FILE_SCOPE = ("every line of {path} (all runs that wrote it): each image once, by its latest outcome; rates over "
+              "the time from the first image started to the last outcome. Lanes, re-dispatches, worker restarts "
+              "and endpoint health are not in the file")
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from .errors import ConfigError
-    from .results import read_results
+    from .results import read_entries_at
     from .stats import stats_from_results
 
     if not os.path.isfile(args.results):
         raise ConfigError(f"results file {args.results} does not exist")
-    results = list(read_results(args.results))
-    stats = stats_from_results(results)
-    wall = (max(r.finished_at for r in results) - min(r.started_at or r.finished_at for r in results)) if results else 0
-    report = stats.report(pending=0, in_flight=0, wall_s=wall)
+    entries = [entry for _, entry in read_entries_at(args.results)]
+    stats = stats_from_results(entries)
+    report = stats.report(pending=0, in_flight=0, wall_s=stats.busy_s)
+    report = msgspec.structs.replace(report, scope=FILE_SCOPE.format(path=args.results))
     if args.json:
         print(msgspec.json.format(msgspec.json.encode(report)).decode())
     else:
@@ -462,6 +541,107 @@ def cmd_top(args: argparse.Namespace) -> int:
     if args.interval <= 0 or args.timeout <= 0:
         raise ConfigError("--interval and --timeout: values must be positive seconds")
     return int(run_top(args.urls, interval_s=args.interval, once=args.once, timeout_s=args.timeout))
+
+
+def cmd_retry(args: argparse.Namespace) -> int:
+    """Re-admit the images whose latest outcome matches (see retry.py): durable before it says so."""
+    from .errors import AlreadyRunning, ConfigError
+    from .journal import RunLock
+    from .retry import Selection, parse_since
+
+    cfg = _load(args)
+    _require_credentials(cfg)
+    selection = Selection(outcomes=tuple(Outcome(o) for o in dict.fromkeys(args.outcome)), cause=args.cause,
+                          since=parse_since(args.since, now=time.time()) if args.since else 0.0,
+                          key_prefix=args.key_prefix)
+    path = cfg.results_path
+    if not os.path.isfile(path):
+        raise ConfigError(f"no results file at {path}: no run has written outcomes with this run.state_dir "
+                          "(or run.results_file)")
+    lock = RunLock(cfg.run.state_dir)
+    try:
+        lock.acquire()
+    except AlreadyRunning:
+        with open(lock.path, errors="replace") as f:
+            holder = f.read(32).strip() or "unknown"
+        raise AlreadyRunning(f"a run (pid {holder}) is using the state directory {cfg.run.state_dir}: stop it "
+                             "before `imgworker retry` (a run reads re-admissions only when it starts)") from None
+    try:
+        _retry(cfg, selection, dry_run=args.dry_run)
+    finally:
+        lock.release()
+    return int(ExitCode.OK)
+
+
+def _retry(cfg: Config, selection: Selection, *, dry_run: bool) -> None:
+    from .errors import StoreError, StoreFatal
+    from .retry import find, readmit, still_stored
+    from .store import Store
+
+    found = find(cfg.results_path, selection)
+    what = _selection_text(selection)
+    if found.awaiting:
+        print(f"retry: {found.awaiting:,} images re-admitted earlier are still waiting for a run; not counted again")
+    if not found.selected:
+        print(f"retry: nothing to re-admit: no image's latest outcome is {what} in {cfg.results_path}")
+        return
+    store = Store(cfg.store, cfg.credentials)
+    store.check()
+    try:
+        present, gone = still_stored(found.selected, store.stat)
+    except StoreError as exc:
+        raise StoreFatal(f"the store failed while looking the images up ({exc}); nothing was re-admitted",
+                         ExitCode.STORE_UNREACHABLE) from None
+    print(f"retry: {len(found.selected):,} images whose latest outcome is {what}")
+    if gone:
+        shown = ", ".join(gone[:10]) + (f" and {len(gone) - 10:,} more" if len(gone) > 10 else "")
+        print(f"retry: {len(gone):,} not re-admitted: the object is gone from bucket {cfg.store.bucket!r}: {shown}")
+    if dry_run:
+        print(f"retry: --dry-run: {len(present):,} would be re-admitted; nothing was changed")
+        return
+    readmit(cfg.results_path, present)
+    print(f"retry: {len(present):,} re-admitted: the next `imgworker run` with this state directory analyses each "
+          "once more; its new outcome supersedes the old one")
+
+
+def _selection_text(selection: Selection) -> str:
+    from datetime import datetime
+
+    text = " or ".join(o.value for o in selection.outcomes)
+    if selection.cause:
+        text += f" with cause {selection.cause!r}"
+    if selection.since:
+        text += f", recorded since {datetime.fromtimestamp(selection.since).isoformat(timespec='seconds')}"
+    if selection.key_prefix:
+        text += f", key starting with {selection.key_prefix!r}"
+    return text
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    """One line per check; exit 0 only if every check passed, else the exit code of the first failure."""
+    from .preflight import check_endpoints, check_store, failed
+    from .store import Store
+
+    cfg = _load(args)
+    _require_credentials(cfg)
+    store = Store(cfg.store, cfg.credentials)
+    checks, sample = check_store(cfg, store)
+    store_ok = not failed(checks)
+    for check in checks:
+        print(check.line(), flush=True)
+    if store_ok:
+        endpoint_checks = check_endpoints(cfg, store, sample)
+    else:
+        endpoint_checks = check_endpoints(cfg, None, None)
+    for check in endpoint_checks:
+        print(check.line(), flush=True)
+    bad = failed(checks + endpoint_checks)
+    if not bad:
+        print(f"check: all {len(checks) + len(endpoint_checks)} checks passed")
+        return int(ExitCode.OK)
+    print(f"imgworker: error: {len(bad)} of {len(checks) + len(endpoint_checks)} checks failed: "
+          + "; ".join(c.what for c in bad), file=sys.stderr)
+    return int(bad[0].code)
 
 
 def cmd_repair(args: argparse.Namespace) -> int:

@@ -8,6 +8,7 @@ main file: they come from ``IMGWORKER_ACCESS_KEY``/``IMGWORKER_SECRET_KEY`` (or 
 
 from __future__ import annotations
 
+import difflib
 import logging
 import os
 import re
@@ -365,19 +366,47 @@ def load_config(
     path: str | None = None,
     env: Mapping[str, str] | None = None,
     overrides: Mapping[str, Mapping[str, Any]] | None = None,
+    flags: Mapping[str, str] | None = None,
 ) -> Config:
-    """Build the Config from file, environment and flag overrides, or raise ConfigError."""
+    """Build the Config from file, environment and flag overrides, or raise ConfigError.
+
+    ``flags`` names the command-line flag of each dotted override key, so an error can say where a
+    bad value came from (the file, an ``IMGWORKER_*`` variable, or a flag).
+    """
     env = os.environ if env is None else env
     written: dict[str, str] = {}  # a key set through an old alias -> the alias, for error messages
-    raw = _nest_aliases(_read_toml(path) if path else {}, written)
-    _merge(raw, _nest_aliases(env_overrides(env), written))
-    _merge(raw, _nest_aliases({k: dict(v) for k, v in (overrides or {}).items()}, written))
-    config = _convert(raw, written)
+    origins: dict[str, str] = {}  # dotted key -> where its value came from (the last layer that set it)
+    layer = _read_toml(path) if path else {}
+    _note_origins(origins, layer, lambda key: f"config file {path}")
+    raw = _nest_aliases(layer, written)
+    env_layer = env_overrides(env)
+    _note_origins(origins, env_layer, lambda key: f"environment variable {_env_name(key)}")
+    _merge(raw, _nest_aliases(env_layer, written))
+    flag_layer = {k: dict(v) for k, v in (overrides or {}).items()}
+    _note_origins(origins, flag_layer, lambda key: f"flag {flags[key]}" if flags and key in flags else "")
+    _merge(raw, _nest_aliases(flag_layer, written))
+    config = _convert(raw, written, origins)
     creds = load_credentials(env=env, credentials_file=config.store.credentials_file)
     if config.scan.mode == "events" and config.scan.events.source == "minio_webhook" and not creds.webhook_token:
         raise ConfigError(f"{written.get('scan.events.source', 'scan.events.source')} = 'minio_webhook' needs a "
                           "token: set IMGWORKER_WEBHOOK_TOKEN (the auth_token of MinIO's webhook target)")
     return msgspec.structs.replace(config, credentials=creds)
+
+
+def _note_origins(origins: dict[str, str], layer: Mapping[str, Any], where: Any, above: str = "") -> None:
+    """Record ``where(key)`` for each dotted key ``layer`` sets (a later layer overwrites an earlier one)."""
+    for name, value in layer.items():
+        key = f"{above}.{name}" if above else name
+        if isinstance(value, Mapping) and (not above or name in _subtables(above)):
+            origins.setdefault(key, where(key))  # the table itself, for an unknown key in it
+            _note_origins(origins, value, where, key)
+        else:
+            origins[key] = where(key)
+
+
+def _env_name(key: str) -> str:
+    """The ``IMGWORKER_*`` variable that sets a dotted key."""
+    return _ENV_PREFIX + key.replace(".", "_").upper()
 
 
 def _read_toml(path: str) -> dict[str, Any]:
@@ -487,7 +516,8 @@ def _env_value(key: str, value: str) -> Any:
     return value
 
 
-def _convert(raw: dict[str, Any], written: Mapping[str, str] | None = None) -> Config:
+def _convert(raw: dict[str, Any], written: Mapping[str, str] | None = None,
+             origins: Mapping[str, str] | None = None) -> Config:
     if "credentials" in raw:
         raise ConfigError("credentials are not read from the config: use the environment or store.credentials_file")
     for section in ("store",):
@@ -500,31 +530,55 @@ def _convert(raw: dict[str, Any], written: Mapping[str, str] | None = None) -> C
     try:
         config = msgspec.convert(raw, Config, strict=False)
     except msgspec.ValidationError as exc:
-        raise ConfigError(_explain(exc, raw, written or {})) from None
+        raise ConfigError(_explain(exc, raw, written or {}, origins or {})) from None
     _check_semantics(config, written or {})
     return config
 
 
 _PATH = re.compile(r"at `\$\.([\w.]+)`")
+_UNKNOWN = re.compile(r"Object contains unknown field `([^`]*)`")
+_EXPECTED = re.compile(r"Expected `(\w+)`(?:, got `\w+`)?")
+_KINDS = {"int": "a whole number", "float": "a number", "bool": "true or false", "str": "a string",
+          "array": "a list", "object": "a table"}
 
 
-def _explain(exc: msgspec.ValidationError, raw: dict[str, Any], written: Mapping[str, str]) -> str:
-    """Turn msgspec's message into one naming the key (as the user wrote it), the value and what is allowed."""
+def _explain(exc: msgspec.ValidationError, raw: dict[str, Any], written: Mapping[str, str],
+             origins: Mapping[str, str] | None = None) -> str:
+    """A message naming the key (as the user wrote it), where its value came from, the value and what is allowed."""
+    origins = origins or {}
     text = str(exc)
+    unknown = _UNKNOWN.match(text)
     match = _PATH.search(text)
+    if unknown:
+        return _unknown_key(unknown.group(1), match.group(1) if match else "", origins)
     if not match:
         return f"invalid config: {text}"
     key = match.group(1)
     value: Any = raw
     for part in key.split("."):
         value = value.get(part, "<missing>") if isinstance(value, dict) else "<missing>"
-    allowed = text[: match.start()].rstrip(" -")
-    if allowed.startswith("Object contains unknown field"):
-        return f"invalid config: {allowed} in [{key}]"
+    allowed = _EXPECTED.sub(lambda m: _KINDS.get(m.group(1), m.group(1)), text[: match.start()].rstrip(" -"))
     choices = _choices(key)
     if choices:
         allowed = "one of " + ", ".join(choices)
-    return f"invalid config key {written.get(key, key)}: value {value!r} is not allowed ({allowed})"
+    source = f"; it came from the {origins[key]}" if origins.get(key) else ""
+    return f"invalid config key {written.get(key, key)}: value {value!r} is not allowed ({allowed}){source}"
+
+
+def _unknown_key(name: str, table: str, origins: Mapping[str, str]) -> str:
+    """An unknown section or key: the nearest valid one, or the valid ones, and where it was written."""
+    key = f"{table}.{name}" if table else name
+    source = f" (from the {origins[key]})" if origins.get(key) else ""
+    if not table:
+        valid = list(SECTIONS)
+        near = difflib.get_close_matches(name, valid, n=1)
+        hint = f"did you mean [{near[0]}]? " if near else ""
+        return f"unknown config section [{name}]{source}: {hint}the sections are " + ", ".join(f"[{v}]" for v in valid)
+    kind = _field_type(table) if "." in table else SECTIONS.get(table)
+    valid = [f.name for f in msgspec.structs.fields(kind)] if isinstance(kind, type) else []
+    near = difflib.get_close_matches(name, valid, n=1)
+    hint = f"did you mean `{near[0]}`?" if near else "the keys of [" + table + "] are " + ", ".join(valid)
+    return f"unknown config key {key}{source} in [{table}]: {hint}"
 
 
 def _choices(key: str) -> tuple[str, ...]:

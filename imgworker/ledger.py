@@ -57,7 +57,7 @@ from .janitor import OwedAction
 from .outcomes import IntakePosition, Result
 from .ports import ProcessedSet as ProcessedSetPort
 from .ports import ProcessedSetBackend
-from .results import read_results_at
+from .results import Retried, read_entries_at, read_results_at
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -432,7 +432,9 @@ class Restored(msgspec.Struct):
     """What a restore found: unfinished keys, results whose actions are redone, actions owed by the last run.
 
     ``redo`` holds the results from the checkpoint's watermark ``offset`` on, each with its own offset;
-    ``owed`` the actions given up before it, each with the result line it belongs to.
+    ``owed`` the actions given up before it, each with the result line it belongs to. ``readmitted``:
+    keys ``imgworker retry`` re-admitted since the last checkpoint that have no result since (they are
+    also in ``pending``).
     """
 
     pending: list[str]
@@ -440,6 +442,7 @@ class Restored(msgspec.Struct):
     offset: int
     intake: IntakePosition = IntakePosition()
     owed: list[tuple[OwedAction, Result]] = []
+    readmitted: list[str] = []
 
 
 class Ledger:
@@ -476,19 +479,34 @@ class Ledger:
             )
         redo: list[tuple[int, Result]] = []
         keys: list[str] = []
-        for offset, result in read_results_at(self.results_path, offset=min(state.results_offset,
-                                                                               state.actions_from)) if size else ():
+        readmitted: dict[str, None] = {}
+        marked: dict[str, int] = {}  # key -> offset of its last re-admission line
+        start = min(state.results_offset, state.actions_from)
+        for offset, entry in read_entries_at(self.results_path, offset=start) if size else ():
+            if isinstance(entry, Retried):
+                if offset >= state.results_offset:  # before it, the key log has its prune
+                    if keys:  # in file order: a result before the re-admission is superseded
+                        self._set.add_many(keys)
+                    keys = []
+                    self._set.discard_many([entry.retried])
+                    readmitted[entry.retried] = None
+                marked[entry.retried] = offset
+                continue
             if offset >= state.results_offset:  # before it, the key log has the key (or its prune)
-                keys.append(result.key)
+                keys.append(entry.key)
+                readmitted.pop(entry.key, None)
             if len(keys) == 1000:
                 self._set.add_many(keys)
                 keys = []
             if offset >= state.actions_from:
-                redo.append((offset, result))
+                redo.append((offset, entry))
         if keys:
             self._set.add_many(keys)
-        restored = Restored(pending=state.pending, redo=redo, offset=state.actions_from, intake=state.intake,
-                            owed=self._read_owed(state.owed, before=state.actions_from))
+        redo = [(o, r) for o, r in redo if o > marked.get(r.key, -1)]  # a superseded line's actions are not redone
+        waiting = set(state.pending)
+        pending = state.pending + [k for k in readmitted if k not in waiting]
+        restored = Restored(pending=pending, redo=redo, offset=state.actions_from, intake=state.intake,
+                            owed=self._read_owed(state.owed, before=state.actions_from), readmitted=list(readmitted))
         return restored, state
 
     def _read_owed(self, owed: list[OwedAction], *, before: int) -> list[tuple[OwedAction, Result]]:

@@ -88,6 +88,7 @@ class Result(msgspec.Struct, frozen=True, omit_defaults=True):
     attempt: int = 1
     algo_calls: int = 0
     cause: str = ""
+    error: str = ""  # the service's own ``error`` text of a ``success=false`` answer (sanitized, at most 200 chars)
     endpoint: str = ""
     action_errors: tuple[str, ...] = ()
     started_at: float = 0.0

@@ -34,6 +34,10 @@ from .stats import HistogramFigures, Report, Stats
 
 Exited = Literal["deadline_kill", "recycled", "restarted"]
 
+#: What a run's own report covers (``imgworker report FILE`` covers the whole file instead).
+LIVE_SCOPE = ("this run: images it took in, each by the outcome it gave them; rates over the run's wall time "
+              "(start-up, waiting for images and the stop included)")
+
 
 class WaitingImages(Protocol):
     """Where images wait before a lane takes them: the queue and the backlog."""
@@ -123,6 +127,16 @@ class Recorder:
         """An image goes back to the queue after its process died (or it waits for an endpoint)."""
         self.stats.retries += 1
 
+    def readmitted(self, images: int) -> None:
+        """Images ``imgworker retry`` re-admitted are queued again (their earlier outcome is superseded)."""
+        self.stats.readmitted += images
+
+    def sampled(self, elapsed_s: float, *, starved: bool) -> None:
+        """``elapsed_s`` of the run passed with lanes idle for want of images (``starved``) or not."""
+        self.stats.observed_s += elapsed_s
+        if starved:
+            self.stats.starved_s += elapsed_s
+
     def process_exited(self, how: Exited, *, backed_off: bool = False) -> None:
         if how == "deadline_kill":
             self.stats.deadline_kills += 1
@@ -149,7 +163,7 @@ class Recorder:
 
     def snapshot(self, gauges: Gauges, *, wall_s: float, endpoints: dict[str, dict[str, int]]) -> Snapshot:
         report = self.stats.report(pending=gauges.queue_depth, in_flight=gauges.in_flight, wall_s=wall_s)
-        extra: dict[str, object] = {"endpoints": endpoints}
+        extra: dict[str, object] = {"endpoints": endpoints, "scope": LIVE_SCOPE}
         if self.cfg.retention.enabled:
             extra["cleaner"] = msgspec.structs.asdict(self.cleaner)
         return Snapshot(report=msgspec.structs.replace(report, **extra), gauges=gauges,

@@ -1,7 +1,12 @@
-"""The append-only results file: one msgspec JSON line per terminal outcome.
+"""The append-only results file: one msgspec JSON line per terminal outcome, and the re-admissions.
 
 A corrupt complete line is a StateError when read (``imgworker repair`` moves it aside); an
 incomplete last line is a crash mid-write and is not a result.
+
+``imgworker retry`` appends a ``Retried`` line (``{"retried": KEY, ...}``) for each image it
+re-admits. It is not an outcome: it says that the key's earlier lines are superseded, so a start
+takes the key out of the processed set and queues it, and the image's next result line becomes
+its one latest outcome. ``read_results`` yields only the results; ``read_entries_at`` yields both.
 """
 
 from __future__ import annotations
@@ -15,7 +20,29 @@ from .errors import StateError
 from .files import write_atomic
 from .outcomes import Result
 
+
+class Retried(msgspec.Struct, frozen=True, omit_defaults=True):
+    """A line that re-admits an image: its latest outcome (``was``, ``cause``) is analysed again."""
+
+    retried: str
+    was: str = ""
+    cause: str = ""
+    at: float = 0.0
+
+
 _decoder = msgspec.json.Decoder(Result)
+_retried_decoder = msgspec.json.Decoder(Retried)
+_RETRIED_START = b'{"retried":'
+
+
+def _decode(line: bytes) -> Result | Retried:
+    """A result line, or a re-admission line; DecodeError if it is neither."""
+    try:
+        return _decoder.decode(line)
+    except msgspec.DecodeError:
+        if not line.startswith(_RETRIED_START):
+            raise
+        return _retried_decoder.decode(line)
 
 
 def truncate_partial_line(path: str) -> None:
@@ -47,6 +74,13 @@ def read_results(path: str, *, offset: int = 0) -> Iterator[Result]:
 
 def read_results_at(path: str, *, offset: int = 0) -> Iterator[tuple[int, Result]]:
     """Like ``read_results``, with the byte offset each line starts at."""
+    for position, entry in read_entries_at(path, offset=offset):
+        if isinstance(entry, Result):
+            yield position, entry
+
+
+def read_entries_at(path: str, *, offset: int = 0) -> Iterator[tuple[int, Result | Retried]]:
+    """Every complete line from ``offset``, results and re-admissions, with the byte offset it starts at."""
     position = offset
     with open(path, "rb") as f:
         f.seek(offset)
@@ -54,14 +88,17 @@ def read_results_at(path: str, *, offset: int = 0) -> Iterator[tuple[int, Result
             if not line.endswith(b"\n"):
                 return
             try:
-                yield position, _decoder.decode(line)
+                yield position, _decode(line)
             except msgspec.DecodeError as exc:
                 raise StateError(_corrupt_message(path, number, offset, position, exc)) from None
             position += len(line)
 
 
 def _corrupt_message(path: str, number: int, start: int, position: int, exc: msgspec.DecodeError) -> str:
-    """What is wrong, where, and the command that moves corrupt lines aside."""
+    """What is wrong, where, and the command that moves corrupt lines aside (only for a results file)."""
+    if not _has_results(path):
+        return (f"{path} is not an imgworker results file (no line of it is a result: {str(exc)[:120]}); "
+                "give the results file of a run (STATE_DIR/results.jsonl, or run.results_file)")
     directory, name = os.path.split(os.path.abspath(path))
     fix = f"--state-dir {directory}" if name == "results.jsonl" else f"--state-dir DIR --results {path}"
     if start:
@@ -72,6 +109,17 @@ def _corrupt_message(path: str, number: int, start: int, position: int, exc: msg
         f"results file {path}: {where} is corrupt ({str(exc)[:120]}); "
         f"run `imgworker repair {fix}` to move corrupt lines to {path}.corrupt"
     )
+
+
+def _has_results(path: str, lines: int = 1000) -> bool:
+    """Whether any of the first ``lines`` complete lines of ``path`` is a result or a re-admission."""
+    with open(path, "rb") as f:
+        for number, line in enumerate(f):
+            if number >= lines:
+                return False
+            if _is_result(line):
+                return True
+    return False
 
 
 def repair_results(path: str) -> tuple[int, int]:
@@ -109,7 +157,7 @@ def _is_result(line: bytes) -> bool:
     if not line.endswith(b"\n"):
         return False
     try:
-        _decoder.decode(line)
+        _decode(line)
     except msgspec.DecodeError:
         return False
     return True

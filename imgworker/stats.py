@@ -9,6 +9,12 @@ import msgspec
 
 from .endpoints import display_url
 from .outcomes import Outcome, Result
+from .results import Retried
+
+#: A run whose lanes waited for images (queue empty, a lane idle) this share of its time was input-bound.
+INPUT_BOUND_SHARE = 0.9
+#: How many distinct ``error`` texts of ``success=false`` answers a report keeps.
+_FALSE_ERRORS_KEPT = 5
 
 
 #: The latency buckets figures are given at (``/metrics`` histograms), in seconds.
@@ -121,6 +127,24 @@ class Report(msgspec.Struct, frozen=True):
     """Images that ended ``failed_algo`` because no algorithm endpoint was healthy within their budget."""
     respawn_backoffs: int = 0
     """Worker processes that died before answering anything and were replaced after a backoff."""
+    http_retries: int = 0
+    """Algorithm calls beyond the first for an image (the worker's own retries); ``retries`` counts
+    images dispatched again (their process died, or they waited for an endpoint)."""
+    readmitted: int = 0
+    """Images ``imgworker retry`` re-admitted: in a run, those it analyses again; from a file, the
+    re-admission lines."""
+    awaiting_retry: int = 0
+    """From a file: images re-admitted and not analysed since (counted by their earlier outcome)."""
+    answered_false: int = 0
+    """Answers with ``success=false``: counted as ``no_detection``, as the original system counts them."""
+    false_errors: dict[str, int] = {}
+    """The service's ``error`` texts of those answers (the most frequent few), with their counts."""
+    input_starved_share: float | None = None
+    """Share of the run's time its lanes waited for images with the queue empty (None: not known)."""
+    samples: dict[str, int] = {}
+    """How many values each latency figure is over (``inference``, ``end_to_end``, ``discovery``)."""
+    scope: str = ""
+    """What the figures cover: this run (live) or every line of a results file."""
 
 
 class Stats:
@@ -145,11 +169,24 @@ class Stats:
         self.first_at = 0.0  # epoch seconds: the earliest start (or end) of an outcome recorded
         self.last_at = 0.0  # epoch seconds: the latest end of an outcome recorded
         self.no_healthy_endpoint = 0
+        self.http_retries = 0
+        self.readmitted = 0
+        self.awaiting_retry = 0
+        self.answered_false = 0
+        self.false_errors: dict[str, int] = {}
+        self.starved_s = 0.0
+        self.observed_s = 0.0
 
     def record(self, result: Result) -> None:
         self.counts[result.outcome] += 1
         if result.cause == "no_healthy_endpoint":
             self.no_healthy_endpoint += 1
+        self.http_retries += max(0, result.algo_calls - 1)
+        if result.cause == "success_false":
+            self.answered_false += 1
+            text = result.error or "(no error text)"
+            if text in self.false_errors or len(self.false_errors) < 100:  # bounded: a few texts are shown
+                self.false_errors[text] = self.false_errors.get(text, 0) + 1
         if result.algo_ms is not None and result.outcome.is_success:
             self.algo_ms.add(result.algo_ms)
         if result.e2e_ms is not None and result.outcome.reached_algo:
@@ -221,21 +258,43 @@ class Stats:
             action_errors=dict(self.action_errors),
             duplicates=self.duplicates,
             no_healthy_endpoint=self.no_healthy_endpoint,
+            http_retries=self.http_retries,
+            readmitted=self.readmitted,
+            awaiting_retry=self.awaiting_retry,
+            answered_false=self.answered_false,
+            false_errors=dict(sorted(self.false_errors.items(), key=lambda kv: -kv[1])[:_FALSE_ERRORS_KEPT]),
+            input_starved_share=round(self.starved_s / self.observed_s, 3) if self.observed_s > 0 else None,
+            samples={"inference": self.algo_ms.count, "end_to_end": self.e2e_ms.count,
+                     "discovery": self.discovery_ms.count},
         )
 
 
-def stats_from_results(results: Iterable[Result], lanes: int = 0) -> Stats:
-    """Rebuild totals from result records: scanned is the distinct keys, every line an outcome.
+def stats_from_results(results: Iterable[Result | Retried], lanes: int = 0) -> Stats:
+    """Rebuild totals from a results file's lines: each image once, by its latest outcome.
 
-    A key with more than one line counts in ``duplicates``, and the report is then not conserved.
+    A re-admission line (``imgworker retry``) supersedes the image's earlier lines; an image
+    re-admitted and not analysed since counts by its earlier outcome, in ``awaiting_retry``. A key
+    with more than one result line not separated by a re-admission counts in ``duplicates``, and
+    the report is then not conserved.
     """
     stats = Stats(lanes)
-    lines: dict[str, int] = {}
-    for result in results:
-        lines[result.key] = lines.get(result.key, 0) + 1
+    latest: dict[str, Result] = {}
+    lines: dict[str, int] = {}  # result lines since the key's last re-admission
+    awaiting: set[str] = set()
+    for entry in results:
+        if isinstance(entry, Retried):
+            stats.readmitted += 1
+            lines[entry.retried] = 0
+            awaiting.add(entry.retried)
+            continue
+        latest[entry.key] = entry
+        lines[entry.key] = lines.get(entry.key, 0) + 1
+        awaiting.discard(entry.key)
+    for result in latest.values():
         stats.record(result)
-    stats.scanned = len(lines)
+    stats.scanned = len(latest)
     stats.duplicates = sum(1 for n in lines.values() if n > 1)
+    stats.awaiting_retry = len(awaiting & latest.keys())
     return stats
 
 
@@ -252,53 +311,96 @@ def _ratio(numerator: int, denominator: int) -> float:
     return round(numerator / denominator, 6) if denominator else 0.0
 
 
+def _ms(report: Report, figure: str, *values: float) -> str:
+    """Latency values in ms, or "n/a" when the figure is over no value at all."""
+    if report.samples and not report.samples.get(figure):
+        return "n/a"
+    return " / ".join(f"{v:.1f}" for v in values) + " ms"
+
+
+def _pct(numerator: int, denominator: int) -> str:
+    return f"{numerator / denominator:.2%}" if denominator else "n/a"
+
+
+def _input_bound(report: Report) -> str:
+    share = report.input_starved_share
+    if share is None:
+        return "n/a (not in a results file)"
+    if share >= INPUT_BOUND_SHARE:
+        return (f"yes: lanes waited for images {share:.0%} of the time with the queue empty; the throughput is "
+                "the rate images arrived, not what the lanes can do (`imgworker tune` measures that)")
+    return f"no: lanes waited for images {share:.0%} of the time"
+
+
 def format_report(report: Report) -> str:
-    """The human report: the original report's table, then the outcome breakdown."""
+    """The human report: the figures, then the outcome breakdown."""
+    answered = report.inferences
+    inference = _ms(report, "inference", report.p50_inference_ms, report.p95_inference_ms, report.p99_inference_ms)
+    discovery = _ms(report, "discovery", report.p50_discovery_ms, report.p99_discovery_ms)
+    busy = (f"{report.analysed_per_busy_s:.2f} img/s analysed over {report.busy_s:.1f} s from the first image started"
+            " to the last outcome" if report.busy_s > 0 else "n/a (no image was started and finished)")
     lines = [
         "imgworker report",
+        "",
+        f"figures of: {report.scope}" if report.scope else "",
         "",
         "| figure | value |",
         "|---|---|",
         f"| images scanned | {report.scanned:,} |",
-        f"| inferences (answered) | {report.inferences:,} |",
+        f"| analysed (inferred + no_detection) | {answered:,} |",
         f"| failures (failed_*) | {report.failures:,} |",
-        f"| failure rate | {report.failure_rate:.2%} of {report.attempted:,} attempted |",
-        f"| failure rate per success (the old way) | {report.failure_rate_per_success:.2%} |",
-        f"| success rate | {report.success_rate:.2%} |",
-        f"| mean inference time | {report.avg_inference_ms:.2f} ms |",
-        f"| p50 / p95 / p99 inference | {report.p50_inference_ms:.1f} / {report.p95_inference_ms:.1f}"
-        f" / {report.p99_inference_ms:.1f} ms |",
-        f"| p50 / p99 end to end | {report.p50_e2e_ms:.1f} / {report.p99_e2e_ms:.1f} ms |",
-        f"| p50 / p99 discovery (upload to dispatch) | {report.p50_discovery_ms:.1f} / {report.p99_discovery_ms:.1f} ms |",
-        f"| throughput while busy | {report.analysed_per_busy_s:.2f} img/s answered by the service over"
-        f" {report.busy_s:.1f} s from the first image started to the last outcome |",
-        f"| throughput over the run | {report.analysed_per_s:.2f} img/s answered, {report.throughput_per_s:.2f}"
-        f" outcomes/s (skips and drops included) over {report.wall_s:.1f} s of wall time (start-up, waiting"
-        f" for images and the stop included), {_lanes(report)} |",
-        f"| retries / worker restarts (backed off) / recycles / deadline kills | {report.retries}"
-        f" / {report.worker_restarts} ({report.respawn_backoffs}) / {report.worker_recycles} / {report.deadline_kills} |",
+        f"| failure rate | {_pct(report.failures, report.attempted)} of {report.attempted:,} attempted |",
+        f"| success rate | {_pct(answered, report.attempted)} |",
+        f"| answered success=false (counted as no_detection) | {report.answered_false:,} |",
+        f"| mean inference time | {'n/a' if not answered else f'{report.avg_inference_ms:.2f} ms'} |",
+        f"| p50 / p95 / p99 inference | {inference} |",
+        f"| p50 / p99 end to end | {_ms(report, 'end_to_end', report.p50_e2e_ms, report.p99_e2e_ms)} |",
+        f"| p50 / p99 discovery (upload to dispatch) | {discovery} |",
+        f"| throughput while busy | {busy} |",
+        f"| throughput over the run | {_rate(report.analysed_per_s, report.wall_s)} analysed,"
+        f" {_rate(report.throughput_per_s, report.wall_s)} outcomes (skips and drops included) over"
+        f" {report.wall_s:.1f} s of wall time, {_lanes(report)} |",
+        f"| input-bound | {_input_bound(report)} |",
+        f"| HTTP retries (calls beyond an image's first) | {report.http_retries:,} |",
+        f"| re-dispatches (process died, or waited for an endpoint) | {report.retries:,} |",
+        f"| re-admitted by `imgworker retry` | {report.readmitted:,} |",
+        f"| worker restarts (backed off) / recycles / deadline kills | {report.worker_restarts}"
+        f" ({report.respawn_backoffs}) / {report.worker_recycles} / {report.deadline_kills} |",
         "",
         "| outcome | images |",
         "|---|---|",
     ]
+    lines = [line for n, line in enumerate(lines) if line or n != 2]
     lines += [f"| {name} | {count:,} |" for name, count in report.outcomes.items()]
     lines += [
         f"| (pending) | {report.pending:,} |",
         f"| (in flight) | {report.in_flight:,} |",
         "",
-        f"conserved: {report.conserved} (scanned = outcomes + pending + in flight)",
+        f"conserved: {report.conserved} (scanned = outcomes + pending + in flight; each image once, by its latest"
+        " outcome)",
     ]
     if report.duplicates:
         lines.append(f"keys with more than one outcome: {report.duplicates}")
+    if report.awaiting_retry:
+        lines.append(f"re-admitted, not analysed since (counted by their earlier outcome): {report.awaiting_retry:,}")
     lines.append(f"failure rate denominator: {report.failure_rate_denominator}")
+    if report.false_errors:
+        errors = ", ".join(f"{text!r} x{n:,}" for text, n in report.false_errors.items())
+        lines.append(f"success=false errors: {errors}")
     if report.cleaner:
         lines += ["", "cleaner: " + ", ".join(f"{k}={v:,}" for k, v in report.cleaner.items())]
     if report.no_healthy_endpoint:
         lines.append(f"failed for want of a healthy algorithm endpoint: {report.no_healthy_endpoint:,}")
+    lines += ["", "| endpoint | requests | failures | ejections | healthy |", "|---|---|---|---|---|"]
     if report.endpoints:
-        lines += ["", "| endpoint | requests | failures | ejections | healthy |", "|---|---|---|---|---|"]
         lines += [f"| {display_url(url)} | {f['requests']:,} | {f['failures']:,} | {f['ejections']} |"
                   f" {'yes' if f['healthy'] else 'no'} |" for url, f in report.endpoints.items()]
+    else:
+        lines.append("| n/a (endpoint health is not in a results file) | n/a | n/a | n/a | n/a |")
     if report.action_errors:
         lines += ["", "result action failures: " + ", ".join(f"{k}={v}" for k, v in report.action_errors.items())]
     return "\n".join(lines)
+
+
+def _rate(value: float, over_s: float) -> str:
+    return f"{value:.2f} img/s" if over_s > 0 else "n/a"

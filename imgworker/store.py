@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.client
 import io
 import ssl
 from collections.abc import Iterable, Iterator
@@ -222,7 +223,28 @@ def _is_tls(exc: BaseException) -> bool:
 
 
 def _startup_error(exc: BaseException, cfg: StoreConfig) -> StoreFatal:
+    """The one error of a failed start: what failed, where, and a hint when TLS is on one side only."""
     err = translate(exc)
     if isinstance(err, StoreFatal):
+        if err.exit_code == ExitCode.STORE_TLS and cfg.secure and _plain_http_answered(exc):
+            return StoreFatal(f"{err} at {cfg.endpoint}; the store there speaks plain HTTP, not TLS: set "
+                              "store.secure = false (IMGWORKER_STORE_SECURE=false), or give the TLS endpoint",
+                              ExitCode.STORE_TLS)
         return err
-    return StoreFatal(f"store unreachable at {cfg.endpoint}: {err}", ExitCode.STORE_UNREACHABLE)
+    detail = str(err).removeprefix("store unreachable: ")  # the message names it once, with the endpoint
+    hint = ""
+    if not cfg.secure and "HTTPS server" in str(exc):  # Go's answer to plain HTTP on a TLS port (MinIO)
+        detail = "it serves HTTPS, and plain HTTP was sent"
+        hint = "; set store.secure = true (IMGWORKER_STORE_SECURE=true)"
+    elif not cfg.secure and (isinstance(_root(exc), (ConnectionResetError, http.client.RemoteDisconnected,
+                                                      urllib3.exceptions.ProtocolError))
+                             or isinstance(exc, S3Error) and exc.code == "BadRequest"):  # HEAD gets no body
+        hint = "; if the store serves HTTPS there, set store.secure = true (IMGWORKER_STORE_SECURE=true)"
+    return StoreFatal(f"store unreachable at {cfg.endpoint} ({detail}){hint}", ExitCode.STORE_UNREACHABLE)
+
+
+def _plain_http_answered(exc: BaseException) -> bool:
+    """A TLS handshake that got a plain-HTTP answer (OpenSSL: wrong version number, record layer failure)."""
+    text = str(_root(exc)).lower()
+    return any(sign in text for sign in ("wrong_version_number", "wrong version number", "record layer failure",
+                                         "http_request", "packet length too long"))

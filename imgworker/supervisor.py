@@ -154,6 +154,8 @@ class Supervisor:
         self.stopping = Stopping(clock)
         self._started = clock()
         self._next_checkpoint = 0.0
+        self._sampled_at = clock()
+        self._starved = False
 
     # ----- lifecycle -----------------------------------------------------------------
 
@@ -174,7 +176,7 @@ class Supervisor:
         except BaseException:
             self._close_durable()
             raise
-        self._started = self.clock()
+        self._started = self._sampled_at = self.clock()
         self._next_checkpoint = self._started + self.cfg.run.checkpoint_interval_s
         log.info("started: %d processes x %d lanes, bucket %s, prefix %r, %d processed known, %d pending resumed",
                  self.cfg.worker.count, self.cfg.worker.threads, self.cfg.store.bucket, self.cfg.store.prefix, self.ledger.size(), resumed)
@@ -300,6 +302,7 @@ class Supervisor:
         self.intake_step()
         if not self.stopping.draining:
             self.feed_idle()
+        self._sample_input(self.clock())
         self._fail_waited_out(now)
         events, _ = self.pool.wait(self._wait_timeout(now), self.intake.waitables())
         for event in events:
@@ -453,6 +456,12 @@ class Supervisor:
         self.pool.send(lane, sent)
         self.recorder.dispatched(sent.ref)
         return sent
+
+    def _sample_input(self, now: float) -> None:
+        """Time since the last sample counts as input-starved if lanes then sat idle with the queue empty."""
+        self.recorder.sampled(now - self._sampled_at, starved=self._starved)
+        self._sampled_at = now
+        self._starved = not self.stopping.draining and self.pending == 0 and self.pool.idle_lanes() > 0
 
     def _lane_done(self, lane: int) -> Held | None:
         """Lane ``lane`` is done with its item (answered, lost, or put back): the one place that says so."""
@@ -616,6 +625,10 @@ class Supervisor:
             ref = ImageRef(key=key, task_type=task_type, task_id=task_id)
             self.recorder.accepted(ref)
             self.dispatch.append(WorkItem(ref=ref))
+        readmitted = new.intersection(restored.readmitted)
+        if readmitted:
+            log.info("%d images re-admitted by `imgworker retry` are analysed again", len(readmitted))
+            self.recorder.readmitted(len(readmitted))
         keys = [result.key for _, result in restored.redo]
         known = set(keys) - self.ledger.filter_new(keys) if keys else set()
         # a key pruned before the crash names an object that is gone, or a new upload under that name

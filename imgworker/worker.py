@@ -80,6 +80,7 @@ class _Trace:
         self.stat_ms: float | None = None
         self.algo_calls = 0
         self.calls: list[Call] = []
+        self.error = ""
 
 
 class ItemProcessor:
@@ -128,6 +129,7 @@ class ItemProcessor:
             attempt=item.attempt,
             algo_calls=fields.algo_calls,
             cause=cause,
+            error=fields.error,
             endpoint=fields.calls[-1].endpoint if fields.calls else "",
             started_at=started,
             finished_at=time.time(),
@@ -204,6 +206,7 @@ class ItemProcessor:
             fields.calls.append(Call(endpoint, True))
             fields.algo_ms = answer.elapsed_ms
             fields.detections = answer.detections
+            fields.error = answer.error
             if answer.success and answer.detections > 0:
                 return Outcome.INFERRED, ""
             return Outcome.NO_DETECTION, "" if answer.success else "success_false"

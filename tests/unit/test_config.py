@@ -38,13 +38,13 @@ def test_env_lists_and_tables():
 @pytest.mark.parametrize(
     ("overrides", "expected"),
     [
-        ({"worker": {"count": 0}}, "invalid config key worker.count: value 0 is not allowed (Expected `int` >= 1)"),
+        ({"worker": {"count": 0}}, "invalid config key worker.count: value 0 is not allowed (a whole number >= 1)"),
         ({"dispatch": {"overflow": "sometimes"}},
          "invalid config key dispatch.overflow: value 'sometimes' is not allowed (one of block, drop_oldest, drop_newest)"),
         ({"algo": {"timeout_s": "soon"}}, "invalid config key algo.timeout_s: value 'soon' is not allowed"),
         ({"algo": {"endpoint": "ftp://x"}}, "invalid config key algo.endpoint: value 'ftp://x' is not allowed"),
         ({"store": {"endpoint": "http://minio:9000"}}, "invalid config key store.endpoint"),
-        ({"worker": {"thread_count": 3}}, "unknown field `thread_count` in [worker]"),
+        ({"worker": {"thread_count": 3}}, "unknown config key worker.thread_count in [worker]: did you mean `threads`?"),
         ({"worker": {"threads": 0}}, "invalid config key worker.threads: value 0 is not allowed"),
     ],
 )
@@ -225,7 +225,7 @@ def test_an_old_key_and_a_new_one_keep_the_precedence_of_where_they_were_set(tmp
         ({"scan": {"mode": "events"}}, "invalid config key scan.events.filer: value '' is not allowed"),
         ({"scan": {"mode": "events", "events_source": "minio_webhook"}},
          "scan.events_source = 'minio_webhook' needs a token"),
-        ({"scan": {"events": {"filter": "x"}}}, "unknown field `filter` in [scan.events]"),
+        ({"scan": {"events": {"filter": "x"}}}, "unknown config key scan.events.filter in [scan.events]: did you mean `filer`?"),
         ({"scan": {"webhook_port": 1, "events": {"webhook_port": 2}}},
          "config keys scan.webhook_port and scan.events.webhook_port are both set"),
     ],

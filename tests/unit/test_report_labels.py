@@ -1,0 +1,65 @@
+"""What the report says where figures are missing, and what a success=false answer leaves in its line."""
+
+from __future__ import annotations
+
+import msgspec
+
+from imgworker.algo_client import decode_answer, error_text
+from imgworker.outcomes import Outcome, Result
+from imgworker.stats import Stats, format_report
+
+
+def test_a_success_false_answer_keeps_its_error_without_a_presigned_signature():
+    body = msgspec.json.encode({"success": False, "error": "CUDA out of memory\nfetching http://s3:9000/b/k.jpg"
+                                "?X-Amz-Signature=abc123&X-Amz-Credential=AK%2F"})
+    answer = decode_answer(body, 5.0)
+    assert answer.error == "CUDA out of memory fetching http://s3:9000/b/k.jpg?…"
+    assert len(error_text("x" * 500)) == 200 and error_text(None) == ""
+
+
+def report_with(share: float | None, **results: int):
+    stats = Stats(4, processes=2)
+    for outcome, n in results.items():
+        for i in range(n):
+            stats.record(Result(key=f"{outcome}-{i}", outcome=Outcome(outcome), algo_calls=3, e2e_ms=5.0))
+    stats.scanned = stats.finished
+    if share is not None:
+        stats.observed_s, stats.starved_s = 100.0, share * 100.0
+    return stats.report(pending=0, in_flight=0, wall_s=10.0)
+
+
+def test_an_input_bound_run_says_its_throughput_is_the_arrival_rate():
+    text = format_report(report_with(0.97, no_detection=2))
+    assert "| input-bound | yes: lanes waited for images 97% of the time with the queue empty; the throughput is " \
+           "the rate images arrived, not what the lanes can do" in text
+    text = format_report(report_with(0.3, no_detection=2))
+    assert "| input-bound | no: lanes waited for images 30% of the time |" in text
+
+
+def test_http_retries_are_counted_apart_from_re_dispatches():
+    report = report_with(None, failed_algo=2)
+    assert (report.http_retries, report.retries) == (4, 0)
+    text = format_report(report)
+    assert "| HTTP retries (calls beyond an image's first) | 4 |" in text
+    assert "| re-dispatches (process died, or waited for an endpoint) | 0 |" in text
+    assert "| p50 / p95 / p99 inference | n/a |" in text and "| mean inference time | n/a |" in text
+    assert "| p50 / p99 discovery (upload to dispatch) | n/a |" in text
+
+
+def test_the_share_of_time_lanes_waited_for_images_follows_the_queue(tmp_path):
+    import itertools
+
+    from imgworker.memstore import MemoryAlgo, MemoryStore
+    from tests.support.memory import config, fill, supervisor
+
+    shares = []
+    for n, count in [(2, 4), (60, 1)]:  # lanes to spare; a queue that never runs dry until the end
+        cfg = config(tmp_path / str(n), worker={"count": count})
+        store = MemoryStore()
+        fill(store, ["p/a"], n)
+        ticks = itertools.count()
+        report = supervisor(cfg, store, MemoryAlgo(store), clock=lambda: next(ticks) * 0.01).run()
+        assert report.conserved
+        shares.append(report.input_starved_share)
+    assert shares[0] is not None and shares[0] > 0.5
+    assert shares[1] is not None and shares[1] < 0.1
