@@ -139,3 +139,15 @@ class OutcomeSink(Protocol):
     def drop(self, ref: ImageRef, outcome: Outcome, cause: str) -> None: ...
 
     def accepted(self, ref: ImageRef) -> None: ...
+
+
+class OutcomeClaims(Protocol):
+    """Cluster mode's outcome ledger, asked by the sink before it ends an image (``cluster.host.ClusterHost``).
+
+    ``claim`` writes the outcome to the shared ledger if no host did: only then is it counted here
+    (results line, figures, actions). ``settled`` follows the local write: the image's message may go.
+    """
+
+    def claim(self, result: Result) -> bool: ...
+
+    def settled(self, result: Result) -> None: ...
