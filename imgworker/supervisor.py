@@ -157,6 +157,8 @@ class Supervisor:
         self.journal: ResultsJournal | None = None
         self.janitor: Janitor | None = None
         self.stopping = Stopping(clock)
+        if self.cluster is not None:
+            self.cluster.give_up = lambda: self.stopping.forced
         self._started = clock()
         self._next_checkpoint = 0.0
 

@@ -12,6 +12,7 @@ import collections
 import logging
 import socket
 import time
+import uuid
 from collections.abc import Callable
 from typing import Protocol
 
@@ -48,6 +49,7 @@ class LedgerEntry(msgspec.Struct, frozen=True):
     attempt: int = 1
     cause: str = ""
     finished_at: float = 0.0
+    token: str = ""  # unique per claim: a claim retried after a lost answer recognises its own write
 
 
 class ClusterFigures(msgspec.Struct):
@@ -72,6 +74,7 @@ class ClusterHost:
         self.link = link or JetStreamLink(cfg.cluster, host=self.name, bucket=cfg.store.bucket)
         self.clock = clock
         self.figures = ClusterFigures()
+        self.give_up: Callable[[], bool] = lambda: False  # the supervisor's "stop forced"
         self._away = Backoff(0.5, 5.0)
         self._retry_at = 0.0
         self._full_until = 0.0
@@ -182,32 +185,41 @@ class ClusterHost:
     def claim(self, result: Result) -> bool:
         """Write the outcome to the ledger if no host did: True if this host's outcome counts.
 
-        Retried while the server is away, up to AckWait; then the image is handed back unrecorded
-        (its message comes again, and the ledger decides then).
+        While the server is away this waits and retries: a write whose answer was lost may still
+        land (the client sends what it buffered once it reconnects), so an unanswered claim is
+        never taken for "not written". Each retry recognises its own earlier write by its token.
+        Only a forced stop (``give_up``) ends the wait; the image is then handed back unrecorded.
         """
         entry = LedgerEntry(key=result.key, outcome=result.outcome, host=self.name, task_type=result.task_type,
-                            attempt=result.attempt, cause=result.cause, finished_at=result.finished_at)
+                            attempt=result.attempt, cause=result.cause, finished_at=result.finished_at,
+                            token=uuid.uuid4().hex)
         value = msgspec.json.encode(entry)
-        deadline = time.monotonic() + self.cfg.cluster.ack_wait_s
         backoff = Backoff(0.2, 2.0)
         while True:
             try:
-                won = self.link.claim(result.key, value)
+                won = self.link.claim(result.key, value) or self._wrote_it(result.key, entry.token)
                 break
             except ClusterUnavailable as exc:
-                if time.monotonic() >= deadline:
-                    log.error("outcome of %s not recorded: the cluster ledger is unreachable (%s); it comes again",
-                              result.key, exc)
+                if self.give_up():
+                    log.error("outcome of %s not recorded: the cluster ledger is unreachable (%s) and the stop is "
+                              "forced; it comes again", result.key, exc)
                     self.figures.unrecorded += 1
                     self.link.forget(result.key)
                     return False
-                time.sleep(backoff.fail())
+                wait_s = backoff.fail()
+                log.warning("cluster ledger unreachable (%s); recording %s again in %.1f s", exc, result.key, wait_s)
+                time.sleep(wait_s)
         if not won:
             self.figures.late_outcomes += 1
             log.info("%s already has an outcome in the cluster ledger: this host's (%s) is not counted",
                      result.key, result.outcome.value)
             self._settle(result.key, term=False)
         return won
+
+    def _wrote_it(self, key: str, token: str) -> bool:
+        """The entry that is there is this claim's own (its first try's answer was lost on the way)."""
+        stored = self.link.ledger_value(key)
+        return stored is not None and msgspec.json.decode(stored, type=LedgerEntry).token == token
 
     def settled(self, result: Result) -> None:
         """Its outcome is in the ledger and in this host's results: its message leaves the stream."""

@@ -74,6 +74,7 @@ class JetStreamLink:
         self._tasks: list[asyncio.Task[None]] = []
         self.lease_revision = 0  # the lease revision this host holds (0: not the leader)
         self._lease_renewed = 0.0
+        self._closing = False
 
     # ----- lifecycle (the supervisor's thread) ------------------------------------------------------
 
@@ -87,7 +88,9 @@ class JetStreamLink:
         if not self._thread.is_alive():
             return
         with contextlib.suppress(ClusterUnavailable):
-            self._call(self._close(), timeout=CALL_TIMEOUT_S)
+            self._call(self._close(), timeout=CALL_TIMEOUT_S + 2.0)
+        with contextlib.suppress(Exception):
+            asyncio.run_coroutine_threadsafe(_cancel_the_rest(), self._loop).result(2.0)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(5.0)
 
@@ -115,8 +118,9 @@ class JetStreamLink:
         """Create the image's ledger entry if absent: True if this call created it."""
         return self._call(self._claim(key, value))
 
-    def ledger_has(self, key: str) -> bool:
-        return self._call(self._ledger_has(key))
+    def ledger_value(self, key: str) -> bytes | None:
+        """The image's ledger entry as stored, or None."""
+        return self._call(self._ledger_value(key))
 
     def settle(self, key: str, *, term: bool = False) -> None:
         """The outcome is in the ledger: ack the message (``term`` for a final failure); no-op if not held."""
@@ -154,7 +158,7 @@ class JetStreamLink:
         self._nc = await nats.connect(
             [u.strip() for u in self.cfg.url.split(",")], name=f"imgworker-{self.host}", connect_timeout=2,
             allow_reconnect=True, max_reconnect_attempts=-1, reconnect_time_wait=0.5, ping_interval=5,
-            max_outstanding_pings=2, error_cb=_log_error, disconnected_cb=_disconnected,
+            max_outstanding_pings=2, error_cb=_log_error, disconnected_cb=self._disconnected,
             reconnected_cb=_reconnected, **options)
         self._js = self._nc.jetstream(timeout=CALL_TIMEOUT_S)
         await self._ensure()
@@ -187,7 +191,12 @@ class JetStreamLink:
                                                                     storage=StorageType.FILE))
             setattr(self, attr, kv)
 
+    async def _disconnected(self) -> None:
+        if not self._closing:
+            log.warning("NATS connection lost; reconnecting")
+
     async def _close(self) -> None:
+        self._closing = True
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -197,7 +206,7 @@ class JetStreamLink:
                 await self._lease.delete(LEASE_KEY, last=self.lease_revision)
             self.lease_revision = 0
         with contextlib.suppress(Exception):
-            await self._nc.drain()
+            await asyncio.wait_for(self._nc.close(), CALL_TIMEOUT_S)
 
     async def _fetch(self, n: int) -> list[Delivery]:
         import nats.errors
@@ -232,6 +241,17 @@ class JetStreamLink:
         except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError):
             return False
         return True
+
+    async def _ledger_value(self, key: str) -> bytes | None:
+        import nats.js.errors
+
+        from . import ledger_key
+
+        try:
+            entry = await self._ledger.get(ledger_key(self.bucket, key))
+        except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError):
+            return None
+        return bytes(entry.value or b"")
 
     async def _claim(self, key: str, value: bytes) -> bool:
         import nats.js.errors
@@ -388,12 +408,16 @@ async def _figures(js: Any, cfg: ClusterConfig) -> dict[str, int]:
             "consumer_redelivered": consumer.num_redelivered or 0}
 
 
+async def _cancel_the_rest() -> None:
+    """Cancel every other task of the link's loop (the client's own, should its close not have ended them)."""
+    tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
 async def _log_error(exc: Exception) -> None:
     log.debug("NATS: %s", exc or type(exc).__name__)
-
-
-async def _disconnected() -> None:
-    log.warning("NATS connection lost; reconnecting")
 
 
 async def _reconnected() -> None:
