@@ -14,7 +14,8 @@ import socket
 import time
 import uuid
 from collections.abc import Callable
-from typing import Protocol
+from collections.abc import Iterator
+from typing import Any, Protocol
 
 import msgspec
 
@@ -48,6 +49,10 @@ class LedgerEntry(msgspec.Struct, frozen=True):
     task_type: str = ""
     attempt: int = 1
     cause: str = ""
+    detections: int = 0
+    algo_ms: float | None = None
+    e2e_ms: float | None = None
+    started_at: float = 0.0
     finished_at: float = 0.0
     token: str = ""  # unique per claim: a claim retried after a lost answer recognises its own write
 
@@ -94,6 +99,10 @@ class ClusterHost:
 
     def leading(self) -> bool:
         return self.link.leading()
+
+    def collector(self) -> ClusterCollector:
+        """The metrics of this host's side of the cluster (the leader adds the stream's figures)."""
+        return ClusterCollector(self)
 
     # ----- intake (the leader) ---------------------------------------------------------------
 
@@ -191,8 +200,9 @@ class ClusterHost:
         Only a forced stop (``give_up``) ends the wait; the image is then handed back unrecorded.
         """
         entry = LedgerEntry(key=result.key, outcome=result.outcome, host=self.name, task_type=result.task_type,
-                            attempt=result.attempt, cause=result.cause, finished_at=result.finished_at,
-                            token=uuid.uuid4().hex)
+                            attempt=result.attempt, cause=result.cause, detections=result.detections,
+                            algo_ms=result.algo_ms, e2e_ms=result.e2e_ms, started_at=result.started_at,
+                            finished_at=result.finished_at, token=uuid.uuid4().hex)
         value = msgspec.json.encode(entry)
         backoff = Backoff(0.2, 2.0)
         while True:
@@ -235,3 +245,34 @@ class ClusterHost:
         wait_s = self._away.fail()
         self._retry_at = self.clock() + wait_s
         log.warning("NATS %s failed (%s); trying again in %.1f s", what, exc, wait_s)
+
+
+class ClusterCollector:
+    """Prometheus figures of one host's side of the cluster; the leader also exports the stream's."""
+
+    def __init__(self, host: ClusterHost) -> None:
+        self.host = host
+
+    def describe(self) -> list[Any]:
+        return []
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        for name, value in msgspec.structs.asdict(self.host.figures).items():
+            yield CounterMetricFamily(f"imgworker_cluster_{name}", f"Cluster mode: {name.replace('_', ' ')}.",
+                                      value=value)
+        leading = self.host.leading()
+        yield GaugeMetricFamily("imgworker_cluster_leader", "1 on the host holding the intake lease.", value=leading)
+        if not leading:
+            return
+        try:
+            figures = self.host.link.figures()
+        except ClusterUnavailable:
+            return
+        docs = {"stream_messages": "Messages in the work stream (queued or delivered, not acked).",
+                "consumer_pending": "Messages not yet delivered.",
+                "consumer_ack_pending": "Messages delivered and not yet acked, on any host.",
+                "consumer_redelivered": "Messages delivered more than once and not yet acked."}
+        for name, value in figures.items():
+            yield GaugeMetricFamily(f"imgworker_cluster_{name}", docs[name], value=value)
