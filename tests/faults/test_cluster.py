@@ -105,6 +105,19 @@ def test_two_hosts_share_the_work_once_each(store_server, creds, store, prefix, 
     assert set(calls_under(slow_service, prefix).values()) == {1}, "each image analysed once"
 
 
+def test_calls_longer_than_ack_wait_are_not_handed_to_a_second_host(store_server, creds, store, prefix, nats, hosts,
+                                                                   tmp_path):
+    """Progress notes every AckWait/3 keep a running call's image with its host."""
+    keys = images(store, prefix, 4)
+    with AlgoService("synthetic", SyntheticParams(latency_ms=4000.0, sigma=0.0, seed=9)) as slow_calls:
+        env = env_for(store_server, creds, prefix, slow_calls, nats.url, ack_wait_s=1.0)
+        hosts += [Host(f"h{i}", env, str(tmp_path / f"h{i}")) for i in range(2)]
+        wait_for_ledger(nats.url, len(keys), hosts=hosts)
+        assert stop_all(hosts) == [0, 0]
+        assert_one_outcome_each(nats.url, keys, hosts)
+        assert calls_under(slow_calls, prefix) == {k: 1 for k in keys}, "each image analysed once"
+
+
 # ----- a host dies, pauses, or is stopped -------------------------------------------------------
 
 
