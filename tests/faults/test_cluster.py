@@ -294,3 +294,37 @@ def test_an_image_that_kills_its_worker_ends_failed_worker_after_max_attempts(ma
     assert kills == 3
     _, figures = read_cluster(sups[0].cfg.cluster)
     assert figures["stream_messages"] == 0 and figures["consumer_ack_pending"] == 0
+
+
+# ----- the intake leader is fenced ------------------------------------------------------------------
+
+
+def test_a_deposed_leader_publishes_nothing(store_server, nats):
+    """A leader paused past its lease TTL resumes thinking it leads: its publish is refused, not stored."""
+    from imgworker.cluster.jetstream import JetStreamLink, read_cluster
+    from imgworker.config import ClusterConfig
+    from imgworker.outcomes import ImageRef
+
+    cluster = ClusterConfig(url=nats.url, lease_ttl_s=1)
+    old, new = (JetStreamLink(cluster, host=name, bucket=store_server.bucket) for name in ("old", "new"))
+    old.start()
+    try:
+        while not old.leading():
+            time.sleep(0.05)
+        for task in old._tasks:  # its renewals stop, as in a pause; its lease expires
+            old._loop.call_soon_threadsafe(task.cancel)
+        new.start()
+        try:
+            while not new.leading():
+                time.sleep(0.05)
+            old._lease_renewed = time.monotonic()  # it wakes up believing its lease is fresh
+            done = old.publish([ImageRef(key="stale/0001.jpg")])
+            assert done.deposed and done.sent == 0
+            _, figures = read_cluster(cluster)
+            assert figures["stream_messages"] == 0, "the deposed leader's write did not land"
+            assert new.publish([ImageRef(key="fresh/0001.jpg")]).sent == 1
+            assert read_cluster(cluster)[1]["stream_messages"] == 1
+        finally:
+            new.close()
+    finally:
+        old.close()
