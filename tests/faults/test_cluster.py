@@ -18,7 +18,9 @@ import pytest
 from imgworker.results import read_results
 from imgworker.services.algo_server import AlgoService, SyntheticParams
 from tests.support.cli import cli_env
-from tests.support.cluster import Host, NatsServer, cluster_env, ledger, per_key, wait_for_ledger
+from tests.support.cluster import (
+    Host, NatsServer, cluster_env, jetstream_cluster, ledger, per_key, wait_for_jetstream, wait_for_ledger,
+)
 from tests.support.results import calls_under
 from tests.support.store import upload
 
@@ -328,3 +330,29 @@ def test_a_deposed_leader_publishes_nothing(store_server, nats):
             new.close()
     finally:
         old.close()
+
+
+# ----- a three-node JetStream cluster loses a node ----------------------------------------------------
+
+
+def test_a_node_of_a_three_node_jetstream_cluster_dies_and_nothing_is_lost(store_server, creds, store, prefix,
+                                                                           slow_service, hosts, tmp_path):
+    nodes = jetstream_cluster(str(tmp_path / "js"))
+    try:
+        for node in nodes:
+            node.start()
+        url = ",".join(node.url for node in nodes)
+        wait_for_jetstream(nodes[0].url)
+        keys = images(store, prefix, 30)
+        env = env_for(store_server, creds, prefix, slow_service, url, IMGWORKER_CLUSTER_REPLICAS="3")
+        hosts += [Host(f"h{i}", env, str(tmp_path / f"h{i}")) for i in range(2)]
+        wait_for_ledger(nodes[0].url, 6, hosts=hosts)
+        nodes[1].kill()  # streams and buckets have three copies: two remain, a quorum
+        wait_for_ledger(nodes[0].url, len(keys), hosts=hosts, timeout=120)
+        assert stop_all(hosts) == [0, 0]
+        assert_one_outcome_each(nodes[0].url, keys, hosts)
+        for host in hosts:
+            assert "Traceback" not in host.log()
+    finally:
+        for node in nodes:
+            node.stop()

@@ -153,3 +153,39 @@ def wait_for_ledger(url: str, n: int, *, hosts: list[Host], timeout: float = 90,
 
 def per_key(entries: list[LedgerEntry]) -> Counter[str]:
     return Counter(e.key for e in entries)
+
+
+def jetstream_cluster(base_dir: str, nodes: int = 3) -> list[NatsServer]:
+    """``nodes`` nats-servers on loopback forming one JetStream cluster (not started)."""
+    client_ports = [free_port() for _ in range(nodes)]
+    route_ports = [free_port() for _ in range(nodes)]
+    routes = ",".join(f"nats://127.0.0.1:{p}" for p in route_ports)
+    return [NatsServer(os.path.join(base_dir, f"n{i}"), port=client_ports[i],
+                       extra=("-n", f"n{i}", "--cluster_name", "imgworker-test", "--cluster",
+                              f"nats://127.0.0.1:{route_ports[i]}", "--routes", routes))
+            for i in range(nodes)]
+
+
+def wait_for_jetstream(url: str, timeout: float = 60) -> None:
+    """Until the JetStream cluster has a meta leader and answers account requests."""
+    import asyncio
+
+    import nats
+
+    async def ready() -> bool:
+        try:
+            nc = await nats.connect(url, connect_timeout=1, allow_reconnect=False, max_reconnect_attempts=1)
+        except Exception:
+            return False
+        try:
+            await nc.jetstream(timeout=1.0).account_info()
+            return True
+        except Exception:
+            return False
+        finally:
+            await nc.close()
+
+    deadline = time.monotonic() + timeout
+    while not asyncio.run(ready()):
+        assert time.monotonic() < deadline, "the JetStream cluster did not become ready"
+        time.sleep(0.5)
