@@ -6,8 +6,11 @@ results file (one line per image cluster-wide), and the POSTs the algorithm serv
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import subprocess
+import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -105,6 +108,13 @@ def test_two_hosts_share_the_work_once_each(store_server, creds, store, prefix, 
     assert_one_outcome_each(nats.url, keys, hosts)
     assert {e.host for e in entries} == {"h0", "h1"}, "both hosts analysed images"
     assert set(calls_under(slow_service, prefix).values()) == {1}, "each image analysed once"
+    report = subprocess.run([sys.executable, "-m", "imgworker", "report", "--cluster", "--json"], env=env,
+                            capture_output=True, text=True, timeout=60)
+    assert report.returncode == 0, report.stderr
+    data = json.loads(report.stdout)
+    assert data["conserved"] and data["scanned"] == len(keys)
+    assert sum(data["outcomes"].values()) == len(keys)
+    assert data["hosts"] == dict(Counter(e.host for e in entries))
 
 
 def test_calls_longer_than_ack_wait_are_not_handed_to_a_second_host(store_server, creds, store, prefix, nats, hosts,
