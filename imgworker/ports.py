@@ -4,7 +4,8 @@ Each protocol is what the owners call, no more; an implementation plugs in behin
 owners changing. ``store.Store`` (minio) and ``memstore.MemoryStore`` are both ``ObjectStore``s;
 ``ledger.LocalBackend`` and ``ledger.ManagerBackend`` are both ``ProcessedSetBackend``s, and
 ``ledger.Ledger`` is the ``OutcomeLedger`` intake asks; ``recorder.Recorder`` is the ``OutcomeSink``
-every owner ends images through; the pool's contract is ``pool.Pool``. mypy checks every implementation against its protocol where the
+every owner ends images through; ``cluster.host.ClusterHost`` is the ``OutcomeClaims`` it asks first in
+cluster mode; the pool's contract is ``pool.Pool``. mypy checks every implementation against its protocol where the
 supervisor's ``Parts`` are built.
 """
 

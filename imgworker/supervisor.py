@@ -19,6 +19,11 @@ supervisor decides what an answer or a death means for an image, and installs th
 handlers. One clock (``clock``, monotonic) times the loop and every owner it passes it to; results'
 timestamps are wall-clock. ``step()`` is one iteration; ``Parts`` lets a test drive it with an in-memory store,
 an inline pool and an inline lister, without processes or servers.
+
+Cluster mode (``[cluster]``) adds ``ClusterHost``, a second queue and a second ledger behind these
+owners (see ``imgworker.cluster``): the lease holder's intake publishes instead of queueing,
+``feed_idle`` fetches no more than the idle lanes, and the recorder claims each outcome in the
+shared ledger first.
 """
 from __future__ import annotations
 
