@@ -366,3 +366,19 @@ def test_a_node_of_a_three_node_jetstream_cluster_dies_and_nothing_is_lost(store
     finally:
         for node in nodes:
             node.stop()
+
+
+# ----- the demo ------------------------------------------------------------------------------------------
+
+
+def test_demo_with_two_hosts_prints_and_writes_the_cluster_report(tmp_path):
+    path = tmp_path / "report.json"
+    demo = subprocess.run([sys.executable, "-m", "imgworker", "demo", "--hosts", "2", "--backend", "synthetic",
+                           "--duration", "4", "--rate", "4", "--workers", "1", "--data-dir", str(tmp_path / "demo"),
+                           "--report-json", str(path)], capture_output=True, text=True, timeout=240)
+    assert demo.returncode == 0, demo.stdout[-2000:] + demo.stderr[-2000:]
+    assert "| host | images analysed |" in demo.stdout
+    data = json.loads(path.read_text())
+    assert data["conserved"] and data["scanned"] > 0
+    assert sum(data["hosts"].values()) == data["scanned"] == sum(data["outcomes"].values())
+    assert set(data["hosts"]) <= {"host-1", "host-2"}
