@@ -90,6 +90,8 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--data-dir", default=".imgworker-demo", help="where the demo keeps store data and state")
     demo.add_argument("--scan-mode", choices=["events", "listing"], default="events",
                       help="find new images from the store's change events (default) or by listing it")
+    demo.add_argument("--hosts", type=int, default=1,
+                      help="supervisors sharing one loopback nats-server (cluster mode; default 1: no NATS)")
     demo.set_defaults(func=cmd_demo)
 
     store = sub.add_parser("store-serve", help="the embedded S3 store alone (SeaweedFS weed mini on 127.0.0.1)")
@@ -139,9 +141,13 @@ def _parser() -> argparse.ArgumentParser:
     tune.add_argument("--plot", help="write throughput and p95 against N as PNG")
     tune.set_defaults(func=cmd_tune)
 
-    report = sub.add_parser("report", help="recompute the report from a results file")
-    report.add_argument("results", help="results JSON-lines file (STATE_DIR/results.jsonl, or run.results_file)")
+    report = sub.add_parser("report", help="recompute the report from a results file (or the cluster's ledger)")
+    report.add_argument("results", nargs="?",
+                        help="results JSON-lines file (STATE_DIR/results.jsonl, or run.results_file)")
     report.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    report.add_argument("--cluster", action="store_true",
+                        help="the cluster-wide report from the outcome ledger ([cluster] of --config or the environment)")
+    report.add_argument("--config", help="TOML configuration file (with --cluster)")
     report.set_defaults(func=cmd_report)
 
     top = sub.add_parser("top", help="a live table of one or more running instances, from their /metrics")
@@ -297,7 +303,9 @@ def _run_pipeline(cfg: Config, args: argparse.Namespace, **kwargs: Any) -> Repor
     from .supervisor import Supervisor
 
     supervisor = Supervisor(cfg, show_progress=not args.no_progress, **kwargs)
-    with _metrics(args, supervisor.snapshot, supervisor.healthz):
+    cluster = supervisor.cluster
+    with _metrics(args, supervisor.snapshot, supervisor.healthz, host=cluster.name if cluster else "",
+                  extra=[cluster.collector()] if cluster else None):
         report = supervisor.run()
     print(format_report(report))
     if args.report_json:
@@ -308,15 +316,17 @@ def _run_pipeline(cfg: Config, args: argparse.Namespace, **kwargs: Any) -> Repor
 
 @contextlib.contextmanager
 def _metrics(args: argparse.Namespace, current: Callable[[], Snapshot | None],
-             health: Callable[[], tuple[int, dict[str, Any]]] | None = None) -> Iterator[None]:
-    """Serve /metrics (and /healthz) while the body runs, if --metrics-port was given."""
+             health: Callable[[], tuple[int, dict[str, Any]]] | None = None, *, host: str = "",
+             extra: list[Any] | None = None) -> Iterator[None]:
+    """Serve /metrics (and /healthz) while the body runs, if --metrics-port was given (cluster mode: with a
+    ``host`` label)."""
     if not args.metrics_port:
         yield
         return
     from .metrics import serve_metrics
 
     try:
-        server = serve_metrics(current, args.metrics_port, args.metrics_addr, health)
+        server = serve_metrics(current, args.metrics_port, args.metrics_addr, health, host=host, extra=extra)
     except OSError as exc:
         from .errors import ConfigError
 
@@ -342,6 +352,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"demo: starting the embedded store and the {args.backend} algorithm service on 127.0.0.1 ...", flush=True)
     with store, algo:
         cfg = _demo_config(args, store, algo.endpoint, creds, data_dir)
+        if args.hosts > 1:
+            from .cluster.demo import run_demo
+
+            text, code = run_demo(cfg, hosts=args.hosts, data_dir=data_dir, report_json_path=args.report_json,
+                                  start_cameras=lambda: _start_cameras(args, cfg, creds))
+            print(text)
+            return code
         cameras = _start_cameras(args, cfg, creds)
         print(f"demo: cameras upload {args.rate:g} img/s for {args.duration:g} s; {cfg.worker.count} worker processes"
               f" x {cfg.worker.threads} lanes analyse; "
@@ -521,6 +538,10 @@ def cmd_report(args: argparse.Namespace) -> int:
     from .results import read_entries_at
     from .stats import stats_from_results
 
+    if args.cluster:
+        return _cluster_report(args)
+    if not args.results:
+        raise ConfigError("report: name a results file, or use --cluster")
     if not os.path.isfile(args.results):
         raise ConfigError(f"results file {args.results} does not exist")
     entries = [entry for _, entry in read_entries_at(args.results)]
@@ -642,6 +663,23 @@ def cmd_check(args: argparse.Namespace) -> int:
     print(f"imgworker: error: {len(bad)} of {len(checks) + len(endpoint_checks)} checks failed: "
           + "; ".join(c.what for c in bad), file=sys.stderr)
     return int(bad[0].code)
+
+
+def _cluster_report(args: argparse.Namespace) -> int:
+    from .cluster.report import cluster_report, report_json
+    from .errors import ConfigError
+
+    cfg = load_config(path=args.config)
+    if not cfg.cluster.enabled:
+        raise ConfigError("report --cluster: set [cluster] url (or IMGWORKER_CLUSTER_URL)")
+    report, hosts, figures = cluster_report(cfg.cluster)
+    if args.json:
+        print(report_json(report, hosts, figures).decode())
+    else:
+        print(format_report(report))
+        print("\n| host | images analysed |\n|---|---|")
+        print("\n".join(f"| {host} | {count:,} |" for host, count in sorted(hosts.items())))
+    return int(ExitCode.OK if report.conserved else ExitCode.UNEXPECTED)
 
 
 def cmd_repair(args: argparse.Namespace) -> int:

@@ -292,6 +292,59 @@ class RunConfig(msgspec.Struct, **_STRUCT):
     """``/healthz`` answers 503 ``stalled`` when images wait, a lane is free and no outcome came for this long."""
 
 
+class ClusterConfig(msgspec.Struct, **_STRUCT):
+    """``[cluster]``: several hosts share one NATS JetStream queue and one outcome ledger (see ``imgworker.cluster``).
+
+    Off while ``url`` is empty: one host, no NATS. Every host of a cluster uses the same names; each
+    has its own ``host`` and its own ``run.state_dir``. The NATS credentials come from a ``.creds``
+    file (``credentials_file``), never from the main file; a password in ``url`` never shows in the repr.
+    """
+
+    url: str = ""
+    """The NATS server(s), comma-separated (``nats://`` or ``tls://``); empty: cluster mode off."""
+    host: str = ""
+    """This host's name in the ledger, the report and the ``host`` metrics label (default: the host name)."""
+    stream: str = "IMGWORKER_WORK"
+    """The work-queue stream every new image is published to (created if missing)."""
+    subject: str = "imgworker.work"
+    """The subject of the work stream."""
+    consumer: str = "imgworker-lanes"
+    """The one durable pull consumer every host fetches from."""
+    ledger_bucket: str = "imgworker-outcomes"
+    """The KV bucket of outcomes: one key per image, written create-if-absent, never expired."""
+    lease_bucket: str = "imgworker-lease"
+    """The KV bucket holding the intake leader's lease."""
+    ack_wait_s: Annotated[float, msgspec.Meta(ge=1.0)] = 30.0
+    """How long a fetched message may go without an ack or a progress note before another host gets it."""
+    lease_ttl_s: Annotated[int, msgspec.Meta(ge=1)] = 10
+    """How long the intake leader's lease lives unless renewed (renewed every third of it)."""
+    max_msgs: PositiveInt = 100_000
+    """The work stream's bound; when it is full, intake waits (the backpressure), nothing is dropped."""
+    duplicate_window_s: Positive = 120.0
+    """Publishes of the same image (``Nats-Msg-Id``) within this window are stored once."""
+    replicas: Annotated[int, msgspec.Meta(ge=1, le=5)] = 1
+    """Copies of the stream and the KV buckets in a JetStream cluster (3 survives one node lost)."""
+    credentials_file: str = ""
+    """A NATS ``.creds`` file (user JWT and NKey seed); empty: no credentials (or a user:password URL)."""
+    ca_bundle: str = ""
+    """CA certificates to verify a ``tls://`` server with (default: the system's)."""
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.url)
+
+    def __repr__(self) -> str:
+        urls = []
+        for one in self.url.split(","):
+            parts = urllib.parse.urlsplit(one.strip())
+            urls.append(parts._replace(netloc=f"***@{parts.hostname}:{parts.port}").geturl() if parts.password
+                        else one.strip())
+        shown = {f: getattr(self, f) for f in self.__struct_fields__ if f != "url"}
+        return f"ClusterConfig(url={','.join(urls)!r}, " + ", ".join(f"{k}={v!r}" for k, v in shown.items()) + ")"
+
+    __str__ = __repr__
+
+
 class Config(msgspec.Struct, **_STRUCT):
     """Everything imgworker needs, validated once, passed explicitly to every process."""
 
@@ -303,6 +356,7 @@ class Config(msgspec.Struct, **_STRUCT):
     run: RunConfig = RunConfig()
     retention: RetentionConfig = RetentionConfig()
     actions: ActionsConfig = ActionsConfig()
+    cluster: ClusterConfig = ClusterConfig()
     credentials: Credentials = Credentials()
 
     @property
@@ -339,6 +393,7 @@ SECTIONS: dict[str, type[msgspec.Struct]] = {
     "run": RunConfig,
     "retention": RetentionConfig,
     "actions": ActionsConfig,
+    "cluster": ClusterConfig,
 }
 
 #: ``[scan]`` keys of earlier versions, still read (with a warning): each is the ``[scan.events]`` key named here.
@@ -624,6 +679,26 @@ def _check_semantics(config: Config, written: Mapping[str, str]) -> None:
     if bad:
         raise ConfigError(f"invalid config key scan.extensions: value {bad!r} is not allowed (each starts with '.')")
     _check_action_prefixes(config)
+    _check_cluster(config)
+
+
+def _check_cluster(config: Config) -> None:
+    """Cluster mode: NATS URLs, readable credentials, and what it does not run yet."""
+    cluster = config.cluster
+    if not cluster.enabled:
+        return
+    for url in cluster.url.split(","):
+        if not url.strip().startswith(("nats://", "tls://")):
+            raise ConfigError(f"invalid config key cluster.url: value {url.strip()!r} is not allowed "
+                              "(nats://host:port or tls://host:port, comma-separated)")
+    _check_readable("cluster.credentials_file", cluster.credentials_file)
+    _check_readable("cluster.ca_bundle", cluster.ca_bundle)
+    if config.retention.enabled:
+        raise ConfigError("invalid config key retention.enabled: value True is not allowed with cluster.url "
+                          "(the cleaner does not run in cluster mode)")
+    if config.scan.mode != "listing":
+        raise ConfigError("invalid config key scan.mode: value 'events' is not allowed with cluster.url "
+                          "(the intake leader lists the bucket)")
 
 
 def _check_readable(key: str, path: str) -> None:

@@ -143,15 +143,33 @@ def metrics_app(registry: CollectorRegistry, health: Health | None) -> Callable[
     return app
 
 
+class HostLabelled:
+    """Another collector's metrics, every sample with a ``host`` label (cluster mode: one series per host)."""
+
+    def __init__(self, inner: Any, host: str) -> None:
+        self.inner = inner
+        self.host = host
+
+    def describe(self) -> list[Metric]:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        for metric in self.inner.collect():
+            metric.samples = [sample._replace(labels={**sample.labels, "host": self.host}) for sample in metric.samples]
+            yield metric
+
+
 def serve_metrics(current: Callable[[], Snapshot | None], port: int, addr: str = "127.0.0.1",
-                  health: Health | None = None) -> Any:
+                  health: Health | None = None, *, host: str = "", extra: list[Any] | None = None) -> Any:
     """Serve /metrics for the run whose ``Snapshot`` ``current()`` returns (None: no run yet), and
     /healthz from ``health()`` (status, JSON body), from a daemon thread.
 
-    Returns the server; ``shutdown()`` and ``server_close()`` stop it.
+    With ``host`` (cluster mode) every sample carries a ``host`` label; ``extra`` collectors are
+    served beside (and labelled alike). Returns the server; ``shutdown()`` and ``server_close()`` stop it.
     """
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(SupervisorCollector(current))
+    for collector in [SupervisorCollector(current), *(extra or [])]:
+        registry.register(HostLabelled(collector, host) if host else collector)
 
     class Server(ThreadingWSGIServer):
         address_family = socket.AF_INET6 if ":" in addr else socket.AF_INET

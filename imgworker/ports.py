@@ -4,7 +4,8 @@ Each protocol is what the owners call, no more; an implementation plugs in behin
 owners changing. ``store.Store`` (minio) and ``memstore.MemoryStore`` are both ``ObjectStore``s;
 ``ledger.LocalBackend`` and ``ledger.ManagerBackend`` are both ``ProcessedSetBackend``s, and
 ``ledger.Ledger`` is the ``OutcomeLedger`` intake asks; ``recorder.Recorder`` is the ``OutcomeSink``
-every owner ends images through; the pool's contract is ``pool.Pool``. mypy checks every implementation against its protocol where the
+every owner ends images through; ``cluster.host.ClusterHost`` is the ``OutcomeClaims`` it asks first in
+cluster mode; the pool's contract is ``pool.Pool``. mypy checks every implementation against its protocol where the
 supervisor's ``Parts`` are built.
 """
 
@@ -139,3 +140,15 @@ class OutcomeSink(Protocol):
     def drop(self, ref: ImageRef, outcome: Outcome, cause: str) -> None: ...
 
     def accepted(self, ref: ImageRef) -> None: ...
+
+
+class OutcomeClaims(Protocol):
+    """Cluster mode's outcome ledger, asked by the sink before it ends an image (``cluster.host.ClusterHost``).
+
+    ``claim`` writes the outcome to the shared ledger if no host did: only then is it counted here
+    (results line, figures, actions). ``settled`` follows the local write: the image's message may go.
+    """
+
+    def claim(self, result: Result) -> bool: ...
+
+    def settled(self, result: Result) -> None: ...

@@ -9,6 +9,9 @@ storage gives up, intake's overflow) calls this object; none writes a results li
 counter of its own. ``snapshot()`` is the typed view that ``/metrics``, the progress line and the
 report read, so nothing reads the supervisor's insides.
 
+In cluster mode (``claims``) the shared ledger's create-if-absent comes before the line: an
+outcome another host recorded first is not counted here, and no action follows from it.
+
 Durable before destructive: ``finish`` writes the line before it submits the result's actions, so
 the janitor's fsync-before-delete covers every delete. ``drop`` writes the line before the image
 leaves the queue: if the write fails, the image is still waiting (or waits again) and the next
@@ -29,7 +32,7 @@ from .config import Config
 from .janitor import Done, Janitor
 from .journal import ResultsJournal
 from .outcomes import ImageRef, Outcome, Result
-from .ports import OutcomeLedger
+from .ports import OutcomeClaims, OutcomeLedger
 from .stats import HistogramFigures, Report, Stats
 
 Exited = Literal["deadline_kill", "recycled", "restarted"]
@@ -74,8 +77,10 @@ class Recorder:
     """Ends images and keeps the run's figures; ``open`` gives it the results journal and the janitor."""
 
     def __init__(self, cfg: Config, *, ledger: OutcomeLedger, waiting: WaitingImages,
-                 on_result: Callable[[Result], None] | None = None, wall: Callable[[], float] = time.time) -> None:
+                 on_result: Callable[[Result], None] | None = None, wall: Callable[[], float] = time.time,
+                 claims: OutcomeClaims | None = None) -> None:
         self.cfg = cfg
+        self.claims = claims  # cluster mode: the shared ledger decides whose outcome counts
         self.ledger = ledger
         self.waiting = waiting
         self.on_result = on_result
@@ -91,14 +96,23 @@ class Recorder:
     # ----- outcomes ----------------------------------------------------------------------
 
     def finish(self, result: Result) -> None:
-        """The image's terminal outcome: its line written first, then the figures, the ledger, its actions."""
+        """The image's terminal outcome: its line written first, then the figures, the ledger, its actions.
+
+        In cluster mode the shared ledger is written before all of them; an outcome another host
+        recorded first is not counted here.
+        """
         assert self.journal is not None and self.janitor is not None
+        if self.claims is not None and not self.claims.claim(result):
+            self.handed_back(1)  # another host's outcome counts (or none yet: the image comes again)
+            return
         line = self.journal.write(result)
         self.stats.record(result)
         self.ledger.add(result.key)
         jobs = actions.plan(self.cfg, result, line=line)
         if jobs:
             self.janitor.submit(jobs)
+        if self.claims is not None:
+            self.claims.settled(result)
         if self.on_result is not None:
             self.on_result(result)
 
@@ -115,6 +129,10 @@ class Recorder:
     def accepted(self, ref: ImageRef) -> None:
         """An image was taken in (queued, resumed, or given up before it was queued): it owes an outcome."""
         self.stats.scanned += 1
+
+    def handed_back(self, count: int) -> None:
+        """Cluster mode: images taken in here left without an outcome here; they owe it elsewhere."""
+        self.stats.scanned -= count
 
     # ----- what happened on the way ---------------------------------------------------------
 

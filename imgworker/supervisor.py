@@ -19,6 +19,11 @@ supervisor decides what an answer or a death means for an image, and installs th
 handlers. One clock (``clock``, monotonic) times the loop and every owner it passes it to; results'
 timestamps are wall-clock. ``step()`` is one iteration; ``Parts`` lets a test drive it with an in-memory store,
 an inline pool and an inline lister, without processes or servers.
+
+Cluster mode (``[cluster]``) adds ``ClusterHost``, a second queue and a second ledger behind these
+owners (see ``imgworker.cluster``): the lease holder's intake publishes instead of queueing,
+``feed_idle`` fetches no more than the idle lanes, and the recorder claims each outcome in the
+shared ledger first.
 """
 from __future__ import annotations
 
@@ -36,6 +41,7 @@ import msgspec
 
 from . import actions
 from .cleaner import CleanerStats, Plan, StoredImage
+from .cluster.host import ClusterHost
 from .config import Config
 from .dispatch import Dispatch
 from .endpoints import EndpointPool
@@ -101,6 +107,11 @@ def memory_parts(cfg: Config, store: MemoryStore, algo: Any, *, die_on: Callable
                  make_watcher=make_watcher)
 
 
+def _cluster_host(cfg: Config, clock: Callable[[], float]) -> ClusterHost | None:
+    """Cluster mode's side of the shared queue and ledger, or None on one host (nats is imported only then, by its link)."""
+    return ClusterHost(cfg, clock=clock) if cfg.cluster.enabled else None
+
+
 class Stopping:
     """Signals and stop conditions set flags here; the loop acts on them."""
 
@@ -135,7 +146,8 @@ class Supervisor:
         self.store = parts.store
         self.pool = parts.pool
         self.inflight = InFlight(cfg.item_deadline_s, clock)
-        self.dispatch = Dispatch(cfg.dispatch, clock, is_held=self.inflight.is_held)
+        self.cluster = _cluster_host(cfg, clock)
+        self.dispatch = Dispatch(cfg.dispatch, clock, is_held=self._held_or_published)
         self.endpoints = EndpointPool(cfg.algo, clock)
         self.progress = Progress(cfg.run.progress_interval_s, log_interval_s=cfg.run.progress_log_interval_s,
                                  enabled=show_progress)
@@ -144,7 +156,8 @@ class Supervisor:
         self.ledger = Ledger(os.path.join(cfg.run.state_dir, "state.json"), cfg.results_path, parts.ledger_backend)
         self.intake = Intake(cfg, ledger=self.ledger, dispatch=self.dispatch, make_lister=parts.make_lister,
                              make_watcher=parts.make_watcher, intake_done=intake_done, clock=clock)
-        self.recorder = Recorder(cfg, ledger=self.ledger, waiting=self.intake, on_result=on_result)
+        self.recorder = Recorder(cfg, ledger=self.ledger, waiting=self.intake, on_result=on_result,
+                                 claims=self.cluster)
         self.cleaning = CleanerPass(cfg, dispatch=self.dispatch, inflight=self.inflight, ledger=self.ledger,
                                     sink=self.recorder, cleaner=self.recorder.cleaner)
         self.expiry = ExpiryGuard(cfg, dispatch=self.dispatch, sink=self.recorder, stats=self.recorder.stats,
@@ -152,6 +165,8 @@ class Supervisor:
         self.journal: ResultsJournal | None = None
         self.janitor: Janitor | None = None
         self.stopping = Stopping(clock)
+        if self.cluster is not None:
+            self.cluster.give_up = lambda: self.stopping.forced
         self._started = clock()
         self._next_checkpoint = 0.0
         self._sampled_at = clock()
@@ -165,6 +180,8 @@ class Supervisor:
         self.lock.acquire()
         try:
             self.store.check()
+            if self.cluster is not None:
+                self.cluster.start()
             restored = self.ledger.start()
             self.journal = ResultsJournal(self.cfg.results_path)
             self.janitor = Janitor(self.store, sync=self.journal.sync, batch_size=self.cfg.retention.batch_size,
@@ -231,6 +248,8 @@ class Supervisor:
         """Stop every worker process against one deadline, stop the lister, finish store jobs, write state."""
         forced = self.stopping.forced
         self._stage("stopping worker processes", lambda: self._stop_pool(0.2 if forced else 1.0))
+        if self.cluster is not None:
+            self._stage("leaving the cluster", self._leave_cluster)
         self._stage("stopping the lister", self.intake.close)
         if self.janitor is not None:
             janitor = self.janitor
@@ -255,6 +274,16 @@ class Supervisor:
             action()
         except Exception:
             log.exception("shutdown: %s failed", what)
+
+    def _leave_cluster(self) -> None:
+        """Hand back what was fetched and not started, nak what is still held, give up the lease."""
+        assert self.cluster is not None
+        self.recorder.handed_back(self.cluster.release(self.dispatch))
+        self.cluster.close()
+
+    def _held_or_published(self, key: str) -> bool:
+        """Held by a lane, or (cluster leader) published to the work stream: intake does not take it again."""
+        return self.inflight.is_held(key) or (self.cluster is not None and self.cluster.published(key))
 
     def _close_durable(self) -> None:
         if self.journal is not None:
@@ -299,6 +328,8 @@ class Supervisor:
         """One iteration: intake, dispatch, wait for answers or deaths, deadlines, janitor, checkpoint."""
         now = self.clock()
         self._check_stop_conditions(now)
+        if self.cluster is not None and self.stopping.draining:
+            self.recorder.handed_back(self.cluster.release(self.dispatch))  # others start them now
         self.intake_step()
         if not self.stopping.draining:
             self.feed_idle()
@@ -375,6 +406,8 @@ class Supervisor:
     # ----- intake --------------------------------------------------------------------
 
     def intake_step(self) -> None:
+        if self.cluster is not None and not self.cluster.leading():
+            return  # one intake runs in a cluster: the lease holder's
         end = self.intake.step(draining=self.stopping.draining)
         if not self.stopping.draining:
             self._admit()
@@ -383,6 +416,9 @@ class Supervisor:
 
     def _admit(self) -> None:
         """Move images from the backlog into the queue, as room (or the overflow policy) allows."""
+        if self.cluster is not None:
+            self.cluster.admit(self.intake)  # to the shared work stream; taken in where a lane fetches it
+            return
         block = self.cfg.dispatch.overflow == "block"
         refs = self.intake.take(self.dispatch.room if block else len(self.intake.backlog))
         for n, ref in enumerate(refs):
@@ -424,6 +460,8 @@ class Supervisor:
         Images whose no-endpoint budget ran out are failed first, so none of them carries a probe.
         """
         self._fail_waited_out(self.clock())
+        if self.cluster is not None:
+            self.cluster.feed(self.dispatch, self.recorder, self.pool.idle_lanes())
         blocked: set[str] = set()
 
         def usable(kind: str) -> bool:
@@ -618,6 +656,8 @@ class Supervisor:
     def _resume(self, restored: Restored) -> int:
         """Queue the unfinished keys of the last run; redo the actions past the watermark, and those owed."""
         assert self.janitor is not None
+        if self.cluster is not None:  # unfinished images are still in the work stream, or redelivered
+            restored = msgspec.structs.replace(restored, pending=[])
         new = self.ledger.filter_new(restored.pending)
         resumed = [k for k in restored.pending if k in new]
         for key in resumed:

@@ -1,0 +1,80 @@
+"""Cluster mode: several hosts share one NATS JetStream work queue and one outcome ledger.
+
+It is a second queue and a second ledger behind the owners a single host already has, not a
+second supervisor. Each host runs the ordinary ``Supervisor`` (its own state directory, results
+file, worker processes and lanes); ``[cluster] url`` adds three things to it::
+
+    leader only:  Intake (lister sweeps ─▶ OutcomeLedger.filter_new ─▶ backlog)
+                    ─▶ ClusterHost.publish ─▶ [lease CAS] ─▶ work stream (Nats-Msg-Id bucket/key@version)
+    every host:   work stream ─▶ one durable pull consumer ─▶ ClusterHost.feed (no more than idle lanes)
+                    ─▶ ledger get: counted already? ack ─ delivered > max_attempts? failed_worker ─ else:
+                    ─▶ Dispatch ─▶ InFlight ─▶ Pool ─▶ Answer / Exit (as on one host)
+                    ─▶ Recorder.finish ─▶ OutcomeClaims.claim (KV create-if-absent) ─▶ results journal
+                       ─▶ Stats, Ledger, Janitor ─▶ OutcomeClaims.settled (ack, or term for failed_worker)
+    stop:         draining ─▶ queued but not started: nak ─▶ in flight: drained ─▶ still held: nak
+
+Who owns what stays as on one host: ``InFlight`` holds what a lane holds, ``Dispatch`` what waits
+on this host, ``Recorder`` ends images. ``ClusterHost`` (``host.py``) only decides what the
+shared queue and the shared ledger mean for them; ``JetStreamLink`` (``jetstream.py``) is the only
+module that imports ``nats`` and the only place that talks to the server.
+
+Why a thread: nats-py is asyncio and the supervisor's loop is synchronous and blocks in
+``multiprocessing.connection.wait``. The client runs on its own event loop in one daemon thread of
+the supervisor process; the loop calls it through ``JetStreamLink``'s blocking methods (each a
+coroutine run with ``run_coroutine_threadsafe`` and a timeout). In that thread, and not in the
+supervisor's loop, run the progress notes (``in_progress()`` every AckWait/3 for every message
+this host holds) and the lease renewals, so a long ``wait`` or a checkpoint never lets a message
+or the lease lapse. A thread and not a process: the host is one failure unit. SIGKILL or SIGSTOP
+of the supervisor stops its notes and its lease with it, which is exactly what must make
+JetStream hand its messages to others; a separate process would keep them alive for a dead host
+and need a second pipe protocol.
+
+The ledger decides "counted once", not the ack. Late acks and progress notes are accepted against
+a redelivery, so an ack proves nothing. Every outcome is first written to the ledger bucket with
+create-if-absent (``update(last=0)``, which, unlike ``create``, also fails on a delete marker) under
+``sha256(bucket/key)``; only the host whose write created the key counts the image (results line,
+figures, actions), and only then is the message acked. A host that loses the race (it was
+SIGSTOPped past AckWait, or partitioned) acks and writes nothing. A delivery whose key is already
+in the ledger is acked and not analysed. Ledger keys are never deleted, purged or given a TTL:
+``create`` succeeds again on a deleted key.
+
+Redelivery and attempts: a host fetches no more than its idle lanes, with a fetch timeout far
+below AckWait, so nothing waits in a client buffer while its AckWait runs. A delivered image
+starts at ``attempt = num_delivered``; the local retries after a worker death count on from there.
+A delivery with ``num_delivered > worker.max_attempts`` (earlier holders died, whole hosts
+included) ends ``failed_worker`` in the ledger and is ``term()``ed: the stream's MaxDeliver is only
+a backstop, and its advisory is not relied on.
+
+Intake leader: one host at a time holds the lease, a key of the lease bucket created with a
+per-message TTL (``lease_ttl_s``) and renewed by compare-and-set on its revision every third of
+the TTL. Fencing: every publish batch is preceded by that compare-and-set on the revision the
+leader holds, which stamps the new revision; a deposed leader's CAS fails and its batch is not
+published. Publishes carry ``Nats-Msg-Id`` = ``bucket/key@<mtime>-<size>`` (the object version as
+listed), so repeated sweeps and a new leader's first sweep are stored once within
+``duplicate_window_s``; beyond it a duplicate is acked at delivery by the ledger check. A full stream
+(``max_msgs``, discard new) refuses the publish: the images go back to the leader's backlog and
+intake waits (backpressure); nothing is dropped.
+
+Not in cluster mode (refused by the config): the cleaner (``retention.enabled``) and change events
+(``scan.mode = "events"``); the leader lists the bucket.
+
+Failure semantics (what each part's death means):
+
+- a worker process: as on one host, retried locally; its attempts count on from ``num_delivered``.
+- a whole host (SIGKILL, power): its progress notes stop; after AckWait its messages go to others.
+  Only the images it held are analysed twice; the ledger keeps one outcome each.
+- a paused host (SIGSTOP, GC, partition) past AckWait: as above; when it resumes, its late outcomes
+  lose the create race and are not counted.
+- the intake leader: its lease expires after at most ``lease_ttl_s``; another host creates it.
+- nats-server for a while: the client reconnects on its own; fetches return nothing, claims are
+  retried for up to AckWait and otherwise the image is handed back unrecorded (redelivered later).
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+
+def ledger_key(bucket: str, key: str) -> str:
+    """The ledger's key for an image: a fixed-length hash (object keys may hold characters KV keys may not)."""
+    return hashlib.sha256(f"{bucket}/{key}".encode()).hexdigest()[:40]

@@ -1,0 +1,278 @@
+"""What the shared queue and the shared ledger mean for one host's owners (see the package docstring).
+
+``ClusterHost`` is what the supervisor calls in cluster mode: ``publish`` (the intake leader's
+admission), ``feed`` (idle lanes take from the shared consumer), ``release`` (a stop hands back
+what was fetched and not started), and, as the recorder's ``OutcomeClaims``, ``claim`` before an
+outcome is written and ``settled`` after it. It decides; ``JetStreamLink`` talks to the server.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import socket
+import time
+import uuid
+from collections.abc import Callable
+from collections.abc import Iterator
+from typing import Any, Protocol
+
+import msgspec
+
+from ..backoff import Backoff
+from ..config import Config
+from ..dispatch import Dispatch
+from ..outcomes import ImageRef, Outcome, Result, WorkItem
+from ..ports import OutcomeSink
+from .jetstream import ClusterUnavailable, JetStreamLink
+
+log = logging.getLogger(__name__)
+
+#: The most images the leader publishes in one loop step: a sweep never holds the loop up for long.
+PUBLISH_BATCH = 256
+
+
+class Backlog(Protocol):
+    """Where the leader's intake keeps images found and not yet published (``intake.Intake``)."""
+
+    def take(self, limit: int) -> list[ImageRef]: ...
+
+    def put_back(self, refs: list[ImageRef]) -> None: ...
+
+
+class LedgerEntry(msgspec.Struct, frozen=True):
+    """One image's outcome as the cluster ledger keeps it: which host counted it, and how it ended."""
+
+    key: str
+    outcome: Outcome
+    host: str
+    task_type: str = ""
+    attempt: int = 1
+    cause: str = ""
+    detections: int = 0
+    algo_ms: float | None = None
+    e2e_ms: float | None = None
+    started_at: float = 0.0
+    finished_at: float = 0.0
+    token: str = ""  # unique per claim: a claim retried after a lost answer recognises its own write
+
+
+class ClusterFigures(msgspec.Struct):
+    """What this host saw of the shared queue and ledger (logged at the end, exported as metrics)."""
+
+    fetched: int = 0
+    already_counted: int = 0  # delivered again, found in the ledger: acked, not analysed
+    late_outcomes: int = 0  # analysed here, but another host's outcome was in the ledger first
+    released: int = 0  # fetched, not started, naked at a stop
+    published: int = 0
+    stream_full: int = 0  # publish batches refused by a full stream
+    unrecorded: int = 0  # the ledger could not be reached: handed back unrecorded
+
+
+class ClusterHost:
+    """One host's side of the shared work stream and outcome ledger."""
+
+    def __init__(self, cfg: Config, *, link: JetStreamLink | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.cfg = cfg
+        self.name = cfg.cluster.host or socket.gethostname()
+        self.link = link or JetStreamLink(cfg.cluster, host=self.name, bucket=cfg.store.bucket)
+        self.clock = clock
+        self.figures = ClusterFigures()
+        self.give_up: Callable[[], bool] = lambda: False  # the supervisor's "stop forced"
+        self._away = Backoff(0.5, 5.0)
+        self._retry_at = 0.0
+        self._full_until = 0.0
+        # published by this host while it led, so its sweeps do not publish them again; bounded (the
+        # oldest are forgotten: a key published again is stored once within the duplicate window,
+        # and acked as already counted at delivery after it)
+        self._published: collections.OrderedDict[str, None] = collections.OrderedDict()
+
+    def start(self) -> None:
+        self.link.start()
+        log.info("cluster mode: host %s, stream %s, consumer %s, ledger %s", self.name, self.cfg.cluster.stream,
+                 self.cfg.cluster.consumer, self.cfg.cluster.ledger_bucket)
+
+    def close(self) -> None:
+        self.link.close()
+        log.info("cluster: %s", msgspec.structs.asdict(self.figures))
+
+    def leading(self) -> bool:
+        return self.link.leading()
+
+    def collector(self) -> ClusterCollector:
+        """The metrics of this host's side of the cluster (the leader adds the stream's figures)."""
+        return ClusterCollector(self)
+
+    # ----- intake (the leader) ---------------------------------------------------------------
+
+    def can_publish(self) -> bool:
+        """Not while the stream was full a moment ago, nor while the server is away."""
+        now = self.clock()
+        return now >= self._full_until and now >= self._retry_at
+
+    def published(self, key: str) -> bool:
+        """This host published the image while it led (intake does not take it in again)."""
+        return key in self._published
+
+    def admit(self, backlog: Backlog) -> None:
+        """The leader's admission: images from the backlog go to the work stream, not to the local queue."""
+        if not self.can_publish():
+            return
+        refs = backlog.take(PUBLISH_BATCH)
+        if refs:
+            backlog.put_back(self.publish(refs))
+
+    def publish(self, refs: list[ImageRef]) -> list[ImageRef]:
+        """Publish taken images to the work stream; return those not published (they go back to the backlog)."""
+        try:
+            done = self.link.publish(refs)
+        except ClusterUnavailable as exc:
+            self._unavailable("publish", exc)
+            return refs
+        self._away.reset()
+        self.figures.published += done.sent
+        for ref in refs[:done.sent]:
+            self._published[ref.key] = None
+        while len(self._published) > 4 * self.cfg.cluster.max_msgs:
+            self._published.popitem(last=False)
+        if done.deposed:
+            self._retry_at = self.clock() + 1.0
+        if done.full:
+            self.figures.stream_full += 1
+            self._full_until = self.clock() + 0.5
+            log.info("work stream full (%d messages): intake waits", self.cfg.cluster.max_msgs)
+        return refs[done.sent:]
+
+    # ----- dispatch (every host) ----------------------------------------------------------------
+
+    def feed(self, dispatch: Dispatch, sink: OutcomeSink, idle: int) -> None:
+        """Fetch no more than ``idle`` images from the shared consumer into the local queue."""
+        want = idle - dispatch.pending
+        if want <= 0 or self.clock() < self._retry_at:
+            return
+        try:
+            deliveries = self.link.fetch(want)
+        except ClusterUnavailable as exc:
+            self._unavailable("fetch", exc)
+            return
+        self._away.reset()
+        for delivery in deliveries:
+            ref = delivery.ref
+            self.figures.fetched += 1
+            if delivery.counted:
+                self.figures.already_counted += 1
+                self._settle(ref.key, term=False)
+                continue
+            sink.accepted(ref)
+            if delivery.delivered > self.cfg.worker.max_attempts:
+                log.error("%s delivered %d times, its holders lost it each time; giving up on it", ref.key,
+                          delivery.delivered)
+                sink.finish(Result(key=ref.key, outcome=Outcome.FAILED_WORKER, task_type=ref.task_type,
+                                   task_id=ref.task_id, attempt=delivery.delivered - 1,
+                                   cause=f"delivered_{delivery.delivered}_times", finished_at=time.time()))
+                continue
+            dispatch.append(WorkItem(ref=ref, attempt=max(1, delivery.delivered)))
+
+    def release(self, dispatch: Dispatch) -> int:
+        """A stop began: the images fetched but not started leave the local queue and are naked; how many."""
+        keys = dispatch.pending_keys()
+        if not keys:
+            return 0
+        for key in keys:
+            dispatch.withdraw(key)
+        try:
+            self.link.release(keys)
+        except ClusterUnavailable as exc:
+            log.warning("could not hand back %d fetched images (%s); they come again after AckWait", len(keys), exc)
+        self.figures.released += len(keys)
+        log.info("handed %d fetched, unstarted images back to the cluster", len(keys))
+        return len(keys)
+
+    # ----- the ledger (OutcomeClaims) -------------------------------------------------------------
+
+    def claim(self, result: Result) -> bool:
+        """Write the outcome to the ledger if no host did: True if this host's outcome counts.
+
+        While the server is away this waits and retries: a write whose answer was lost may still
+        land (the client sends what it buffered once it reconnects), so an unanswered claim is
+        never taken for "not written". Each retry recognises its own earlier write by its token.
+        Only a forced stop (``give_up``) ends the wait; the image is then handed back unrecorded.
+        """
+        entry = LedgerEntry(key=result.key, outcome=result.outcome, host=self.name, task_type=result.task_type,
+                            attempt=result.attempt, cause=result.cause, detections=result.detections,
+                            algo_ms=result.algo_ms, e2e_ms=result.e2e_ms, started_at=result.started_at,
+                            finished_at=result.finished_at, token=uuid.uuid4().hex)
+        value = msgspec.json.encode(entry)
+        backoff = Backoff(0.2, 2.0)
+        while True:
+            try:
+                won = self.link.claim(result.key, value) or self._wrote_it(result.key, entry.token)
+                break
+            except ClusterUnavailable as exc:
+                if self.give_up():
+                    log.error("outcome of %s not recorded: the cluster ledger is unreachable (%s) and the stop is "
+                              "forced; it comes again", result.key, exc)
+                    self.figures.unrecorded += 1
+                    self.link.forget(result.key)
+                    return False
+                wait_s = backoff.fail()
+                log.warning("cluster ledger unreachable (%s); recording %s again in %.1f s", exc, result.key, wait_s)
+                time.sleep(wait_s)
+        if not won:
+            self.figures.late_outcomes += 1
+            log.info("%s already has an outcome in the cluster ledger: this host's (%s) is not counted",
+                     result.key, result.outcome.value)
+            self._settle(result.key, term=False)
+        return won
+
+    def _wrote_it(self, key: str, token: str) -> bool:
+        """The entry that is there is this claim's own (its first try's answer was lost on the way)."""
+        stored = self.link.ledger_value(key)
+        return stored is not None and msgspec.json.decode(stored, type=LedgerEntry).token == token
+
+    def settled(self, result: Result) -> None:
+        """Its outcome is in the ledger and in this host's results: its message leaves the stream."""
+        self._settle(result.key, term=result.outcome is Outcome.FAILED_WORKER)
+
+    def _settle(self, key: str, *, term: bool) -> None:
+        try:
+            self.link.settle(key, term=term)
+        except ClusterUnavailable as exc:  # redelivered later, then acked as already counted
+            log.warning("could not ack %s (%s); it will be acked as already counted", key, exc)
+
+    def _unavailable(self, what: str, exc: Exception) -> None:
+        wait_s = self._away.fail()
+        self._retry_at = self.clock() + wait_s
+        log.warning("NATS %s failed (%s); trying again in %.1f s", what, exc, wait_s)
+
+
+class ClusterCollector:
+    """Prometheus figures of one host's side of the cluster; the leader also exports the stream's."""
+
+    def __init__(self, host: ClusterHost) -> None:
+        self.host = host
+
+    def describe(self) -> list[Any]:
+        return []
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        for name, value in msgspec.structs.asdict(self.host.figures).items():
+            yield CounterMetricFamily(f"imgworker_cluster_{name}", f"Cluster mode: {name.replace('_', ' ')}.",
+                                      value=value)
+        leading = self.host.leading()
+        yield GaugeMetricFamily("imgworker_cluster_leader", "1 on the host holding the intake lease.", value=leading)
+        if not leading:
+            return
+        try:
+            figures = self.host.link.figures()
+        except ClusterUnavailable:
+            return
+        docs = {"stream_messages": "Messages in the work stream (queued or delivered, not acked).",
+                "consumer_pending": "Messages not yet delivered.",
+                "consumer_ack_pending": "Messages delivered and not yet acked, on any host.",
+                "consumer_redelivered": "Messages delivered more than once and not yet acked."}
+        for name, value in figures.items():
+            yield GaugeMetricFamily(f"imgworker_cluster_{name}", docs[name], value=value)

@@ -1,0 +1,424 @@
+"""The one module that talks to NATS: a nats-py client on its own event loop, in one daemon thread.
+
+``JetStreamLink``'s public methods block the caller (the supervisor's loop) for at most their
+timeout; each runs one coroutine on the link's loop. Every nats-py error is translated into
+``ClusterUnavailable`` (transient: the server is away, retry) where it enters. The progress notes
+of the messages this host holds and the lease renewals run as tasks on that loop, whatever the
+supervisor's loop is doing (see the package docstring).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import ssl
+import threading
+import time
+from collections.abc import Coroutine
+from typing import Any, TypeVar
+
+import msgspec
+
+from ..config import ClusterConfig
+from ..outcomes import ImageRef
+
+log = logging.getLogger(__name__)
+_T = TypeVar("_T")
+
+LEASE_KEY = "intake"
+#: How long one fetch waits for messages: far below any AckWait (1 s at least), so a fetched
+#: message never waits in the client's buffer while its AckWait runs.
+FETCH_TIMEOUT_S = 0.1
+#: The longest one blocking call waits for the server before it counts as unavailable.
+CALL_TIMEOUT_S = 3.0
+_WRONG_LAST_SEQUENCE = (10071, 10164)
+_STREAM_FULL = 10077
+
+
+class ClusterUnavailable(Exception):
+    """The NATS server could not be reached or did not answer in time (transient)."""
+
+
+class Delivery(msgspec.Struct, frozen=True):
+    """One fetched message: the image, how often it was delivered, whether the ledger has it already."""
+
+    ref: ImageRef
+    delivered: int
+    counted: bool
+
+
+class Published(msgspec.Struct, frozen=True):
+    """What one publish batch did: how many were stored (or found stored), and why it stopped early."""
+
+    sent: int
+    full: bool = False
+    deposed: bool = False
+
+
+class JetStreamLink:
+    """The work stream, its durable consumer, the ledger and lease buckets, through one connection."""
+
+    def __init__(self, cfg: ClusterConfig, *, host: str, bucket: str) -> None:
+        self.cfg = cfg
+        self.host = host
+        self.bucket = bucket
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="nats-link", daemon=True)
+        self._nc: Any = None
+        self._js: Any = None
+        self._sub: Any = None
+        self._ledger: Any = None
+        self._lease: Any = None
+        self._held: dict[str, Any] = {}  # image key -> its latest delivered message, until acked or naked
+        self._tasks: list[asyncio.Task[None]] = []
+        self.lease_revision = 0  # the lease revision this host holds (0: not the leader)
+        self._lease_renewed = 0.0
+        self._closing = False
+
+    # ----- lifecycle (the supervisor's thread) ------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the thread, connect, make sure the stream, consumer and buckets exist, start the tasks."""
+        self._thread.start()
+        self._call(self._open(), timeout=max(CALL_TIMEOUT_S, 10.0))
+
+    def close(self) -> None:
+        """Nak what is still held, close the connection, stop the thread."""
+        if not self._thread.is_alive():
+            return
+        with contextlib.suppress(ClusterUnavailable):
+            self._call(self._close(), timeout=CALL_TIMEOUT_S + 2.0)
+        with contextlib.suppress(Exception):
+            asyncio.run_coroutine_threadsafe(_cancel_the_rest(), self._loop).result(2.0)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(5.0)
+
+    def _call(self, work: Coroutine[Any, Any, _T], *, timeout: float = CALL_TIMEOUT_S) -> _T:
+        future = asyncio.run_coroutine_threadsafe(work, self._loop)
+        try:
+            return future.result(timeout)
+        except ClusterUnavailable:
+            raise
+        except Exception as exc:  # nats-py raises many kinds; each means: not now
+            future.cancel()
+            raise ClusterUnavailable(str(exc) or type(exc).__name__) from exc
+
+    # ----- the supervisor's calls ------------------------------------------------------------------
+
+    def fetch(self, n: int) -> list[Delivery]:
+        """Up to ``n`` new messages (waiting at most ``FETCH_TIMEOUT_S``), each looked up in the ledger."""
+        return self._call(self._fetch(n))
+
+    def publish(self, refs: list[ImageRef]) -> Published:
+        """Publish images to the work stream, fenced by a CAS on the lease first (leader only)."""
+        return self._call(self._publish(refs), timeout=CALL_TIMEOUT_S + 0.01 * len(refs))
+
+    def claim(self, key: str, value: bytes) -> bool:
+        """Create the image's ledger entry if absent: True if this call created it."""
+        return self._call(self._claim(key, value))
+
+    def ledger_value(self, key: str) -> bytes | None:
+        """The image's ledger entry as stored, or None."""
+        return self._call(self._ledger_value(key))
+
+    def settle(self, key: str, *, term: bool = False) -> None:
+        """The outcome is in the ledger: ack the message (``term`` for a final failure); no-op if not held."""
+        self._call(self._settle(key, term=term))
+
+    def release(self, keys: list[str]) -> None:
+        """Nak held messages (fetched, not started): JetStream hands them to another host at once."""
+        self._call(self._release(keys))
+
+    def forget(self, key: str) -> None:
+        """Stop the progress notes of a message without acking it: it is redelivered after AckWait."""
+        self._loop.call_soon_threadsafe(self._held.pop, key, None)
+
+    def holds(self) -> int:
+        return len(self._held)
+
+    def leading(self) -> bool:
+        """This host holds the intake lease (renewed within its TTL)."""
+        return bool(self.lease_revision) and time.monotonic() - self._lease_renewed < self.cfg.lease_ttl_s
+
+    def figures(self) -> dict[str, int]:
+        """The stream's depth and the consumer's pending, unacked and redelivered counts."""
+        return self._call(_figures(self._js, self.cfg))
+
+    # ----- on the link's loop ------------------------------------------------------------------------
+
+    async def _open(self) -> None:
+        import nats
+
+        options: dict[str, Any] = {}
+        if self.cfg.credentials_file:
+            options["user_credentials"] = self.cfg.credentials_file
+        if self.cfg.ca_bundle:
+            options["tls"] = ssl.create_default_context(cafile=self.cfg.ca_bundle)
+        self._nc = await nats.connect(
+            [u.strip() for u in self.cfg.url.split(",")], name=f"imgworker-{self.host}", connect_timeout=2,
+            allow_reconnect=True, max_reconnect_attempts=-1, reconnect_time_wait=0.5, ping_interval=5,
+            max_outstanding_pings=2, error_cb=_log_error, disconnected_cb=self._disconnected,
+            reconnected_cb=_reconnected, **options)
+        self._js = self._nc.jetstream(timeout=CALL_TIMEOUT_S)
+        await self._ensure()
+        self._tasks = [asyncio.ensure_future(self._progress_notes()), asyncio.ensure_future(self._keep_lease())]
+
+    async def _ensure(self) -> None:
+        """Create what is missing; an existing stream, consumer or bucket is used as it is."""
+        import nats.js.errors
+        from nats.js.api import (
+            AckPolicy, ConsumerConfig, DiscardPolicy, KeyValueConfig, RetentionPolicy, StorageType, StreamConfig,
+        )
+
+        cfg = self.cfg
+        stream = StreamConfig(name=cfg.stream, subjects=[cfg.subject], retention=RetentionPolicy.WORK_QUEUE,
+                              discard=DiscardPolicy.NEW, max_msgs=cfg.max_msgs, storage=StorageType.FILE,
+                              duplicate_window=cfg.duplicate_window_s, num_replicas=cfg.replicas)
+        try:
+            await self._js.stream_info(cfg.stream)
+        except nats.js.errors.NotFoundError:
+            await self._js.add_stream(stream)
+        consumer = ConsumerConfig(durable_name=cfg.consumer, ack_policy=AckPolicy.EXPLICIT, ack_wait=cfg.ack_wait_s,
+                                  max_deliver=-1, max_ack_pending=-1, max_waiting=4096)
+        self._sub = await self._js.pull_subscribe(cfg.subject, durable=cfg.consumer, stream=cfg.stream,
+                                                  config=consumer)
+        for name, attr in ((cfg.ledger_bucket, "_ledger"), (cfg.lease_bucket, "_lease")):
+            try:
+                kv = await self._js.key_value(name)
+            except (nats.js.errors.BucketNotFoundError, nats.js.errors.NotFoundError):
+                kv = await self._js.create_key_value(KeyValueConfig(bucket=name, history=1, replicas=cfg.replicas,
+                                                                    storage=StorageType.FILE))
+            setattr(self, attr, kv)
+
+    async def _disconnected(self) -> None:
+        if not self._closing:
+            log.warning("NATS connection lost; reconnecting")
+
+    async def _close(self) -> None:
+        self._closing = True
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._release(list(self._held))
+        if self.lease_revision:  # hand the lease over at once rather than after its TTL
+            with contextlib.suppress(Exception):
+                await self._lease.delete(LEASE_KEY, last=self.lease_revision)
+            self.lease_revision = 0
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self._nc.close(), CALL_TIMEOUT_S)
+
+    async def _fetch(self, n: int) -> list[Delivery]:
+        import nats.errors
+
+        try:
+            messages = await self._sub.fetch(n, timeout=FETCH_TIMEOUT_S)
+        except nats.errors.TimeoutError:
+            return []
+        out: list[Delivery] = []
+        for message in messages:
+            try:
+                ref = msgspec.msgpack.decode(message.data, type=ImageRef)
+            except msgspec.DecodeError:
+                log.warning("dropping a malformed work message (%d bytes)", len(message.data))
+                await message.term()
+                continue
+            again = ref.key in self._held  # this host still holds an earlier delivery (it was paused)
+            self._held[ref.key] = message
+            if again:
+                continue
+            counted = await self._ledger_has(ref.key)
+            out.append(Delivery(ref=ref, delivered=message.metadata.num_delivered, counted=counted))
+        return out
+
+    async def _ledger_has(self, key: str) -> bool:
+        import nats.js.errors
+
+        from . import ledger_key
+
+        try:
+            await self._ledger.get(ledger_key(self.bucket, key))
+        except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError):
+            return False
+        return True
+
+    async def _ledger_value(self, key: str) -> bytes | None:
+        import nats.js.errors
+
+        from . import ledger_key
+
+        try:
+            entry = await self._ledger.get(ledger_key(self.bucket, key))
+        except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError):
+            return None
+        return bytes(entry.value or b"")
+
+    async def _claim(self, key: str, value: bytes) -> bool:
+        import nats.js.errors
+
+        from . import ledger_key
+
+        try:
+            # update(last=0), not create(): create would write again over a delete marker
+            await self._ledger.update(ledger_key(self.bucket, key), value, last=0)
+        except nats.js.errors.KeyWrongLastSequenceError:
+            return False
+        return True
+
+    async def _settle(self, key: str, *, term: bool) -> None:
+        message = self._held.pop(key, None)
+        if message is None:
+            return
+        with contextlib.suppress(Exception):  # a lost ack: redelivered, then acked as already counted
+            await (message.term() if term else message.ack())
+
+    async def _release(self, keys: list[str]) -> None:
+        for key in keys:
+            message = self._held.pop(key, None)
+            if message is not None:
+                with contextlib.suppress(Exception):  # not naked: redelivered after AckWait
+                    await message.nak()
+
+    async def _publish(self, refs: list[ImageRef]) -> Published:
+        import nats.js.errors
+
+        if not refs:
+            return Published(sent=0)
+        revision = await self._renew_lease()
+        if not revision:
+            return Published(sent=0, deposed=True)
+        sent = 0
+        for ref in refs:
+            headers = {"Nats-Msg-Id": f"{self.bucket}/{ref.key}@{int(ref.mtime * 1e6)}-{ref.size}",
+                       "Imgworker-Lease": str(revision)}
+            try:
+                await self._js.publish(self.cfg.subject, msgspec.msgpack.encode(ref), headers=headers,
+                                       stream=self.cfg.stream)
+            except nats.js.errors.APIError as exc:
+                if exc.err_code == _STREAM_FULL or "maximum messages" in (exc.description or ""):
+                    return Published(sent=sent, full=True)
+                raise
+            sent += 1
+        return Published(sent=sent)
+
+    async def _renew_lease(self) -> int:
+        """CAS the lease on the revision held: the new revision, or 0 (deposed: another host holds it)."""
+        import nats.js.errors
+
+        revision = self.lease_revision
+        if not revision:
+            return 0
+        headers = {"Nats-Expected-Last-Subject-Sequence": str(revision)}
+        try:
+            ack = await self._js.publish(f"$KV.{self.cfg.lease_bucket}.{LEASE_KEY}", self.host.encode(),
+                                         headers=headers, msg_ttl=self.cfg.lease_ttl_s)
+        except nats.js.errors.APIError as exc:
+            if exc.err_code in _WRONG_LAST_SEQUENCE:
+                log.warning("intake lease lost (revision %d is not the latest): no longer the intake leader",
+                            revision)
+                self.lease_revision = 0
+                return 0
+            raise
+        self.lease_revision, self._lease_renewed = ack.seq, time.monotonic()
+        return int(ack.seq)
+
+    async def _keep_lease(self) -> None:
+        """Renew the lease if held, else try to take it, every third of its TTL."""
+        import nats.js.errors
+
+        while True:
+            try:
+                if self.lease_revision:
+                    await self._renew_lease()
+                else:
+                    revision = await self._lease.create(LEASE_KEY, self.host.encode(), msg_ttl=self.cfg.lease_ttl_s)
+                    self.lease_revision, self._lease_renewed = revision, time.monotonic()
+                    log.info("this host is now the intake leader (lease revision %d)", revision)
+            except nats.js.errors.KeyWrongLastSequenceError:
+                pass  # another host holds it
+            except Exception as exc:  # away: a lease not renewed within its TTL is not held (leading())
+                log.debug("lease: %s", exc or type(exc).__name__)
+            await asyncio.sleep(self.cfg.lease_ttl_s / 3)
+
+    async def _progress_notes(self) -> None:
+        """``in_progress()`` for every message this host holds, every third of AckWait."""
+        while True:
+            await asyncio.sleep(self.cfg.ack_wait_s / 3)
+            for message in list(self._held.values()):
+                try:
+                    await message.in_progress()
+                except Exception as exc:  # away: the messages come again after AckWait, the ledger decides
+                    log.debug("progress note: %s", exc or type(exc).__name__)
+                    break
+
+
+
+def read_cluster(cfg: ClusterConfig) -> tuple[list[bytes], dict[str, int]]:
+    """Every value in the ledger bucket, and the work stream's figures, on a connection of its own.
+
+    Read from the bucket's stream in order, not by a watch (watches may lose updates); takes no lease.
+    """
+    return asyncio.run(_read_cluster(cfg))
+
+
+async def _read_cluster(cfg: ClusterConfig) -> tuple[list[bytes], dict[str, int]]:
+    import nats
+    import nats.errors
+
+    options: dict[str, Any] = {}
+    if cfg.credentials_file:
+        options["user_credentials"] = cfg.credentials_file
+    if cfg.ca_bundle:
+        options["tls"] = ssl.create_default_context(cafile=cfg.ca_bundle)
+    try:
+        nc = await nats.connect([u.strip() for u in cfg.url.split(",")], connect_timeout=2, allow_reconnect=False,
+                                max_reconnect_attempts=1, error_cb=_log_error, **options)
+    except Exception as exc:
+        raise ClusterUnavailable(str(exc) or type(exc).__name__) from exc
+    try:
+        js = nc.jetstream(timeout=CALL_TIMEOUT_S)
+        stream = f"KV_{cfg.ledger_bucket}"
+        info = await js.stream_info(stream)
+        values: list[bytes] = []
+        if info.state.messages:
+            sub = await js.subscribe(f"$KV.{cfg.ledger_bucket}.>", ordered_consumer=True, stream=stream)
+            try:
+                while len(values) < info.state.messages:
+                    try:
+                        message = await sub.next_msg(timeout=5.0)
+                    except nats.errors.TimeoutError:
+                        break
+                    if message.data:  # a delete marker has none (ledger keys are never deleted)
+                        values.append(message.data)
+            finally:
+                await sub.unsubscribe()
+        figures = await _figures(js, cfg)
+        return values, figures
+    except Exception as exc:
+        raise ClusterUnavailable(str(exc) or type(exc).__name__) from exc
+    finally:
+        await nc.close()
+
+
+async def _figures(js: Any, cfg: ClusterConfig) -> dict[str, int]:
+    stream = await js.stream_info(cfg.stream)
+    consumer = await js.consumer_info(cfg.stream, cfg.consumer)
+    return {"stream_messages": stream.state.messages, "consumer_pending": consumer.num_pending or 0,
+            "consumer_ack_pending": consumer.num_ack_pending or 0,
+            "consumer_redelivered": consumer.num_redelivered or 0}
+
+
+async def _cancel_the_rest() -> None:
+    """Cancel every other task of the link's loop (the client's own, should its close not have ended them)."""
+    tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def _log_error(exc: Exception) -> None:
+    log.debug("NATS: %s", exc or type(exc).__name__)
+
+
+async def _reconnected() -> None:
+    log.info("NATS connection back")

@@ -1,0 +1,384 @@
+"""Cluster mode with real processes: hosts are ``imgworker run`` supervisors sharing one nats-server.
+
+Counted at the far end: the ledger bucket (one outcome per image, and which host), every host's
+results file (one line per image cluster-wide), and the POSTs the algorithm service received.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from imgworker.results import read_results
+from imgworker.services.algo_server import AlgoService, SyntheticParams
+from tests.support.cli import cli_env
+from tests.support.cluster import (
+    Host, NatsServer, cluster_env, jetstream_cluster, ledger, per_key, wait_for_jetstream, wait_for_ledger,
+)
+from tests.support.results import calls_under
+from tests.support.store import upload
+
+pytestmark = pytest.mark.timeout(180)
+
+
+@pytest.fixture(scope="module")
+def slow_service() -> Iterator[AlgoService]:
+    """300 ms a call: a host always holds images when it is killed or paused."""
+    with AlgoService("synthetic", SyntheticParams(latency_ms=300.0, sigma=0.0, detection_rate=0.5, seed=3)) as service:
+        yield service
+
+
+@pytest.fixture()
+def nats(tmp_path: Any) -> Iterator[NatsServer]:
+    server = NatsServer(str(tmp_path / "nats"))
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture()
+def hosts() -> Iterator[list[Host]]:
+    started: list[Host] = []
+    try:
+        yield started
+    finally:
+        for host in started:
+            host.reap()
+
+
+def images(store: Any, prefix: str, n: int) -> list[str]:
+    keys = [f"{prefix}person/cam{i % 3}/{i:04d}.jpg" for i in range(n)]
+    upload(store, keys)
+    return keys
+
+
+def env_for(store_server: Any, creds: Any, prefix: str, service: AlgoService, url: str, **extra: str) -> dict[str, str]:
+    base = cli_env(store_server, creds, IMGWORKER_STORE_PREFIX=prefix, IMGWORKER_ALGO_ENDPOINT=service.endpoint)
+    return cluster_env(base, url, **extra)
+
+
+def lines_per_key(hosts: list[Host]) -> Counter[str]:
+    """Result lines per image across every host's results file."""
+    out: Counter[str] = Counter()
+    for host in hosts:
+        path = os.path.join(host.state_dir, "results.jsonl")
+        if os.path.exists(path):
+            out.update(r.key for r in read_results(path))
+    return out
+
+
+def keys_of(host: Host) -> set[str]:
+    path = os.path.join(host.state_dir, "results.jsonl")
+    return {r.key for r in read_results(path)} if os.path.exists(path) else set()
+
+
+def assert_one_outcome_each(nats_url: str, keys: list[str], hosts: list[Host]) -> None:
+    entries = ledger(nats_url)
+    assert set(per_key(entries)) == set(keys), "every image has an outcome in the ledger"
+    assert max(per_key(entries).values()) == 1
+    lines = lines_per_key(hosts)
+    assert set(lines) == set(keys) and set(lines.values()) == {1}, \
+        f"one results line per image cluster-wide: {[k for k, n in lines.items() if n != 1]}"
+
+
+def stop_all(hosts: list[Host]) -> list[int]:
+    return [h.stop() for h in hosts if h.proc.poll() is None]
+
+
+# ----- the work is shared --------------------------------------------------------------------
+
+
+def test_two_hosts_share_the_work_once_each(store_server, creds, store, prefix, slow_service, nats, hosts, tmp_path):
+    keys = images(store, prefix, 24)
+    env = env_for(store_server, creds, prefix, slow_service, nats.url)
+    hosts += [Host(f"h{i}", env, str(tmp_path / f"h{i}")) for i in range(2)]
+    entries = wait_for_ledger(nats.url, len(keys), hosts=hosts)
+    assert stop_all(hosts) == [0, 0]
+    assert_one_outcome_each(nats.url, keys, hosts)
+    assert {e.host for e in entries} == {"h0", "h1"}, "both hosts analysed images"
+    assert set(calls_under(slow_service, prefix).values()) == {1}, "each image analysed once"
+    report = subprocess.run([sys.executable, "-m", "imgworker", "report", "--cluster", "--json"], env=env,
+                            capture_output=True, text=True, timeout=60)
+    assert report.returncode == 0, report.stderr
+    data = json.loads(report.stdout)
+    assert data["conserved"] and data["scanned"] == len(keys)
+    assert sum(data["outcomes"].values()) == len(keys)
+    assert data["hosts"] == dict(Counter(e.host for e in entries))
+
+
+def test_calls_longer_than_ack_wait_are_not_handed_to_a_second_host(store_server, creds, store, prefix, nats, hosts,
+                                                                   tmp_path):
+    """Progress notes every AckWait/3 keep a running call's image with its host."""
+    keys = images(store, prefix, 4)
+    with AlgoService("synthetic", SyntheticParams(latency_ms=4000.0, sigma=0.0, seed=9)) as slow_calls:
+        env = env_for(store_server, creds, prefix, slow_calls, nats.url, ack_wait_s=1.0)
+        hosts += [Host(f"h{i}", env, str(tmp_path / f"h{i}")) for i in range(2)]
+        wait_for_ledger(nats.url, len(keys), hosts=hosts)
+        assert stop_all(hosts) == [0, 0]
+        assert_one_outcome_each(nats.url, keys, hosts)
+        assert calls_under(slow_calls, prefix) == {k: 1 for k in keys}, "each image analysed once"
+
+
+# ----- a host dies, pauses, or is stopped -------------------------------------------------------
+
+
+def test_sigkill_of_a_whole_host_leaves_one_outcome_each(store_server, creds, store, prefix, slow_service, nats, hosts,
+                                                         tmp_path):
+    keys = images(store, prefix, 30)
+    env = env_for(store_server, creds, prefix, slow_service, nats.url)
+    hosts += [Host(f"h{i}", env, str(tmp_path / f"h{i}")) for i in range(2)]
+    victim, survivor = hosts[1], hosts[0]
+    wait_for_ledger(nats.url, 1, hosts=hosts)
+    while not any(e.host == victim.name for e in ledger(nats.url)):
+        time.sleep(0.05)
+    victim.kill()
+    wait_for_ledger(nats.url, len(keys), hosts=[survivor])
+    assert survivor.stop() == 0
+    assert_one_outcome_each(nats.url, keys, hosts)
+    twice = {k for k, n in calls_under(slow_service, prefix).items() if n > 1}
+    assert set(calls_under(slow_service, prefix)) == set(keys)
+    # only what the killed host held (2 lanes) is analysed again, and it is the survivor's outcome that counts
+    assert len(twice) <= 2 and not twice & keys_of(victim)
+    assert all(e.host == survivor.name for e in ledger(nats.url) if e.key in twice)
+
+
+def test_a_paused_host_s_late_outcomes_are_not_counted(store_server, creds, store, prefix, slow_service, nats, hosts,
+                                                       tmp_path):
+    keys = images(store, prefix, 30)
+    env = env_for(store_server, creds, prefix, slow_service, nats.url)
+    hosts += [Host(f"h{i}", env, str(tmp_path / f"h{i}")) for i in range(2)]
+    paused = hosts[1]
+    while not any(e.host == paused.name for e in wait_for_ledger(nats.url, 1, hosts=hosts)):
+        time.sleep(0.05)
+    paused.signal_group(signal.SIGSTOP)  # a GC pause or a partition, longer than AckWait (2 s)
+    try:
+        wait_for_ledger(nats.url, len(keys), hosts=hosts)
+    finally:
+        paused.signal_group(signal.SIGCONT)
+    time.sleep(1.0)  # its lanes answer now: their outcomes come late
+    assert stop_all(hosts) == [0, 0]
+    assert_one_outcome_each(nats.url, keys, hosts)
+    twice = {k for k, n in calls_under(slow_service, prefix).items() if n > 1}
+    assert twice, "the paused host's images were analysed again elsewhere"
+    assert all(e.host != paused.name for e in ledger(nats.url) if e.key in twice)
+    assert "is not counted" in paused.log()
+
+
+def test_group_sigterm_drains_hands_back_and_exits_0(store_server, creds, store, prefix, nats, hosts, tmp_path):
+    keys = images(store, prefix, 16)
+    with AlgoService("synthetic", SyntheticParams(latency_ms=2500.0, sigma=0.0, seed=5)) as slower:
+        # AckWait far longer than the test waits: what the stopped host held comes back only if it naks it;
+        # no grace: its lanes' items are still held when it stops
+        env = env_for(store_server, creds, prefix, slower, nats.url, ack_wait_s=120.0)
+        hosts.append(Host("h0", env, str(tmp_path / "h0")))
+        hosts.append(Host("h1", {**env, "IMGWORKER_RUN_GRACE_S": "0"}, str(tmp_path / "h1")))
+        stopped = hosts[1]
+        while not any(e.host == stopped.name for e in wait_for_ledger(nats.url, 1, hosts=hosts)):
+            time.sleep(0.05)
+        stopped.signal_group(signal.SIGTERM)
+        assert stopped.proc.wait(30) == 0
+        wait_for_ledger(nats.url, len(keys), hosts=hosts, timeout=60)
+        assert hosts[0].stop() == 0
+        assert_one_outcome_each(nats.url, keys, hosts)
+        assert set(calls_under(slower, prefix)) == set(keys)
+    assert "Traceback" not in stopped.log()
+
+
+def test_killing_the_intake_leader_moves_intake_to_another_host(store_server, creds, store, prefix, slow_service, nats,
+                                                                hosts, tmp_path):
+    env = env_for(store_server, creds, prefix, slow_service, nats.url)
+    leader = Host("h0", env, str(tmp_path / "h0"))
+    hosts.append(leader)
+    first = images(store, prefix, 10)
+    wait_for_ledger(nats.url, 1, hosts=hosts)  # h0 took the lease: it published
+    hosts.append(Host("h1", env, str(tmp_path / "h1")))
+    wait_for_ledger(nats.url, len(first), hosts=hosts)
+    leader.kill()
+    later = [f"{prefix}person/later/{i:04d}.jpg" for i in range(10)]
+    upload(store, later)
+    wait_for_ledger(nats.url, len(first) + len(later), hosts=[hosts[1]], timeout=60)
+    assert hosts[1].stop() == 0
+    assert_one_outcome_each(nats.url, first + later, hosts)
+    calls = calls_under(slow_service, prefix)
+    assert all(calls[k] == 1 for k in later), "images found by the new leader are analysed once"
+    assert "now the intake leader" in hosts[1].log()
+
+
+def test_nats_server_away_for_seconds_then_back(store_server, creds, store, prefix, slow_service, nats, hosts,
+                                                tmp_path):
+    keys = images(store, prefix, 30)
+    env = env_for(store_server, creds, prefix, slow_service, nats.url)
+    hosts += [Host(f"h{i}", env, str(tmp_path / f"h{i}")) for i in range(2)]
+    wait_for_ledger(nats.url, 6, hosts=hosts)
+    nats.stop()
+    time.sleep(3.0)
+    nats.start()  # same port, same stored stream, consumer and buckets
+    wait_for_ledger(nats.url, len(keys), hosts=hosts, timeout=90)
+    assert stop_all(hosts) == [0, 0]
+    assert_one_outcome_each(nats.url, keys, hosts)
+    for host in hosts:
+        assert "Traceback" not in host.log()
+
+
+# ----- an image no host survives ----------------------------------------------------------------
+
+
+def test_an_image_delivered_max_attempts_times_ends_failed_worker_unanalysed(store_server, creds, store, prefix,
+                                                                             slow_service, nats, hosts, tmp_path):
+    """Its earlier holders all died holding it (whole hosts): it is not handed to a worker again."""
+    from imgworker.cluster.jetstream import JetStreamLink
+    from imgworker.config import ClusterConfig
+    from imgworker.outcomes import ImageRef
+
+    key = images(store, prefix, 1)[0]
+    cluster = ClusterConfig(url=nats.url, ack_wait_s=1.0)
+    dying = JetStreamLink(cluster, host="dying", bucket=store_server.bucket)
+    dying.start()
+    try:
+        while not dying.leading():
+            time.sleep(0.05)
+        assert dying.publish([ImageRef(key=key)]).sent == 1
+        for _ in range(3):  # a host takes it and dies: no ack, no progress note, no nak
+            got: list[Any] = []
+            while not got:
+                got = dying.fetch(1)
+            dying.forget(key)
+    finally:
+        dying.close()
+    env = env_for(store_server, creds, prefix, slow_service, nats.url, ack_wait_s=1.0,
+                  IMGWORKER_WORKER_MAX_ATTEMPTS="3")
+    hosts.append(Host("h0", env, str(tmp_path / "h0")))
+    [entry] = wait_for_ledger(nats.url, 1, hosts=hosts)
+    assert hosts[0].stop() == 0
+    assert entry.outcome.value == "failed_worker" and entry.cause == "delivered_4_times"
+    assert calls_under(slow_service, prefix) == {}, "not analysed a fourth time"
+    from imgworker.cluster.jetstream import read_cluster
+    _, figures = read_cluster(cluster)
+    assert figures["stream_messages"] == 0 and figures["consumer_ack_pending"] == 0, "terminated, not looping"
+
+
+def test_an_image_that_kills_its_worker_ends_failed_worker_after_max_attempts(make_config, store, prefix, nats,
+                                                                              tmp_path):
+    """Two in-process hosts with real worker processes; whichever lane takes the poison image has its process
+    SIGKILLed. It ends ``failed_worker`` once, cluster-wide, and leaves the stream: it does not loop."""
+    from imgworker.cluster.jetstream import read_cluster
+    from imgworker.supervisor import Supervisor
+
+    keys = images(store, prefix, 8)
+    poison = keys[3]
+    with AlgoService("synthetic", SyntheticParams(latency_ms=800.0, sigma=0.0)) as very_slow:
+        sups = [Supervisor(make_config(worker={"count": 2, "max_attempts": 3}, algo={"endpoint": very_slow.endpoint},
+                                       run={"state_dir": str(tmp_path / f"h{i}"), "until_idle": False},
+                                       cluster={"url": nats.url, "host": f"h{i}", "ack_wait_s": 2.0,
+                                                "lease_ttl_s": 2}), show_progress=False) for i in range(2)]
+        kills = 0
+
+        def kill_the_poison_s_holder(sup: Supervisor) -> None:
+            nonlocal kills
+            lane = sup.inflight.holder(poison)
+            for handle in list(sup.pool.processes.values()):
+                if lane in handle.lanes and handle.process.is_alive():
+                    os.kill(handle.process.pid, signal.SIGKILL)
+                    handle.process.join()
+                    kills += 1
+
+        with sups[0].running(), sups[1].running():
+            deadline = time.monotonic() + 90
+            while len(ledger(nats.url)) < len(keys) and time.monotonic() < deadline:
+                for sup in sups:
+                    sup.step()
+                    kill_the_poison_s_holder(sup)
+    outcomes = {e.key: e.outcome.value for e in ledger(nats.url)}
+    assert set(per_key(ledger(nats.url)).values()) == {1} and set(outcomes) == set(keys)
+    assert outcomes[poison] == "failed_worker"
+    assert all(outcomes[k] in ("inferred", "no_detection") for k in keys if k != poison)
+    assert kills == 3
+    _, figures = read_cluster(sups[0].cfg.cluster)
+    assert figures["stream_messages"] == 0 and figures["consumer_ack_pending"] == 0
+
+
+# ----- the intake leader is fenced ------------------------------------------------------------------
+
+
+def test_a_deposed_leader_publishes_nothing(store_server, nats):
+    """A leader paused past its lease TTL resumes thinking it leads: its publish is refused, not stored."""
+    from imgworker.cluster.jetstream import JetStreamLink, read_cluster
+    from imgworker.config import ClusterConfig
+    from imgworker.outcomes import ImageRef
+
+    cluster = ClusterConfig(url=nats.url, lease_ttl_s=1)
+    old, new = (JetStreamLink(cluster, host=name, bucket=store_server.bucket) for name in ("old", "new"))
+    old.start()
+    try:
+        while not old.leading():
+            time.sleep(0.05)
+        for task in old._tasks:  # its renewals stop, as in a pause; its lease expires
+            old._loop.call_soon_threadsafe(task.cancel)
+        new.start()
+        try:
+            while not new.leading():
+                time.sleep(0.05)
+            old._lease_renewed = time.monotonic()  # it wakes up believing its lease is fresh
+            done = old.publish([ImageRef(key="stale/0001.jpg")])
+            assert done.deposed and done.sent == 0
+            _, figures = read_cluster(cluster)
+            assert figures["stream_messages"] == 0, "the deposed leader's write did not land"
+            assert new.publish([ImageRef(key="fresh/0001.jpg")]).sent == 1
+            assert read_cluster(cluster)[1]["stream_messages"] == 1
+        finally:
+            new.close()
+    finally:
+        old.close()
+
+
+# ----- a three-node JetStream cluster loses a node ----------------------------------------------------
+
+
+def test_a_node_of_a_three_node_jetstream_cluster_dies_and_nothing_is_lost(store_server, creds, store, prefix,
+                                                                           slow_service, hosts, tmp_path):
+    nodes = jetstream_cluster(str(tmp_path / "js"))
+    try:
+        for node in nodes:
+            node.start()
+        url = ",".join(node.url for node in nodes)
+        wait_for_jetstream(nodes[0].url)
+        keys = images(store, prefix, 30)
+        env = env_for(store_server, creds, prefix, slow_service, url, IMGWORKER_CLUSTER_REPLICAS="3")
+        hosts += [Host(f"h{i}", env, str(tmp_path / f"h{i}")) for i in range(2)]
+        wait_for_ledger(nodes[0].url, 6, hosts=hosts)
+        nodes[1].kill()  # streams and buckets have three copies: two remain, a quorum
+        wait_for_ledger(nodes[0].url, len(keys), hosts=hosts, timeout=120)
+        assert stop_all(hosts) == [0, 0]
+        assert_one_outcome_each(nodes[0].url, keys, hosts)
+        for host in hosts:
+            assert "Traceback" not in host.log()
+    finally:
+        for node in nodes:
+            node.stop()
+
+
+# ----- the demo ------------------------------------------------------------------------------------------
+
+
+def test_demo_with_two_hosts_prints_and_writes_the_cluster_report(tmp_path):
+    path = tmp_path / "report.json"
+    demo = subprocess.run([sys.executable, "-m", "imgworker", "demo", "--hosts", "2", "--backend", "synthetic",
+                           "--duration", "4", "--rate", "4", "--workers", "1", "--data-dir", str(tmp_path / "demo"),
+                           "--report-json", str(path)], capture_output=True, text=True, timeout=240)
+    assert demo.returncode == 0, demo.stdout[-2000:] + demo.stderr[-2000:]
+    assert "| host | images analysed |" in demo.stdout
+    data = json.loads(path.read_text())
+    assert data["conserved"] and data["scanned"] > 0
+    assert sum(data["hosts"].values()) == data["scanned"] == sum(data["outcomes"].values())
+    assert set(data["hosts"]) <= {"host-1", "host-2"}
