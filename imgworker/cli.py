@@ -571,6 +571,10 @@ def cmd_retry(args: argparse.Namespace) -> int:
     from .retry import Selection, parse_since
 
     cfg = _load(args)
+    if cfg.cluster.enabled:  # the shared ledger keeps the outcome: a host would ack the image as counted
+        raise ConfigError("retry: not in cluster mode ([cluster] url is set): the cluster's outcome ledger keeps "
+                          "each image's first outcome for good, so no host would analyse a re-admitted image; "
+                          "nothing was re-admitted")
     _require_credentials(cfg)
     selection = Selection(outcomes=tuple(Outcome(o) for o in dict.fromkeys(args.outcome)), cause=args.cause,
                           since=parse_since(args.since, now=time.time()) if args.since else 0.0,

@@ -503,10 +503,13 @@ class Ledger:
         if keys:
             self._set.add_many(keys)
         redo = [(o, r) for o, r in redo if o > marked.get(r.key, -1)]  # a superseded line's actions are not redone
+        # nor those given up: a re-admission comes after the run that gave them up, so it is read here
+        owed = [(e, r) for e, r in self._read_owed(state.owed, before=state.actions_from)
+                if e.line > marked.get(e.key, -1)]
         waiting = set(state.pending)
         pending = state.pending + [k for k in readmitted if k not in waiting]
         restored = Restored(pending=pending, redo=redo, offset=state.actions_from, intake=state.intake,
-                            owed=self._read_owed(state.owed, before=state.actions_from), readmitted=list(readmitted))
+                            owed=owed, readmitted=list(readmitted))
         return restored, state
 
     def _read_owed(self, owed: list[OwedAction], *, before: int) -> list[tuple[OwedAction, Result]]:

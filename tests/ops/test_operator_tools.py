@@ -125,6 +125,22 @@ def test_retry_with_nothing_matching_says_so_and_changes_nothing(tmp_path):
     assert path.read_text() == results_line("a", "inferred") + results_line("b", "failed_store")
 
 
+def test_retry_refuses_cluster_mode_and_re_admits_nothing(tmp_path, store_server, creds, store, prefix):
+    # the cluster's ledger keeps the first outcome for good: a re-admitted image would be acked as counted
+    key = f"{prefix}cam/person/20240101-120000.000.jpg"
+    upload(store, [key])
+    (tmp_path / "state").mkdir()
+    path = tmp_path / "state" / "results.jsonl"
+    path.write_text(results_line(key, "failed_algo"))
+    env = cli_env(store_server, creds, IMGWORKER_RUN_STATE_DIR=str(tmp_path / "state"),
+                  IMGWORKER_CLUSTER_URL="nats://127.0.0.1:9")
+    proc = imgworker("retry", "--outcome", "failed_algo", env=env, timeout=60)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert proc.stderr.startswith("imgworker: error: retry: not in cluster mode ([cluster] url is set)")
+    assert "re-admitted:" not in proc.stdout
+    assert path.read_text() == results_line(key, "failed_algo")
+
+
 def test_retry_refuses_a_bad_since_and_names_the_flag(tmp_path):
     (tmp_path / "state").mkdir()
     (tmp_path / "state" / "results.jsonl").write_text(results_line("a", "failed_algo"))

@@ -171,3 +171,28 @@ def test_a_start_redoes_no_action_of_a_superseded_line(tmp_path):
     assert [r.key for _, r in restored.redo] == ["other"]
     assert (restored.pending, restored.readmitted) == (["k"], ["k"])
     assert ledger.filter_new(["k", "other"]) == {"k"}
+
+
+def test_a_start_redoes_no_owed_action_of_a_superseded_line(tmp_path):
+    from imgworker.janitor import OwedAction
+    from imgworker.journal import ResultsJournal
+    from imgworker.ledger import Ledger, LocalBackend
+    from imgworker.outcomes import Result
+
+    results = str(tmp_path / "results.jsonl")
+    journal = ResultsJournal(results)
+    k_line = journal.write(Result(key="k", outcome=Outcome.INFERRED, detections=1))
+    other_line = journal.write(Result(key="other", outcome=Outcome.INFERRED, detections=1))
+    synced = journal.sync()
+    journal.close()
+    first = Ledger(str(tmp_path / "state.json"), results, LocalBackend())
+    first.start()
+    first.add("k")
+    first.add("other")
+    # the last run gave up both copies: each is owed to the next start
+    owed = [OwedAction(k_line, "copy_alerts", "k"), OwedAction(other_line, "copy_alerts", "other")]
+    first.save(synced, [], owed=owed)
+    readmit(results, [Result(key="k", outcome=Outcome.INFERRED)])  # k's outcome is superseded
+    restored = Ledger(str(tmp_path / "state.json"), results, LocalBackend()).start()
+    assert [(entry.key, result.key) for entry, result in restored.owed] == [("other", "other")]
+    assert (restored.pending, restored.readmitted) == (["k"], ["k"])
