@@ -36,6 +36,15 @@ SECTIONS = [
      "agree within 5 % (at most 8). Ideal = N / measured mean algorithm latency. Overhead = end to end "
      "(supervisor send to reply) minus the algorithm call; it includes the StatObject check unless said. "
      "CPU counts the supervisor, workers, scanner and Manager, not the store or the service.", "tune.png"),
+    ("lanes", "Processes x lanes: `imgworker tune` over a grid",
+     "`python -m benchmarks.lanes` (the same as `imgworker tune --total 8,16,32,64 --lanes 1,4,8,16 "
+     "--latency-ms 100 --images 8000 --max-windows 5` with its outputs here). Each N images in flight is run "
+     "as N processes of one lane and as N / 4, N / 8, N / 16 processes of 4, 8, 16 lanes, against the "
+     "embedded store, pre-filled, and the synthetic service at a fixed 100 ms, all on this one 2-core machine. "
+     "CPU and RSS count every imgworker process of the run (supervisor, workers, scanner, Manager), not the "
+     "store or the service; RSS total peak is the most they held together. The recommendation and the "
+     "initial `--adaptive` limit are `imgworker tune`'s rule (see the README's \"Sizing: processes and "
+     "lanes\").", "lanes.png"),
     ("check_vs_waste", "The existence check against the inference it saves",
      "`python -m benchmarks.check_vs_waste`. Images are queued, a fraction is deleted just before "
      "dispatch, and the run is repeated with the check on and off.", "check_vs_waste.png"),

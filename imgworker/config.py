@@ -142,10 +142,15 @@ class WorkerConfig(msgspec.Struct, **_STRUCT):
     A lane is a thread with its own minio client and ``requests`` session. More lanes per process
     cost less CPU per image; a process that dies takes every image its lanes held (each is retried).
     ``max_tasks`` and ``max_memory_mb`` recycle a whole process.
+
+    ``threads`` defaults to 8, chosen by ``imgworker tune`` over processes x lanes (benchmarks/lanes.py):
+    8 lanes per process cost less CPU per image than one process per image at every N measured and
+    a fraction of the memory (one interpreter instead of eight), while 16 lanes saved no more CPU and
+    one process of many lanes capped throughput on its own interpreter.
     """
 
     count: Annotated[int, msgspec.Meta(ge=1, le=1024)] = 4
-    threads: Annotated[int, msgspec.Meta(ge=1, le=256)] = 1
+    threads: Annotated[int, msgspec.Meta(ge=1, le=256)] = 8
     stat_check: bool = True
     stat_timeout_s: Positive = 2.0
     presign_expiry_s: Annotated[int, msgspec.Meta(ge=1, le=604800)] = 900
