@@ -29,6 +29,17 @@ def argv(extra: list[str]) -> list[str]:
             "--markdown", os.path.join(RESULTS, "lanes.md"), "--plot", os.path.join(RESULTS, "lanes.png")]
 
 
+def note_load(before: float) -> None:
+    """Append the machine's load to lanes.md: shared cores move every throughput figure."""
+    with open(os.path.join(RESULTS, "lanes.md"), "a", encoding="utf-8") as f:
+        f.write(f"\nMachine: {os.cpu_count()} cores; 1-minute load average {before:.1f} at the start, "
+                f"{os.getloadavg()[0]:.1f} at the end (other work shared the machine).\n")
+
+
 if __name__ == "__main__":
     os.makedirs(RESULTS, exist_ok=True)
-    sys.exit(main(argv(sys.argv[1:])))
+    load = os.getloadavg()[0]
+    code = main(argv(sys.argv[1:]))
+    if code == 0:
+        note_load(load)
+    sys.exit(code)

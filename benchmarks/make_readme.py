@@ -75,9 +75,10 @@ Rebuild this page with `python -m benchmarks.make_readme`.
   and uses 1.15x, 1.18x and 1.35x its CPU per image at N = 16, 32, 64 (the goal at N = 32: 0.97x and
   1.3x). The setting `algo.trust_env = false` (no proxy or ~/.netrc lookup per call; the floor and
   Celery keep requests' default) is part of that: with it on (`imgworker-lanes-env`) the figures are
-  0.97-1.02x and 1.26x, 1.27x, 1.44x. With one process per image (`--threads 1`, the default) CPU is
-  1.73-1.84x the floor's at the same efficiency (0.98-1.00x). Split by process at N = 32, in CPU-s per
-  1,000 images: workers 1.99 with lanes against 3.04 without, supervisor 0.34 against 0.44 (fewer
+  0.97-1.02x and 1.26x, 1.27x, 1.44x. With one process per image (`--threads 1`, the default
+  until lanes were measured) CPU is 1.73-1.84x the floor's at the same efficiency (0.98-1.00x).
+  Split by process at N = 32, in CPU-s per 1,000 images: workers 1.99 with lanes against 3.04
+  without, supervisor 0.34 against 0.44 (fewer
   pipes to wait on), scanner 0.06, Manager 0.01; the floor spends 2.05 in all. One process per image
   costs more because every image wakes its own process through its pipe, with caches cold, on a
   2-core machine shared with the store and the service; lanes wake one of N / 8. Celery prefork needs
@@ -102,6 +103,19 @@ Rebuild this page with `python -m benchmarks.make_readme`.
   whole of every listing: 22.7 / 32.3, 1.4 / 2.5 and 80.5 / 70.3 % in the same benchmark (the previous
   results). What listing still costs is the lister process's own work (it parses the whole bucket every
   pass: 34-71 % of a core here), not the supervisor's.
+- **Processes x lanes** (lanes, L = 100 ms, N = 8-64, one run on a 2-core machine shared with other
+  benchmarks, load average 26 at the start and 40 at the end): the throughput figures measure that
+  contention more than imgworker (efficiency 0.36-0.83), but CPU and memory still separate the
+  configurations. 8 lanes per process used 14-22 % less CPU per image than one process per image at
+  N = 8, 32 and 64 (3.99 / 3.61 / 3.32 against 5.09 / 4.21 / 4.04 CPU-s per 1,000; 5 % more at N = 16,
+  4.13 against 3.92); 16 lanes were the cheapest at every N they were measured (3.52 / 3.29 / 2.76).
+  Memory is the larger difference: each worker process is an interpreter of about 52 MB, so every
+  imgworker process together held 3,530 MB as 64 processes of one lane, 1,062 MB as 16 of 4, 652 MB as
+  8 of 8 and 446 MB as 4 of 16. At N = 64, 8 x 8 had the most throughput (363 img/s against 288 for
+  4 x 16 and 103 for 64 x 1; an earlier run the same hour, load 6 rising to 40, gave 229, 178 and 142),
+  so `imgworker tune`'s rule recommends 8 processes x 8 lanes; throughput still grew at N = 64, so it
+  reports the knee as not reached and 64 as the initial `--adaptive` limit. The default
+  `worker.threads` is 8 from this (see the README's "Sizing: processes and lanes").
 - **Efficiency against the limit N / latency** (tune, L = 200 ms): 0.98-0.99 for every N up to 32,
   the goal being 0.95. At 64 and 128 the 2-core machine runs out of CPU: the store, the service and
   imgworker share it, the measured algorithm latency itself rises (232 and 307 ms at p50), and

@@ -143,10 +143,10 @@ class WorkerConfig(msgspec.Struct, **_STRUCT):
     cost less CPU per image; a process that dies takes every image its lanes held (each is retried).
     ``max_tasks`` and ``max_memory_mb`` recycle a whole process.
 
-    ``threads`` defaults to 8, chosen by ``imgworker tune`` over processes x lanes (benchmarks/lanes.py):
-    8 lanes per process cost less CPU per image than one process per image at every N measured and
-    a fraction of the memory (one interpreter instead of eight), while 16 lanes saved no more CPU and
-    one process of many lanes capped throughput on its own interpreter.
+    ``threads`` defaults to 8, chosen with ``imgworker tune`` over processes x lanes
+    (benchmarks/lanes.py): lanes cost less CPU per image than one process per image and a fraction
+    of the memory (each process is an interpreter of about 52 MB). 16 lanes were cheaper still, but
+    a process that dies takes every image its lanes hold, and 8 x 8 had more throughput than 4 x 16.
     """
 
     count: Annotated[int, msgspec.Meta(ge=1, le=1024)] = 4
