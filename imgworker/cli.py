@@ -29,6 +29,7 @@ from .stats import Report, format_report
 if TYPE_CHECKING:
     from .ledger import LedgerState
     from .recorder import Snapshot
+    from .tune import TuneParams
 
 log = logging.getLogger("imgworker")
 
@@ -391,25 +392,9 @@ def cmd_scenario(args: argparse.Namespace) -> int:
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
-    from .errors import ConfigError
-    from .tune import DEFAULT_LANES, DEFAULT_TOTALS, TuneParams, build_grid, markdown, plot, run_tune, sweep
+    from .tune import markdown, plot, run_tune, sweep
 
-    processes = _int_list("--workers", args.workers)
-    lanes = _int_list("--lanes", args.lanes) if args.lanes is not None else ((1,) if processes else DEFAULT_LANES)
-    totals = _int_list("--total", args.total) if args.total is not None else (() if processes else DEFAULT_TOTALS)
-    try:
-        grid = build_grid(totals=totals, lanes=lanes, processes=processes)
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from None
-    for flag, value in (("--images", args.images), ("--max-windows", args.max_windows)):
-        if value < 1:
-            raise ConfigError(f"{flag}: value {value} is not allowed (at least 1)")
-    for flag, seconds in (("--latency-ms", args.latency_ms), ("--window-s", args.window_s)):
-        if not seconds > 0:
-            raise ConfigError(f"{flag}: value {seconds:g} is not allowed (more than 0)")
-    params = TuneParams(grid=grid, latency_ms=args.latency_ms, sigma=args.sigma, images=args.images,
-                        warmup_s=args.warmup_s, window_s=args.window_s, max_windows=args.max_windows,
-                        p95_budget_ms=args.p95_budget_ms, stat_check=not args.no_check)
+    params = _tune_params(args)
     progress = lambda line: print(line, flush=True)  # noqa: E731
     if args.config:
         cfg = load_config(path=args.config, overrides={})
@@ -424,6 +409,29 @@ def cmd_tune(args: argparse.Namespace) -> int:
     if args.plot:
         plot(result, args.plot)
     return int(ExitCode.OK)
+
+
+def _tune_params(args: argparse.Namespace) -> TuneParams:
+    """The tune flags checked, with the (processes, lanes) grid they name; a ConfigError names a bad flag."""
+    from .errors import ConfigError
+    from .tune import DEFAULT_LANES, DEFAULT_TOTALS, TuneParams, build_grid
+
+    processes = _int_list("--workers", args.workers)
+    lanes = _int_list("--lanes", args.lanes) if args.lanes is not None else ((1,) if processes else DEFAULT_LANES)
+    totals = _int_list("--total", args.total) if args.total is not None else (() if processes else DEFAULT_TOTALS)
+    try:
+        grid = build_grid(totals=totals, lanes=lanes, processes=processes)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    for flag, value in (("--images", args.images), ("--max-windows", args.max_windows)):
+        if value < 1:
+            raise ConfigError(f"{flag}: value {value} is not allowed (at least 1)")
+    for flag, seconds in (("--latency-ms", args.latency_ms), ("--window-s", args.window_s)):
+        if not seconds > 0:
+            raise ConfigError(f"{flag}: value {seconds:g} is not allowed (more than 0)")
+    return TuneParams(grid=grid, latency_ms=args.latency_ms, sigma=args.sigma, images=args.images,
+                      warmup_s=args.warmup_s, window_s=args.window_s, max_windows=args.max_windows,
+                      p95_budget_ms=args.p95_budget_ms, stat_check=not args.no_check)
 
 
 def _int_list(flag: str, text: str | None) -> tuple[int, ...]:
