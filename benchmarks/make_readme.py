@@ -103,19 +103,22 @@ Rebuild this page with `python -m benchmarks.make_readme`.
   whole of every listing: 22.7 / 32.3, 1.4 / 2.5 and 80.5 / 70.3 % in the same benchmark (the previous
   results). What listing still costs is the lister process's own work (it parses the whole bucket every
   pass: 34-71 % of a core here), not the supervisor's.
-- **Processes x lanes** (lanes, L = 100 ms, N = 8-64, one run on a 2-core machine shared with other
-  benchmarks, load average 26 at the start and 40 at the end): the throughput figures measure that
-  contention more than imgworker (efficiency 0.36-0.83), but CPU and memory still separate the
-  configurations. 8 lanes per process used 14-22 % less CPU per image than one process per image at
-  N = 8, 32 and 64 (3.99 / 3.61 / 3.32 against 5.09 / 4.21 / 4.04 CPU-s per 1,000; 5 % more at N = 16,
-  4.13 against 3.92); 16 lanes were the cheapest at every N they were measured (3.52 / 3.29 / 2.76).
-  Memory is the larger difference: each worker process is an interpreter of about 52 MB, so every
-  imgworker process together held 3,530 MB as 64 processes of one lane, 1,062 MB as 16 of 4, 652 MB as
-  8 of 8 and 446 MB as 4 of 16. At N = 64, 8 x 8 had the most throughput (363 img/s against 288 for
-  4 x 16 and 103 for 64 x 1; an earlier run the same hour, load 6 rising to 40, gave 229, 178 and 142),
-  so `imgworker tune`'s rule recommends 8 processes x 8 lanes; throughput still grew at N = 64, so it
-  reports the knee as not reached and 64 as the initial `--adaptive` limit. The default
-  `worker.threads` is 8 from this (see the README's "Sizing: processes and lanes").
+- **Processes x lanes** (lanes, L = 100 ms, N = 8-64, on a 2-core machine shared with other
+  benchmarks, load average 6 at the start and 26 at the end): 8 lanes per process used 8-39 % less
+  CPU per image than one process per image at every N (3.92 / 3.39 / 2.44 / 2.80 against
+  4.28 / 4.42 / 4.02 / 3.54 CPU-s per 1,000 at N = 8 / 16 / 32 / 64), and on this CPU-bound machine
+  that is throughput: one process per image reached 0.79, 0.66 and 0.55 of N / latency at
+  N = 16, 32, 64, 8 lanes 0.93, 0.91 and 0.71. Memory is the larger difference: each worker process
+  is an interpreter of about 52 MB, so every imgworker process together held 3,530 MB as 64
+  processes of one lane, 1,063 MB as 16 of 4, 652 MB as 8 of 8 and 446 MB as 4 of 16. 16 lanes were
+  cheaper than 8 at N = 16 and 64 (3.21 and 2.30) and dearer at N = 32 (2.62 against 2.44);
+  `imgworker tune`'s rule recommends 4 processes x 16 lanes (the least CPU per image within 95 % of
+  the best throughput, 347 img/s), and, since throughput still grew at N = 64, reports the knee as
+  not reached and 64 as the initial `--adaptive` limit. The default `worker.threads` is 8, not 16:
+  most of the gain is from 1 to 8, and the default also sets how many calls are in flight before
+  anyone sizes N (see the README's "Sizing: processes and lanes"). Two earlier runs the same hour,
+  at loads up to 40-50, ranked the configurations the same way on CPU and memory (8 lanes 10-23 %
+  below one lane at N = 32 and 64) but not on throughput, which such load decides.
 - **Efficiency against the limit N / latency** (tune, L = 200 ms): 0.98-0.99 for every N up to 32,
   the goal being 0.95. At 64 and 128 the 2-core machine runs out of CPU: the store, the service and
   imgworker share it, the measured algorithm latency itself rises (232 and 307 ms at p50), and

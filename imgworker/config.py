@@ -144,9 +144,9 @@ class WorkerConfig(msgspec.Struct, **_STRUCT):
     ``max_tasks`` and ``max_memory_mb`` recycle a whole process.
 
     ``threads`` defaults to 8, chosen with ``imgworker tune`` over processes x lanes
-    (benchmarks/lanes.py): lanes cost less CPU per image than one process per image and a fraction
-    of the memory (each process is an interpreter of about 52 MB). 16 lanes were cheaper still, but
-    a process that dies takes every image its lanes hold, and 8 x 8 had more throughput than 4 x 16.
+    (benchmarks/lanes.py): 8 lanes cost 8-39 % less CPU per image than one process per image and a
+    fraction of the memory (each process is an interpreter of about 52 MB). 16 lanes saved little
+    more, and would put 64 images in flight by default and 16 in one process's crash.
     """
 
     count: Annotated[int, msgspec.Meta(ge=1, le=1024)] = 4
