@@ -68,7 +68,7 @@ def run_case(cfg, *, p: float, check: bool, images: int, workers: int, seed: int
     state = tempfile.mkdtemp(prefix="cvw-")
     cfg = msgspec.structs.replace(
         cfg, store=msgspec.structs.replace(cfg.store, prefix=prefix),
-        worker=msgspec.structs.replace(cfg.worker, count=workers, stat_check=check),
+        worker=msgspec.structs.replace(cfg.worker, count=workers, threads=1, stat_check=check),
         run=msgspec.structs.replace(cfg.run, state_dir=state))
     sup = Supervisor(cfg, show_progress=False)
     sup.start()

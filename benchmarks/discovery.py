@@ -349,7 +349,7 @@ def mode_config(base: Config, mode: str, state_dir: str, server: EmbeddedStore, 
     cfg = load_config(env={}, overrides={
         "store": {"endpoint": base.store.endpoint, "bucket": base.store.bucket, "prefix": PREFIX},
         "algo": {"endpoint": base.algo.endpoint, "timeout_s": 30.0},
-        "worker": {"count": params.workers},
+        "worker": {"count": params.workers, "threads": 1},
         "scan": scan,
         "run": {"state_dir": state_dir, "grace_s": 30.0},
     })

@@ -36,6 +36,15 @@ SECTIONS = [
      "agree within 5 % (at most 8). Ideal = N / measured mean algorithm latency. Overhead = end to end "
      "(supervisor send to reply) minus the algorithm call; it includes the StatObject check unless said. "
      "CPU counts the supervisor, workers, scanner and Manager, not the store or the service.", "tune.png"),
+    ("lanes", "Processes x lanes: `imgworker tune` over a grid",
+     "`python -m benchmarks.lanes` (the same as `imgworker tune --total 8,16,32,64 --lanes 1,4,8,16 "
+     "--latency-ms 100 --images 8000 --max-windows 5` with its outputs here). Each N images in flight is run "
+     "as N processes of one lane and as N / 4, N / 8, N / 16 processes of 4, 8, 16 lanes, against the "
+     "embedded store, pre-filled, and the synthetic service at a fixed 100 ms, all on this one 2-core machine. "
+     "CPU and RSS count every imgworker process of the run (supervisor, workers, scanner, Manager), not the "
+     "store or the service; RSS total peak is the most they held together. The recommendation and the "
+     "initial `--adaptive` limit are `imgworker tune`'s rule (see the README's \"Sizing: processes and "
+     "lanes\").", "lanes.png"),
     ("check_vs_waste", "The existence check against the inference it saves",
      "`python -m benchmarks.check_vs_waste`. Images are queued, a fraction is deleted just before "
      "dispatch, and the run is repeated with the check on and off.", "check_vs_waste.png"),
@@ -83,9 +92,10 @@ Rebuild this page with `python -m benchmarks.make_readme`.
   and uses 1.15x, 1.18x and 1.35x its CPU per image at N = 16, 32, 64 (the goal at N = 32: 0.97x and
   1.3x). The setting `algo.trust_env = false` (no proxy or ~/.netrc lookup per call; the floor and
   Celery keep requests' default) is part of that: with it on (`imgworker-lanes-env`) the figures are
-  0.97-1.02x and 1.26x, 1.27x, 1.44x. With one process per image (`--threads 1`, the default) CPU is
-  1.73-1.84x the floor's at the same efficiency (0.98-1.00x). Split by process at N = 32, in CPU-s per
-  1,000 images: workers 1.99 with lanes against 3.04 without, supervisor 0.34 against 0.44 (fewer
+  0.97-1.02x and 1.26x, 1.27x, 1.44x. With one process per image (`--threads 1`, the default
+  until lanes were measured) CPU is 1.73-1.84x the floor's at the same efficiency (0.98-1.00x).
+  Split by process at N = 32, in CPU-s per 1,000 images: workers 1.99 with lanes against 3.04
+  without, supervisor 0.34 against 0.44 (fewer
   pipes to wait on), scanner 0.06, Manager 0.01; the floor spends 2.05 in all. One process per image
   costs more because every image wakes its own process through its pipe, with caches cold, on a
   2-core machine shared with the store and the service; lanes wake one of N / 8. Celery prefork needs
@@ -117,6 +127,22 @@ Rebuild this page with `python -m benchmarks.make_readme`.
   results). What listing still costs is the lister process's own work (it parsed the whole bucket every
   pass: 34-71 % of a core here, measured before imgworker parsed pages itself and remembered unchanged
   ones; not rerun since), not the supervisor's.
+- **Processes x lanes** (lanes, L = 100 ms, N = 8-64, on a 2-core machine shared with other
+  benchmarks, load average 6 at the start and 26 at the end): 8 lanes per process used 8-39 % less
+  CPU per image than one process per image at every N (3.92 / 3.39 / 2.44 / 2.80 against
+  4.28 / 4.42 / 4.02 / 3.54 CPU-s per 1,000 at N = 8 / 16 / 32 / 64), and on this CPU-bound machine
+  that is throughput: one process per image reached 0.79, 0.66 and 0.55 of N / latency at
+  N = 16, 32, 64, 8 lanes 0.93, 0.91 and 0.71. Memory is the larger difference: each worker process
+  is an interpreter of about 52 MB, so every imgworker process together held 3,530 MB as 64
+  processes of one lane, 1,063 MB as 16 of 4, 652 MB as 8 of 8 and 446 MB as 4 of 16. 16 lanes were
+  cheaper than 8 at N = 16 and 64 (3.21 and 2.30) and dearer at N = 32 (2.62 against 2.44);
+  `imgworker tune`'s rule recommends 4 processes x 16 lanes (the least CPU per image within 95 % of
+  the best throughput, 347 img/s), and, since throughput still grew at N = 64, reports the knee as
+  not reached and 64 as the initial `--adaptive` limit. The default `worker.threads` is 8, not 16:
+  most of the gain is from 1 to 8, and the default also sets how many calls are in flight before
+  anyone sizes N (see the README's "Sizing: processes and lanes"). Two earlier runs the same hour,
+  at loads up to 40-50, ranked the configurations the same way on CPU and memory (8 lanes 10-23 %
+  below one lane at N = 32 and 64) but not on throughput, which such load decides.
 - **Efficiency against the limit N / latency** (tune, L = 200 ms): 0.98-0.99 for every N up to 32,
   the goal being 0.95. At 64 and 128 the 2-core machine runs out of CPU: the store, the service and
   imgworker share it, the measured algorithm latency itself rises (232 and 307 ms at p50), and

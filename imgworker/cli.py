@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from .ledger import LedgerState
     from .recorder import Snapshot
     from .retry import Selection
+    from .tune import TuneParams
 
 log = logging.getLogger("imgworker")
 
@@ -125,20 +126,38 @@ def _parser() -> argparse.ArgumentParser:
     _add_metrics_flags(scenario)
     scenario.set_defaults(func=cmd_scenario)
 
-    tune = sub.add_parser("tune", help="sweep the number of workers; recommend N")
-    tune.add_argument("--workers", default="1,2,4,8,16,32,64,128", help="comma-separated N to measure")
-    tune.add_argument("--latency-ms", type=float, default=200.0, help="synthetic algorithm latency L")
+    tune = sub.add_parser(
+        "tune", help="measure processes x lanes; recommend both and an initial --adaptive limit",
+        description="Measure throughput, latency, CPU per 1,000 images and RSS for a grid of worker processes x "
+                    "lanes (N = processes x lanes images in flight), against the embedded store and a synthetic "
+                    "service (or your own with --config). Recommended: among the configurations within 95 % of "
+                    "the best throughput (meeting --p95-budget-ms, if given), the least CPU per image; within 5 % "
+                    "of that counts as a tie, won by the fewest images in flight, then the fewest processes. "
+                    "Initial --adaptive limit: the knee, the smallest N whose best configuration reaches 95 % of "
+                    "the best throughput.")
+    tune.add_argument("--total", help="comma-separated N (images in flight) to measure, each split as processes x "
+                                      "lanes for every --lanes value that divides it (default "
+                                      "8,16,32,64,128 unless --workers is given)")
+    tune.add_argument("--lanes", help="comma-separated lanes per process (default 1,4,8,16 with --total; "
+                                      "1 with --workers)")
+    tune.add_argument("--workers", help="instead of --total: comma-separated worker process counts, each measured "
+                                        "with every --lanes value")
+    tune.add_argument("--latency-ms", type=float, default=200.0, help="synthetic algorithm latency L (default 200)")
     tune.add_argument("--sigma", type=float, default=0.0, help="lognormal sigma of the latency (0 = fixed)")
-    tune.add_argument("--p95-budget-ms", type=float, default=0.0, help="recommend the largest N meeting this p95")
+    tune.add_argument("--p95-budget-ms", type=float, default=0.0,
+                      help="consider only configurations whose p95 end to end meets this budget (0 = none)")
     tune.add_argument("--images", type=int, default=4000, help="images pre-filled into the embedded store")
-    tune.add_argument("--warmup-s", type=float, default=3.0)
-    tune.add_argument("--window-s", type=float, default=2.0)
-    tune.add_argument("--max-windows", type=int, default=8)
+    tune.add_argument("--warmup-s", type=float, default=3.0,
+                      help="seconds each configuration runs before it is measured (default 3)")
+    tune.add_argument("--window-s", type=float, default=2.0,
+                      help="shortest measuring window in seconds; longer where N is small (default 2)")
+    tune.add_argument("--max-windows", type=int, default=8,
+                      help="windows at most per configuration, if three do not agree within 5 %% first (default 8)")
     tune.add_argument("--no-check", action="store_true", help="switch the existence check off")
     tune.add_argument("--config", help="measure against your own store and service instead of embedded ones")
     tune.add_argument("--json", help="write the points and the recommendation as JSON")
     tune.add_argument("--markdown", help="write the table as Markdown")
-    tune.add_argument("--plot", help="write throughput and p95 against N as PNG")
+    tune.add_argument("--plot", help="write throughput and CPU per image against N as PNG")
     tune.set_defaults(func=cmd_tune)
 
     report = sub.add_parser("report", help="recompute the report from a results file (or the cluster's ledger)")
@@ -492,18 +511,9 @@ def cmd_scenario(args: argparse.Namespace) -> int:
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
-    from .errors import ConfigError
-    from .tune import TuneParams, markdown, plot, run_tune, sweep
+    from .tune import markdown, plot, run_tune, sweep
 
-    try:
-        workers = tuple(int(n) for n in args.workers.split(",") if n.strip())
-    except ValueError:
-        raise ConfigError(f"--workers: value {args.workers!r} is not allowed (comma-separated integers)") from None
-    if not workers or min(workers) < 1:
-        raise ConfigError(f"--workers: value {args.workers!r} is not allowed (each N >= 1)")
-    params = TuneParams(workers=workers, latency_ms=args.latency_ms, sigma=args.sigma, images=args.images,
-                        warmup_s=args.warmup_s, window_s=args.window_s, max_windows=args.max_windows,
-                        p95_budget_ms=args.p95_budget_ms, stat_check=not args.no_check)
+    params = _tune_params(args)
     progress = lambda line: print(line, flush=True)  # noqa: E731
     if args.config:
         cfg = load_config(path=args.config, overrides={})
@@ -518,6 +528,44 @@ def cmd_tune(args: argparse.Namespace) -> int:
     if args.plot:
         plot(result, args.plot)
     return int(ExitCode.OK)
+
+
+def _tune_params(args: argparse.Namespace) -> TuneParams:
+    """The tune flags checked, with the (processes, lanes) grid they name; a ConfigError names a bad flag."""
+    from .errors import ConfigError
+    from .tune import DEFAULT_LANES, DEFAULT_TOTALS, TuneParams, build_grid
+
+    processes = _int_list("--workers", args.workers)
+    lanes = _int_list("--lanes", args.lanes) if args.lanes is not None else ((1,) if processes else DEFAULT_LANES)
+    totals = _int_list("--total", args.total) if args.total is not None else (() if processes else DEFAULT_TOTALS)
+    try:
+        grid = build_grid(totals=totals, lanes=lanes, processes=processes)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    for flag, value in (("--images", args.images), ("--max-windows", args.max_windows)):
+        if value < 1:
+            raise ConfigError(f"{flag}: value {value} is not allowed (at least 1)")
+    for flag, seconds in (("--latency-ms", args.latency_ms), ("--window-s", args.window_s)):
+        if not seconds > 0:
+            raise ConfigError(f"{flag}: value {seconds:g} is not allowed (more than 0)")
+    return TuneParams(grid=grid, latency_ms=args.latency_ms, sigma=args.sigma, images=args.images,
+                      warmup_s=args.warmup_s, window_s=args.window_s, max_windows=args.max_windows,
+                      p95_budget_ms=args.p95_budget_ms, stat_check=not args.no_check)
+
+
+def _int_list(flag: str, text: str | None) -> tuple[int, ...]:
+    """``"1,2,4"`` -> (1, 2, 4); None -> (); anything else a ConfigError naming the flag."""
+    from .errors import ConfigError
+
+    if text is None:
+        return ()
+    try:
+        values = tuple(int(n) for n in text.split(",") if n.strip())
+    except ValueError:
+        raise ConfigError(f"{flag}: value {text!r} is not allowed (comma-separated integers)") from None
+    if not values:
+        raise ConfigError(f"{flag}: value {text!r} is not allowed (comma-separated integers)")
+    return values
 
 
 def _write(path: str | None, data: bytes) -> None:

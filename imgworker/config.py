@@ -189,11 +189,16 @@ class WorkerConfig(msgspec.Struct, **_STRUCT):
     A lane is a thread with its own minio client and ``requests`` session. More lanes per process
     cost less CPU per image; a process that dies takes every image its lanes held (each is retried).
     ``max_tasks`` and ``max_memory_mb`` recycle a whole process.
+
+    ``threads`` defaults to 8, chosen with ``imgworker tune`` over processes x lanes
+    (benchmarks/lanes.py): 8 lanes cost 8-39 % less CPU per image than one process per image and a
+    fraction of the memory (each process is an interpreter of about 52 MB). 16 lanes saved little
+    more, and would put 64 images in flight by default and 16 in one process's crash.
     """
 
     count: Annotated[int, msgspec.Meta(ge=1, le=1024)] = 4
     """Worker processes."""
-    threads: Annotated[int, msgspec.Meta(ge=1, le=256)] = 1
+    threads: Annotated[int, msgspec.Meta(ge=1, le=256)] = 8
     """Lanes (threads) per worker process: images analysed at once = count x threads."""
     stat_check: bool = True
     """Check that the image still exists (StatObject) before inference."""

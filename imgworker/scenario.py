@@ -170,7 +170,7 @@ def _row_config(base: Config, params: ScenarioParams, spec: RowSpec, prefix: str
     overrides = {
         "store": msgspec.structs.asdict(base.store) | {"prefix": prefix},
         "algo": msgspec.structs.asdict(base.algo),
-        "worker": {"count": params.workers, "stat_check": check, "max_attempts": 3},
+        "worker": {"count": params.workers, "threads": 1, "stat_check": check, "max_attempts": 3},
         "dispatch": {"order": spec.order},
         "scan": {"interval_s": 0.25 / c * 2},
         "retention": retention,

@@ -1,8 +1,20 @@
-"""``imgworker tune``: throughput, latency and cost against the number of worker processes.
+"""``imgworker tune``: throughput, latency and cost against processes x lanes.
 
-Each point runs the real pipeline (supervisor, N workers, Manager) against the embedded store,
-pre-filled once, and an algorithm service. A point is measured only once stable: a warm-up, then
-consecutive windows until the last ``stable_windows`` agree within ``tolerance``, with a cap.
+Each point is one configuration of ``processes`` worker processes of ``lanes`` lanes each, so
+N = processes x lanes images in flight. It runs the real pipeline (supervisor, workers, Manager,
+scanner) against the embedded store, pre-filled once, and an algorithm service. A point is measured
+only once stable: a warm-up, then consecutive windows until the last ``stable_windows`` agree within
+``tolerance``, with a cap. CPU and RSS count every imgworker process of the run (not the store or
+the service).
+
+The recommendation (``recommend``) is a pure function of the measured points:
+
+- among the points within ``WITHIN`` (95 %) of the best throughput (of those meeting the p95 budget,
+  if one is given), the smallest CPU per image; points within ``CPU_TIE`` (5 %) of that smallest CPU
+  count as tied, and the tie goes to the fewest images in flight, then the fewest processes (less
+  memory);
+- the initial limit for ``--adaptive`` is the knee: the smallest N whose best configuration reaches
+  95 % of the best throughput, the N past which throughput stops growing.
 """
 
 from __future__ import annotations
@@ -31,8 +43,20 @@ from .supervisor import Supervisor
 log = logging.getLogger(__name__)
 
 
+#: a configuration within this fraction of the best throughput is a candidate; also the knee's threshold
+WITHIN = 0.95
+#: CPU per image within this fraction of the smallest counts as a tie (measurement noise)
+CPU_TIE = 0.05
+#: the ``--total`` and ``--lanes`` a bare ``imgworker tune`` measures
+DEFAULT_TOTALS = (8, 16, 32, 64, 128)
+DEFAULT_LANES = (1, 4, 8, 16)
+#: the bounds ``worker.count`` and ``worker.threads`` accept
+MAX_PROCESSES, MAX_LANES = 1024, 256
+
+
 class TuneParams(msgspec.Struct, frozen=True, kw_only=True):
-    workers: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128)
+    grid: tuple[tuple[int, int], ...] = ((1, 1), (2, 1), (4, 1), (8, 1))
+    """(processes, lanes) pairs, measured in this order."""
     latency_ms: float = 200.0
     sigma: float = 0.0
     warmup_s: float = 3.0
@@ -44,10 +68,20 @@ class TuneParams(msgspec.Struct, frozen=True, kw_only=True):
     images: int = 4000
     p95_budget_ms: float = 0.0
     stat_check: bool = True
+    scan_interval_s: float = 5.0
+    """How often the embedded run relists the pre-filled bucket. Nothing new arrives while tuning, so a
+    long interval keeps re-listing out of the CPU per image that tells configurations apart."""
 
 
 class Point(msgspec.Struct, frozen=True, kw_only=True):
     workers: int
+    """Worker processes."""
+    lanes: int
+    """Lanes per process."""
+    in_flight: int
+    """N: images analysed at once, processes x lanes."""
+    lanes_answered: int = 0
+    """Distinct lanes that finished an image while measured: N when every lane of the run worked."""
     throughput_per_s: float
     ideal_per_s: float
     efficiency: float
@@ -69,15 +103,30 @@ class Point(msgspec.Struct, frozen=True, kw_only=True):
     rss_worker_mb: float
     rss_supervisor_mb: float
     rss_manager_mb: float
+    rss_total_peak_mb: float
+    """The most RSS every imgworker process of the run held together, sampled at each window's end."""
     windows: int
     stable: bool
     images: int
 
 
-class TuneResult(msgspec.Struct, frozen=True):
+class Recommendation(msgspec.Struct, frozen=True, kw_only=True):
+    processes: int
+    lanes: int
+    initial_limit: int
+    """The knee: where to start ``--adaptive`` (never above processes x lanes)."""
+    knee_reached: bool
+    """False when throughput still grew at the largest N measured (measure larger N)."""
+    reason: str
+
+
+class TuneResult(msgspec.Struct, frozen=True, kw_only=True):
     params: TuneParams
     points: list[Point]
     recommended_workers: int
+    recommended_lanes: int
+    initial_limit: int
+    knee_reached: bool
     reason: str
 
 
@@ -103,25 +152,82 @@ def is_stable(rates: Sequence[float], *, windows: int, tolerance: float) -> bool
     return mean > 0 and all(abs(r - mean) <= tolerance * mean for r in last)
 
 
-def recommend(points: Sequence[Point], p95_budget_ms: float = 0.0) -> tuple[int, str]:
-    """Smallest N within 95 % of the best throughput; or the largest N meeting a p95 budget."""
+def build_grid(*, totals: Sequence[int] = (), lanes: Sequence[int] = (1,),
+               processes: Sequence[int] = ()) -> tuple[tuple[int, int], ...]:
+    """(processes, lanes) pairs: every lane count that divides each total N, or processes x lanes.
+
+    Raises ValueError, saying which value is wrong, for an empty or out-of-range list, or a total
+    that no lane count divides.
+    """
+    _check_counts("--lanes", lanes, MAX_LANES)
+    if processes:
+        if totals:
+            raise ValueError("give either --total or --workers, not both")
+        _check_counts("--workers", processes, MAX_PROCESSES)
+        return tuple((p, n) for p in processes for n in lanes)
+    _check_counts("--total", totals, MAX_PROCESSES * MAX_LANES)
+    pairs = []
+    for total in totals:
+        splits = [(total // n, n) for n in lanes if total % n == 0 and total // n <= MAX_PROCESSES]
+        if not splits:
+            raise ValueError(f"--total {total}: no --lanes value ({', '.join(map(str, lanes))}) divides it")
+        pairs += splits
+    return tuple(pairs)
+
+
+def _check_counts(flag: str, values: Sequence[int], largest: int) -> None:
+    if not values:
+        raise ValueError(f"{flag}: give at least one value")
+    bad = [v for v in values if not 1 <= v <= largest]
+    if bad:
+        raise ValueError(f"{flag}: value {bad[0]} is not allowed (each from 1 to {largest})")
+
+
+def recommend(points: Sequence[Point], p95_budget_ms: float = 0.0) -> Recommendation:
+    """Processes and lanes with the least CPU per image near the best throughput, and the knee.
+
+    See the module docstring for the rule. With a p95 budget only points meeting it are considered;
+    if none does, the point with the lowest p95 is recommended and its N is the initial limit.
+    """
     if not points:
         raise ValueError("no points to recommend from")
+    candidates = list(points)
+    budget = ""
     if p95_budget_ms > 0:
-        meeting = [p for p in points if p.p95_ms <= p95_budget_ms]
-        if meeting:
-            largest = max(meeting, key=lambda p: p.workers)
-            return largest.workers, f"largest N with p95 end to end <= {p95_budget_ms:g} ms"
-        fastest = min(points, key=lambda p: p.p95_ms)
-        return fastest.workers, f"no N meets p95 <= {p95_budget_ms:g} ms; N with the lowest p95"
-    best = max(p.throughput_per_s for p in points)
-    knee = min((p for p in points if p.throughput_per_s >= 0.95 * best), key=lambda p: p.workers)
-    return knee.workers, f"smallest N reaching 95 % of the best throughput ({best:.1f} img/s)"
+        candidates = [p for p in points if p.p95_ms <= p95_budget_ms]
+        if not candidates:
+            low = min(points, key=lambda p: (p.p95_ms, p.cpu_s_per_1000))
+            return Recommendation(processes=low.workers, lanes=low.lanes, initial_limit=low.in_flight,
+                                  knee_reached=False,
+                                  reason=f"no configuration meets p95 <= {p95_budget_ms:g} ms; the lowest p95")
+        budget = f" among those with p95 <= {p95_budget_ms:g} ms"
+    best = max(p.throughput_per_s for p in candidates)
+    near = [p for p in candidates if p.throughput_per_s >= WITHIN * best]
+    least = min(p.cpu_s_per_1000 for p in near)
+    tied = [p for p in near if p.cpu_s_per_1000 <= least * (1 + CPU_TIE)]
+    chosen = min(tied, key=lambda p: (p.in_flight, p.workers))
+    knee = knee_of(candidates)
+    reached = knee < max(p.in_flight for p in points)  # a larger N was measured: slower, or over the budget
+    reason = (f"the least CPU per image ({chosen.cpu_s_per_1000:.2f} CPU-s / 1000) within "
+              f"{WITHIN:.0%} of the best throughput ({best:.1f} img/s){budget}")
+    if not reached:
+        reason += "; throughput still grew at the largest N measured, so the knee may lie above it"
+    return Recommendation(processes=chosen.workers, lanes=chosen.lanes, initial_limit=knee, knee_reached=reached,
+                          reason=reason)
 
 
-def window_length(params: TuneParams, workers: int, min_completions: int = 50) -> float:
+def knee_of(points: Sequence[Point]) -> int:
+    """The smallest N whose best point reaches WITHIN of the best throughput."""
+    by_n: dict[int, float] = {}
+    for p in points:
+        by_n[p.in_flight] = max(by_n.get(p.in_flight, 0.0), p.throughput_per_s)
+    best = max(by_n.values())
+    return min(n for n, tput in by_n.items() if tput >= WITHIN * best)
+
+
+def window_length(params: TuneParams, in_flight: int, min_completions: int = 50) -> float:
     """Long enough for ``min_completions`` at the ideal rate, so counting noise stays under the tolerance."""
-    ideal = ideal_throughput(workers, params.latency_ms)
+    ideal = ideal_throughput(in_flight, params.latency_ms)
     return max(params.window_s, min_completions / ideal) if ideal > 0 else params.window_s
 
 
@@ -161,6 +267,16 @@ def _cmdline(proc: psutil.Process) -> list[str]:
         return []
 
 
+def _rss_total_mb(procs: list[psutil.Process]) -> float:
+    total = 0.0
+    for proc in procs:
+        try:
+            total += proc.memory_info().rss / 2**20
+        except psutil.NoSuchProcess:
+            continue
+    return total
+
+
 def _rss_mb(procs: list[psutil.Process], title: str) -> float:
     values = []
     for proc in procs:
@@ -172,9 +288,9 @@ def _rss_mb(procs: list[psutil.Process], title: str) -> float:
     return round(sum(values) / len(values), 1) if values else 0.0
 
 
-def measure_point(cfg: Config, params: TuneParams, workers: int) -> Point:
-    """Run the pipeline with N workers until throughput is stable (or the cap), then stop it."""
-    cfg = msgspec.structs.replace(cfg, worker=msgspec.structs.replace(cfg.worker, count=workers),
+def measure_point(cfg: Config, params: TuneParams, workers: int, lanes: int = 1) -> Point:
+    """Run the pipeline with ``workers`` processes of ``lanes`` lanes until throughput is stable (or the cap)."""
+    cfg = msgspec.structs.replace(cfg, worker=msgspec.structs.replace(cfg.worker, count=workers, threads=lanes),
                                   run=msgspec.structs.replace(cfg.run, state_dir=tempfile.mkdtemp(prefix="tune-")))
     finished: list[Result] = []
 
@@ -184,7 +300,7 @@ def measure_point(cfg: Config, params: TuneParams, workers: int) -> Point:
     sup = Supervisor(cfg, show_progress=False, on_result=record)
     sup.start()
     try:
-        point = _run_windows(sup, params, workers, finished)
+        point = _run_windows(sup, params, (workers, lanes), finished)
     finally:
         sup.request_stop("tune point measured", force=True)
         sup.shutdown()
@@ -192,28 +308,35 @@ def measure_point(cfg: Config, params: TuneParams, workers: int) -> Point:
     return point
 
 
-def _run_windows(sup: Supervisor, params: TuneParams, workers: int, finished: list[Result]) -> Point:
-    # every worker started and answered once (spawning many takes a while), then the warm-up
-    sup.step_until(lambda: len({r.worker for r in finished}) >= workers, timeout_s=params.startup_cap_s)
+def _run_windows(sup: Supervisor, params: TuneParams, config: tuple[int, int], finished: list[Result]) -> Point:
+    workers, lanes = config
+    # every lane started and answered once (spawning many takes a while), then the warm-up
+    if not sup.step_until(lambda: len({r.worker for r in finished}) >= workers * lanes,
+                          timeout_s=params.startup_cap_s):
+        log.warning("tune: %d x %d: only %d of %d lanes answered within %g s; measuring anyway", workers, lanes,
+                    len({r.worker for r in finished}), workers * lanes, params.startup_cap_s)
     sup.step_until(lambda: False, timeout_s=params.warmup_s)
     procs = _own_processes()
     cpu0, start, n0 = _cpu_seconds(procs), time.monotonic(), len(finished)
-    window = window_length(params, workers)
+    window = window_length(params, workers * lanes)
     rates: list[float] = []
+    rss_peak = _rss_total_mb(procs)
     while len(rates) < params.max_windows and not is_stable(rates, windows=params.stable_windows,
                                                                tolerance=params.tolerance):
         end = start + (len(rates) + 1) * window
         sup.step_until(lambda: time.monotonic() >= end)
         rates.append(window_rates([r.finished_at for r in finished], end - window, window, 1)[0])
+        rss_peak = max(rss_peak, _rss_total_mb(_own_processes()))
     elapsed = time.monotonic() - start
     procs = _own_processes()
     cpu = _cpu_seconds(procs) - cpu0
     measured = [r for r in finished[n0:] if r.outcome.is_success]
-    return _point(workers, params, measured, rates, elapsed, cpu, procs, len(finished) - n0)
+    return _point(config, params, measured, rates, elapsed, cpu, procs, len(finished) - n0, rss_peak)
 
 
-def _point(workers: int, params: TuneParams, measured: list[Result], rates: list[float], elapsed: float,
-           cpu: float, procs: list[psutil.Process], count: int) -> Point:
+def _point(config: tuple[int, int], params: TuneParams, measured: list[Result], rates: list[float], elapsed: float,
+           cpu: float, procs: list[psutil.Process], count: int, rss_peak: float = 0.0) -> Point:
+    workers, lanes = config
     e2e, algo, overhead, stat, bare = (LogHistogram() for _ in range(5))
     for r in measured:
         e2e.add(r.e2e_ms or 0.0)
@@ -224,11 +347,12 @@ def _point(workers: int, params: TuneParams, measured: list[Result], rates: list
     stable = is_stable(rates, windows=params.stable_windows, tolerance=params.tolerance)
     tail = rates[-params.stable_windows:] if stable else rates
     throughput = sum(tail) / len(tail) if tail else 0.0
-    ideal = ideal_throughput(workers, algo.mean or params.latency_ms)
+    ideal = ideal_throughput(workers * lanes, algo.mean or params.latency_ms)
     return Point(
-        workers=workers, throughput_per_s=round(throughput, 2), ideal_per_s=round(ideal, 2),
-        efficiency=efficiency(throughput, ideal),
-        efficiency_nominal=efficiency(throughput, ideal_throughput(workers, params.latency_ms)),
+        workers=workers, lanes=lanes, in_flight=workers * lanes, lanes_answered=len({r.worker for r in measured}),
+        throughput_per_s=round(throughput, 2),
+        ideal_per_s=round(ideal, 2), efficiency=efficiency(throughput, ideal),
+        efficiency_nominal=efficiency(throughput, ideal_throughput(workers * lanes, params.latency_ms)),
         p50_ms=round(e2e.percentile(50), 2), p95_ms=round(e2e.percentile(95), 2), p99_ms=round(e2e.percentile(99), 2),
         algo_p50_ms=round(algo.percentile(50), 2), algo_p95_ms=round(algo.percentile(95), 2),
         algo_p99_ms=round(algo.percentile(99), 2),
@@ -237,7 +361,8 @@ def _point(workers: int, params: TuneParams, measured: list[Result], rates: list
         overhead_excl_check_p99_ms=round(bare.percentile(99), 3),
         cpu_s_per_1000=round(cpu / count * 1000, 3) if count else 0.0,
         rss_worker_mb=_rss_mb(procs, "imgworker: worker"), rss_supervisor_mb=_rss_mb(procs, "imgworker: supervisor"),
-        rss_manager_mb=_rss_mb(procs, "imgworker: ledger"), windows=len(rates), stable=stable, images=count,
+        rss_manager_mb=_rss_mb(procs, "imgworker: ledger"), rss_total_peak_mb=round(rss_peak, 1),
+        windows=len(rates), stable=stable, images=count,
     )
 
 
@@ -250,17 +375,19 @@ def prefill(store: Store, prefix: str, count: int) -> None:
 
 
 def sweep(cfg: Config, params: TuneParams, progress: Callable[[str], None]) -> TuneResult:
-    """Measure every N against an existing configuration (its store, prefix and service)."""
+    """Measure every (processes, lanes) of the grid against an existing configuration (store, prefix, service)."""
     points = []
-    for n in params.workers:
-        point = measure_point(cfg, params, n)
+    for workers, lanes in params.grid:
+        point = measure_point(cfg, params, workers, lanes)
         points.append(point)
-        progress(f"tune: N={n:4d} {point.throughput_per_s:8.1f} img/s (ideal {point.ideal_per_s:.1f}, "
+        progress(f"tune: {workers:4d} processes x {lanes:3d} lanes (N={point.in_flight:4d}) "
+                 f"{point.throughput_per_s:8.1f} img/s (ideal {point.ideal_per_s:.1f}, "
                  f"efficiency {point.efficiency:.2f}, {point.efficiency_nominal:.2f} against {params.latency_ms:g} ms) "
-                 f"p95 {point.p95_ms:.0f} ms "
-                 f"overhead p50 {point.overhead_p50_ms:.2f} ms {'stable' if point.stable else 'NOT stable'}")
-    workers, reason = recommend(points, params.p95_budget_ms)
-    return TuneResult(params=params, points=points, recommended_workers=workers, reason=reason)
+                 f"p95 {point.p95_ms:.0f} ms CPU {point.cpu_s_per_1000:.2f} s/1000 "
+                 f"RSS {point.rss_total_peak_mb:.0f} MB {'stable' if point.stable else 'NOT stable'}")
+    rec = recommend(points, params.p95_budget_ms)
+    return TuneResult(params=params, points=points, recommended_workers=rec.processes, recommended_lanes=rec.lanes,
+                      initial_limit=rec.initial_limit, knee_reached=rec.knee_reached, reason=rec.reason)
 
 
 def run_tune(params: TuneParams, *, progress: Callable[[str], None] = print) -> TuneResult:
@@ -275,7 +402,7 @@ def run_tune(params: TuneParams, *, progress: Callable[[str], None] = print) -> 
                 "store": {"endpoint": server.endpoint, "bucket": "tune", "prefix": "p/"},
                 "algo": {"endpoint": algo.endpoint, "timeout_s": 30.0},
                 "worker": {"stat_check": params.stat_check},
-                "scan": {"interval_s": 0.5},
+                "scan": {"interval_s": params.scan_interval_s},
                 "run": {"checkpoint_interval_s": 30.0},
             })
             cfg = msgspec.structs.replace(cfg, credentials=creds)
@@ -288,48 +415,62 @@ def run_tune(params: TuneParams, *, progress: Callable[[str], None] = print) -> 
 
 def markdown(result: TuneResult) -> str:
     lines = [
-        "| N | throughput/s | ideal/s | efficiency | efficiency vs nominal L | p50 ms | p95 ms | p99 ms | algo p50 "
-        "| overhead p50 ms | overhead p99 ms | StatObject p50 ms | overhead without check p50 / p99 ms "
-        "| CPU s / 1000 img | RSS worker MB | RSS supervisor MB | RSS Manager MB | stable |",
-        "|" + "---|" * 18,
+        "| processes | lanes | N | throughput/s | ideal/s | efficiency | efficiency vs nominal L | p50 ms | p95 ms "
+        "| p99 ms | algo p50 | overhead p50 ms | overhead p99 ms | StatObject p50 ms "
+        "| overhead without check p50 / p99 ms | CPU s / 1000 img | RSS worker MB | RSS total peak MB | stable |",
+        "|" + "---|" * 19,
     ]
     for p in result.points:
         lines.append(
-            f"| {p.workers} | {p.throughput_per_s:.1f} | {p.ideal_per_s:.1f} | {p.efficiency:.3f} "
-            f"| {p.efficiency_nominal:.3f} | {p.p50_ms:.1f} | {p.p95_ms:.1f} | {p.p99_ms:.1f} | {p.algo_p50_ms:.1f} "
-            f"| {p.overhead_p50_ms:.2f} | {p.overhead_p99_ms:.2f} | {p.stat_p50_ms:.2f} "
+            f"| {p.workers} | {p.lanes} | {p.in_flight} | {p.throughput_per_s:.1f} | {p.ideal_per_s:.1f} "
+            f"| {p.efficiency:.3f} | {p.efficiency_nominal:.3f} | {p.p50_ms:.1f} | {p.p95_ms:.1f} | {p.p99_ms:.1f} "
+            f"| {p.algo_p50_ms:.1f} | {p.overhead_p50_ms:.2f} | {p.overhead_p99_ms:.2f} | {p.stat_p50_ms:.2f} "
             f"| {p.overhead_excl_check_p50_ms:.2f} / {p.overhead_excl_check_p99_ms:.2f} | {p.cpu_s_per_1000:.2f} "
-            f"| {p.rss_worker_mb:.0f} | {p.rss_supervisor_mb:.0f} | {p.rss_manager_mb:.0f} "
-            f"| {'yes' if p.stable else 'no'} |"
+            f"| {p.rss_worker_mb:.0f} | {p.rss_total_peak_mb:.0f} | {'yes' if p.stable else 'no'} |"
         )
-    lines += ["", f"Recommended: **{result.recommended_workers} workers** ({result.reason}).",
+    n = result.recommended_workers * result.recommended_lanes
+    lines += ["", f"Recommended: **{result.recommended_workers} processes x {result.recommended_lanes} lanes** "
+                  f"(`--workers {result.recommended_workers} --threads {result.recommended_lanes}`, N = {n}): "
+                  f"{result.reason}.",
+              f"Initial limit for `--adaptive`: **{result.initial_limit}** (the knee: the smallest N reaching "
+              f"{WITHIN:.0%} of the best throughput{'' if result.knee_reached else '; not reached in this grid'}).",
               f"Algorithm latency {result.params.latency_ms:g} ms (sigma {result.params.sigma:g}), "
-              f"existence check {'on' if result.params.stat_check else 'off'}. Ideal and efficiency use the measured "
-              f"mean algorithm latency; efficiency vs nominal L uses {result.params.latency_ms:g} ms."]
+              f"existence check {'on' if result.params.stat_check else 'off'}. N = processes x lanes. Ideal and "
+              f"efficiency use the measured mean algorithm latency; efficiency vs nominal L uses "
+              f"{result.params.latency_ms:g} ms. CPU and RSS: every imgworker process of the run (supervisor, "
+              f"workers, scanner, Manager), not the store or the service."]
     return "\n".join(lines)
 
 
 def plot(result: TuneResult, path: str) -> None:
+    """Throughput and CPU per image against N, one line per lane count; the recommendation marked."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    n = [p.workers for p in result.points]
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    ax.plot(n, [p.throughput_per_s for p in result.points], "o-", label="throughput")
-    ax.plot(n, [p.ideal_per_s for p in result.points], "--", color="grey", label="ideal N / latency")
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("worker processes (N)")
-    ax.set_ylabel("images / s")
-    ax2 = ax.twinx()
-    ax2.plot(n, [p.p95_ms for p in result.points], "s:", color="tab:red", label="p95 end to end")
-    ax2.set_ylabel("p95 ms", color="tab:red")
-    ax.axvline(result.recommended_workers, color="tab:green", alpha=0.4, label="recommended")
-    lines = ax.get_legend_handles_labels()[0] + ax2.get_legend_handles_labels()[0]
-    labels = ax.get_legend_handles_labels()[1] + ax2.get_legend_handles_labels()[1]
-    ax.legend(lines, labels, loc="upper left", fontsize=8)
-    ax.set_title(f"imgworker tune, algorithm latency {result.params.latency_ms:g} ms")
+    fig, (ax, cpu) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for lanes in sorted({p.lanes for p in result.points}):
+        row = sorted((p for p in result.points if p.lanes == lanes), key=lambda p: p.in_flight)
+        n = [p.in_flight for p in row]
+        label = f"{lanes} lane{'s' if lanes > 1 else ''} / process"
+        ax.plot(n, [p.throughput_per_s for p in row], "o-", label=label)
+        cpu.plot(n, [p.cpu_s_per_1000 for p in row], "o-", label=label)
+    n_all = sorted({p.in_flight for p in result.points})
+    ax.plot(n_all, [ideal_throughput(n, result.params.latency_ms) for n in n_all], "--", color="grey",
+            label=f"N / {result.params.latency_ms:g} ms")
+    chosen = [p for p in result.points
+              if (p.workers, p.lanes) == (result.recommended_workers, result.recommended_lanes)]
+    for p in chosen[:1]:
+        ax.plot([p.in_flight], [p.throughput_per_s], "*", color="tab:green", markersize=14, label="recommended")
+        cpu.plot([p.in_flight], [p.cpu_s_per_1000], "*", color="tab:green", markersize=14, label="recommended")
+    ax.axvline(result.initial_limit, color="tab:green", alpha=0.3, label="knee (initial --adaptive limit)")
+    for a, label in ((ax, "images / s"), (cpu, "CPU-s / 1000 images")):
+        a.set_xscale("log", base=2)
+        a.set_xlabel("images in flight N = processes x lanes")
+        a.set_ylabel(label)
+        a.legend(fontsize=7)
+    fig.suptitle(f"imgworker tune: processes x lanes, algorithm latency {result.params.latency_ms:g} ms")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -51,7 +51,9 @@ def make_config(tmp_path: Any, store_server: EmbeddedStore, algo_server: AlgoSer
             "store": {"endpoint": store_server.endpoint, "bucket": store_server.bucket, "prefix": prefix},
             "algo": {"endpoint": algo_server.endpoint, "timeout_s": 10.0, "backoff_base_s": 0.01},
             "scan": {"interval_s": 0.2},
-            "worker": {"count": 3},
+            # one lane per process: these tests count a worker's death or restart as one image each
+            # (lanes, and what a process of several takes with it, are tests/faults/test_lanes.py's)
+            "worker": {"count": 3, "threads": 1},
             "run": {"state_dir": str(tmp_path / "state"), "until_idle": True, "checkpoint_interval_s": 1.0,
                     "grace_s": 10.0},
         }

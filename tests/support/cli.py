@@ -15,7 +15,8 @@ from imgworker.services.store_server import EmbeddedStore
 def cli_env(store_server: EmbeddedStore, creds: Credentials, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("IMGWORKER_", "AWS_"))}
     env.update(IMGWORKER_ACCESS_KEY=creds.access_key, IMGWORKER_SECRET_KEY=creds.secret_key,
-               IMGWORKER_STORE_ENDPOINT=store_server.endpoint, IMGWORKER_STORE_BUCKET=store_server.bucket)
+               IMGWORKER_STORE_ENDPOINT=store_server.endpoint, IMGWORKER_STORE_BUCKET=store_server.bucket,
+               IMGWORKER_WORKER_THREADS="1")  # one image per process unless a test gives --threads
     env.update(extra)
     return env
 

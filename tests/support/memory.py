@@ -19,7 +19,7 @@ def config(tmp_path: Any, **sections: dict[str, Any]) -> Config:
     overrides: dict[str, dict[str, Any]] = {
         "run": {"state_dir": str(tmp_path / "state"), "until_idle": True, "checkpoint_interval_s": 3600.0},
         "scan": {"interval_s": 0.01},
-        "worker": {"count": 2},
+        "worker": {"count": 2, "threads": 1},  # one lane per worker: these tests step images one per worker
     }
     for name, values in sections.items():
         overrides.setdefault(name, {}).update(values)
