@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from collections import Counter
 from collections.abc import Iterator
 from typing import Any
@@ -20,6 +21,7 @@ import pytest
 
 from imgworker.results import read_results
 from imgworker.services.algo_server import AlgoService, SyntheticParams
+from imgworker.services.netutil import free_port
 from tests.support.cli import cli_env
 from tests.support.cluster import (
     Host, NatsServer, cluster_env, jetstream_cluster, ledger, per_key, wait_for_jetstream, wait_for_ledger,
@@ -104,9 +106,12 @@ def test_two_hosts_share_the_work_once_each(store_server, creds, store, prefix, 
     env = env_for(store_server, creds, prefix, slow_service, nats.url)
     hosts += [Host(f"h{i}", env, str(tmp_path / f"h{i}")) for i in range(2)]
     entries = wait_for_ledger(nats.url, len(keys), hosts=hosts)
+    time.sleep(2.0)  # the leader sweeps the same bucket again, several times (every 0.3 s)
     assert stop_all(hosts) == [0, 0]
     assert_one_outcome_each(nats.url, keys, hosts)
     assert {e.host for e in entries} == {"h0", "h1"}, "both hosts analysed images"
+    for host in hosts:  # every image is still there: the leader's processed set keeps its own
+        assert "processed set: pruned" not in host.log()
     assert set(calls_under(slow_service, prefix).values()) == {1}, "each image analysed once"
     report = subprocess.run([sys.executable, "-m", "imgworker", "report", "--cluster", "--json"], env=env,
                             capture_output=True, text=True, timeout=60)
@@ -128,6 +133,71 @@ def test_calls_longer_than_ack_wait_are_not_handed_to_a_second_host(store_server
         assert stop_all(hosts) == [0, 0]
         assert_one_outcome_each(nats.url, keys, hosts)
         assert calls_under(slow_calls, prefix) == {k: 1 for k in keys}, "each image analysed once"
+
+
+def scrape(port: int, host: str) -> dict[str, float] | None:
+    """A host's /metrics as sample name -> value (None while it does not answer); every sample has its host label."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as answer:
+            text = answer.read().decode()
+    except OSError:
+        return None
+    samples = [s for family in text_string_to_metric_families(text) for s in family.samples]
+    assert samples and all(s.labels.get("host") == host for s in samples), "every sample carries the host label"
+    return {s.name: s.value for s in samples}
+
+
+def test_the_leader_exports_the_stream_depth_and_the_consumer_s_counts(store_server, creds, store, prefix, nats,
+                                                                      hosts, tmp_path):
+    keys = images(store, prefix, 24)
+    with AlgoService("synthetic", SyntheticParams(latency_ms=1000.0, sigma=0.0, seed=4)) as slower:
+        env = env_for(store_server, creds, prefix, slower, nats.url)
+        ports = [free_port(), free_port()]
+        hosts += [Host(f"h{i}", env, str(tmp_path / f"h{i}"), args=("--metrics-port", str(ports[i])))
+                  for i in range(2)]
+        # while the lanes work through the first images, the rest wait in the stream, on the leader's figures
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            seen = [scrape(port, h.name) for port, h in zip(ports, hosts)]
+            if all(seen) and sum(m["imgworker_cluster_leader"] for m in seen if m) == 1:
+                leader = next(i for i, m in enumerate(seen) if m and m["imgworker_cluster_leader"] == 1)
+                figures = seen[leader]
+                assert figures is not None
+                if figures.get("imgworker_cluster_stream_depth", 0) > 0:
+                    break
+            time.sleep(0.1)
+        else:
+            pytest.fail(f"no single leader exporting a stream depth > 0: {seen}")
+        follower = hosts[1 - leader]
+        assert "imgworker_cluster_stream_depth" not in (seen[1 - leader] or {}), "only the leader exports them"
+        assert figures["imgworker_cluster_consumer_pending"] > 0, "images not yet delivered"
+        # the follower pauses past AckWait holding images: they are redelivered, and the leader counts them
+        while not any(e.host == follower.name for e in wait_for_ledger(nats.url, 1, hosts=hosts)):
+            time.sleep(0.05)
+        redelivered = 0.0
+        follower.signal_group(signal.SIGSTOP)
+        try:
+            deadline = time.monotonic() + 20
+            while not redelivered and time.monotonic() < deadline:
+                redelivered = (scrape(ports[leader], hosts[leader].name) or {}).get(
+                    "imgworker_cluster_consumer_redelivered", 0.0)
+                time.sleep(0.1)
+        finally:
+            follower.signal_group(signal.SIGCONT)
+        assert redelivered > 0, "the paused host's images show as redelivered"
+        wait_for_ledger(nats.url, len(keys), hosts=hosts)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            figures = scrape(ports[leader], hosts[leader].name) or {}
+            if figures.get("imgworker_cluster_stream_depth") == 0:
+                break
+            time.sleep(0.2)
+        assert figures["imgworker_cluster_stream_depth"] == 0 and figures["imgworker_cluster_consumer_pending"] == 0
+        assert figures["imgworker_cluster_leader"] == 1
+        assert stop_all(hosts) == [0, 0]
+        assert_one_outcome_each(nats.url, keys, hosts)
 
 
 # ----- a host dies, pauses, or is stopped -------------------------------------------------------
