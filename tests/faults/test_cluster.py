@@ -21,6 +21,7 @@ import pytest
 
 from imgworker.results import read_results
 from imgworker.services.algo_server import AlgoService, SyntheticParams
+from imgworker.config import ClusterConfig
 from imgworker.services.netutil import free_port
 from tests.support.cli import cli_env
 from tests.support.cluster import (
@@ -433,6 +434,23 @@ def test_a_deposed_leader_publishes_nothing(store_server, nats):
 # ----- a three-node JetStream cluster loses a node ----------------------------------------------------
 
 
+def stream_leader(url: str, stream: str) -> int:
+    """The index of the node (named ``n<i>``) leading a stream of the JetStream cluster."""
+    import asyncio
+
+    import nats
+
+    async def ask() -> str:
+        nc = await nats.connect(url, connect_timeout=2, allow_reconnect=False, max_reconnect_attempts=1)
+        try:
+            info = await nc.jetstream(timeout=3.0).stream_info(stream)
+            return str(info.cluster.leader)
+        finally:
+            await nc.close()
+
+    return int(asyncio.run(ask()).removeprefix("n"))
+
+
 def test_a_node_of_a_three_node_jetstream_cluster_dies_and_nothing_is_lost(store_server, creds, store, prefix,
                                                                            slow_service, hosts, tmp_path):
     nodes = jetstream_cluster(str(tmp_path / "js"))
@@ -445,10 +463,13 @@ def test_a_node_of_a_three_node_jetstream_cluster_dies_and_nothing_is_lost(store
         env = env_for(store_server, creds, prefix, slow_service, url, IMGWORKER_CLUSTER_REPLICAS="3")
         hosts += [Host(f"h{i}", env, str(tmp_path / f"h{i}")) for i in range(2)]
         wait_for_ledger(nodes[0].url, 6, hosts=hosts)
-        nodes[1].kill()  # streams and buckets have three copies: two remain, a quorum
-        wait_for_ledger(nodes[0].url, len(keys), hosts=hosts, timeout=120)
+        # the node leading the work stream dies: it has three copies, two remain, a quorum elects another leader
+        victim = stream_leader(nodes[0].url, ClusterConfig(url=url).stream)
+        nodes[victim].kill()
+        alive = nodes[(victim + 1) % len(nodes)].url
+        wait_for_ledger(alive, len(keys), hosts=hosts, timeout=120)
         assert stop_all(hosts) == [0, 0]
-        assert_one_outcome_each(nodes[0].url, keys, hosts)
+        assert_one_outcome_each(alive, keys, hosts)
         for host in hosts:
             assert "Traceback" not in host.log()
     finally:
