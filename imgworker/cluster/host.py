@@ -232,7 +232,12 @@ class ClusterHost:
         return stored is not None and msgspec.json.decode(stored, type=LedgerEntry).token == token
 
     def settled(self, result: Result) -> None:
-        """Its outcome is in the ledger and in this host's results: its message leaves the stream."""
+        """Its outcome is in the ledger and in this host's results: its message leaves the stream.
+
+        The leader's intake no longer needs to skip it as published: it is in this host's processed
+        set now, which a sweep must see it in (a key a sweep skips is pruned as gone).
+        """
+        self._published.pop(result.key, None)
         self._settle(result.key, term=result.outcome is Outcome.FAILED_WORKER)
 
     def _settle(self, key: str, *, term: bool) -> None:
@@ -270,9 +275,13 @@ class ClusterCollector:
             figures = self.host.link.figures()
         except ClusterUnavailable:
             return
-        docs = {"stream_messages": "Messages in the work stream (queued or delivered, not acked).",
-                "consumer_pending": "Messages not yet delivered.",
-                "consumer_ack_pending": "Messages delivered and not yet acked, on any host.",
-                "consumer_redelivered": "Messages delivered more than once and not yet acked."}
-        for name, value in figures.items():
-            yield GaugeMetricFamily(f"imgworker_cluster_{name}", docs[name], value=value)
+        exported = {"stream_messages": ("stream_depth",
+                                        "Messages in the work stream (queued or delivered, not acked)."),
+                    "consumer_pending": ("consumer_pending", "Messages not yet delivered."),
+                    "consumer_ack_pending": ("consumer_ack_pending",
+                                             "Messages delivered and not yet acked, on any host."),
+                    "consumer_redelivered": ("consumer_redelivered",
+                                             "Messages delivered more than once and not yet acked.")}
+        for figure, value in figures.items():
+            name, doc = exported[figure]
+            yield GaugeMetricFamily(f"imgworker_cluster_{name}", doc, value=value)

@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from collections import Counter
 from collections.abc import Iterator
 from typing import Any
@@ -20,6 +21,8 @@ import pytest
 
 from imgworker.results import read_results
 from imgworker.services.algo_server import AlgoService, SyntheticParams
+from imgworker.config import ClusterConfig
+from imgworker.services.netutil import free_port
 from tests.support.cli import cli_env
 from tests.support.cluster import (
     Host, NatsServer, cluster_env, jetstream_cluster, ledger, per_key, wait_for_jetstream, wait_for_ledger,
@@ -104,9 +107,12 @@ def test_two_hosts_share_the_work_once_each(store_server, creds, store, prefix, 
     env = env_for(store_server, creds, prefix, slow_service, nats.url)
     hosts += [Host(f"h{i}", env, str(tmp_path / f"h{i}")) for i in range(2)]
     entries = wait_for_ledger(nats.url, len(keys), hosts=hosts)
+    time.sleep(2.0)  # the leader sweeps the same bucket again, several times (every 0.3 s)
     assert stop_all(hosts) == [0, 0]
     assert_one_outcome_each(nats.url, keys, hosts)
     assert {e.host for e in entries} == {"h0", "h1"}, "both hosts analysed images"
+    for host in hosts:  # every image is still there: the leader's processed set keeps its own
+        assert "processed set: pruned" not in host.log()
     assert set(calls_under(slow_service, prefix).values()) == {1}, "each image analysed once"
     report = subprocess.run([sys.executable, "-m", "imgworker", "report", "--cluster", "--json"], env=env,
                             capture_output=True, text=True, timeout=60)
@@ -128,6 +134,71 @@ def test_calls_longer_than_ack_wait_are_not_handed_to_a_second_host(store_server
         assert stop_all(hosts) == [0, 0]
         assert_one_outcome_each(nats.url, keys, hosts)
         assert calls_under(slow_calls, prefix) == {k: 1 for k in keys}, "each image analysed once"
+
+
+def scrape(port: int, host: str) -> dict[str, float] | None:
+    """A host's /metrics as sample name -> value (None while it does not answer); every sample has its host label."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as answer:
+            text = answer.read().decode()
+    except OSError:
+        return None
+    samples = [s for family in text_string_to_metric_families(text) for s in family.samples]
+    assert samples and all(s.labels.get("host") == host for s in samples), "every sample carries the host label"
+    return {s.name: s.value for s in samples}
+
+
+def test_the_leader_exports_the_stream_depth_and_the_consumer_s_counts(store_server, creds, store, prefix, nats,
+                                                                      hosts, tmp_path):
+    keys = images(store, prefix, 24)
+    with AlgoService("synthetic", SyntheticParams(latency_ms=1000.0, sigma=0.0, seed=4)) as slower:
+        env = env_for(store_server, creds, prefix, slower, nats.url)
+        ports = [free_port(), free_port()]
+        hosts += [Host(f"h{i}", env, str(tmp_path / f"h{i}"), args=("--metrics-port", str(ports[i])))
+                  for i in range(2)]
+        # while the lanes work through the first images, the rest wait in the stream, on the leader's figures
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            seen = [scrape(port, h.name) for port, h in zip(ports, hosts)]
+            if all(seen) and sum(m["imgworker_cluster_leader"] for m in seen if m) == 1:
+                leader = next(i for i, m in enumerate(seen) if m and m["imgworker_cluster_leader"] == 1)
+                figures = seen[leader]
+                assert figures is not None
+                if figures.get("imgworker_cluster_stream_depth", 0) > 0:
+                    break
+            time.sleep(0.1)
+        else:
+            pytest.fail(f"no single leader exporting a stream depth > 0: {seen}")
+        follower = hosts[1 - leader]
+        assert "imgworker_cluster_stream_depth" not in (seen[1 - leader] or {}), "only the leader exports them"
+        assert figures["imgworker_cluster_consumer_pending"] > 0, "images not yet delivered"
+        # the follower pauses past AckWait holding images: they are redelivered, and the leader counts them
+        while not any(e.host == follower.name for e in wait_for_ledger(nats.url, 1, hosts=hosts)):
+            time.sleep(0.05)
+        redelivered = 0.0
+        follower.signal_group(signal.SIGSTOP)
+        try:
+            deadline = time.monotonic() + 20
+            while not redelivered and time.monotonic() < deadline:
+                redelivered = (scrape(ports[leader], hosts[leader].name) or {}).get(
+                    "imgworker_cluster_consumer_redelivered", 0.0)
+                time.sleep(0.1)
+        finally:
+            follower.signal_group(signal.SIGCONT)
+        assert redelivered > 0, "the paused host's images show as redelivered"
+        wait_for_ledger(nats.url, len(keys), hosts=hosts)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            figures = scrape(ports[leader], hosts[leader].name) or {}
+            if figures.get("imgworker_cluster_stream_depth") == 0:
+                break
+            time.sleep(0.2)
+        assert figures["imgworker_cluster_stream_depth"] == 0 and figures["imgworker_cluster_consumer_pending"] == 0
+        assert figures["imgworker_cluster_leader"] == 1
+        assert stop_all(hosts) == [0, 0]
+        assert_one_outcome_each(nats.url, keys, hosts)
 
 
 # ----- a host dies, pauses, or is stopped -------------------------------------------------------
@@ -268,15 +339,33 @@ def test_an_image_delivered_max_attempts_times_ends_failed_worker_unanalysed(sto
     assert figures["stream_messages"] == 0 and figures["consumer_ack_pending"] == 0, "terminated, not looping"
 
 
-def test_an_image_that_kills_its_worker_ends_failed_worker_after_max_attempts(make_config, store, prefix, nats,
-                                                                              tmp_path):
+def test_an_image_that_kills_its_worker_ends_failed_worker_after_max_attempts(make_config, store_server, store,
+                                                                              prefix, nats, tmp_path):
     """Two in-process hosts with real worker processes; whichever lane takes the poison image has its process
-    SIGKILLed. It ends ``failed_worker`` once, cluster-wide, and leaves the stream: it does not loop."""
-    from imgworker.cluster.jetstream import read_cluster
+    SIGKILLed. It ends ``failed_worker`` once, cluster-wide, and leaves the stream: it does not loop.
+
+    A first host took it and died holding it: that delivery counts as one of the attempts."""
+    from imgworker.cluster.jetstream import JetStreamLink, read_cluster
+    from imgworker.config import ClusterConfig
     from imgworker.supervisor import Supervisor
 
     keys = images(store, prefix, 8)
     poison = keys[3]
+    # published as the leader's sweep will publish it (same Nats-Msg-Id: stored once), then lost by its holder
+    [ref] = [r for page in store.list_pages(prefix, 1000) for r in page if r.key == poison]
+    dying = JetStreamLink(ClusterConfig(url=nats.url, ack_wait_s=2.0, lease_ttl_s=2), host="dying",
+                          bucket=store_server.bucket)
+    dying.start()
+    try:
+        while not dying.leading():
+            time.sleep(0.05)
+        assert dying.publish([ref]).sent == 1
+        got: list[Any] = []
+        while not got:
+            got = dying.fetch(1)
+        dying.forget(poison)  # it dies holding it: no ack, no progress note, no nak
+    finally:
+        dying.close()
     with AlgoService("synthetic", SyntheticParams(latency_ms=800.0, sigma=0.0)) as very_slow:
         sups = [Supervisor(make_config(worker={"count": 2, "max_attempts": 3}, algo={"endpoint": very_slow.endpoint},
                                        run={"state_dir": str(tmp_path / f"h{i}"), "until_idle": False},
@@ -303,7 +392,7 @@ def test_an_image_that_kills_its_worker_ends_failed_worker_after_max_attempts(ma
     assert set(per_key(ledger(nats.url)).values()) == {1} and set(outcomes) == set(keys)
     assert outcomes[poison] == "failed_worker"
     assert all(outcomes[k] in ("inferred", "no_detection") for k in keys if k != poison)
-    assert kills == 3
+    assert kills == 2, "max_attempts (3) counts the delivery its first holder lost"
     _, figures = read_cluster(sups[0].cfg.cluster)
     assert figures["stream_messages"] == 0 and figures["consumer_ack_pending"] == 0
 
@@ -345,6 +434,23 @@ def test_a_deposed_leader_publishes_nothing(store_server, nats):
 # ----- a three-node JetStream cluster loses a node ----------------------------------------------------
 
 
+def stream_leader(url: str, stream: str) -> int:
+    """The index of the node (named ``n<i>``) leading a stream of the JetStream cluster."""
+    import asyncio
+
+    import nats
+
+    async def ask() -> str:
+        nc = await nats.connect(url, connect_timeout=2, allow_reconnect=False, max_reconnect_attempts=1)
+        try:
+            info = await nc.jetstream(timeout=3.0).stream_info(stream)
+            return str(info.cluster.leader)
+        finally:
+            await nc.close()
+
+    return int(asyncio.run(ask()).removeprefix("n"))
+
+
 def test_a_node_of_a_three_node_jetstream_cluster_dies_and_nothing_is_lost(store_server, creds, store, prefix,
                                                                            slow_service, hosts, tmp_path):
     nodes = jetstream_cluster(str(tmp_path / "js"))
@@ -357,10 +463,13 @@ def test_a_node_of_a_three_node_jetstream_cluster_dies_and_nothing_is_lost(store
         env = env_for(store_server, creds, prefix, slow_service, url, IMGWORKER_CLUSTER_REPLICAS="3")
         hosts += [Host(f"h{i}", env, str(tmp_path / f"h{i}")) for i in range(2)]
         wait_for_ledger(nodes[0].url, 6, hosts=hosts)
-        nodes[1].kill()  # streams and buckets have three copies: two remain, a quorum
-        wait_for_ledger(nodes[0].url, len(keys), hosts=hosts, timeout=120)
+        # the node leading the work stream dies: it has three copies, two remain, a quorum elects another leader
+        victim = stream_leader(nodes[0].url, ClusterConfig(url=url).stream)
+        nodes[victim].kill()
+        alive = nodes[(victim + 1) % len(nodes)].url
+        wait_for_ledger(alive, len(keys), hosts=hosts, timeout=120)
         assert stop_all(hosts) == [0, 0]
-        assert_one_outcome_each(nodes[0].url, keys, hosts)
+        assert_one_outcome_each(alive, keys, hosts)
         for host in hosts:
             assert "Traceback" not in host.log()
     finally:

@@ -65,7 +65,8 @@ class NatsServer:
 class Host:
     """One host: ``imgworker run`` in cluster mode, in its own process group, with its own state directory."""
 
-    def __init__(self, name: str, env: dict[str, str], state_dir: str, *, workers: int = 2) -> None:
+    def __init__(self, name: str, env: dict[str, str], state_dir: str, *, workers: int = 2,
+                 args: tuple[str, ...] = ()) -> None:
         self.name = name
         self.state_dir = state_dir
         self.log_path = os.path.join(state_dir + "-log.txt")
@@ -73,7 +74,7 @@ class Host:
         with open(self.log_path, "w") as out:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "imgworker", "run", "--state-dir", state_dir, "--workers", str(workers),
-                 "--no-progress"], env=env, stdout=out, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+                 "--no-progress", *args], env=env, stdout=out, stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
     def log(self) -> str:
         with open(self.log_path) as f:
