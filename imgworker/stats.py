@@ -121,6 +121,8 @@ class Report(msgspec.Struct, frozen=True):
     """Images that ended ``failed_algo`` because no algorithm endpoint was healthy within their budget."""
     respawn_backoffs: int = 0
     """Worker processes that died before answering anything and were replaced after a backoff."""
+    limits: dict[str, dict[str, float]] = {}
+    """With ``algo.adaptive``: each endpoint's limit of calls in flight, time-weighted mean, min, max, now."""
 
 
 class Stats:
@@ -299,6 +301,10 @@ def format_report(report: Report) -> str:
         lines += ["", "| endpoint | requests | failures | ejections | healthy |", "|---|---|---|---|---|"]
         lines += [f"| {display_url(url)} | {f['requests']:,} | {f['failures']:,} | {f['ejections']} |"
                   f" {'yes' if f['healthy'] else 'no'} |" for url, f in report.endpoints.items()]
+    if report.limits:
+        lines += ["", "| endpoint | adaptive limit: mean (time-weighted) | min | max | at the end |", "|---|---|---|---|---|"]
+        lines += [f"| {url} | {f['mean']:.1f} | {f['min']:g} | {f['max']:g} | {f['now']:g} |"
+                  for url, f in report.limits.items()]
     if report.action_errors:
         lines += ["", "result action failures: " + ", ".join(f"{k}={v}" for k, v in report.action_errors.items())]
     return "\n".join(lines)

@@ -135,7 +135,7 @@ class Supervisor:
         self.pool = parts.pool
         self.inflight = InFlight(cfg.item_deadline_s, clock)
         self.dispatch = Dispatch(cfg.dispatch, clock, is_held=self.inflight.is_held)
-        self.endpoints = EndpointPool(cfg.algo, clock)
+        self.endpoints = EndpointPool(cfg.algo, clock, lanes=cfg.concurrency)
         self.progress = Progress(cfg.run.progress_interval_s, enabled=show_progress)
         self.lock = RunLock(cfg.run.state_dir)
         self.ledger = Ledger(os.path.join(cfg.run.state_dir, "state.json"), cfg.results_path, parts.ledger_backend)
@@ -281,7 +281,7 @@ class Supervisor:
                         events_received=self.intake.events_received, scans_completed=self.intake.scans_completed,
                         last_scan_s=self.intake.last_scan_s)
         return self.recorder.snapshot(gauges, wall_s=self.clock() - self._started,
-                                      endpoints=self.endpoints.figures())
+                                      endpoints=self.endpoints.figures(), limits=self.endpoints.limit_figures())
 
     def report(self) -> Report:
         return self.snapshot().report
@@ -300,6 +300,7 @@ class Supervisor:
         for event in events:
             self._on_event(event)
         self._kill_overdue(self.clock())
+        self.endpoints.tick()
         assert self.janitor is not None
         self.recorder.janitor_done(self.janitor.collect())
         if self.clock() >= self._next_checkpoint:
