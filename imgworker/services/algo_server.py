@@ -7,6 +7,10 @@ Backends:
 Every POST /infer is counted per image_path once its body decodes; GET /calls returns the counts,
 so a test can tell how often the far end was really called.
 
+``slots`` > 0 makes the synthetic service a server of that many slots: at most ``slots`` calls are
+served at once, the others wait in arrival order (a model server's queue). POST /shape with
+``{"slots": n, "latency_ms": x}`` changes either while it runs (benchmarks step the capacity).
+
 Built on aiohttp: one event loop holds hundreds of slow requests, and aiohttp sets TCP_NODELAY,
 so a response is not held back by Nagle's algorithm.
 """
@@ -52,6 +56,15 @@ class SyntheticParams(msgspec.Struct, frozen=True, kw_only=True):
     """> 0: for an image_path containing "trickle", send 200 and headers, then a byte every trickle_s for hang_s."""
     count_override: float = -1.0
     """>= 0: for an image_path containing "huge", answer result {"count": count_override}."""
+    slots: int = 0
+    """> 0: serve at most this many calls at once (synthetic backend); the others queue."""
+
+
+class Shape(msgspec.Struct, frozen=True):
+    """The body of POST /shape: what to change of a running synthetic service (unset: unchanged)."""
+
+    slots: int | None = None
+    latency_ms: float | None = None
 
 
 class InferRequest(msgspec.Struct):
@@ -114,12 +127,15 @@ class AlgoApp:
         self.session: ClientSession | None = None
         self.served = 0
         self.calls: dict[str, int] = {}
+        self.busy = 0  # calls holding one of ``params.slots``
+        self._slot_free: asyncio.Condition | None = None
 
     def build(self) -> web.Application:
         app = web.Application(client_max_size=1 << 20)
         app.router.add_post("/infer", self.infer)
         app.router.add_get("/health", self.health)
         app.router.add_get("/calls", self.call_counts)
+        app.router.add_post("/shape", self.shape)
         app.on_startup.append(self._open)
         app.on_cleanup.append(self._close)
         return app
@@ -139,6 +155,24 @@ class AlgoApp:
         counts = CallCounts(calls=dict(self.calls), total=sum(self.calls.values()))
         return web.Response(body=msgspec.json.encode(counts), content_type="application/json")
 
+    async def shape(self, request: web.Request) -> web.Response:
+        try:
+            change = msgspec.json.decode(await request.read(), type=Shape)
+        except msgspec.DecodeError as exc:
+            return _answer(400, {"error": f"bad shape: {exc}"})
+        if change.slots is not None:
+            self.params = msgspec.structs.replace(self.params, slots=max(0, change.slots))
+        if change.latency_ms is not None:
+            self.params = msgspec.structs.replace(self.params, latency_ms=max(0.0, change.latency_ms))
+        async with self._slots():
+            self._slots().notify_all()
+        return _answer(200, {"slots": self.params.slots, "latency_ms": self.params.latency_ms})
+
+    def _slots(self) -> asyncio.Condition:
+        if self._slot_free is None:
+            self._slot_free = asyncio.Condition()
+        return self._slot_free
+
     async def infer(self, request: web.Request) -> web.StreamResponse:
         started = time.perf_counter()
         try:
@@ -153,7 +187,16 @@ class AlgoApp:
         if self.backend == "face":
             response = await self._face(image, started)
         else:
-            response = await self._synthetic(request, req.image_path, started)
+            free = self._slots()
+            async with free:
+                await free.wait_for(lambda: not self.params.slots or self.busy < self.params.slots)
+                self.busy += 1
+            try:
+                response = await self._synthetic(request, req.image_path, started)
+            finally:
+                async with free:
+                    self.busy -= 1
+                    free.notify()
         self.served += 1
         return response
 
