@@ -80,6 +80,8 @@ class CallCounts(msgspec.Struct, frozen=True):
 
     calls: dict[str, int]
     total: int
+    peak: int = 0
+    """The most calls the service held at once (served or waiting for a slot)."""
 
 
 def lognormal_ms(rng: random.Random, mean_ms: float, sigma: float) -> float:
@@ -128,6 +130,8 @@ class AlgoApp:
         self.served = 0
         self.calls: dict[str, int] = {}
         self.busy = 0  # calls holding one of ``params.slots``
+        self.held = 0  # calls in the service now, served or waiting
+        self.peak = 0
         self._slot_free: asyncio.Condition | None = None
 
     def build(self) -> web.Application:
@@ -152,7 +156,7 @@ class AlgoApp:
         return web.json_response({"status": "ok", "backend": self.backend, "served": self.served})
 
     async def call_counts(self, request: web.Request) -> web.Response:
-        counts = CallCounts(calls=dict(self.calls), total=sum(self.calls.values()))
+        counts = CallCounts(calls=dict(self.calls), total=sum(self.calls.values()), peak=self.peak)
         return web.Response(body=msgspec.json.encode(counts), content_type="application/json")
 
     async def shape(self, request: web.Request) -> web.Response:
@@ -175,6 +179,14 @@ class AlgoApp:
 
     async def infer(self, request: web.Request) -> web.StreamResponse:
         started = time.perf_counter()
+        self.held += 1
+        self.peak = max(self.peak, self.held)
+        try:
+            return await self._infer(request, started)
+        finally:
+            self.held -= 1
+
+    async def _infer(self, request: web.Request, started: float) -> web.StreamResponse:
         try:
             req = msgspec.json.decode(await request.read(), type=InferRequest)
         except msgspec.DecodeError as exc:
@@ -298,9 +310,13 @@ class AlgoService:
 
     def calls(self) -> dict[str, int]:
         """How many POST /infer each image_path got at the service, since it started."""
+        return self.counts().calls
+
+    def counts(self) -> CallCounts:
+        """GET /calls: the calls per image_path, and the most the service held at once."""
         resp = requests.get(f"http://127.0.0.1:{self.port}/calls", timeout=5)
         resp.raise_for_status()
-        return msgspec.json.decode(resp.content, type=CallCounts).calls
+        return msgspec.json.decode(resp.content, type=CallCounts)
 
     def start(self, timeout_s: float = 60.0) -> AlgoService:
         # Its own session: a stop signal to imgworker's process group (Ctrl-C on the demo) must not

@@ -2,7 +2,8 @@
 
 The service serves 4 calls at once and queues the rest; 2 processes x 8 lanes could send 16. The
 limit must settle just above the service's 4 slots, well under the 16 lanes, and every image must
-still get exactly one call. The bounds are coarse on purpose: this is real time on a shared machine.
+still get exactly one call, and the service must never hold more calls at once than the limit
+allowed. The bounds are coarse on purpose: this is real time on a shared machine.
 """
 
 from __future__ import annotations
@@ -36,9 +37,11 @@ def test_adaptive_lanes_settle_near_the_slots_of_the_service(tmp_path, store_ser
             if proc.poll() is None:
                 reap(proc, 1)
         calls = calls_under(service, prefix)
+        peak = service.counts().peak
     data = json.loads(report.read_text())
     assert data["conserved"] and Counter(calls) == Counter(keys)
     (limits,) = data["limits"].values()
     assert 2 <= limits["mean"] <= 12, limits  # the service's 4 slots plus a small queue, not the 16 lanes
     assert 4 <= limits["now"] <= 12, limits
     assert limits["max"] < 16, limits
+    assert peak <= limits["max"] < 16  # counted at the service: no more calls at once than the limit allowed
