@@ -13,7 +13,9 @@ The controller keeps that queue estimate inside a small band (``BAND``) above th
 
 - above the band: jump to ``knee + middle of the band`` (one step, the estimate is exact in the mean);
 - below it (and the endpoint had the calls to use it): grow, doubling while nothing queues at all;
-- a drop in the window: cut to ``limit x CUT`` (drops say overload whatever the estimate says);
+- a drop in the window: cut to ``limit x CUT`` (drops say overload whatever the estimate says), and
+  for ``PROBE_EVERY`` windows do not grow back to the limit that dropped (a server that sheds load
+  with 429/503 keeps its queue short, so the queue estimate alone would not see the overload);
 - p95 over ``latency_budget_ms``: cut, and narrow the band by one more call (its ``margin``);
   the band is also capped at the queue the budget allows: ``knee x (budget/baseline_p95 - 1)``;
 - a budget that even no queueing misses (``baseline_p95 > budget``) is *infeasible*: hold at the
@@ -133,6 +135,8 @@ class Controller:
         self._since_probe = 0
         self._warned = False
         self._faster = False  # a live window was much faster than the baseline
+        self._dropped_at = 0  # the limit at which calls were last dropped (0: none lately)
+        self._since_drop = 0
         now = clock()
         self._window_start = now
         self._samples: list[float] = []
@@ -201,8 +205,10 @@ class Controller:
         if not self._high and not self._over:
             self._settled = old  # the limit before any sign of a change at the server
         new = self._toward_band(window) if window.latencies else self.limit
+        self._since_drop += 1
         if window.drops:
             new = min(new, math.floor(self.limit * CUT))
+            self._dropped_at, self._since_drop = self.limit, 0
         elif self._over_budget(window):
             new = min(new, math.floor(self.limit * CUT))
             self.margin += 1
@@ -262,6 +268,8 @@ class Controller:
         grown = self.limit + max(1, math.ceil((lo + hi) / 2.0 - q))
         if q < 0.5 and not self.infeasible:
             grown = max(grown, 2 * self.limit)  # nothing queues: the knee is further up
+        if self._dropped_at and self._since_drop < PROBE_EVERY:
+            grown = min(grown, max(self.limit, self._dropped_at - 1))  # stay under where calls were dropped
         if self.budget_s is not None and self.baseline_p95_s and not self.infeasible:
             # even if the knee were the calls in flight now, the p95 would stay within the budget
             aim = BUDGET_AIM * self.budget_s / self.baseline_p95_s
@@ -313,6 +321,8 @@ class Controller:
             self.baseline_p95_s = percentile(self._samples, 95.0)
             self._check_feasible()
             self._restore = self._limit_for_last_window()
+            if self._dropped_at and self._since_drop < PROBE_EVERY:
+                self._restore = min(self._restore, max(self.floor, self._dropped_at - 1))
         self._set(self._restore, old)
         self._new_window(now)
         return self.limit != old

@@ -7,6 +7,8 @@ the limit are in flight. The server serves ``slots`` calls at a time in arrival 
 that waits past ``timeout_s`` (queue plus service) is a drop for the client, and its slot stays
 busy until the server finishes it, as a real server's would.
 
+A server may also shed load (``shed_above``): a call that finds a full queue is refused at once.
+
 Figures are kept per one-second window of virtual time (``Second``), so tests can assert ranges
 per phase and per window.
 """
@@ -21,6 +23,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from imgworker.adaptive import Controller, percentile
+
+
+#: How long a refused call takes to come back.
+SHED_S = 0.01
 
 
 @dataclass(frozen=True)
@@ -82,8 +88,11 @@ class _Clock:
 
 def simulate(phases: list[Phase], *, sigma: float = 0.2, seed: int = 1, timeout_s: float = math.inf,
              make: Callable[[Callable[[], float]], Controller] | None = None, fixed: int = 0,
-             tick_s: float = 0.05) -> Run:
-    """Run ``phases`` back to back against a controller built by ``make(clock)``, or a fixed limit."""
+             tick_s: float = 0.05, shed_above: int = -1) -> Run:
+    """Run ``phases`` back to back against a controller built by ``make(clock)``, or a fixed limit.
+
+    ``shed_above`` >= 0: a call that finds that many already waiting is refused at once (a 503/429).
+    """
     clock = _Clock()
     controller = make(clock) if make is not None else None
     rng = random.Random(seed)
@@ -142,6 +151,8 @@ def simulate(phases: list[Phase], *, sigma: float = 0.2, seed: int = 1, timeout_
                 push(clock.now + timeout_s, "timeout", call)
             if busy < phases[phase].slots:
                 start_service(call)
+            elif 0 <= shed_above <= len(queue):
+                push(clock.now + SHED_S, "shed", call)
             else:
                 queue.append(call)
         if controller is not None:
@@ -185,7 +196,7 @@ def simulate(phases: list[Phase], *, sigma: float = 0.2, seed: int = 1, timeout_
             if call in sent_at:
                 client_done(call, drop=False)
             server_free()
-        elif kind == "timeout":
+        elif kind in ("timeout", "shed"):
             if call in sent_at:
                 client_done(call, drop=True)
         elif kind == "phase":

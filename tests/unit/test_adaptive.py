@@ -244,3 +244,13 @@ def test_timeouts_cut_the_limit_instead_of_queueing_into_them():
     adapt = simulate([Phase(40, 6, 0.2)], make=adaptive(), seed=1, timeout_s=1.0)
     assert sum(s.drops for s in adapt.of_phase(0, K)) == 0
     assert sum(s.drops for s in fixed.of_phase(0, K)) > 100
+
+
+def test_a_server_that_sheds_load_is_held_by_its_refusals():
+    # 8 slots and room for 2 waiting calls; more are refused at once (503), so the queue never shows
+    # in the latency: only the refusals say "too many"
+    run = simulate([Phase(60, 8, 0.2)], make=adaptive(), seed=1, shed_above=2)
+    seconds = run.of_phase(0, K)
+    assert 8 <= Run.mean_limit(seconds) <= 8 + 2 + 2
+    assert sum(s.drops > 0 for s in seconds) <= 0.2 * len(seconds)
+    assert Run.throughput(seconds) >= 0.95 * 8 / 0.2
