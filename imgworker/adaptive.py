@@ -53,6 +53,9 @@ MIN_SAMPLES = 10
 MAX_WINDOW_S = 30.0
 #: Completed calls (sent since the probe began) that end a probe window.
 PROBE_SAMPLES = 20
+#: Completed calls that end the first probe (a run should not start at the floor for long; the next
+#: probes measure with ``PROBE_SAMPLES``).
+FIRST_PROBE_SAMPLES = 5
 #: Live windows between two scheduled probes.
 PROBE_EVERY = 30
 #: A window used the limit when its mean in-flight reached this share of it (else it does not grow).
@@ -178,7 +181,8 @@ class Controller:
         self._last = now
         elapsed = now - self._window_start
         if self._probing:
-            if self._drops or len(self._samples) >= PROBE_SAMPLES or (elapsed >= MAX_WINDOW_S and self._samples):
+            enough = PROBE_SAMPLES if self.baseline_s else FIRST_PROBE_SAMPLES  # the first: soon a rough baseline
+            if self._drops or len(self._samples) >= enough or (elapsed >= MAX_WINDOW_S and self._samples):
                 return self._end_probe(now)
             return False
         if elapsed < WINDOW_S or (len(self._samples) < MIN_SAMPLES and not self._drops and elapsed < MAX_WINDOW_S):

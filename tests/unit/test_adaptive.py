@@ -6,7 +6,7 @@ import logging
 
 import pytest
 
-from imgworker.adaptive import BAND, PROBE_EVERY, PROBE_SAMPLES, Controller, Window
+from imgworker.adaptive import BAND, FIRST_PROBE_SAMPLES, PROBE_EVERY, PROBE_SAMPLES, Controller, Window
 from tests.support.slots_sim import Phase, Run, simulate
 
 
@@ -24,8 +24,8 @@ def ready(*, initial: int = 20, floor: int = 2, ceiling: int = 64, budget_s: flo
     clock = Clock()
     c = Controller(floor=floor, ceiling=ceiling, budget_s=budget_s, initial=initial, clock=clock)
     clock.now = 1.0
-    for n in range(PROBE_SAMPLES):
-        c.record(sent_at=0.5, latency_s=baseline + (spread if n == PROBE_SAMPLES - 1 else 0.0))
+    for n in range(FIRST_PROBE_SAMPLES):
+        c.record(sent_at=0.5, latency_s=baseline + (spread if n == FIRST_PROBE_SAMPLES - 1 else 0.0))
     c.tick()
     assert not c.probing
     return c, clock
