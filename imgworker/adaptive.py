@@ -16,17 +16,21 @@ The controller keeps that queue estimate inside a small band (``BAND``) above th
 - a drop in the window: cut to ``limit x CUT`` (drops say overload whatever the estimate says), and
   for ``PROBE_EVERY`` windows do not grow back to the limit that dropped (a server that sheds load
   with 429/503 keeps its queue short, so the queue estimate alone would not see the overload);
-- p95 over ``latency_budget_ms``: cut, and narrow the band by one more call (its ``margin``);
-  the band is also capped at the queue the budget allows: ``knee x (budget/baseline_p95 - 1)``;
+- p95 over ``latency_budget_ms``: cut, and narrow the band by one more call (its ``margin``, given
+  back after ``CALM_WINDOWS`` windows under the budget); the band is also capped at the queue the
+  budget allows: ``knee x (BUDGET_AIM x budget/baseline_p95 - 1)``;
 - a budget that even no queueing misses (``baseline_p95 > budget``) is *infeasible*: hold at the
   knee (``KNEE_BAND``), set the flag, warn once, and do not cut on latency (that would collapse).
 
-The baseline (no-load mean latency) comes from *probe windows*: the limit drops to half the knee,
-and only calls sent since the probe began count (calls sent before it queued behind the old
-limit and would raise the baseline). A probe runs at the start, every ``PROBE_EVERY`` windows,
-and at once when the estimate looks wrong (two windows in a row above the band, or over the
-budget), which is how a slower server is noticed. A live window faster than the baseline lowers it
-at once. The limit stays within ``[floor, ceiling]``.
+The baseline (no-load mean latency, and its p95) comes from *probe windows*: the limit drops to
+half the knee (at least a third of the limit before the server changed), and only calls sent
+since the probe began count (calls sent before it queued behind the old limit and would raise the
+baseline). A probe runs at the start, every ``PROBE_EVERY`` windows, and at once when the estimate
+looks wrong (two windows in a row with more queued than the widest band, or over the budget),
+which is how a slower server is noticed; after it the limit is what the last live window calls for,
+seen with the new baseline. A live window clearly faster than the baseline (``LOWER``) lowers it at
+once, and a much faster one (``FASTER``) also starts a probe. The limit stays within
+``[floor, ceiling]``.
 """
 
 from __future__ import annotations
@@ -67,7 +71,7 @@ BUDGET_AIM = 0.9
 LOWER = 0.9
 #: A live window whose mean is under this share of the baseline starts a probe (the server got faster).
 FASTER = 0.8
-#: Windows in a row under the budget after which the budget margin narrows by one call.
+#: Windows in a row under the budget after which the band gets back one call of its budget margin.
 CALM_WINDOWS = 10
 
 #: Call causes that mean "the endpoint is overloaded": each cuts the limit.
