@@ -14,8 +14,8 @@ failed and left its endpoint ejected): the supervisor puts such an item back to 
 ending it.
 
 With ``algo.adaptive`` each endpoint has an ``adaptive.Controller`` that sets its limit of items in
-flight (``limit``); it is fed every call's latency or drop as ``finished`` books it, and its windows
-close on ``tick``. Without it the limit is ``max_in_flight_per_endpoint`` (0: none), as always.
+flight (``limit``); it is fed every call's latency or drop as ``finished`` books it, and a window
+that is due closes as an item is dispatched or finished (no calls, nothing to learn). Without it the limit is ``max_in_flight_per_endpoint`` (0: none), as always.
 """
 
 from __future__ import annotations
@@ -163,9 +163,11 @@ class EndpointPool:
         return bool(calls) and all(not c.healthy and self._ejected(c.endpoint) for c in calls)
 
     def _in_flight(self, state: EndpointState) -> None:
+        """An adaptive limit follows the calls in flight, and closes a window that is due as they change."""
         controller = self.controllers.get(state.url)
         if controller is not None:
             controller.in_flight(state.in_flight)
+            controller.tick()
 
     def _feed(self, call: Call, sent_at: float | None) -> None:
         """An adaptive limit learns from each answered call's time, and from each overload drop."""
@@ -177,11 +179,6 @@ class EndpointPool:
             controller.record(sent_at=sent, latency_s=call.ms / 1000.0)
         elif not call.healthy and call.cause in DROP_CAUSES:
             controller.record(sent_at=sent, drop=True)
-
-    def tick(self) -> None:
-        """Close the adaptive limits' windows that are due (each supervisor step)."""
-        for controller in self.controllers.values():
-            controller.tick()
 
     def limit_figures(self) -> dict[str, LimitFigures]:
         """Each endpoint's limit as metrics show it; without ``adaptive``, the fixed one (the ceiling)."""

@@ -300,7 +300,6 @@ class Supervisor:
         for event in events:
             self._on_event(event)
         self._kill_overdue(self.clock())
-        self.endpoints.tick()
         assert self.janitor is not None
         self.recorder.janitor_done(self.janitor.collect())
         if self.clock() >= self._next_checkpoint:
