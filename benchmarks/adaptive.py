@@ -112,8 +112,10 @@ def run_way(base: Config, way: Way, params: Params, progress: Callable[[str], No
 
             def over() -> bool:
                 now = time.time()
-                if way.adaptive and (not samples or now - samples[-1].t >= 0.25):
-                    samples.append(Sample(now - t0, next(iter(sup.endpoints.limit_figures().values())).limit))
+                if way.adaptive:  # the limit's changes (the trace is a step function)
+                    limit = next(iter(sup.endpoints.limit_figures().values())).limit
+                    if not samples or limit != samples[-1].limit or now >= end:
+                        samples.append(Sample(round(now - t0, 3), limit))
                 return now >= end
 
             sup.step_until(over)
@@ -142,13 +144,22 @@ def _row(index: int, way: Way, results: Sequence[Result], samples: Sequence[Samp
     mine = [r for r in results if start <= r.finished_at < end and r.outcome.is_success]
     ms = [r.algo_ms for r in mine if r.algo_ms is not None] or [0.0]
     settled = [r.algo_ms for r in mine if r.algo_ms is not None and r.finished_at >= start + SETTLE_S] or [0.0]
-    limits = [s.limit for s in samples if index * params.phase_s <= s.t < (index + 1) * params.phase_s]
+    limits = _time_weighted(samples, index * params.phase_s, (index + 1) * params.phase_s)
     slots, service_ms = PHASES[index]
     return PhaseRow(phase=index, slots=slots, service_ms=service_ms, way=way.name,
                     throughput_per_s=round(len(mine) / params.phase_s, 2), p50_ms=round(float(np.percentile(ms, 50)), 1),
                     p95_ms=round(float(np.percentile(ms, 95)), 1),
                     p95_settled_ms=round(float(np.percentile(settled, 95)), 1), failed_calls=failed,
-                    mean_limit=round(sum(limits) / len(limits), 1) if limits else 0.0)
+                    mean_limit=round(limits, 1))
+
+
+def _time_weighted(samples: Sequence[Sample], start: float, end: float) -> float:
+    """The time-weighted mean of a step function given by its changes, over [start, end) (0: no samples)."""
+    area = 0.0
+    for n, s in enumerate(samples):
+        until = samples[n + 1].t if n + 1 < len(samples) else end
+        area += s.limit * max(0.0, min(until, end) - max(s.t, start))
+    return area / (end - start) if samples else 0.0
 
 
 def mark_best(rows: list[PhaseRow]) -> list[PhaseRow]:
@@ -206,7 +217,7 @@ def plot(rows: Sequence[PhaseRow], samples: Sequence[Sample], params: Params, pa
     p95.axhline(params.budget_ms, color="k", ls="--", lw=1, label="budget")
     p95.set_yscale("log")
     thr.legend(fontsize=8)
-    lim.plot([s.t for s in samples], [s.limit for s in samples], label="adaptive limit")
+    lim.plot([s.t for s in samples], [s.limit for s in samples], drawstyle="steps-post", label="adaptive limit")
     knee_t = [t for i in range(len(PHASES)) for t in (i * params.phase_s, (i + 1) * params.phase_s)]
     lim.plot(knee_t, [PHASES[i][0] for i in range(len(PHASES)) for _ in (0, 1)], "k--", lw=1, label="slots")
     lim.set_xlabel("seconds")
