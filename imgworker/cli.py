@@ -215,6 +215,8 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
     _add_metrics_flags(p)
     p.add_argument("--workers", type=int, help="number of worker processes")
     p.add_argument("--threads", type=int, help="lanes (threads) per worker process; images at once = workers x threads")
+    p.add_argument("--adaptive", action="store_true",
+                   help="adapt each algorithm endpoint's calls in flight to the service (workers x threads is the ceiling)")
     p.add_argument("--report-json", help="also write the final report as JSON to this path")
     p.add_argument("--state-dir", help="where state and results are kept")
     p.add_argument("--no-progress", action="store_true", help="no live progress line")
@@ -246,6 +248,8 @@ def _overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
         out.setdefault("worker", {})["count"] = args.workers
     if getattr(args, "threads", None) is not None:
         out.setdefault("worker", {})["threads"] = args.threads
+    if getattr(args, "adaptive", False):
+        out.setdefault("algo", {})["adaptive"] = True
     if getattr(args, "state_dir", None):
         out.setdefault("run", {})["state_dir"] = args.state_dir
     if getattr(args, "duration", None) is not None and args.command == "run":

@@ -257,6 +257,13 @@ class AlgoConfig(msgspec.Struct, **_STRUCT):
     """Read proxy settings (HTTP(S)_PROXY, NO_PROXY), ~/.netrc and REQUESTS_CA_BUNDLE from the environment."""
     ca_bundle: str = ""
     """CA certificates to verify an https service with (default: certifi's); used whatever trust_env says."""
+    adaptive: bool = False
+    """A controller sets each endpoint's limit of calls in flight (``adaptive.py``); ``count x threads``
+    (and ``max_in_flight_per_endpoint``, if set) is the ceiling."""
+    latency_budget_ms: Annotated[float, msgspec.Meta(gt=0)] | None = None
+    """With ``adaptive``: keep each endpoint's p95 call latency under this (unset: no budget)."""
+    adaptive_min: PositiveInt = 1
+    """With ``adaptive``: the lowest limit (for a batching server, at least its preferred batch size)."""
 
 
 class ActionsConfig(msgspec.Struct, **_STRUCT):
@@ -685,6 +692,7 @@ def _check_semantics(config: Config, written: Mapping[str, str]) -> None:
         raise ConfigError(f"invalid config key scan.extensions: value {bad!r} is not allowed (each starts with '.')")
     _check_action_prefixes(config)
     _check_cluster(config)
+    _check_adaptive(config)
 
 
 def _check_cluster(config: Config) -> None:
@@ -704,6 +712,20 @@ def _check_cluster(config: Config) -> None:
     if config.scan.mode != "listing":
         raise ConfigError("invalid config key scan.mode: value 'events' is not allowed with cluster.url "
                           "(the intake leader lists the bucket)")
+
+
+def _check_adaptive(config: Config) -> None:
+    """The adaptive limit's floor must fit under its ceiling; a budget without the controller does nothing."""
+    algo = config.algo
+    if algo.latency_budget_ms is not None and not algo.adaptive:
+        raise ConfigError(f"invalid config key algo.latency_budget_ms: value {algo.latency_budget_ms!r} is not allowed "
+                          "without algo.adaptive = true (only the adaptive controller holds a budget)")
+    ceiling = config.concurrency
+    if algo.max_in_flight_per_endpoint:
+        ceiling = min(ceiling, algo.max_in_flight_per_endpoint)
+    if algo.adaptive and algo.adaptive_min > ceiling:
+        raise ConfigError(f"invalid config key algo.adaptive_min: value {algo.adaptive_min!r} is not allowed (at most "
+                          f"the ceiling {ceiling}: worker.count x worker.threads, or max_in_flight_per_endpoint)")
 
 
 def _check_readable(key: str, path: str) -> None:

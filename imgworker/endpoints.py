@@ -12,17 +12,23 @@ does not restart the outage's clock (``down_since``): images wait for a route fr
 down, however many probes fail. ``finished`` says whether an item met an outage (every call
 failed and left its endpoint ejected): the supervisor puts such an item back to wait instead of
 ending it.
+
+With ``algo.adaptive`` each endpoint has an ``adaptive.Controller`` that sets its limit of items in
+flight (``limit``); it is fed every call's latency or drop as ``finished`` books it, and a window
+that is due closes as an item is dispatched or finished (no calls, nothing to learn). Without it the limit is ``max_in_flight_per_endpoint`` (0: none), as always.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable, Sequence
 from urllib.parse import urlsplit, urlunsplit
 
 import msgspec
 
+from .adaptive import DROP_CAUSES, Controller, LimitFigures
 from .config import AlgoConfig
 
 log = logging.getLogger(__name__)
@@ -34,6 +40,8 @@ class Call(msgspec.Struct, frozen=True, array_like=True):
     endpoint: str
     healthy: bool
     cause: str = ""
+    ms: float = 0.0
+    """How long the call took, when the service answered it (0: it did not answer)."""
 
 
 def display_url(url: str) -> str:
@@ -67,7 +75,8 @@ class EndpointState:
 class EndpointPool:
     """Which endpoint each item goes to, and which endpoints are healthy."""
 
-    def __init__(self, cfg: AlgoConfig, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, cfg: AlgoConfig, clock: Callable[[], float] = time.monotonic, *, lanes: int = 0) -> None:
+        """``lanes``: items the run can work on at once, the ceiling of an adaptive limit (0: unknown)."""
         self.cfg = cfg
         self.clock = clock
         urls = list(cfg.endpoints) or [cfg.endpoint]
@@ -75,6 +84,14 @@ class EndpointPool:
             urls += [u for u in route if u not in urls]
         self.states = {url: EndpointState(url) for url in dict.fromkeys(urls)}
         self._default = list(cfg.endpoints) or [cfg.endpoint]
+        caps = [x for x in (lanes, cfg.max_in_flight_per_endpoint) if x]
+        self.ceiling = min(caps) if caps else 0
+        self.controllers: dict[str, Controller] = {}
+        if cfg.adaptive:
+            ceiling = max(self.ceiling, cfg.adaptive_min)
+            budget_s = cfg.latency_budget_ms / 1000.0 if cfg.latency_budget_ms is not None else None
+            self.controllers = {url: Controller(floor=cfg.adaptive_min, ceiling=ceiling, budget_s=budget_s,
+                                                clock=clock, name=display_url(url)) for url in self.states}
 
     def candidates(self, task_type: str) -> list[str]:
         return list(self.cfg.routes.get(task_type, self._default))
@@ -107,8 +124,13 @@ class EndpointPool:
         """Whether an item sent to ``endpoints`` is its primary's half-open probe (ask before ``finished``)."""
         return bool(endpoints) and endpoints[0] in self.states and self.states[endpoints[0]].probing
 
+    def limit(self, url: str) -> int:
+        """How many items ``url`` may have in flight now (0: no limit)."""
+        controller = self.controllers.get(url)
+        return controller.limit if controller is not None else self.cfg.max_in_flight_per_endpoint
+
     def _usable(self, state: EndpointState, now: float) -> bool:
-        limit = self.cfg.max_in_flight_per_endpoint
+        limit = self.limit(state.url)
         if limit and state.in_flight >= limit:
             return False
         if state.ejected_until <= 0:
@@ -117,7 +139,9 @@ class EndpointPool:
 
     def dispatched(self, endpoints: Sequence[str]) -> None:
         if endpoints:
-            self.states[endpoints[0]].in_flight += 1
+            state = self.states[endpoints[0]]
+            state.in_flight += 1
+            self._in_flight(state)
 
     def finished(self, endpoints: Sequence[str], calls: Sequence[Call], *, sent_at: float | None = None) -> bool:
         """Book the item's calls; True if the item met an outage: every call failed and left its endpoint ejected.
@@ -130,11 +154,41 @@ class EndpointPool:
         if endpoints:
             state = self.states[endpoints[0]]
             state.in_flight = max(0, state.in_flight - 1)
+            self._in_flight(state)
             if not calls and state.probing:
                 state.probing = False  # the probe never reached the service: let another try
         for call in calls:
             self._record(call, sent_at)
+            self._feed(call, sent_at)
         return bool(calls) and all(not c.healthy and self._ejected(c.endpoint) for c in calls)
+
+    def _in_flight(self, state: EndpointState) -> None:
+        """An adaptive limit follows the calls in flight, and closes a window that is due as they change."""
+        controller = self.controllers.get(state.url)
+        if controller is not None:
+            controller.in_flight(state.in_flight)
+            controller.tick()
+
+    def _feed(self, call: Call, sent_at: float | None) -> None:
+        """An adaptive limit learns from each answered call's time, and from each overload drop."""
+        controller = self.controllers.get(call.endpoint)
+        if controller is None:
+            return
+        sent = -math.inf if sent_at is None else sent_at  # unknown: as if sent before any probe
+        if call.ms > 0:
+            controller.record(sent_at=sent, latency_s=call.ms / 1000.0)
+        elif not call.healthy and call.cause in DROP_CAUSES:
+            controller.record(sent_at=sent, drop=True)
+
+    def limit_figures(self) -> dict[str, LimitFigures]:
+        """Each endpoint's limit as metrics show it; without ``adaptive``, the fixed one (the ceiling)."""
+        out: dict[str, LimitFigures] = {}
+        for url in self.states:
+            controller = self.controllers.get(url)
+            out[display_url(url)] = controller.figures() if controller is not None else \
+                LimitFigures(limit=self.ceiling, mean_limit=self.ceiling, min_limit=self.ceiling,
+                             max_limit=self.ceiling)
+        return out
 
     def _ejected(self, url: str) -> bool:
         state = self.states.get(url)

@@ -91,6 +91,7 @@ class SupervisorCollector:
                      snapshot.cleaner.peak_objects_listed)
         yield from self._cleaner(snapshot)
         yield from self._endpoints(snapshot)
+        yield from self._limits(snapshot)
 
     @staticmethod
     def _cleaner(snapshot: Snapshot) -> Iterator[Metric]:
@@ -118,6 +119,29 @@ class SupervisorCollector:
             failures.add_metric([url], figures["failures"])
             healthy.add_metric([url], figures["healthy"])
         yield from (requests, failures, healthy)
+
+    @staticmethod
+    def _limits(snapshot: Snapshot) -> Iterator[Metric]:
+        """Each endpoint's limit of calls in flight and what the adaptive controller bases it on."""
+        label = ["endpoint"]
+        limit = GaugeMetricFamily("imgworker_algorithm_limit", "Calls an endpoint may have in flight now.",
+                                  labels=label)
+        baseline = GaugeMetricFamily("imgworker_algorithm_baseline_seconds",
+                                     "Mean call time with no queueing, from the last probe (0: not measured).",
+                                     labels=label)
+        queue = GaugeMetricFamily("imgworker_algorithm_queue_estimate",
+                                  "Calls estimated to wait in the endpoint's queue, last window.", labels=label)
+        infeasible = GaugeMetricFamily("imgworker_algorithm_budget_infeasible",
+                                       "1 if the latency budget is missed even with no queueing.", labels=label)
+        probes = CounterMetricFamily("imgworker_algorithm_probes", "Low-concurrency windows that re-measured the "
+                                     "baseline.", labels=label)
+        for url, f in snapshot.limits.items():
+            limit.add_metric([url], f.limit)
+            baseline.add_metric([url], f.baseline_s)
+            queue.add_metric([url], f.queue_estimate)
+            infeasible.add_metric([url], int(f.budget_infeasible))
+            probes.add_metric([url], f.probes)
+        yield from (limit, baseline, queue, infeasible, probes)
 
 
 Health = Callable[[], tuple[int, dict[str, Any]]]

@@ -27,6 +27,7 @@ from typing import Literal, Protocol
 import msgspec
 
 from . import actions
+from .adaptive import LimitFigures
 from .cleaner import CleanerStats
 from .config import Config
 from .janitor import Done, Janitor
@@ -71,6 +72,8 @@ class Snapshot(msgspec.Struct, frozen=True):
     gauges: Gauges
     cleaner: CleanerStats
     latency: dict[str, HistogramFigures]
+    limits: dict[str, LimitFigures] = {}
+    """Each algorithm endpoint's limit of calls in flight (``adaptive``; the fixed ceiling when it is off)."""
 
 
 class Recorder:
@@ -179,10 +182,15 @@ class Recorder:
 
     # ----- the view --------------------------------------------------------------------------
 
-    def snapshot(self, gauges: Gauges, *, wall_s: float, endpoints: dict[str, dict[str, int]]) -> Snapshot:
+    def snapshot(self, gauges: Gauges, *, wall_s: float, endpoints: dict[str, dict[str, int]],
+                 limits: dict[str, LimitFigures] | None = None) -> Snapshot:
         report = self.stats.report(pending=gauges.queue_depth, in_flight=gauges.in_flight, wall_s=wall_s)
         extra: dict[str, object] = {"endpoints": endpoints, "scope": LIVE_SCOPE}
         if self.cfg.retention.enabled:
             extra["cleaner"] = msgspec.structs.asdict(self.cleaner)
+        if self.cfg.algo.adaptive and limits:
+            extra["limits"] = {url: {"mean": f.mean_limit, "min": f.min_limit, "max": f.max_limit, "now": f.limit}
+                               for url, f in limits.items()}
         return Snapshot(report=msgspec.structs.replace(report, **extra), gauges=gauges,
-                        cleaner=msgspec.structs.replace(self.cleaner), latency=self.stats.latency_figures())
+                        cleaner=msgspec.structs.replace(self.cleaner), latency=self.stats.latency_figures(),
+                        limits=limits or {})

@@ -145,6 +145,8 @@ class Report(msgspec.Struct, frozen=True):
     """How many values each latency figure is over (``inference``, ``end_to_end``, ``discovery``)."""
     scope: str = ""
     """What the figures cover: this run (live) or every line of a results file."""
+    limits: dict[str, dict[str, float]] = {}
+    """With ``algo.adaptive``: each endpoint's limit of calls in flight, time-weighted mean, min, max, now."""
 
 
 class Stats:
@@ -397,6 +399,10 @@ def format_report(report: Report) -> str:
                   f" {'yes' if f['healthy'] else 'no'} |" for url, f in report.endpoints.items()]
     else:
         lines.append("| n/a (endpoint health is not in a results file) | n/a | n/a | n/a | n/a |")
+    if report.limits:
+        lines += ["", "| endpoint | adaptive limit: mean (time-weighted) | min | max | at the end |", "|---|---|---|---|---|"]
+        lines += [f"| {url} | {f['mean']:.1f} | {f['min']:g} | {f['max']:g} | {f['now']:g} |"
+                  for url, f in report.limits.items()]
     if report.action_errors:
         lines += ["", "result action failures: " + ", ".join(f"{k}={v}" for k, v in report.action_errors.items())]
     return "\n".join(lines)

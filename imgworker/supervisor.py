@@ -148,7 +148,7 @@ class Supervisor:
         self.inflight = InFlight(cfg.item_deadline_s, clock)
         self.cluster = _cluster_host(cfg, clock)
         self.dispatch = Dispatch(cfg.dispatch, clock, is_held=self._held_or_published)
-        self.endpoints = EndpointPool(cfg.algo, clock)
+        self.endpoints = EndpointPool(cfg.algo, clock, lanes=cfg.concurrency)
         self.progress = Progress(cfg.run.progress_interval_s, log_interval_s=cfg.run.progress_log_interval_s,
                                  enabled=show_progress)
         self.health = Health(cfg.run.stall_after_s, clock)
@@ -317,7 +317,7 @@ class Supervisor:
                         events_received=self.intake.events_received, scans_completed=self.intake.scans_completed,
                         last_scan_s=self.intake.last_scan_s)
         return self.recorder.snapshot(gauges, wall_s=self.clock() - self._started,
-                                      endpoints=self.endpoints.figures())
+                                      endpoints=self.endpoints.figures(), limits=self.endpoints.limit_figures())
 
     def report(self) -> Report:
         return self.snapshot().report

@@ -182,12 +182,12 @@ class ItemProcessor:
             try:
                 answer = self.algo.infer(request, endpoint)
             except ImageGone:
-                fields.calls.append(Call(endpoint, True))
-                fields.algo_ms = spent + (time.monotonic() - t) * 1000.0
+                fields.calls.append(Call(endpoint, True, "", (time.monotonic() - t) * 1000.0))
+                fields.algo_ms = spent + fields.calls[-1].ms
                 return Outcome.FAILED_MISSING, "algo_404"
             except AlgoPermanent as exc:
-                fields.calls.append(Call(endpoint, True))
-                fields.algo_ms = spent + (time.monotonic() - t) * 1000.0
+                fields.calls.append(Call(endpoint, True, "", (time.monotonic() - t) * 1000.0))
+                fields.algo_ms = spent + fields.calls[-1].ms
                 return Outcome.FAILED_ALGO, exc.cause
             except AlgoTransient as exc:
                 spent += (time.monotonic() - t) * 1000.0
@@ -203,7 +203,7 @@ class ItemProcessor:
                     refunds += 1
                     attempt -= 1
                 continue
-            fields.calls.append(Call(endpoint, True))
+            fields.calls.append(Call(endpoint, True, "", answer.elapsed_ms))
             fields.algo_ms = answer.elapsed_ms
             fields.detections = answer.detections
             fields.error = answer.error

@@ -7,6 +7,10 @@ Backends:
 Every POST /infer is counted per image_path once its body decodes; GET /calls returns the counts,
 so a test can tell how often the far end was really called.
 
+``slots`` > 0 makes the synthetic service a server of that many slots: at most ``slots`` calls are
+served at once, the others wait in arrival order (a model server's queue). POST /shape with
+``{"slots": n, "latency_ms": x}`` changes either while it runs (benchmarks step the capacity).
+
 Built on aiohttp: one event loop holds hundreds of slow requests, and aiohttp sets TCP_NODELAY,
 so a response is not held back by Nagle's algorithm.
 """
@@ -37,6 +41,13 @@ from .synthetic import SyntheticParams
 log = logging.getLogger(__name__)
 
 
+class Shape(msgspec.Struct, frozen=True):
+    """The body of POST /shape: what to change of a running synthetic service (unset: unchanged)."""
+
+    slots: int | None = None
+    latency_ms: float | None = None
+
+
 class InferRequest(msgspec.Struct):
     image_url: str
     task_id: str = ""
@@ -50,6 +61,8 @@ class CallCounts(msgspec.Struct, frozen=True):
 
     calls: dict[str, int]
     total: int
+    peak: int = 0
+    """The most calls the service held at once (served or waiting for a slot)."""
 
 
 def lognormal_ms(rng: random.Random, mean_ms: float, sigma: float) -> float:
@@ -97,12 +110,17 @@ class AlgoApp:
         self.session: ClientSession | None = None
         self.served = 0
         self.calls: dict[str, int] = {}
+        self.busy = 0  # calls holding one of ``params.slots``
+        self.held = 0  # calls in the service now, served or waiting
+        self.peak = 0
+        self._slot_free: asyncio.Condition | None = None
 
     def build(self) -> web.Application:
         app = web.Application(client_max_size=1 << 20)
         app.router.add_post("/infer", self.infer)
         app.router.add_get("/health", self.health)
         app.router.add_get("/calls", self.call_counts)
+        app.router.add_post("/shape", self.shape)
         app.on_startup.append(self._open)
         app.on_cleanup.append(self._close)
         return app
@@ -119,11 +137,37 @@ class AlgoApp:
         return web.json_response({"status": "ok", "backend": self.backend, "served": self.served})
 
     async def call_counts(self, request: web.Request) -> web.Response:
-        counts = CallCounts(calls=dict(self.calls), total=sum(self.calls.values()))
+        counts = CallCounts(calls=dict(self.calls), total=sum(self.calls.values()), peak=self.peak)
         return web.Response(body=msgspec.json.encode(counts), content_type="application/json")
+
+    async def shape(self, request: web.Request) -> web.Response:
+        try:
+            change = msgspec.json.decode(await request.read(), type=Shape)
+        except msgspec.DecodeError as exc:
+            return _answer(400, {"error": f"bad shape: {exc}"})
+        if change.slots is not None:
+            self.params = msgspec.structs.replace(self.params, slots=max(0, change.slots))
+        if change.latency_ms is not None:
+            self.params = msgspec.structs.replace(self.params, latency_ms=max(0.0, change.latency_ms))
+        async with self._slots():
+            self._slots().notify_all()
+        return _answer(200, {"slots": self.params.slots, "latency_ms": self.params.latency_ms})
+
+    def _slots(self) -> asyncio.Condition:
+        if self._slot_free is None:
+            self._slot_free = asyncio.Condition()
+        return self._slot_free
 
     async def infer(self, request: web.Request) -> web.StreamResponse:
         started = time.perf_counter()
+        self.held += 1
+        self.peak = max(self.peak, self.held)
+        try:
+            return await self._infer(request, started)
+        finally:
+            self.held -= 1
+
+    async def _infer(self, request: web.Request, started: float) -> web.StreamResponse:
         try:
             req = msgspec.json.decode(await request.read(), type=InferRequest)
         except msgspec.DecodeError as exc:
@@ -136,7 +180,16 @@ class AlgoApp:
         if self.backend == "face":
             response = await self._face(image, started)
         else:
-            response = await self._synthetic(request, req.image_path, started)
+            free = self._slots()
+            async with free:
+                await free.wait_for(lambda: not self.params.slots or self.busy < self.params.slots)
+                self.busy += 1
+            try:
+                response = await self._synthetic(request, req.image_path, started)
+            finally:
+                async with free:
+                    self.busy -= 1
+                    free.notify()
         self.served += 1
         return response
 
@@ -238,9 +291,13 @@ class AlgoService:
 
     def calls(self) -> dict[str, int]:
         """How many POST /infer each image_path got at the service, since it started."""
+        return self.counts().calls
+
+    def counts(self) -> CallCounts:
+        """GET /calls: the calls per image_path, and the most the service held at once."""
         resp = requests.get(f"http://127.0.0.1:{self.port}/calls", timeout=5)
         resp.raise_for_status()
-        return msgspec.json.decode(resp.content, type=CallCounts).calls
+        return msgspec.json.decode(resp.content, type=CallCounts)
 
     def start(self, timeout_s: float = 60.0) -> AlgoService:
         # Its own session: a stop signal to imgworker's process group (Ctrl-C on the demo) must not

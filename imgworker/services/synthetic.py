@@ -21,3 +21,5 @@ class SyntheticParams(msgspec.Struct, frozen=True, kw_only=True):
     """> 0: for an image_path containing "trickle", send 200 and headers, then a byte every trickle_s for hang_s."""
     count_override: float = -1.0
     """>= 0: for an image_path containing "huge", answer result {"count": count_override}."""
+    slots: int = 0
+    """> 0: serve at most this many calls at once (synthetic backend); the others queue."""

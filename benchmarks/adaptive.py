@@ -1,0 +1,270 @@
+"""Adaptive concurrency against a service whose capacity changes mid-run (adaptive.json, .md, .png).
+
+    python -m benchmarks.adaptive [--phase-s 15] [--budget-ms 600]
+
+The synthetic service serves a fixed number of calls at once (its *slots*) and queues the rest, as
+a model server does. In every run it goes through the same phases: 8, then 24, then 6 slots at
+200 ms a call, then 6 slots at 400 ms (a 2x slowdown). The same pipeline (the real supervisor and
+worker processes of 8 lanes, the embedded store, change events) runs each way in turn, in one
+invocation: adaptive (ceiling 64 = 8 processes x 8 lanes, with a p95 budget), fixed 64, and fixed
+N from 6 to 24 (the knees, and 12 a little above two of them for the client's own time), from which the best fixed N of each phase is taken.
+
+Per phase: throughput (answered images a second), p50/p95 of the algorithm call as imgworker
+timed it (queueing at the service included), and the calls that failed (timeouts here: the call
+timeout is ``--timeout-s``). Images are pre-filled once; every way starts from an empty state.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+
+import msgspec
+import numpy as np
+import requests
+
+from imgworker.config import Config, ScanConfig
+from imgworker.outcomes import Result
+from imgworker.store import Store
+from imgworker.supervisor import Supervisor
+from imgworker.tune import prefill
+
+from ._common import RESULTS, embedded
+
+#: Seconds after a step that ``p95_settled_ms`` leaves out.
+SETTLE_S = 3.0
+#: (slots, service time in ms) of each phase.
+PHASES = ((8, 200.0), (24, 200.0), (6, 200.0), (6, 400.0))
+
+
+class Way(msgspec.Struct, frozen=True):
+    name: str
+    processes: int
+    threads: int
+    adaptive: bool = False
+
+
+WAYS = (Way("adaptive", 8, 8, adaptive=True), Way("fixed 64", 8, 8), Way("fixed 24", 3, 8), Way("fixed 12", 2, 6),
+        Way("fixed 8", 1, 8), Way("fixed 6", 1, 6))
+
+
+class Params(msgspec.Struct, frozen=True):
+    phase_s: float = 15.0
+    warmup_s: float = 8.0
+    budget_ms: float = 600.0
+    timeout_s: float = 3.0
+    images: int = 4000
+    sigma: float = 0.1
+
+
+class PhaseRow(msgspec.Struct, frozen=True):
+    phase: int
+    slots: int
+    service_ms: float
+    way: str
+    throughput_per_s: float
+    p50_ms: float
+    p95_ms: float
+    p95_settled_ms: float
+    """p95 of the calls that ended ``SETTLE_S`` or more after the phase began (the step's own queue drained)."""
+    failed_calls: int
+    mean_limit: float = 0.0
+    best_fixed: bool = False
+
+
+class Sample(msgspec.Struct, frozen=True, array_like=True):
+    t: float
+    limit: int
+
+
+def shape(cfg: Config, slots: int, latency_ms: float) -> None:
+    url = cfg.algo.endpoint.rsplit("/", 1)[0] + "/shape"
+    requests.post(url, json={"slots": slots, "latency_ms": latency_ms}, timeout=5).raise_for_status()
+
+
+def run_way(base: Config, way: Way, params: Params, progress: Callable[[str], None]) -> tuple[list[PhaseRow], list[Sample]]:
+    """One way through every phase; its rows, and (adaptive) the limit over time."""
+    state = tempfile.mkdtemp(prefix="adaptive-state-")
+    cfg = msgspec.structs.replace(
+        base, scan=ScanConfig(mode="events", events=base.scan.events),
+        algo=msgspec.structs.replace(base.algo, adaptive=way.adaptive, timeout_s=params.timeout_s,
+                                     latency_budget_ms=params.budget_ms if way.adaptive else None),
+        worker=msgspec.structs.replace(base.worker, count=way.processes, threads=way.threads),
+        run=msgspec.structs.replace(base.run, state_dir=state, until_idle=False))
+    shape(cfg, PHASES[0][0], PHASES[0][1])
+    results: list[Result] = []
+    samples: list[Sample] = []
+    failures: list[int] = []
+    sup = Supervisor(cfg, show_progress=False, on_result=results.append)
+    try:
+        sup.start()
+        sup.step_until(lambda: len(results) > 0, timeout_s=120)
+        sup.step_until(lambda: False, timeout_s=params.warmup_s)  # the adaptive way's first probe and growth
+        t0 = time.time()
+        for index, (slots, ms) in enumerate(PHASES):
+            shape(cfg, slots, ms)
+            failures.append(_failed_calls(sup))
+            end = t0 + (index + 1) * params.phase_s
+
+            def over() -> bool:
+                now = time.time()
+                if way.adaptive:  # the limit's changes (the trace is a step function)
+                    limit = next(iter(sup.endpoints.limit_figures().values())).limit
+                    if not samples or limit != samples[-1].limit or now >= end:
+                        samples.append(Sample(round(now - t0, 3), limit))
+                return now >= end
+
+            sup.step_until(over)
+        failures.append(_failed_calls(sup))
+    finally:
+        sup.request_stop("adaptive benchmark: measured", force=True)
+        sup.shutdown()
+        shutil.rmtree(state, ignore_errors=True)
+    rows = [_row(index, way, results, samples, t0, params, failures[index + 1] - failures[index])
+            for index in range(len(PHASES))]
+    for r in rows:
+        progress(f"{way.name:>9} phase {r.phase + 1} ({r.slots} slots, {r.service_ms:g} ms): {r.throughput_per_s:6.1f}/s "
+                 f"p50 {r.p50_ms:6.0f} p95 {r.p95_ms:6.0f} (settled {r.p95_settled_ms:6.0f}) ms, "
+                 f"failed calls {r.failed_calls}"
+                 + (f", mean limit {r.mean_limit:.1f}" if way.adaptive else ""))
+    return rows, samples
+
+
+def _failed_calls(sup: Supervisor) -> int:
+    return sum(f["failures"] for f in sup.endpoints.figures().values())
+
+
+def _row(index: int, way: Way, results: Sequence[Result], samples: Sequence[Sample], t0: float, params: Params,
+         failed: int) -> PhaseRow:
+    start, end = t0 + index * params.phase_s, t0 + (index + 1) * params.phase_s
+    mine = [r for r in results if start <= r.finished_at < end and r.outcome.is_success]
+    ms = [r.algo_ms for r in mine if r.algo_ms is not None] or [0.0]
+    settled = [r.algo_ms for r in mine if r.algo_ms is not None and r.finished_at >= start + SETTLE_S] or [0.0]
+    limits = _time_weighted(samples, index * params.phase_s, (index + 1) * params.phase_s)
+    slots, service_ms = PHASES[index]
+    return PhaseRow(phase=index, slots=slots, service_ms=service_ms, way=way.name,
+                    throughput_per_s=round(len(mine) / params.phase_s, 2), p50_ms=round(float(np.percentile(ms, 50)), 1),
+                    p95_ms=round(float(np.percentile(ms, 95)), 1),
+                    p95_settled_ms=round(float(np.percentile(settled, 95)), 1), failed_calls=failed,
+                    mean_limit=round(limits, 1))
+
+
+def _time_weighted(samples: Sequence[Sample], start: float, end: float) -> float:
+    """The time-weighted mean of a step function given by its changes, over [start, end) (0: no samples)."""
+    area = 0.0
+    for n, s in enumerate(samples):
+        until = samples[n + 1].t if n + 1 < len(samples) else end
+        area += s.limit * max(0.0, min(until, end) - max(s.t, start))
+    return area / (end - start) if samples else 0.0
+
+
+def mark_best(rows: list[PhaseRow]) -> list[PhaseRow]:
+    """Mark, per phase, the fixed N of the highest throughput (within 2 %: the lower p95)."""
+    out = list(rows)
+    for index in range(len(PHASES)):
+        fixed = [r for r in rows if r.phase == index and r.way != "adaptive"]
+        top = max(r.throughput_per_s for r in fixed)
+        best = min((r for r in fixed if r.throughput_per_s >= 0.98 * top), key=lambda r: r.p95_ms)
+        out = [msgspec.structs.replace(r, best_fixed=True) if r is best else r for r in out]
+    return out
+
+
+def markdown(rows: Sequence[PhaseRow], params: Params) -> str:
+    lines = [f"Phases of {params.phase_s:g} s; adaptive: ceiling 64 (8 processes x 8 lanes), p95 budget "
+             f"{params.budget_ms:g} ms; call timeout {params.timeout_s:g} s; service jitter sigma {params.sigma:g}.",
+             f"`p95 settled` leaves out the calls that ended in the first {SETTLE_S:g} s of a phase.",
+             "", "| phase | way | img/s | p50 ms | p95 ms | p95 settled ms | failed calls | mean limit |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        way = f"**{r.way}** (best fixed)" if r.best_fixed else r.way
+        limit = f"{r.mean_limit:.1f}" if r.way == "adaptive" else ""
+        lines.append(f"| {r.phase + 1}: {r.slots} slots, {r.service_ms:g} ms | {way} | {r.throughput_per_s:.1f} | "
+                     f"{r.p50_ms:.0f} | {r.p95_ms:.0f} | {r.p95_settled_ms:.0f} | {r.failed_calls} | {limit} |")
+    lines += ["", "| phase | adaptive / best fixed N, throughput | adaptive p95 within the budget: whole phase, settled |",
+              "|---|---|---|"]
+    for index, (slots, ms) in enumerate(PHASES):
+        adaptive = next(r for r in rows if r.phase == index and r.way == "adaptive")
+        best = next(r for r in rows if r.phase == index and r.best_fixed)
+        ratio = adaptive.throughput_per_s / best.throughput_per_s if best.throughput_per_s else 0.0
+        within = [f"{'yes' if p95 <= params.budget_ms else 'no'} ({p95:.0f} ms)"
+                  for p95 in (adaptive.p95_ms, adaptive.p95_settled_ms)]
+        lines.append(f"| {index + 1}: {slots} slots, {ms:g} ms | {ratio:.2f} ({best.way}) | {', '.join(within)} |")
+    return "\n".join(lines)
+
+
+def plot(rows: Sequence[PhaseRow], samples: Sequence[Sample], params: Params, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (thr, p95, lim) = plt.subplots(1, 3, figsize=(14, 4.2))
+    names = [w.name for w in WAYS]
+    width = 0.8 / len(names)
+    for n, name in enumerate(names):
+        mine = sorted((r for r in rows if r.way == name), key=lambda r: r.phase)
+        xs = [r.phase + n * width for r in mine]
+        thr.bar(xs, [r.throughput_per_s for r in mine], width, label=name)
+        p95.bar(xs, [r.p95_ms for r in mine], width, label=name)
+    ticks = [i + 0.4 - width / 2 for i in range(len(PHASES))]
+    for ax, label in ((thr, "answered images / s"), (p95, "p95 algorithm call, ms")):
+        ax.set_xticks(ticks, [f"{s} slots\n{ms:g} ms" for s, ms in PHASES])
+        ax.set_ylabel(label)
+    p95.axhline(params.budget_ms, color="k", ls="--", lw=1, label="budget")
+    p95.set_yscale("log")
+    thr.legend(fontsize=8)
+    lim.plot([s.t for s in samples], [s.limit for s in samples], drawstyle="steps-post", label="adaptive limit")
+    knee_t = [t for i in range(len(PHASES)) for t in (i * params.phase_s, (i + 1) * params.phase_s)]
+    lim.plot(knee_t, [PHASES[i][0] for i in range(len(PHASES)) for _ in (0, 1)], "k--", lw=1, label="slots")
+    lim.set_xlabel("seconds")
+    lim.set_ylabel("calls in flight allowed")
+    lim.legend(fontsize=8)
+    fig.suptitle("adaptive concurrency against a service of 8 -> 24 -> 6 slots, then a 2x slowdown")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def measure(params: Params, progress: Callable[[str], None] = print) -> tuple[list[PhaseRow], list[Sample]]:
+    rows: list[PhaseRow] = []
+    samples: list[Sample] = []
+    with embedded(latency_ms=PHASES[0][1], sigma=params.sigma, bucket="adaptive") as cfg:
+        prefill(Store(cfg.store, cfg.credentials, pool_size=16), "a/", params.images)
+        base = msgspec.structs.replace(cfg, store=msgspec.structs.replace(cfg.store, prefix="a/"))
+        for way in WAYS:
+            mine, trace = run_way(base, way, params, progress)
+            rows += mine
+            samples = trace or samples
+    return mark_best(rows), samples
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    defaults = Params()
+    parser.add_argument("--phase-s", type=float, default=defaults.phase_s)
+    parser.add_argument("--budget-ms", type=float, default=defaults.budget_ms)
+    parser.add_argument("--timeout-s", type=float, default=defaults.timeout_s)
+    parser.add_argument("--images", type=int, default=defaults.images)
+    parser.add_argument("--out", default=RESULTS)
+    parser.add_argument("--name", default="adaptive")
+    args = parser.parse_args(argv)
+    params = Params(phase_s=args.phase_s, budget_ms=args.budget_ms, timeout_s=args.timeout_s, images=args.images)
+    rows, samples = measure(params)
+    table = markdown(rows, params)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, f"{args.name}.json"), "wb") as f:
+        payload = {"params": params, "phases": PHASES, "rows": rows, "limit_trace": samples}
+        f.write(msgspec.json.format(msgspec.json.encode(payload)) + b"\n")
+    with open(os.path.join(args.out, f"{args.name}.md"), "w", encoding="utf-8") as f:
+        f.write(table + "\n")
+    plot(rows, samples, params, os.path.join(args.out, f"{args.name}.png"))
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

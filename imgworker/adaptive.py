@@ -1,0 +1,364 @@
+"""Adaptive concurrency: how many calls each algorithm endpoint may have in flight (plain data, no I/O).
+
+One ``Controller`` per endpoint. It is fed what the endpoint did (``record``: a call's latency, or
+a drop: a timeout, 429, 503/504, a connection error) and how many calls were in flight
+(``in_flight``), and closes a *window* on its injected clock (``tick``). At the end of each window
+``update`` decides the limit from the window's figures alone, so table tests can feed it windows
+and assert exact limits.
+
+The model (Little's law at a server of ``c`` slots): with ``L`` calls in flight and the server
+busy, a call waits ``mean/baseline`` times its no-load time, so ``L x (1 - baseline/mean)`` calls
+are queued at the server and ``L - queue`` is the knee ``c``. Both sides are window *means*.
+The controller keeps that queue estimate inside a small band (``BAND``) above the knee:
+
+- above the band: jump to ``knee + middle of the band`` (one step, the estimate is exact in the mean);
+- below it (and the endpoint had the calls to use it): grow, doubling while nothing queues at all;
+- a drop in the window: cut to ``limit x CUT`` (drops say overload whatever the estimate says), and
+  for ``PROBE_EVERY`` windows do not grow back to the limit that dropped (a server that sheds load
+  with 429/503 keeps its queue short, so the queue estimate alone would not see the overload);
+- p95 over ``latency_budget_ms``: cut, and narrow the band by one more call (its ``margin``, given
+  back after ``CALM_WINDOWS`` windows under the budget); the band is also capped at the queue the
+  budget allows: ``knee x (BUDGET_AIM x budget/baseline_p95 - 1)``;
+- a budget that even no queueing misses (``baseline_p95 > budget``) is *infeasible*: hold at the
+  knee (``KNEE_BAND``), set the flag, warn once, and do not cut on latency (that would collapse).
+
+The baseline (no-load mean latency, and its p95) comes from *probe windows*: the limit drops to
+half the knee (at least a third of the limit before the server changed), and only calls sent
+since the probe began count (calls sent before it queued behind the old limit and would raise the
+baseline). A probe runs at the start, every ``PROBE_EVERY`` windows, and at once when the estimate
+looks wrong (two windows in a row with more queued than the widest band, or over the budget),
+which is how a slower server is noticed; after it the limit is what the last live window calls for,
+seen with the new baseline. A live window clearly faster than the baseline (``LOWER``) lowers it at
+once, and a much faster one (``FASTER``) also starts a probe. The limit stays within
+``[floor, ceiling]``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+
+import msgspec
+
+log = logging.getLogger(__name__)
+
+#: The queue (calls waiting at the server) the limit is kept at: low and high end of the band.
+BAND = (3.0, 6.0)
+#: The band while holding at the knee (a budget no queueing can meet).
+KNEE_BAND = (0.5, 1.5)
+#: The multiplicative cut on a drop or a p95 over the budget.
+CUT = 0.9
+#: The shortest live window (seconds), and the fewest completed calls that close one.
+WINDOW_S = 1.0
+MIN_SAMPLES = 10
+#: A window with too few calls closes anyway after this long (seconds).
+MAX_WINDOW_S = 30.0
+#: Completed calls (sent since the probe began) that end a probe window.
+PROBE_SAMPLES = 20
+#: Completed calls that end the first probe (a run should not start at the floor for long; the next
+#: probes measure with ``PROBE_SAMPLES``).
+FIRST_PROBE_SAMPLES = 5
+#: Live windows between two scheduled probes.
+PROBE_EVERY = 30
+#: A window used the limit when its mean in-flight reached this share of it (else it does not grow).
+SATURATED = 0.8
+#: The share of the latency budget the band aims the p95 at (a window's p95 is noisy).
+BUDGET_AIM = 0.9
+#: A live window whose mean is under this share of the baseline lowers it at once (noise alone would
+#: ratchet it down if any faster window did).
+LOWER = 0.9
+#: A live window whose mean is under this share of the baseline starts a probe (the server got faster).
+FASTER = 0.8
+#: Windows in a row under the budget after which the band gets back one call of its budget margin.
+CALM_WINDOWS = 10
+
+#: Call causes that mean "the endpoint is overloaded": each cuts the limit.
+DROP_CAUSES = frozenset({"timeout", "http_429", "http_503", "http_504", "connection_error"})
+
+
+class Window(msgspec.Struct, frozen=True, kw_only=True):
+    """What one endpoint did in one window: latencies (seconds) of answered calls, drops, mean in flight."""
+
+    latencies: tuple[float, ...] = ()
+    drops: int = 0
+    in_flight: float = 0.0
+    """Time-weighted mean of the calls in flight over the window."""
+
+    @property
+    def mean(self) -> float:
+        return sum(self.latencies) / len(self.latencies) if self.latencies else 0.0
+
+    @property
+    def p95(self) -> float:
+        return percentile(self.latencies, 95.0)
+
+
+class LimitFigures(msgspec.Struct, frozen=True, kw_only=True):
+    """One endpoint's controller as metrics and the report show it."""
+
+    limit: int
+    baseline_s: float = 0.0
+    queue_estimate: float = 0.0
+    budget_infeasible: bool = False
+    probes: int = 0
+    mean_limit: float = 0.0
+    """Time-weighted mean of the limit since the run started."""
+    min_limit: int = 0
+    max_limit: int = 0
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The nearest-rank percentile ``q`` (0..100) of ``values`` (0 for none)."""
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(len(ordered) * q / 100.0) - 1)]
+
+
+class Controller:
+    """The limit of one endpoint; ``update`` is the decision, ``record``/``in_flight``/``tick`` feed it."""
+
+    def __init__(self, *, floor: int, ceiling: int, budget_s: float | None = None, initial: int = 0,
+                 clock: Callable[[], float] = time.monotonic, name: str = "") -> None:
+        """``initial``: the limit to start from once the first probe measured the baseline (0: ``floor``)."""
+        if not 1 <= floor <= ceiling:
+            raise ValueError(f"need 1 <= floor <= ceiling, got {floor} and {ceiling}")
+        self.floor, self.ceiling, self.budget_s = floor, ceiling, budget_s
+        self.clock = clock
+        self.name = name
+        self.limit = max(floor, min(ceiling, initial or floor))
+        self.baseline_s = 0.0  # 0: not measured yet
+        self.baseline_p95_s = 0.0
+        self.queue = 0.0
+        self.knee = float(self.limit)
+        self.infeasible = False
+        self.probes = 0
+        self.margin = 0  # calls taken off the band after p95 went over the budget
+        self._calm = 0
+        self._high = 0  # windows in a row above the band
+        self._over = 0  # windows in a row over the budget
+        self._since_probe = 0
+        self._warned = False
+        self._faster = False  # a live window was much faster than the baseline
+        self._dropped_at = 0  # the limit at which calls were last dropped (0: none lately)
+        self._since_drop = 0
+        now = clock()
+        self._window_start = now
+        self._samples: list[float] = []
+        self._drops = 0
+        self._area = 0.0  # calls in flight x seconds, this window
+        self._current = 0  # calls in flight now
+        self._changed_at = now
+        self._probing = False
+        self._restore = floor  # the limit to go back to after a probe
+        self._settled = self.limit  # the limit before the windows that called for this probe
+        self._previous = (0.0, 0.0)  # the last live window's mean in flight and mean latency
+        self._started = now
+        self._last = now
+        self._limit_area = 0.0
+        self.min_limit = self.max_limit = self.limit
+        self._start_probe(now)
+
+    # ----- feeding ---------------------------------------------------------------------
+
+    def in_flight(self, count: int) -> None:
+        """The endpoint has ``count`` calls in flight from now on."""
+        now = self.clock()
+        self._area += self._current * (now - max(self._changed_at, self._window_start))
+        self._current, self._changed_at = count, now
+
+    def record(self, *, sent_at: float, latency_s: float | None = None, drop: bool = False) -> None:
+        """One call ended: answered after ``latency_s``, or dropped. ``sent_at`` on this clock."""
+        if self._probing and sent_at < self._window_start:
+            return  # queued behind the limit before the probe: not the no-load latency
+        if drop:
+            self._drops += 1
+        elif latency_s is not None:
+            self._samples.append(latency_s)
+
+    def tick(self) -> bool:
+        """Close the window if it is due; True if the limit changed."""
+        now = self.clock()
+        self._limit_area += self.limit * (now - self._last)
+        self._last = now
+        elapsed = now - self._window_start
+        if self._probing:
+            enough = PROBE_SAMPLES if self.baseline_s else FIRST_PROBE_SAMPLES  # the first: soon a rough baseline
+            if self._drops or len(self._samples) >= enough or (elapsed >= MAX_WINDOW_S and self._samples):
+                return self._end_probe(now)
+            return False
+        if elapsed < WINDOW_S or (len(self._samples) < MIN_SAMPLES and not self._drops and elapsed < MAX_WINDOW_S):
+            return False
+        self.in_flight(self._current)
+        window = Window(latencies=tuple(self._samples), drops=self._drops, in_flight=self._area / elapsed)
+        self._new_window(now)
+        old = self.limit
+        self.update(window)
+        if self._wants_probe():
+            self._start_probe(now)
+        return self.limit != old
+
+    # ----- deciding --------------------------------------------------------------------
+
+    def update(self, window: Window) -> int:
+        """The limit after a live window (pure: the window's figures and this controller's state)."""
+        if not window.latencies and not window.drops:
+            return self.limit
+        self._since_probe += 1
+        if window.latencies:
+            self._estimate(window)
+        old = self.limit
+        if not self._high and not self._over:
+            self._settled = old  # the limit before any sign of a change at the server
+        new = self._toward_band(window) if window.latencies else self.limit
+        self._since_drop += 1
+        if window.drops:
+            new = min(new, math.floor(self.limit * CUT))
+            self._dropped_at, self._since_drop = self.limit, 0
+        elif self._over_budget(window):
+            new = min(new, math.floor(self.limit * CUT))
+            self.margin += 1
+        self._set(new, old)
+        return self.limit
+
+    def _estimate(self, window: Window) -> None:
+        mean = window.mean
+        if not self.baseline_s or mean < LOWER * self.baseline_s:
+            self._faster = mean < FASTER * self.baseline_s  # much faster: measure it cleanly
+            # a live window faster than the baseline: the baseline was stale; its p95 scales with it (a
+            # loaded window's own p95 is not a no-load figure)
+            self.baseline_p95_s = self.baseline_p95_s * mean / self.baseline_s if self.baseline_s else window.p95
+            self.baseline_s = mean
+            self._check_feasible()
+        used = window.in_flight
+        self._previous = (used, mean)
+        self.queue = max(0.0, used * (1.0 - self.baseline_s / mean)) if mean > 0 else 0.0
+        self.knee = max(1.0, used - self.queue)
+
+    def _over_budget(self, window: Window) -> bool:
+        over = self.budget_s is not None and bool(window.latencies) and window.p95 > self.budget_s
+        if self.infeasible:
+            self._over = 0
+            return False  # hold at the knee, do not collapse (a probe tells when the budget is met again)
+        self._over = self._over + 1 if over else 0
+        if over:
+            self._calm = 0
+            return True
+        self._calm += 1
+        if self._calm >= CALM_WINDOWS and self.margin:
+            self.margin -= 1
+            self._calm = 0
+        return False
+
+    def band(self) -> tuple[float, float]:
+        """The queue the limit is kept at now: ``BAND``, narrowed by the budget, or the knee's."""
+        if self.infeasible:
+            return KNEE_BAND
+        lo, hi = BAND
+        if self.budget_s is not None and self.baseline_p95_s:
+            allowed = self.knee * (BUDGET_AIM * self.budget_s / self.baseline_p95_s - 1.0) - self.margin
+            hi = max(0.5, min(hi, allowed))
+            lo = min(lo, hi / 2.0)
+        return lo, hi
+
+    def _toward_band(self, window: Window) -> int:
+        lo, hi = self.band()
+        q = self.queue
+        # far above even the widest band twice in a row, after a jump that should have landed in it: the
+        # baseline is stale (the server got slower)
+        self._high = self._high + 1 if q > BAND[1] else 0
+        if q > hi:
+            return min(self.limit - 1, round(self.knee + (lo + hi) / 2.0))
+        if q >= lo or window.in_flight < SATURATED * self.limit:
+            return self.limit
+        grown = self.limit + max(1, math.ceil((lo + hi) / 2.0 - q))
+        if q < 0.5 and not self.infeasible:
+            grown = max(grown, 2 * self.limit)  # nothing queues: the knee is further up
+        if self._dropped_at and self._since_drop < PROBE_EVERY:
+            grown = min(grown, max(self.limit, self._dropped_at - 1))  # stay under where calls were dropped
+        if self.budget_s is not None and self.baseline_p95_s and not self.infeasible:
+            # even if the knee were the calls in flight now, the p95 would stay within the budget
+            aim = BUDGET_AIM * self.budget_s / self.baseline_p95_s
+            grown = min(grown, max(self.limit + 1, math.floor(window.in_flight * aim)))
+        return grown
+
+    def _set(self, new: int, old: int) -> None:
+        self.limit = max(self.floor, min(self.ceiling, new))
+        self.min_limit = min(self.min_limit, self.limit)
+        self.max_limit = max(self.max_limit, self.limit)
+        if abs(self.limit - old) > 1:
+            log.info("algorithm endpoint %s: concurrency limit %d -> %d (queue estimate %.1f, baseline %.0f ms)",
+                     self.name, old, self.limit, self.queue, self.baseline_s * 1000.0)
+
+    def _check_feasible(self) -> None:
+        was = self.infeasible
+        self.infeasible = self.budget_s is not None and self.baseline_p95_s > self.budget_s
+        if self.infeasible and not was and not self._warned:
+            self._warned = True
+            log.warning("algorithm endpoint %s: p95 %.0f ms with no queueing is over the latency budget of %.0f ms; "
+                        "holding the concurrency limit at the knee", self.name, self.baseline_p95_s * 1000.0,
+                        (self.budget_s or 0.0) * 1000.0)
+
+    # ----- probes ----------------------------------------------------------------------
+
+    def _wants_probe(self) -> bool:
+        return self._since_probe >= PROBE_EVERY or self._high >= 2 or self._over >= 2 or self._faster
+
+    def _start_probe(self, now: float) -> None:
+        """Measure the no-load latency: half the knee in flight, only calls sent from now on count."""
+        self._probing = True
+        self._restore = self.limit
+        self.probes += 1
+        self._high = self._over = 0
+        self._faster = False
+        # under the knee even when the knee was taken from a stale baseline: a third of the settled limit
+        probe = max(self.floor, math.floor(self.knee / 2.0), self._settled // 3)
+        self._set(min(max(self.limit, self._settled), probe), self.limit)
+        self._new_window(now)
+
+    def _end_probe(self, now: float) -> bool:
+        old = self.limit
+        self._probing = False
+        self._since_probe = 0
+        if self._drops:
+            self._restore = math.floor(self._restore * CUT)
+        elif self._samples:
+            self.baseline_s = sum(self._samples) / len(self._samples)
+            self.baseline_p95_s = percentile(self._samples, 95.0)
+            self._check_feasible()
+            self._restore = self._limit_for_last_window()
+            if self._dropped_at and self._since_drop < PROBE_EVERY:
+                self._restore = min(self._restore, max(self.floor, self._dropped_at - 1))
+        self._set(self._restore, old)
+        self._new_window(now)
+        return self.limit != old
+
+    def _limit_for_last_window(self) -> int:
+        """The limit the last live window calls for, seen with the new baseline (the restore if none)."""
+        used, mean = self._previous
+        if not mean:
+            return self._restore
+        self.knee = max(1.0, used * self.baseline_s / mean)  # busy slots: throughput x no-load time
+        self.queue = max(0.0, used - self.knee)
+        lo, hi = self.band()
+        return round(self.knee + (lo + hi) / 2.0)
+
+    def _new_window(self, now: float) -> None:
+        self._window_start = now
+        self._samples = []
+        self._drops = 0
+        self._area = 0.0
+        self._changed_at = now
+
+    @property
+    def probing(self) -> bool:
+        return self._probing
+
+    def figures(self) -> LimitFigures:
+        wall = self._last - self._started
+        return LimitFigures(limit=self.limit, baseline_s=self.baseline_s, queue_estimate=round(self.queue, 3),
+                            budget_infeasible=self.infeasible, probes=self.probes,
+                            mean_limit=round(self._limit_area / wall, 3) if wall > 0 else float(self.limit),
+                            min_limit=self.min_limit, max_limit=self.max_limit)

@@ -1,0 +1,256 @@
+"""The adaptive concurrency controller: exact limits from window figures, then ranges in a virtual-time simulation."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from imgworker.adaptive import BAND, FIRST_PROBE_SAMPLES, PROBE_EVERY, PROBE_SAMPLES, Controller, Window
+from tests.support.slots_sim import Phase, Run, simulate
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def ready(*, initial: int = 20, floor: int = 2, ceiling: int = 64, budget_s: float | None = None,
+          baseline: float = 0.2, spread: float = 0.0) -> tuple[Controller, Clock]:
+    """A controller whose first probe measured ``baseline`` (p95 ``baseline + spread``), back at ``initial``."""
+    clock = Clock()
+    c = Controller(floor=floor, ceiling=ceiling, budget_s=budget_s, initial=initial, clock=clock)
+    clock.now = 1.0
+    for n in range(FIRST_PROBE_SAMPLES):
+        c.record(sent_at=0.5, latency_s=baseline + (spread if n == FIRST_PROBE_SAMPLES - 1 else 0.0))
+    c.tick()
+    assert not c.probing
+    return c, clock
+
+
+def live(mean: float, in_flight: float, *, drops: int = 0, p95: float | None = None) -> Window:
+    """Ten answered calls of mean ``mean`` (one of them ``p95`` if given) at ``in_flight`` calls in flight."""
+    if p95 is None:
+        return Window(latencies=(mean,) * 10, drops=drops, in_flight=in_flight)
+    rest = (mean * 10 - p95) / 9
+    return Window(latencies=(rest,) * 9 + (p95,), drops=drops, in_flight=in_flight)
+
+
+# ----- the decision, window by window ----------------------------------------------------
+
+def test_first_probe_runs_at_half_the_starting_limit_and_sets_the_baseline():
+    clock = Clock()
+    c = Controller(floor=2, ceiling=64, initial=20, clock=clock)
+    assert (c.limit, c.probing, c.probes) == (10, True, 1)
+    c, _ = ready()
+    assert (c.limit, c.baseline_s) == (20, pytest.approx(0.2))
+
+
+@pytest.mark.parametrize("window, limit", [
+    (live(0.45, 20), 13),   # 11.1 queued, knee 8.9: knee + middle of the band (4.5), rounded
+    (live(0.2 * 24 / 20, 24), 20),  # 4 queued: inside the band, held
+    (live(0.2, 20), 40),    # nothing queued and every slot used: doubles
+    (live(0.2, 10), 20),    # nothing queued, but only half the limit was used: held
+    (live(0.2 * 20 / 18, 20), 23),  # 2 queued, under the band: up by 4.5 - 2, rounded up
+    (live(0.45, 20, drops=1), 13),  # a drop, and the queue rule says lower still
+    (live(0.2 * 24 / 20, 24, drops=1), 18),  # a drop with the queue in the band: x0.9
+])
+def test_one_window_sets_an_exact_limit(window, limit):
+    c, _ = ready()
+    assert c.update(window) == limit
+
+
+def test_queue_estimate_uses_means_on_both_sides():
+    c, _ = ready()
+    c.update(live(0.5, 20))
+    assert c.queue == pytest.approx(20 * (1 - 0.2 / 0.5))
+    assert c.knee == pytest.approx(8.0)
+
+
+def test_limits_stay_within_floor_and_ceiling():
+    c, _ = ready(initial=40, ceiling=48)
+    assert c.update(live(0.2, 40)) == 48
+    c, _ = ready(initial=4, floor=3)
+    assert c.update(live(0.2, 4, drops=3)) == 3
+    assert c.update(live(0.2, 3, drops=3)) == 3
+
+
+def test_drops_cut_multiplicatively_every_window():
+    c, _ = ready(initial=50)
+    limits = [c.update(live(0.2 * 50 / 46, c.limit, drops=1)) for _ in range(3)]
+    assert limits == [45, 40, 36]
+
+
+def test_a_faster_live_window_lowers_the_baseline_at_once():
+    c, _ = ready(baseline=0.4)
+    c.update(live(0.2, 20))
+    assert c.baseline_s == pytest.approx(0.2)
+    assert c.queue == 0.0
+
+
+def test_noise_does_not_ratchet_the_baseline_down():
+    c, _ = ready(baseline=0.4)
+    c.update(live(0.38, 20))
+    assert c.baseline_s == pytest.approx(0.4)
+
+
+def test_probe_counts_only_calls_sent_since_it_began():
+    c, clock = ready(initial=20)
+    c.update(live(0.2 * 24 / 20, 24))  # knee 20
+    for _ in range(PROBE_EVERY - 1):  # the scheduled probe comes after PROBE_EVERY live windows
+        clock.now += 1.0
+        for _ in range(10):
+            c.record(sent_at=clock.now - 0.5, latency_s=0.2 * 24 / 20)
+        c.in_flight(24)
+        c.tick()
+    assert c.probing and c.limit == 10
+    began = clock.now
+    for _ in range(30):  # calls sent before the probe: they queued behind the old limit
+        c.record(sent_at=began - 0.1, latency_s=0.9)
+    clock.now += 0.5
+    c.tick()
+    assert c.probing  # nothing sent since it began has answered yet
+    for _ in range(PROBE_SAMPLES):
+        c.record(sent_at=began + 0.1, latency_s=0.2)
+    c.tick()
+    assert c.baseline_s == pytest.approx(0.2)  # not (30 x 0.9 + 20 x 0.2) / 50
+    assert not c.probing and c.limit == 24  # the last window seen with it: knee 20, 4.5 queued, rounded to even
+
+
+def test_two_windows_far_above_the_band_start_a_probe():
+    c, clock = ready(initial=30)
+    c.in_flight(30)
+    for n in range(2):  # the server got slower: the stale baseline says 15, then 8 calls queue
+        clock.now += 1.0
+        for _ in range(10):
+            c.record(sent_at=clock.now - 0.5, latency_s=0.4)
+        c.in_flight(c.limit)
+        c.tick()
+    assert c.probing and c.probes == 2
+
+
+def test_p95_over_budget_narrows_the_band_and_cuts():
+    c, _ = ready(budget_s=0.5, baseline=0.2, spread=0.05)  # no-load p95 0.25: feasible
+    lo, hi = c.band()
+    assert hi == BAND[1]
+    assert c.update(live(0.2 * 24 / 20, 24, p95=0.6)) == 18
+    assert c.margin == 1 and not c.infeasible
+
+
+def test_budget_caps_the_band_at_the_queue_it_allows():
+    c, _ = ready(budget_s=0.3, baseline=0.2)  # no-load p95 0.2: 0.9 x 0.3 / 0.2 = 1.35 times it is allowed
+    c.update(live(0.2 * 12 / 10, 12))  # knee 10: 3.5 calls may queue
+    assert c.band() == (pytest.approx(1.75), pytest.approx(3.5))
+
+
+def test_infeasible_budget_holds_at_the_knee_flags_and_warns_once(caplog):
+    with caplog.at_level(logging.WARNING, logger="imgworker.adaptive"):
+        c, clock = ready(budget_s=0.3, baseline=0.4, spread=0.1, initial=24)
+    assert c.infeasible
+    assert c.band() == (0.5, 1.5)
+    mean = c.baseline_s * 21 / 20  # 1 queued at a knee of 20
+    limits = [c.update(live(mean, 21, p95=0.6)) for _ in range(5)]
+    assert limits == [24, 24, 24, 24, 24]  # p95 is over the budget, yet no cut: it cannot be met
+    assert c.update(live(c.baseline_s * 24 / 20, 24, p95=0.6)) == 21  # 4 queued: back to the knee + 1
+    assert sum("over the latency budget" in r.message for r in caplog.records) == 1
+
+
+def test_limit_moves_of_more_than_one_are_logged(caplog):
+    c, _ = ready()
+    with caplog.at_level(logging.INFO, logger="imgworker.adaptive"):
+        c.update(live(0.2 * 24 / 20, 24))  # 4 queued: held, nothing to say
+        c.update(live(0.2 * 21 / 20, 20))  # 1 queued: up by 4
+        c.update(live(0.4, 24))  # 12 queued: down to 16
+    moves = [r.message for r in caplog.records if "concurrency limit" in r.message]
+    assert len(moves) == 2 and "20 -> 24" in moves[0]
+
+
+# ----- ranges in virtual time ------------------------------------------------------------------
+
+STEPS = [Phase(60, 8, 0.2), Phase(60, 24, 0.2), Phase(60, 6, 0.2), Phase(60, 6, 0.4)]
+#: Windows (seconds of virtual time) a phase may take before the figures are held to the ranges.
+K = 15
+
+
+def adaptive(budget_s: float | None = None):
+    return lambda clock: Controller(floor=1, ceiling=64, budget_s=budget_s, clock=clock)
+
+
+@pytest.fixture(scope="module")
+def steps() -> Run:
+    return simulate(STEPS, make=adaptive(), seed=1)
+
+
+@pytest.mark.parametrize("phase", range(len(STEPS)))
+def test_time_weighted_mean_limit_sits_just_above_the_knee(steps, phase):
+    c = STEPS[phase].slots
+    assert c <= Run.mean_limit(steps.of_phase(phase, K)) <= c + BAND[1] + 1
+
+
+@pytest.mark.parametrize("phase", range(len(STEPS)))
+def test_throughput_is_at_least_95_percent_of_the_servers_after_convergence(steps, phase):
+    p = STEPS[phase]
+    assert Run.throughput(steps.of_phase(phase, K)) >= 0.95 * p.slots / p.service_s
+
+
+@pytest.mark.parametrize("phase", range(len(STEPS)))
+def test_limit_converges_within_k_windows_of_each_step(steps, phase):
+    c = STEPS[phase].slots
+    seconds = steps.of_phase(phase)
+    settled = next(n for n, s in enumerate(seconds) if c <= s.mean_limit <= c + BAND[1] + 1)
+    assert settled <= K
+
+
+def test_fixed_limit_far_above_the_knee_queues_at_the_server():
+    run = simulate([Phase(30, 6, 0.2)], fixed=64, seed=1)
+    seconds = run.of_phase(0, 5)
+    assert sum(s.p95 for s in seconds) / len(seconds) > 5 * 0.2  # the contrast: 58 calls wait
+
+
+BUDGETED = [Phase(60, 8, 0.2), Phase(60, 8, 0.5), Phase(60, 8, 0.2)]  # no-load p95: ~0.27, ~0.68, ~0.27 s
+
+
+@pytest.fixture(scope="module")
+def budgeted() -> Run:
+    return simulate(BUDGETED, make=adaptive(budget_s=0.5), seed=1)
+
+
+@pytest.mark.parametrize("phase", [0, 2])
+def test_p95_within_a_feasible_budget_in_95_percent_of_windows(budgeted, phase):
+    seconds = budgeted.of_phase(phase, K)
+    within = sum(s.p95 <= 0.5 for s in seconds)
+    assert within >= 0.95 * len(seconds)
+    assert Run.throughput(seconds) >= 0.95 * 8 / 0.2
+
+
+def test_infeasible_flag_is_set_exactly_in_the_infeasible_phase(budgeted):
+    assert not any(s.infeasible for s in budgeted.of_phase(0))
+    assert all(s.infeasible for s in budgeted.of_phase(1, K))
+    assert not any(s.infeasible for s in budgeted.of_phase(2, K))
+
+
+def test_infeasible_phase_holds_at_the_knee_instead_of_collapsing(budgeted):
+    seconds = budgeted.of_phase(1, K)
+    assert 8 <= Run.mean_limit(seconds) <= 8 + 1.5 + 1
+    assert Run.throughput(seconds) >= 0.9 * 8 / 0.5
+
+
+def test_timeouts_cut_the_limit_instead_of_queueing_into_them():
+    # 64 in flight at 6 slots of 0.2 s wait ~2 s: a 1 s timeout drops most calls; adaptive keeps clear of it
+    fixed = simulate([Phase(40, 6, 0.2)], fixed=64, seed=1, timeout_s=1.0)
+    adapt = simulate([Phase(40, 6, 0.2)], make=adaptive(), seed=1, timeout_s=1.0)
+    assert sum(s.drops for s in adapt.of_phase(0, K)) == 0
+    assert sum(s.drops for s in fixed.of_phase(0, K)) > 100
+
+
+def test_a_server_that_sheds_load_is_held_by_its_refusals():
+    # 8 slots and room for 2 waiting calls; more are refused at once (503), so the queue never shows
+    # in the latency: only the refusals say "too many"
+    run = simulate([Phase(60, 8, 0.2)], make=adaptive(), seed=1, shed_above=2)
+    seconds = run.of_phase(0, K)
+    assert 8 <= Run.mean_limit(seconds) <= 8 + 2 + 2
+    assert sum(s.drops > 0 for s in seconds) <= 0.2 * len(seconds)
+    assert Run.throughput(seconds) >= 0.95 * 8 / 0.2
