@@ -61,7 +61,8 @@ def test_bad_env_value_is_named():
 
 def test_an_env_variable_naming_no_section_is_refused_with_the_nearest_name():
     # A misspelt section in a variable would otherwise be ignored without a word.
-    with pytest.raises(ConfigError, match=r"IMGWORKER_WORKR_COUNT names no config key.*did you mean IMGWORKER_WORKER_COUNT\?"):
+    with pytest.raises(ConfigError,
+                       match=r"IMGWORKER_WORKR_COUNT names no config key.*did you mean IMGWORKER_WORKER_COUNT\?"):
         load_config(env={"IMGWORKER_WORKR_COUNT": "2"})
     cfg = load_config(env={"IMGWORKER_ACCESS_KEY": "a", "IMGWORKER_SECRET_KEY": "b", "IMGWORKER_WEBHOOK_TOKEN": "t"})
     assert cfg.worker.count == 4
