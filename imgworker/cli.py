@@ -10,6 +10,7 @@ import argparse
 import contextlib
 import logging
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -722,13 +723,22 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def _cluster_report(args: argparse.Namespace) -> int:
+    from .cluster.jetstream import ClusterUnavailable
     from .cluster.report import cluster_report, report_json
+    from .endpoints import display_url
     from .errors import ConfigError
 
     cfg = load_config(path=args.config)
     if not cfg.cluster.enabled:
         raise ConfigError("report --cluster: set [cluster] url (or IMGWORKER_CLUSTER_URL)")
-    report, hosts, figures = cluster_report(cfg.cluster)
+    try:
+        report, hosts, figures = cluster_report(cfg.cluster)
+    except ClusterUnavailable as exc:
+        where = ", ".join(display_url(u.strip()) for u in cfg.cluster.url.split(","))
+        cause = re.sub(r"//[^/@\s]*@", "//", str(exc))  # never a user:password of the URL
+        error = ImgworkerError(f"report --cluster: no NATS server answered at {where} ({cause})")
+        error.exit_code = ExitCode.STORE_UNREACHABLE  # unreachable, like a store that does not answer
+        raise error from None
     if args.json:
         print(report_json(report, hosts, figures).decode())
     else:

@@ -541,7 +541,9 @@ def env_overrides(env: Mapping[str, str]) -> dict[str, dict[str, Any]]:
         rest = name[len(_ENV_PREFIX):].lower()
         section = next((s for s in SECTIONS if rest.startswith(s + "_")), None)
         if section is None:
-            continue
+            near = difflib.get_close_matches(name, _env_names(), n=1)
+            hint = f"did you mean {near[0]}?" if near else "the sections are " + ", ".join(f"[{s}]" for s in SECTIONS)
+            raise ConfigError(f"environment variable {name} names no config key: {hint}")
         key = rest[len(section) + 1:]
         table = next((t for t in _subtables(section) if key.startswith(t + "_")), None)
         if table is None:
@@ -550,6 +552,18 @@ def env_overrides(env: Mapping[str, str]) -> dict[str, dict[str, Any]]:
             sub = key[len(table) + 1:]
             out.setdefault(section, {}).setdefault(table, {})[sub] = _env_value(f"{section}.{table}.{sub}", value)
     return out
+
+
+def _env_names() -> list[str]:
+    """Every ``IMGWORKER_*`` variable that sets a config key."""
+    names = []
+    for section, cls in SECTIONS.items():
+        tables = _subtables(section)
+        for f in msgspec.structs.fields(cls):
+            sub = tables.get(f.name)
+            keys = [f"{f.name}.{g.name}" for g in msgspec.structs.fields(sub)] if sub else [f.name]
+            names += [_env_name(f"{section}.{key}") for key in keys]
+    return names
 
 
 def _subtables(section: str) -> dict[str, type[msgspec.Struct]]:

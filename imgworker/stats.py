@@ -327,7 +327,7 @@ def _pct(numerator: int, denominator: int) -> str:
 def _input_bound(report: Report) -> str:
     share = report.input_starved_share
     if share is None:
-        return "n/a (not in a results file)"
+        return "n/a (not kept per image: see the run's own report)"
     if share >= INPUT_BOUND_SHARE:
         return (f"yes: lanes waited for images {share:.0%} of the time with the queue empty; the throughput is "
                 "the rate images arrived, not what the lanes can do (`imgworker tune` measures that)")
@@ -398,7 +398,8 @@ def format_report(report: Report) -> str:
         lines += [f"| {display_url(url)} | {f['requests']:,} | {f['failures']:,} | {f['ejections']} |"
                   f" {'yes' if f['healthy'] else 'no'} |" for url, f in report.endpoints.items()]
     else:
-        lines.append("| n/a (endpoint health is not in a results file) | n/a | n/a | n/a | n/a |")
+        lines.append("| n/a (endpoint health is not kept per image: see the run's own report) "
+                     "| n/a | n/a | n/a | n/a |")
     if report.limits:
         lines += ["", "| endpoint | adaptive limit: mean (time-weighted) | min | max | at the end |", "|---|---|---|---|---|"]
         lines += [f"| {url} | {f['mean']:.1f} | {f['min']:g} | {f['max']:g} | {f['now']:g} |"

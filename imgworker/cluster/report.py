@@ -19,6 +19,12 @@ from ..stats import Report, stats_from_results
 from .host import LedgerEntry
 from .jetstream import read_cluster
 
+#: What the cluster report's figures cover (its first line).
+LEDGER_SCOPE = ("the cluster's outcome ledger: each image once, by the outcome the host that counted it recorded; "
+                "images still in the work stream are pending or in flight; rates over the time from the first image "
+                "started to the last outcome. Lanes, re-dispatches, worker restarts and endpoint health are in each "
+                "host's own report and /metrics, not in the ledger")
+
 
 def cluster_report(cfg: ClusterConfig) -> tuple[Report, dict[str, int], dict[str, int]]:
     """The report, the images per host, and the stream's figures."""
@@ -33,7 +39,7 @@ def cluster_report(cfg: ClusterConfig) -> tuple[Report, dict[str, int], dict[str
     finished = [e.finished_at for e in entries if e.finished_at]
     started = [e.started_at or e.finished_at for e in entries if e.finished_at]
     wall = max(finished) - min(started) if finished else 0.0
-    report = stats.report(pending=waiting, in_flight=held, wall_s=wall)
+    report = msgspec.structs.replace(stats.report(pending=waiting, in_flight=held, wall_s=wall), scope=LEDGER_SCOPE)
     return report, dict(Counter(e.host for e in entries)), figures
 
 

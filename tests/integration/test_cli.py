@@ -154,6 +154,17 @@ def test_report_counts_distinct_keys_and_names_duplicates(tmp_path):
     assert "keys with more than one outcome: 1" in proc.stdout
 
 
+def test_cluster_report_with_nats_away_is_one_line_without_the_password():
+    from imgworker.services.netutil import free_port
+
+    env = {**plain_env(), "IMGWORKER_CLUSTER_URL": f"nats://ops:s3cret-pw@127.0.0.1:{free_port()}"}
+    proc = imgworker("report", "--cluster", env=env, timeout=60)
+    assert proc.returncode == 5, proc.stderr
+    assert "Traceback" not in proc.stderr and "s3cret-pw" not in proc.stderr
+    assert proc.stderr.startswith("imgworker: error: report --cluster: no NATS server answered at "
+                                  "nats://127.0.0.1:") and proc.stderr.count("\n") == 1
+
+
 def test_report_of_a_sound_file_is_conserved_without_a_duplicates_line(tmp_path):
     path = tmp_path / "results.jsonl"
     path.write_text(results_line("a") + results_line("b"))

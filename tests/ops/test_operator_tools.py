@@ -308,8 +308,8 @@ def test_a_report_of_failures_only_reads_n_a_not_zero(tmp_path):
     assert "| p50 / p95 / p99 inference | n/a |" in out
     assert "| analysed (inferred + no_detection) | 0 |" in out
     assert f"figures of: every line of {path} (all runs that wrote it)" in out
-    assert "| input-bound | n/a (not in a results file) |" in out
-    assert "| n/a (endpoint health is not in a results file) |" in out
+    assert "| input-bound | n/a (not kept per image: see the run's own report) |" in out
+    assert "| n/a (endpoint health is not kept per image: see the run's own report) |" in out
 
 
 def test_success_false_answers_keep_the_service_error_and_are_counted(make_config, store, prefix):

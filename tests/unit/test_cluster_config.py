@@ -44,3 +44,20 @@ def test_every_sample_gets_the_host_label():
 
     [metric] = list(HostLabelled(One(), "gpu-7").collect())
     assert {s.labels["host"] for s in metric.samples} == {"gpu-7"}
+
+
+def test_the_cluster_report_says_it_is_built_from_the_ledger(monkeypatch):
+    import msgspec
+
+    from imgworker.cluster import report as cluster
+    from imgworker.cluster.host import LedgerEntry
+    from imgworker.stats import format_report
+
+    entry = LedgerEntry(key="cam/a.jpg", outcome="inferred", host="h1", started_at=1.0, finished_at=2.0)
+    figures = {"stream_messages": 0, "consumer_pending": 0, "consumer_ack_pending": 0, "consumer_redelivered": 0}
+    monkeypatch.setattr(cluster, "read_cluster", lambda cfg: ([msgspec.json.encode(entry)], figures))
+    report, hosts, _ = cluster.cluster_report(load_config(env={"IMGWORKER_CLUSTER_URL": "nats://x:4222"}).cluster)
+    text = format_report(report)
+    assert hosts == {"h1": 1}
+    assert "figures of: the cluster's outcome ledger" in text
+    assert "results file" not in text, "the ledger is not a results file"

@@ -59,6 +59,15 @@ def test_bad_env_value_is_named():
         load_config(env={"IMGWORKER_WORKER_COUNT": "many"})
 
 
+def test_an_env_variable_naming_no_section_is_refused_with_the_nearest_name():
+    # A misspelt section in a variable would otherwise be ignored without a word.
+    with pytest.raises(ConfigError,
+                       match=r"IMGWORKER_WORKR_COUNT names no config key.*did you mean IMGWORKER_WORKER_COUNT\?"):
+        load_config(env={"IMGWORKER_WORKR_COUNT": "2"})
+    cfg = load_config(env={"IMGWORKER_ACCESS_KEY": "a", "IMGWORKER_SECRET_KEY": "b", "IMGWORKER_WEBHOOK_TOKEN": "t"})
+    assert cfg.worker.count == 4
+
+
 def test_credentials_from_env_and_never_in_repr():
     cfg = load_config(env={"AWS_ACCESS_KEY_ID": "AKIA-x", "AWS_SECRET_ACCESS_KEY": "hunter2-secret"})
     assert cfg.credentials.secret_key == "hunter2-secret"
