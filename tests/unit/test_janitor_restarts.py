@@ -55,7 +55,7 @@ def test_cleaner_deletes_wait_in_the_janitor_while_the_loop_goes_on(tmp_path):
             reach(sup, entered.is_set, "a delete request sent")
             # the first pass gave up the four oldest; the two kept are analysed meanwhile
             reach(sup, lambda: len(lines(cfg)) == 6 and sup.intake.scans_completed >= 3,
-                  "six result lines and three sweeps", max_steps=500)
+                  "six result lines and three sweeps", max_steps=50000)
             sup.checkpoint()
             during = (dict(Counter(outcomes(cfg).values())), Counter(algo.calls), sorted(store.keys()),
                       os.path.exists(os.path.join(cfg.run.state_dir, "state.json")), release.is_set())
