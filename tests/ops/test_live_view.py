@@ -194,6 +194,10 @@ def test_healthz_answers_200_while_the_run_is_alive(serving):
 
 def test_top_once_shows_the_running_supervisors_figures_and_a_dead_address_as_down(serving):
     dead = f"127.0.0.1:{free_port()}"
+    for _ in range(100):  # /healthz looks at the figures about once a second: until it has seen the run idle
+        if json.loads(get(f"http://127.0.0.1:{serving['port']}/healthz")[1]).get("status") == "idle":
+            break
+        time.sleep(0.1)
     proc = subprocess.run(imgworker_cmd("top", "--once", "--interval", "0.2", serving["url"], dead),
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
@@ -255,7 +259,7 @@ def test_dashboard_and_alert_rules_name_only_metrics_a_supervisor_exports(servin
     assert named and not named - exported, sorted(named - exported)
     for needed in ("imgworker_images_total", "imgworker_queue_depth", "imgworker_backlog",
                    "imgworker_discovery_latency_seconds_bucket", "imgworker_algorithm_endpoint_healthy",
-                   "imgworker_cleaner_passes_over_limit_total"):
+                   "imgworker_cleaner_passes_over_limit_total", "imgworker_algorithm_budget_infeasible"):
         assert any(needed in expr for expr in rules), needed  # each alert of the operator's list is there
 
 
