@@ -75,6 +75,12 @@ from __future__ import annotations
 import hashlib
 
 
-def ledger_key(bucket: str, key: str) -> str:
-    """The ledger's key for an image: a fixed-length hash (object keys may hold characters KV keys may not)."""
-    return hashlib.sha256(f"{bucket}/{key}".encode()).hexdigest()[:40]
+def object_version(mtime: float, size: int) -> str:
+    """An object's version as listed (``<mtime in µs>-<size>``): what ``Nats-Msg-Id`` and the ledger key name."""
+    return f"{int(mtime * 1e6)}-{size}"
+
+
+def ledger_key(bucket: str, key: str, version: str) -> str:
+    """The ledger's key for one version of an image: a fixed-length hash (object keys may hold characters KV keys
+    may not). A new upload under the same name is a new image; a redelivery or re-publish of the version is not."""
+    return hashlib.sha256(f"{bucket}/{key}@{version}".encode()).hexdigest()[:40]
