@@ -158,8 +158,11 @@ class ClusterHost:
         if not self.can_publish():
             return
         refs = backlog.take(PUBLISH_BATCH)
-        if refs:
-            backlog.put_back(self.publish(refs))
+        # a ref restored from a checkpoint has no version (its ledger key would name none): it leaves the
+        # backlog, and the next sweep lists it again with its version
+        versioned = [ref for ref in refs if ref.mtime or ref.size]
+        if versioned:
+            backlog.put_back(self.publish(versioned))
 
     def publish(self, refs: list[ImageRef]) -> list[ImageRef]:
         """Publish taken images to the work stream; return those not published (they go back to the backlog)."""

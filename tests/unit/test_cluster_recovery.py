@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from imgworker.cluster.host import ClusterHost
-from imgworker.cluster.jetstream import ClusterUnavailable, Delivery
+from imgworker.cluster.jetstream import ClusterUnavailable, Delivery, Published
 from imgworker.config import load_config
 from imgworker.dispatch import Dispatch
 from imgworker.journal import ResultsJournal
@@ -29,6 +29,7 @@ class MemoryLink:
         self.queue: list[ImageRef] = []
         self.acked: list[str] = []
         self.lose_answers = False
+        self.published: list[ImageRef] = []
 
     def start(self) -> None: ...
 
@@ -56,6 +57,10 @@ class MemoryLink:
         self.acked.append(key)
 
     def forget(self, key: str) -> None: ...
+
+    def publish(self, refs: list[ImageRef]) -> Published:
+        self.published += refs
+        return Published(sent=len(refs))
 
 
 class Sink:
@@ -182,6 +187,28 @@ def test_the_ledger_entry_carries_the_object_version_it_was_fetched_as(tmp_path)
     assert h.claim(RESULT), "a new upload under the same name is a new image"
     assert set(ledger) == {(REF.key, "1500000-10"), (REF.key, "2500000-11")}
     journal.close()
+
+
+def test_a_ref_without_its_version_is_not_published_the_next_sweep_lists_it_with_one(tmp_path):
+    """A backlog restored from a checkpoint holds keys only: published so, its ledger key would name no version and
+    the same image listed later (with its version) would be analysed again."""
+    link = MemoryLink({})
+    h = host(tmp_path, link)
+
+    class Backlog:
+        refs = [ImageRef(key="p/person/cam0/0002.jpg", task_type="person", task_id="cam0"), REF]
+        back: list[ImageRef] = []
+
+        def take(self, limit: int) -> list[ImageRef]:
+            out, self.refs = self.refs[:limit], self.refs[limit:]
+            return out
+
+        def put_back(self, refs: list[ImageRef]) -> None:
+            self.back += refs
+
+    backlog = Backlog()
+    h.admit(backlog)
+    assert link.published == [REF] and backlog.back == [] and backlog.refs == []
 
 
 @pytest.fixture(autouse=True)
