@@ -16,6 +16,7 @@ import os
 
 import msgspec
 
+from ..errors import StateError
 from ..files import fsync_directory
 
 #: Records in the file before it is rewritten with the open claims only.
@@ -52,15 +53,18 @@ class Intents:
         return found
 
     def add(self, intent: Intent) -> None:
-        """Durably record a claim before its ledger write is sent."""
-        if self._fd is None:
-            self._reopen()
-        assert self._fd is not None
+        """Durably record a claim before its ledger write is sent; a failure is fatal (as a results write's is)."""
         data = msgspec.json.encode(intent) + b"\n"
-        view = memoryview(data)
-        while view:
-            view = view[os.write(self._fd, view):]
-        os.fdatasync(self._fd)
+        try:
+            if self._fd is None:
+                self._reopen()
+            assert self._fd is not None
+            view = memoryview(data)
+            while view:
+                view = view[os.write(self._fd, view):]
+            os.fdatasync(self._fd)
+        except OSError as exc:
+            raise StateError(f"cannot record a claim in {self.path}: {exc.strerror or exc}") from None
         self.open[intent.token] = intent
         self._records += 1
 
