@@ -108,16 +108,26 @@ class Recorder:
         if self.claims is not None and not self.claims.claim(result):
             self.handed_back(1)  # another host's outcome counts (or none yet: the image comes again)
             return
+        self._count(result)
+        if self.claims is not None:
+            self.claims.settled(result)
+        if self.on_result is not None:
+            self.on_result(result)
+
+    def recovered(self, result: Result) -> None:
+        """Cluster mode, at start: an outcome this host's earlier run wrote to the shared ledger and not to its
+        results file. The ledger counts it here, so its line, figures and actions follow now (no claim)."""
+        self.stats.scanned += 1
+        self._count(result)
+
+    def _count(self, result: Result) -> None:
+        assert self.journal is not None and self.janitor is not None
         line = self.journal.write(result)
         self.stats.record(result)
         self.ledger.add(result.key)
         jobs = actions.plan(self.cfg, result, line=line)
         if jobs:
             self.janitor.submit(jobs)
-        if self.claims is not None:
-            self.claims.settled(result)
-        if self.on_result is not None:
-            self.on_result(result)
 
     def drop(self, ref: ImageRef, outcome: Outcome, cause: str) -> None:
         """End an image no lane will see: its line first, then it leaves the queue and the backlog."""

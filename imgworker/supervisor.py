@@ -187,6 +187,8 @@ class Supervisor:
             self.janitor = Janitor(self.store, sync=self.journal.sync, batch_size=self.cfg.retention.batch_size,
                                    inline=self.parts.janitor_inline)
             self.recorder.open(self.journal, self.janitor)
+            if self.cluster is not None:  # before any new work: outcomes counted here and never journaled
+                self.cluster.recover(self.recorder)
             resumed = self._resume(restored)
             self.intake.start(restored.intake)
             self.pool.start()

@@ -32,11 +32,27 @@ and need a second pipe protocol.
 The ledger decides "counted once", not the ack. Late acks and progress notes are accepted against
 a redelivery, so an ack proves nothing. Every outcome is first written to the ledger bucket with
 create-if-absent (``update(last=0)``, which, unlike ``create``, also fails on a delete marker) under
-``sha256(bucket/key)``; only the host whose write created the key counts the image (results line,
-figures, actions), and only then is the message acked. A host that loses the race (it was
+``sha256(bucket/key@version)`` (the object version as in ``Nats-Msg-Id``: a new upload under the same
+name is a new image, a redelivery or re-publish of the version is not); only the host whose write
+created the key counts the image (results line, figures, actions), and only then is the message acked. A host that loses the race (it was
 SIGSTOPped past AckWait, or partitioned) acks and writes nothing. A delivery whose key is already
 in the ledger is acked and not analysed. Ledger keys are never deleted, purged or given a TTL:
 ``create`` succeeds again on a deleted key.
+
+Every ledger entry ends with exactly one results line and its actions, on the host that created it.
+Its entry carries everything its line needs (``LedgerEntry.result()``). A host that dies between
+its ledger write and its line (SIGKILL, power, a failed results write, a forced stop after an
+unanswered write that landed) would leave an entry counted and journaled nowhere: the redelivery
+finds it counted and only acks. So each claim is first recorded, fsynced, in the host's
+``cluster-claims.jsonl`` (``intents.py``), and is done once its line is written; at start, before
+any new work, ``ClusterHost.recover`` looks up the claims still open and, where the ledger holds the
+claim's own entry (same token) and the results file no line for it, writes the line and plans its
+actions. The host restarts under the same name and state directory (a service manager does). Why an
+intent file and not a ledger scan: ledger keys are hashes, so "this host's entries" means reading
+every entry, O(ledger) per start; the intent file holds only the claims of the last moments, at
+the price of one local fsync per claim (next to the KV write's round trip, and matching a server
+run with ``sync_interval: always``). Only the creator writes the line, so a host that was merely
+paused never writes a second one.
 
 Redelivery and attempts: a host fetches no more than its idle lanes, with a fetch timeout far
 below AckWait, so nothing waits in a client buffer while its AckWait runs. A delivered image
@@ -66,8 +82,12 @@ Failure semantics (what each part's death means):
 - a paused host (SIGSTOP, GC, partition) past AckWait: as above; when it resumes, its late outcomes
   lose the create race and are not counted.
 - the intake leader: its lease expires after at most ``lease_ttl_s``; another host creates it.
-- nats-server for a while: the client reconnects on its own; fetches return nothing, claims are
-  retried for up to AckWait and otherwise the image is handed back unrecorded (redelivered later).
+- nats-server for a while: the client reconnects on its own; fetches return nothing, a claim waits
+  and retries (its own earlier write is recognised by its token) for as long as the server is away;
+  only a forced stop ends the wait, handing the image back unrecorded (redelivered later; should the
+  unanswered write land after all, the next start journals it, see below).
+- nats-server's own power: an entry is durable only once the server has it on disk. Run it with
+  ``sync_interval: always`` (or R3 on separate failure domains); by default it fsyncs every 2 min.
 """
 
 from __future__ import annotations
@@ -75,6 +95,12 @@ from __future__ import annotations
 import hashlib
 
 
-def ledger_key(bucket: str, key: str) -> str:
-    """The ledger's key for an image: a fixed-length hash (object keys may hold characters KV keys may not)."""
-    return hashlib.sha256(f"{bucket}/{key}".encode()).hexdigest()[:40]
+def object_version(mtime: float, size: int) -> str:
+    """An object's version as listed (``<mtime in µs>-<size>``): what ``Nats-Msg-Id`` and the ledger key name."""
+    return f"{int(mtime * 1e6)}-{size}"
+
+
+def ledger_key(bucket: str, key: str, version: str) -> str:
+    """The ledger's key for one version of an image: a fixed-length hash (object keys may hold characters KV keys
+    may not). A new upload under the same name is a new image; a redelivery or re-publish of the version is not."""
+    return hashlib.sha256(f"{bucket}/{key}@{version}".encode()).hexdigest()[:40]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import os
 import socket
 import time
 import uuid
@@ -24,6 +25,9 @@ from ..config import Config
 from ..dispatch import Dispatch
 from ..outcomes import ImageRef, Outcome, Result, WorkItem
 from ..ports import OutcomeSink
+from ..results import read_results
+from . import object_version
+from .intents import Intent, Intents
 from .jetstream import ClusterUnavailable, JetStreamLink
 
 log = logging.getLogger(__name__)
@@ -40,8 +44,14 @@ class Backlog(Protocol):
     def put_back(self, refs: list[ImageRef]) -> None: ...
 
 
+class Recovering(Protocol):
+    """Where ``ClusterHost.recover`` hands an outcome this host counted in the ledger and never journaled."""
+
+    def recovered(self, result: Result) -> None: ...
+
+
 class LedgerEntry(msgspec.Struct, frozen=True):
-    """One image's outcome as the cluster ledger keeps it: which host counted it, and how it ended."""
+    """One image version's outcome as the cluster ledger keeps it: which host counted it, and its results line."""
 
     key: str
     outcome: Outcome
@@ -55,6 +65,29 @@ class LedgerEntry(msgspec.Struct, frozen=True):
     started_at: float = 0.0
     finished_at: float = 0.0
     token: str = ""  # unique per claim: a claim retried after a lost answer recognises its own write
+    version: str = ""  # the object version (``object_version``) the ledger key names
+    task_id: str = ""
+    stat_ms: float | None = None
+    worker: int = -1
+    algo_calls: int = 0
+    error: str = ""
+    endpoint: str = ""
+
+    @classmethod
+    def of(cls, result: Result, *, host: str, token: str, version: str) -> LedgerEntry:
+        return cls(key=result.key, outcome=result.outcome, host=host, task_type=result.task_type,
+                   attempt=result.attempt, cause=result.cause, detections=result.detections, algo_ms=result.algo_ms,
+                   e2e_ms=result.e2e_ms, started_at=result.started_at, finished_at=result.finished_at, token=token,
+                   version=version, task_id=result.task_id, stat_ms=result.stat_ms, worker=result.worker,
+                   algo_calls=result.algo_calls, error=result.error, endpoint=result.endpoint)
+
+    def result(self) -> Result:
+        """The results line the claiming host writes for it (rebuilt by ``ClusterHost.recover``)."""
+        return Result(key=self.key, outcome=self.outcome, task_type=self.task_type, task_id=self.task_id,
+                      detections=self.detections, algo_ms=self.algo_ms, e2e_ms=self.e2e_ms, stat_ms=self.stat_ms,
+                      worker=self.worker, attempt=self.attempt, algo_calls=self.algo_calls, cause=self.cause,
+                      error=self.error, endpoint=self.endpoint, started_at=self.started_at,
+                      finished_at=self.finished_at)
 
 
 class ClusterFigures(msgspec.Struct):
@@ -67,6 +100,7 @@ class ClusterFigures(msgspec.Struct):
     published: int = 0
     stream_full: int = 0  # publish batches refused by a full stream
     unrecorded: int = 0  # the ledger could not be reached: handed back unrecorded
+    recovered: int = 0  # counted in the ledger by this host's earlier run, journaled at this start
 
 
 class ClusterHost:
@@ -87,6 +121,9 @@ class ClusterHost:
         # oldest are forgotten: a key published again is stored once within the duplicate window,
         # and acked as already counted at delivery after it)
         self._published: collections.OrderedDict[str, None] = collections.OrderedDict()
+        self.intents = Intents(os.path.join(cfg.run.state_dir, "cluster-claims.jsonl"))
+        self._versions: dict[str, str] = {}  # image key -> the object version of the delivery it was fetched as
+        self._claimed: dict[str, str] = {}  # image key -> the token of its claim, until its line is written
 
     def start(self) -> None:
         self.link.start()
@@ -95,6 +132,7 @@ class ClusterHost:
 
     def close(self) -> None:
         self.link.close()
+        self.intents.close()
         log.info("cluster: %s", msgspec.structs.asdict(self.figures))
 
     def leading(self) -> bool:
@@ -120,8 +158,11 @@ class ClusterHost:
         if not self.can_publish():
             return
         refs = backlog.take(PUBLISH_BATCH)
-        if refs:
-            backlog.put_back(self.publish(refs))
+        # a ref restored from a checkpoint has no version (its ledger key would name none): it leaves the
+        # backlog, and the next sweep lists it again with its version
+        versioned = [ref for ref in refs if ref.mtime or ref.size]
+        if versioned:
+            backlog.put_back(self.publish(versioned))
 
     def publish(self, refs: list[ImageRef]) -> list[ImageRef]:
         """Publish taken images to the work stream; return those not published (they go back to the backlog)."""
@@ -165,6 +206,7 @@ class ClusterHost:
                 self._settle(ref.key, term=False)
                 continue
             sink.accepted(ref)
+            self._versions[ref.key] = object_version(ref.mtime, ref.size)
             if delivery.delivered > self.cfg.worker.max_attempts:
                 log.error("%s delivered %d times, its holders lost it each time; giving up on it", ref.key,
                           delivery.delivered)
@@ -181,6 +223,7 @@ class ClusterHost:
             return 0
         for key in keys:
             dispatch.withdraw(key)
+            self._versions.pop(key, None)
         try:
             self.link.release(keys)
         except ClusterUnavailable as exc:
@@ -197,38 +240,44 @@ class ClusterHost:
         While the server is away this waits and retries: a write whose answer was lost may still
         land (the client sends what it buffered once it reconnects), so an unanswered claim is
         never taken for "not written". Each retry recognises its own earlier write by its token.
-        Only a forced stop (``give_up``) ends the wait; the image is then handed back unrecorded.
+        Only a forced stop (``give_up``) ends the wait; the image is then handed back unrecorded, and
+        its claim stays open in ``intents``: should the write land after all, the next start journals it.
+
+        The claim's intent is fsynced before the write is sent (see ``recover``).
         """
-        entry = LedgerEntry(key=result.key, outcome=result.outcome, host=self.name, task_type=result.task_type,
-                            attempt=result.attempt, cause=result.cause, detections=result.detections,
-                            algo_ms=result.algo_ms, e2e_ms=result.e2e_ms, started_at=result.started_at,
-                            finished_at=result.finished_at, token=uuid.uuid4().hex)
+        version = self._versions.pop(result.key, "")
+        entry = LedgerEntry.of(result, host=self.name, token=uuid.uuid4().hex, version=version)
         value = msgspec.json.encode(entry)
+        self.intents.add(Intent(token=entry.token, key=result.key, version=version, at=self._results_size()))
         backoff = Backoff(0.2, 2.0)
         while True:
             try:
-                won = self.link.claim(result.key, value) or self._wrote_it(result.key, entry.token)
+                won = self.link.claim(result.key, version, value) or self._wrote_it(result.key, version, entry.token)
                 break
             except ClusterUnavailable as exc:
                 if self.give_up():
                     log.error("outcome of %s not recorded: the cluster ledger is unreachable (%s) and the stop is "
-                              "forced; it comes again", result.key, exc)
+                              "forced; it comes again (or, should the write land, is journaled at the next start)",
+                              result.key, exc)
                     self.figures.unrecorded += 1
                     self.link.forget(result.key)
                     return False
                 wait_s = backoff.fail()
                 log.warning("cluster ledger unreachable (%s); recording %s again in %.1f s", exc, result.key, wait_s)
                 time.sleep(wait_s)
-        if not won:
+        if won:
+            self._claimed[result.key] = entry.token
+        else:
+            self.intents.done(entry.token)
             self.figures.late_outcomes += 1
             log.info("%s already has an outcome in the cluster ledger: this host's (%s) is not counted",
                      result.key, result.outcome.value)
             self._settle(result.key, term=False)
         return won
 
-    def _wrote_it(self, key: str, token: str) -> bool:
+    def _wrote_it(self, key: str, version: str, token: str) -> bool:
         """The entry that is there is this claim's own (its first try's answer was lost on the way)."""
-        stored = self.link.ledger_value(key)
+        stored = self.link.ledger_value(key, version)
         return stored is not None and msgspec.json.decode(stored, type=LedgerEntry).token == token
 
     def settled(self, result: Result) -> None:
@@ -238,7 +287,68 @@ class ClusterHost:
         set now, which a sweep must see it in (a key a sweep skips is pruned as gone).
         """
         self._published.pop(result.key, None)
+        token = self._claimed.pop(result.key, None)
+        if token is not None:
+            self.intents.done(token)
         self._settle(result.key, term=result.outcome is Outcome.FAILED_WORKER)
+
+    def recover(self, sink: Recovering) -> int:
+        """At start, before any new work: journal the outcomes this host counted in the ledger and never wrote.
+
+        Only the host whose write created a ledger entry writes its results line, so an entry whose
+        creator died before its line (SIGKILL or power between the two, a results write that
+        failed, a forced stop after a write whose answer was lost) would have no line anywhere and
+        its actions never done: another host's delivery finds it counted and only acks. The creator
+        restarts under the same host name and state directory (a service manager restarts it), and
+        here writes those lines from the entries and plans their actions; how many.
+
+        Which entries: this host's open claims in ``intents`` (fsynced before each write was sent),
+        not a scan of the ledger: listing the ledger's keys and reading each entry is O(ledger) per
+        start, the intents file is O(claims in the last moments before the stop). A claim is
+        recovered when the ledger holds its own entry (same token) and the results file holds no
+        line for it after the claim's ``at``; otherwise it was not written, or another host's won.
+        """
+        open_claims = self.intents.load()
+        recovered = 0
+        if open_claims:
+            journaled = self._journaled_since(min(i.at for i in open_claims))
+            backoff = Backoff(0.2, 2.0)
+            for intent in open_claims:
+                while True:
+                    try:
+                        stored = self.link.ledger_value(intent.key, intent.version)
+                        break
+                    except ClusterUnavailable as exc:
+                        if self.give_up():
+                            raise
+                        wait_s = backoff.fail()
+                        log.warning("cluster ledger unreachable (%s); looking up %s again in %.1f s", exc,
+                                    intent.key, wait_s)
+                        time.sleep(wait_s)
+                entry = None if stored is None else msgspec.json.decode(stored, type=LedgerEntry)
+                if entry is not None and entry.token == intent.token \
+                        and (entry.key, entry.finished_at) not in journaled:
+                    log.warning("%s: its outcome (%s) is in the cluster ledger as this host's but has no results "
+                                "line (the host stopped in between): writing it now", entry.key, entry.outcome.value)
+                    sink.recovered(entry.result())
+                    recovered += 1
+                self.intents.open.pop(intent.token, None)
+        self.intents.compact()
+        self.figures.recovered += recovered
+        return recovered
+
+    def _journaled_since(self, offset: int) -> set[tuple[str, float]]:
+        """(key, finished_at) of this host's result lines from ``offset`` on."""
+        path = self.cfg.results_path
+        if not os.path.exists(path) or offset > os.path.getsize(path):
+            offset = 0
+        return {(r.key, r.finished_at) for r in read_results(path, offset=offset)} if os.path.exists(path) else set()
+
+    def _results_size(self) -> int:
+        try:
+            return os.path.getsize(self.cfg.results_path)
+        except FileNotFoundError:
+            return 0
 
     def _settle(self, key: str, *, term: bool) -> None:
         try:

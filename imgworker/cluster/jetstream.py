@@ -22,6 +22,7 @@ import msgspec
 
 from ..config import ClusterConfig
 from ..outcomes import ImageRef
+from . import ledger_key, object_version
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
@@ -114,13 +115,13 @@ class JetStreamLink:
         """Publish images to the work stream, fenced by a CAS on the lease first (leader only)."""
         return self._call(self._publish(refs), timeout=CALL_TIMEOUT_S + 0.01 * len(refs))
 
-    def claim(self, key: str, value: bytes) -> bool:
-        """Create the image's ledger entry if absent: True if this call created it."""
-        return self._call(self._claim(key, value))
+    def claim(self, key: str, version: str, value: bytes) -> bool:
+        """Create the ledger entry of this version of the image if absent: True if this call created it."""
+        return self._call(self._claim(key, version, value))
 
-    def ledger_value(self, key: str) -> bytes | None:
-        """The image's ledger entry as stored, or None."""
-        return self._call(self._ledger_value(key))
+    def ledger_value(self, key: str, version: str) -> bytes | None:
+        """The ledger entry of this version of the image as stored, or None."""
+        return self._call(self._ledger_value(key, version))
 
     def settle(self, key: str, *, term: bool = False) -> None:
         """The outcome is in the ledger: ack the message (``term`` for a final failure); no-op if not held."""
@@ -227,40 +228,25 @@ class JetStreamLink:
             self._held[ref.key] = message
             if again:
                 continue
-            counted = await self._ledger_has(ref.key)
+            counted = await self._ledger_value(ref.key, object_version(ref.mtime, ref.size)) is not None
             out.append(Delivery(ref=ref, delivered=message.metadata.num_delivered, counted=counted))
         return out
 
-    async def _ledger_has(self, key: str) -> bool:
+    async def _ledger_value(self, key: str, version: str) -> bytes | None:
         import nats.js.errors
 
-        from . import ledger_key
-
         try:
-            await self._ledger.get(ledger_key(self.bucket, key))
-        except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError):
-            return False
-        return True
-
-    async def _ledger_value(self, key: str) -> bytes | None:
-        import nats.js.errors
-
-        from . import ledger_key
-
-        try:
-            entry = await self._ledger.get(ledger_key(self.bucket, key))
+            entry = await self._ledger.get(ledger_key(self.bucket, key, version))
         except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError):
             return None
         return bytes(entry.value or b"")
 
-    async def _claim(self, key: str, value: bytes) -> bool:
+    async def _claim(self, key: str, version: str, value: bytes) -> bool:
         import nats.js.errors
-
-        from . import ledger_key
 
         try:
             # update(last=0), not create(): create would write again over a delete marker
-            await self._ledger.update(ledger_key(self.bucket, key), value, last=0)
+            await self._ledger.update(ledger_key(self.bucket, key, version), value, last=0)
         except nats.js.errors.KeyWrongLastSequenceError:
             return False
         return True
@@ -289,7 +275,7 @@ class JetStreamLink:
             return Published(sent=0, deposed=True)
         sent = 0
         for ref in refs:
-            headers = {"Nats-Msg-Id": f"{self.bucket}/{ref.key}@{int(ref.mtime * 1e6)}-{ref.size}",
+            headers = {"Nats-Msg-Id": f"{self.bucket}/{ref.key}@{object_version(ref.mtime, ref.size)}",
                        "Imgworker-Lease": str(revision)}
             try:
                 await self._js.publish(self.cfg.subject, msgspec.msgpack.encode(ref), headers=headers,

@@ -34,9 +34,12 @@ class NatsServer:
 
     def start(self) -> NatsServer:
         os.makedirs(self.data_dir, exist_ok=True)
+        conf = os.path.join(self.data_dir, "nats.conf")
+        with open(conf, "w") as f:  # every KV write (the outcome ledger) on disk before it is answered
+            f.write("jetstream {\n  sync_interval: always\n}\n")
         with open(os.path.join(self.data_dir, "nats.log"), "ab") as out:
-            self.proc = subprocess.Popen([nats_server_binary(), "-js", "-a", "127.0.0.1", "-p", str(self.port),
-                                          "-sd", os.path.join(self.data_dir, "jetstream")], stdout=out,
+            self.proc = subprocess.Popen([nats_server_binary(), "-c", conf, "-js", "-a", "127.0.0.1", "-p",
+                                          str(self.port), "-sd", os.path.join(self.data_dir, "jetstream")], stdout=out,
                                          stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                          preexec_fn=die_with_parent)
         proc = self.proc

@@ -17,6 +17,7 @@ from collections import Counter
 from collections.abc import Iterator
 from typing import Any
 
+import msgspec
 import pytest
 
 from imgworker.results import read_results
@@ -206,22 +207,30 @@ def test_the_leader_exports_the_stream_depth_and_the_consumer_s_counts(store_ser
 
 def test_sigkill_of_a_whole_host_leaves_one_outcome_each(store_server, creds, store, prefix, slow_service, nats, hosts,
                                                          tmp_path):
+    """The killed host is started again (same name, same state directory), as its service manager would: an
+    outcome it wrote to the ledger just before the kill, with no line yet, gets its line and actions there."""
     keys = images(store, prefix, 30)
-    env = env_for(store_server, creds, prefix, slow_service, nats.url)
+    env = env_for(store_server, creds, prefix, slow_service, nats.url, IMGWORKER_ACTIONS_DELETE_NO_DETECTION="true")
     hosts += [Host(f"h{i}", env, str(tmp_path / f"h{i}")) for i in range(2)]
     victim, survivor = hosts[1], hosts[0]
     wait_for_ledger(nats.url, 1, hosts=hosts)
     while not any(e.host == victim.name for e in ledger(nats.url)):
         time.sleep(0.05)
     victim.kill()
-    wait_for_ledger(nats.url, len(keys), hosts=[survivor])
-    assert survivor.stop() == 0
-    assert_one_outcome_each(nats.url, keys, hosts)
-    twice = {k for k, n in calls_under(slow_service, prefix).items() if n > 1}
-    assert set(calls_under(slow_service, prefix)) == set(keys)
-    # only what the killed host held (2 lanes) is analysed again, and it is the survivor's outcome that counts
-    assert len(twice) <= 2 and not twice & keys_of(victim)
-    assert all(e.host == survivor.name for e in ledger(nats.url) if e.key in twice)
+    restarted = Host(victim.name, env, victim.state_dir)
+    hosts.append(restarted)
+    wait_for_ledger(nats.url, len(keys), hosts=[survivor, restarted])
+    assert stop_all([survivor, restarted]) == [0, 0]
+    assert_one_outcome_each(nats.url, keys, [survivor, restarted])
+    calls = calls_under(slow_service, prefix)
+    assert set(calls) == set(keys)
+    # only what the killed host held (2 lanes) is analysed again
+    assert len({k for k, n in calls.items() if n > 1}) <= 2
+    # its actions ran once, wherever it was counted: exactly the no_detection images are gone
+    outcomes = {e.key: e.outcome.value for e in ledger(nats.url)}
+    listed = {r.key for page in store.list_pages(prefix, 1000) for r in page}
+    assert listed == {k for k in keys if outcomes[k] != "no_detection"}
+    assert "no_detection" in outcomes.values() and "inferred" in outcomes.values()
 
 
 def test_a_paused_host_s_late_outcomes_are_not_counted(store_server, creds, store, prefix, slow_service, nats, hosts,
@@ -319,7 +328,8 @@ def test_an_image_delivered_max_attempts_times_ends_failed_worker_unanalysed(sto
     try:
         while not dying.leading():
             time.sleep(0.05)
-        assert dying.publish([ImageRef(key=key)]).sent == 1
+        [[listed]] = list(store.list_pages(prefix, 10))  # the image as the leader lists it: with its version
+        assert dying.publish([ImageRef(key=key, size=listed.size, mtime=listed.mtime)]).sent == 1
         for _ in range(3):  # a host takes it and dies: no ack, no progress note, no nak
             got: list[Any] = []
             while not got:
@@ -395,6 +405,98 @@ def test_an_image_that_kills_its_worker_ends_failed_worker_after_max_attempts(ma
     assert kills == 2, "max_attempts (3) counts the delivery its first holder lost"
     _, figures = read_cluster(sups[0].cfg.cluster)
     assert figures["stream_messages"] == 0 and figures["consumer_ack_pending"] == 0
+
+
+def test_an_outcome_in_the_ledger_without_its_line_gets_it_at_the_host_s_next_start(make_config, store, prefix, nats,
+                                                                                     monkeypatch, tmp_path):
+    """The results write fails after the ledger write (as a SIGKILL between the two would leave it): the ledger
+    counts the image as h0's and no host has its line. Started again, h0 writes the line and deletes the
+    empty image before it takes new work; the redelivery is acked as counted, not analysed again."""
+    from imgworker.errors import StateError
+    from imgworker.supervisor import Supervisor
+
+    [key] = images(store, prefix, 1)
+    with AlgoService("synthetic", SyntheticParams(latency_ms=10.0, sigma=0.0, detection_rate=0.0)) as empty:
+        cfg = make_config(worker={"count": 1}, algo={"endpoint": empty.endpoint}, actions={"delete_no_detection": True},
+                          run={"state_dir": str(tmp_path / "h0"), "until_idle": False},
+                          cluster={"url": nats.url, "host": "h0", "ack_wait_s": 2.0, "lease_ttl_s": 2})
+        listed = lambda: {r.key for page in store.list_pages(prefix, 1000) for r in page}  # noqa: E731
+        lines = lambda: [r.key for r in read_results(cfg.results_path)]  # noqa: E731
+        first = Supervisor(cfg, show_progress=False)
+        first.start()
+        try:
+            def disk_full(result: Any) -> int:
+                raise StateError("results file cannot be written: no space left on device")
+
+            assert first.journal is not None
+            monkeypatch.setattr(first.journal, "write", disk_full)
+            with pytest.raises(StateError):
+                deadline = time.monotonic() + 60
+                while time.monotonic() < deadline:
+                    first.step()
+        finally:
+            first.request_stop("the results file failed", force=True)
+            first.shutdown()
+        assert [(e.key, e.host) for e in ledger(nats.url)] == [(key, "h0")]
+        assert lines() == [] and key in listed()
+
+        again = Supervisor(cfg, show_progress=False)
+        with again.running():
+            assert lines() == [key], "journaled at start, before any new work"
+            assert again.step_until(lambda: key not in listed() and read_cluster_figures(cfg)["stream_messages"] == 0,
+                                    timeout_s=60)
+        assert lines() == [key] and len(ledger(nats.url)) == 1
+        assert calls_under(empty, prefix) == {key: 1}, "not analysed again"
+
+
+def read_cluster_figures(cfg: Any) -> dict[str, int]:
+    from imgworker.cluster.jetstream import read_cluster
+
+    return read_cluster(cfg.cluster)[1]
+
+
+# ----- the ledger names an object version ------------------------------------------------------------
+
+
+def test_a_new_upload_under_an_analysed_name_is_a_new_image_and_a_redelivery_is_not(store_server, nats):
+    from imgworker.cluster import object_version
+    from imgworker.cluster.host import LedgerEntry
+    from imgworker.cluster.jetstream import JetStreamLink, read_cluster
+    from imgworker.config import ClusterConfig
+    from imgworker.outcomes import ImageRef, Outcome
+
+    cluster = ClusterConfig(url=nats.url, ack_wait_s=30.0)
+    link = JetStreamLink(cluster, host="h0", bucket=store_server.bucket)
+    link.start()
+
+    def fetch_one() -> Any:
+        got: list[Any] = []
+        while not got:
+            got = link.fetch(1)
+        [delivery] = got
+        return delivery
+
+    try:
+        while not link.leading():
+            time.sleep(0.05)
+        first = ImageRef(key="re/0001.jpg", size=10, mtime=1.0)
+        assert link.publish([first]).sent == 1
+        assert not fetch_one().counted
+        entry = LedgerEntry(key=first.key, outcome=Outcome.INFERRED, host="h0", version="1000000-10")
+        assert link.claim(first.key, object_version(first.mtime, first.size), msgspec.json.encode(entry))
+        link.release([first.key])  # handed back before its ack: delivered again, and counted
+        again = fetch_one()
+        assert again.counted and again.delivered == 2
+        link.settle(first.key)
+        link.publish([first])  # the same version published again: stored once (Nats-Msg-Id)
+        assert read_cluster(cluster)[1]["stream_messages"] == 0
+        newer = ImageRef(key=first.key, size=12, mtime=2.0)  # uploaded again under the same name
+        assert link.publish([newer]).sent == 1
+        delivery = fetch_one()
+        assert delivery.ref == newer and not delivery.counted, "a new version is analysed"
+        link.settle(newer.key)
+    finally:
+        link.close()
 
 
 # ----- the intake leader is fenced ------------------------------------------------------------------

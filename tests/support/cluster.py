@@ -42,8 +42,12 @@ class NatsServer:
 
     def start(self) -> None:
         os.makedirs(self.data_dir, exist_ok=True)
+        conf = os.path.join(self.data_dir, "nats.conf")
+        with open(conf, "w") as f:  # as the README asks of a production server: the ledger survives a power loss
+            f.write("jetstream {\n  sync_interval: always\n}\n")
         with open(os.path.join(self.data_dir, "nats.log"), "ab") as out:
-            self.proc = subprocess.Popen([nats_server_binary(), "-js", "-a", "127.0.0.1", "-p", str(self.port),
+            self.proc = subprocess.Popen([nats_server_binary(), "-c", conf, "-js", "-a", "127.0.0.1", "-p",
+                                          str(self.port),
                                           "-sd", os.path.join(self.data_dir, "jetstream"), *self.extra],
                                          stdout=out, stderr=subprocess.STDOUT)
         proc = self.proc
