@@ -44,3 +44,22 @@ def test_every_sample_gets_the_host_label():
 
     [metric] = list(HostLabelled(One(), "gpu-7").collect())
     assert {s.labels["host"] for s in metric.samples} == {"gpu-7"}
+
+
+def test_a_cluster_hosts_metrics_endpoint_labels_every_series_with_the_host():
+    import urllib.request
+
+    from imgworker.metrics import serve_metrics
+
+    class One:
+        def collect(self):
+            yield CounterMetricFamily("imgworker_x", "x", value=3)
+
+    server = serve_metrics(lambda: None, 0, host="gpu-7", extra=[One()])
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{server.server_port}/metrics", timeout=10) as resp:
+            text = resp.read().decode()
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert 'imgworker_x_total{host="gpu-7"} 3.0' in text
