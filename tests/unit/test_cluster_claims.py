@@ -1,0 +1,58 @@
+"""The order cluster mode's outcome ledger is asked in, on in-memory parts: claim, then the line, then the ack.
+
+A host that dies after its ack and before its ledger write would lose the image (the message is
+gone, no outcome anywhere); one that writes its line before the claim would count an outcome
+another host recorded first. ``Recording`` stands in for ``ClusterHost`` as the recorder's claims.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from imgworker.memstore import MemoryAlgo, MemoryStore
+from imgworker.outcomes import Result
+from tests.support.memory import config, fill, supervisor
+from tests.support.results import outcomes
+
+pytestmark = pytest.mark.timeout(60)
+
+
+class Recording:
+    """Claims every outcome; notes what the results file held at each call."""
+
+    def __init__(self, results_path: str) -> None:
+        self.results_path = results_path
+        self.calls: list[tuple[str, str, bool]] = []  # (call, key, the key's line already in the file)
+
+    def _in_file(self, key: str) -> bool:
+        with open(self.results_path, "rb") as f:
+            return any(f'"key":"{key}"'.encode() in line for line in f)
+
+    def claim(self, result: Result) -> bool:
+        self.calls.append(("claim", result.key, self._in_file(result.key)))
+        return True
+
+    def settled(self, result: Result) -> None:
+        self.calls.append(("settled", result.key, self._in_file(result.key)))
+
+
+def run(tmp_path: Any) -> tuple[Recording, list[str], Any, Any]:
+    cfg = config(tmp_path, worker={"count": 1})
+    store = MemoryStore()
+    keys = fill(store, ["p/a"], 5)
+    sup = supervisor(cfg, store, MemoryAlgo(store))
+    claims = Recording(cfg.results_path)
+    sup.recorder.claims = claims
+    report = sup.run()
+    return claims, keys, cfg, report
+
+
+def test_the_ledger_is_claimed_before_the_line_and_the_message_acked_after_it(tmp_path):
+    claims, keys, cfg, report = run(tmp_path)
+    for key in keys:
+        mine = [(call, in_file) for call, k, in_file in claims.calls if k == key]
+        assert mine == [("claim", False), ("settled", True)], (key, mine)
+    assert set(outcomes(cfg)) == set(keys) and report.conserved
+
