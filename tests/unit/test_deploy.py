@@ -215,3 +215,17 @@ def test_a_changed_setup_cfg_installs_the_extras_again(tmp_path):
     source()
     installs = [line for line in (tmp_path / "pip.log").read_text().splitlines() if " -e " in line]
     assert installs == [f"-m pip install --quiet -e .[{extras}]"] * 2
+
+
+
+def test_events_from_nats_without_nats_py_names_the_extra(monkeypatch):
+    import importlib.util
+
+    from imgworker.config import EventsConfig
+    from imgworker.errors import ConfigError
+    from imgworker.events import check_source
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "nats" else real(name, *a))
+    with pytest.raises(ConfigError, match=re.escape("needs the nats-py package: pip install 'imgworker[nats]'")):
+        check_source(EventsConfig(source="minio_nats"))
