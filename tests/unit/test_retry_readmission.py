@@ -231,3 +231,21 @@ def test_since_cause_and_key_prefix_select_only_what_they_name(tmp_path):
     journal.close()
     selection = Selection(outcomes=(Outcome.FAILED_ALGO,), cause="http_500", since=150.0, key_prefix="a/")
     assert [r.key for r in find(results, selection).selected] == ["a/new"]
+
+
+def test_a_readmitted_key_the_checkpoint_also_saved_as_unfinished_is_queued_once(tmp_path):
+    from imgworker.journal import ResultsJournal
+    from imgworker.ledger import Ledger, LocalBackend
+    from imgworker.outcomes import Result
+
+    results = str(tmp_path / "results.jsonl")
+    ledger = Ledger(str(tmp_path / "state.json"), results, LocalBackend())
+    ledger.start()
+    ledger.save(0, ["k"])  # a checkpoint while k was unfinished
+    ledger.stop()
+    journal = ResultsJournal(results)
+    journal.write(Result(key="k", outcome=Outcome.FAILED_ALGO))  # its outcome, then a stop without a checkpoint
+    journal.close()
+    readmit(results, [Result(key="k", outcome=Outcome.FAILED_ALGO)])
+    restored = Ledger(str(tmp_path / "state.json"), results, LocalBackend()).start()
+    assert (restored.pending, restored.readmitted) == (["k"], ["k"])
