@@ -2,7 +2,8 @@
 
 A host that dies after its ack and before its ledger write would lose the image (the message is
 gone, no outcome anywhere); one that writes its line before the claim would count an outcome
-another host recorded first. ``Recording`` stands in for ``ClusterHost`` as the recorder's claims.
+another host recorded first. ``Recording`` stands in for ``ClusterHost`` as the recorder's claims;
+``FakeLink`` for the JetStream server behind a ``ClusterHost``.
 """
 
 from __future__ import annotations
@@ -56,3 +57,56 @@ def test_the_ledger_is_claimed_before_the_line_and_the_message_acked_after_it(tm
         assert mine == [("claim", False), ("settled", True)], (key, mine)
     assert set(outcomes(cfg)) == set(keys) and report.conserved
 
+
+
+class FakeLink:
+    """The server side of ``ClusterHost`` in memory: deliveries to hand out, and the acks it got."""
+
+    def __init__(self, deliveries: list[Any]) -> None:
+        self.deliveries = deliveries
+        self.settled: list[tuple[str, bool]] = []
+
+    def fetch(self, n: int) -> list[Any]:
+        out, self.deliveries = self.deliveries[:n], self.deliveries[n:]
+        return out
+
+    def settle(self, key: str, *, term: bool = False) -> None:
+        self.settled.append((key, term))
+
+
+class Queue:
+    """The local queue ``feed`` fills."""
+
+    def __init__(self) -> None:
+        self.items: list[Any] = []
+
+    @property
+    def pending(self) -> int:
+        return len(self.items)
+
+    def append(self, item: Any) -> None:
+        self.items.append(item)
+
+
+def test_a_delivery_another_host_already_counted_is_acked_not_analysed(tmp_path):
+    from imgworker.cluster.host import ClusterHost
+    from imgworker.cluster.jetstream import Delivery
+    from imgworker.outcomes import ImageRef
+
+    cfg = config(tmp_path, cluster={"url": "nats://127.0.0.1:4222"})
+    link = FakeLink([Delivery(ref=ImageRef(key="p/t/counted.jpg"), delivered=2, counted=True),
+                     Delivery(ref=ImageRef(key="p/t/new.jpg"), delivered=1, counted=False)])
+    host = ClusterHost(cfg, link=link)  # type: ignore[arg-type]
+    queue, accepted = Queue(), []
+
+    class Accepting:
+        def accepted(self, ref: Any) -> None:
+            accepted.append(ref.key)
+
+        def finish(self, result: Result) -> None:
+            raise AssertionError(result)
+
+    host.feed(queue, Accepting(), idle=4)  # type: ignore[arg-type]
+    assert link.settled == [("p/t/counted.jpg", False)]  # acked: it leaves the stream
+    assert [item.ref.key for item in queue.items] == ["p/t/new.jpg"] and accepted == ["p/t/new.jpg"]
+    assert host.figures.already_counted == 1
