@@ -110,3 +110,16 @@ def test_a_delivery_another_host_already_counted_is_acked_not_analysed(tmp_path)
     assert link.settled == [("p/t/counted.jpg", False)]  # acked: it leaves the stream
     assert [item.ref.key for item in queue.items] == ["p/t/new.jpg"] and accepted == ["p/t/new.jpg"]
     assert host.figures.already_counted == 1
+
+
+def test_a_final_failure_is_terminated_and_any_other_outcome_acked(tmp_path):
+    from imgworker.cluster.host import ClusterHost
+    from imgworker.outcomes import Outcome
+
+    cfg = config(tmp_path, cluster={"url": "nats://127.0.0.1:4222"})
+    link = FakeLink([])
+    host = ClusterHost(cfg, link=link)  # type: ignore[arg-type]
+    host.settled(Result(key="a", outcome=Outcome.FAILED_WORKER))  # never delivered again, whatever max_deliver
+    host.settled(Result(key="b", outcome=Outcome.FAILED_ALGO))
+    host.settled(Result(key="c", outcome=Outcome.INFERRED))
+    assert link.settled == [("a", True), ("b", False), ("c", False)]
