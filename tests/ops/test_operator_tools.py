@@ -163,6 +163,22 @@ def test_retry_since_keeps_older_outcomes_out(tmp_path):
     assert proc.stderr.count("store unreachable") == 1
 
 
+def test_retry_dry_run_looks_the_images_up_and_changes_nothing(tmp_path, store_server, creds, store, prefix):
+    keys = [f"{prefix}cam/person/20240101-120000.{i:03d}.jpg" for i in range(2)]
+    upload(store, keys[:1])  # the second is gone
+    config = write_config(tmp_path, prefix, f"http://127.0.0.1:{free_port()}/infer")
+    (tmp_path / "state").mkdir()
+    path = tmp_path / "state" / "results.jsonl"
+    path.write_text("".join(results_line(k, "failed_algo") for k in keys))
+    before = path.read_bytes()
+    proc = imgworker("retry", "--config", config, "--outcome", "failed_algo", "--dry-run",
+                     env=cli_env(store_server, creds), timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "retry: 1 not re-admitted: the object is gone" in proc.stdout
+    assert "retry: --dry-run: 1 would be re-admitted; nothing was changed" in proc.stdout
+    assert path.read_bytes() == before
+
+
 def test_retry_refuses_while_a_run_holds_the_state_directory(tmp_path):
     state = tmp_path / "state"
     state.mkdir()

@@ -61,3 +61,22 @@ def test_the_cluster_report_says_it_is_built_from_the_ledger(monkeypatch):
     assert hosts == {"h1": 1}
     assert "figures of: the cluster's outcome ledger" in text
     assert "results file" not in text, "the ledger is not a results file"
+
+
+def test_a_cluster_hosts_metrics_endpoint_labels_every_series_with_the_host():
+    import urllib.request
+
+    from imgworker.metrics import serve_metrics
+
+    class One:
+        def collect(self):
+            yield CounterMetricFamily("imgworker_x", "x", value=3)
+
+    server = serve_metrics(lambda: None, 0, host="gpu-7", extra=[One()])
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{server.server_port}/metrics", timeout=10) as resp:
+            text = resp.read().decode()
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert 'imgworker_x_total{host="gpu-7"} 3.0' in text

@@ -265,3 +265,18 @@ def test_a_key_written_the_old_way_then_set_again_the_new_way_is_named_the_new_w
     path.write_text("[scan]\nwebhook_port = 1\n")
     with pytest.raises(ConfigError, match=r"invalid config key scan.events.webhook_port: value 'many'"):
         load_config(path=str(path), env={"IMGWORKER_SCAN_EVENTS_WEBHOOK_PORT": "many"})
+
+
+def test_a_bad_value_names_the_last_layer_that_set_it(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text("[worker]\ncount = 2\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path=str(path), env={"IMGWORKER_WORKER_COUNT": "many"})
+    assert str(err.value).endswith("it came from the environment variable IMGWORKER_WORKER_COUNT")
+
+
+def test_an_unknown_key_with_no_near_one_lists_the_keys_of_its_section():
+    with pytest.raises(ConfigError) as err:
+        load_config(env={}, overrides={"dispatch": {"zzzzzz": 1}})
+    assert "unknown config key dispatch.zzzzzz in [dispatch]: the keys of [dispatch] are " in str(err.value)
+    assert "overflow" in str(err.value)

@@ -192,3 +192,40 @@ def test_the_unit_gives_the_sample_configs_drain_time_to_finish():
     stop_s = float(_unit()["TimeoutStopSec"])
     grace_s = load_config(path=SAMPLE, env={}).run.grace_s
     assert stop_s >= grace_s + 15, f"TimeoutStopSec={stop_s:g} in {UNIT} cuts run.grace_s = {grace_s:g} short"
+
+
+def test_a_changed_setup_cfg_installs_the_extras_again(tmp_path):
+    for name in ("setup.cfg", "setup.py"):
+        shutil.copy(os.path.join(ROOT, name), tmp_path)
+    os.makedirs(tmp_path / "scripts")
+    shutil.copy(os.path.join(ROOT, "scripts", "_env.sh"), tmp_path / "scripts")
+    os.makedirs(tmp_path / ".venv" / "bin")
+    fake = tmp_path / ".venv" / "bin" / "python"
+    fake.write_text(f'#!/bin/sh\necho "$@" >> {tmp_path}/pip.log\n')
+    fake.chmod(0o755)
+    extras = _script_extras("demo.sh")
+
+    def source() -> None:
+        subprocess.run(["bash", "-c", f'source "{tmp_path}/scripts/_env.sh" {extras}'], check=True, timeout=30,
+                       capture_output=True)
+
+    source()
+    stamp = tmp_path / ".venv" / f".imgworker-installed-{extras}"
+    os.utime(stamp, (1_000_000_000, 1_000_000_000))  # setup.cfg (copied now) is newer than the install
+    source()
+    installs = [line for line in (tmp_path / "pip.log").read_text().splitlines() if " -e " in line]
+    assert installs == [f"-m pip install --quiet -e .[{extras}]"] * 2
+
+
+
+def test_events_from_nats_without_nats_py_names_the_extra(monkeypatch):
+    import importlib.util
+
+    from imgworker.config import EventsConfig
+    from imgworker.errors import ConfigError
+    from imgworker.events import check_source
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "nats" else real(name, *a))
+    with pytest.raises(ConfigError, match=re.escape("needs the nats-py package: pip install 'imgworker[nats]'")):
+        check_source(EventsConfig(source="minio_nats"))

@@ -73,3 +73,16 @@ def test_a_loop_that_stops_looking_is_a_stall():
     clock.now += LOOP_PATIENCE_S + 1
     code, body = health.verdict()
     assert (code, body["status"]) == (503, "stalled") and "loop" in body["reason"]
+
+
+def test_images_waiting_in_the_backlog_with_a_lane_free_and_no_outcome_are_a_stall():
+    clock = Clock()
+    health = Health(5.0, clock)
+    for _ in range(8):
+        stats = Stats(2)
+        report = stats.report(pending=0, in_flight=0, wall_s=1.0)
+        health.observe(Snapshot(report=report, gauges=Gauges(queue_depth=0, backlog=4, in_flight=0),
+                                cleaner=CleanerStats(), latency={}), stopping=False)
+        clock.now += 1.0
+    code, body = health.verdict()
+    assert (code, body["status"], body["waiting"]) == (503, "stalled", 4)

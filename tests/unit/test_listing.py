@@ -205,3 +205,47 @@ def test_select_images_keeps_what_is_image_keeps_with_parse_task_fields(prefix):
                 for r in page if is_image(r.key, prefix=prefix, cfg=cfg)]
     assert select_images(page, prefix=prefix, cfg=cfg) == expected
     assert len(expected) >= 5
+
+
+def test_a_truncated_page_without_a_token_goes_on_after_its_last_key():
+    page = parse_page(b"<ListBucketResult><IsTruncated>true</IsTruncated><Contents><Key>a.jpg</Key></Contents>"
+                      b"<Contents><Key>b.jpg</Key></Contents></ListBucketResult>")
+    assert (page.truncated, page.next_token) == (True, "b.jpg")
+
+
+class _SameToken(http.server.BaseHTTPRequestHandler):
+    """Every answer is the same truncated page with the same token: a store that never moves on."""
+
+    requests = 0
+
+    def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+        type(self).requests += 1
+        payload = (b"<ListBucketResult><IsTruncated>true</IsTruncated><NextContinuationToken>t</NextContinuationToken>"
+                   b"<Contents><Key>cam/a.jpg</Key></Contents></ListBucketResult>")
+        self.send_response(200)
+        self.send_header("Content-Type", "application/xml")
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.mark.timeout(30)
+def test_a_store_that_repeats_its_continuation_token_is_unavailable_not_listed_forever():
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _SameToken)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        store = Store(StoreConfig(endpoint=f"127.0.0.1:{server.server_address[1]}", bucket="images", secure=False,
+                                  region="us-east-1"), Credentials(access_key="k", secret_key="s"))
+        pages = store.list_pages("cam/", 1)  # a page per object: a loop would yield, not hang
+        with pytest.raises(StoreUnavailable, match="continuation token"):
+            for _ in range(50):
+                next(pages)
+        assert _SameToken.requests == 2  # the first page, then the same token once more
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()

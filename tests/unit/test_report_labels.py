@@ -63,3 +63,23 @@ def test_the_share_of_time_lanes_waited_for_images_follows_the_queue(tmp_path):
         shares.append(report.input_starved_share)
     assert shares[0] is not None and shares[0] > 0.5
     assert shares[1] is not None and shares[1] < 0.1
+
+
+def test_with_nothing_attempted_the_rates_read_n_a_not_zero():
+    text = format_report(report_with(None, skipped_missing=2))
+    assert "| failure rate | n/a of 0 attempted |" in text
+    assert "| success rate | n/a |" in text
+
+
+def test_a_readmitted_image_analysed_again_no_longer_awaits_its_retry():
+    from imgworker.results import Retried
+    from imgworker.stats import stats_from_results
+
+    first = Result(key="a", outcome=Outcome.FAILED_ALGO, finished_at=1.0)
+    again = Result(key="a", outcome=Outcome.NO_DETECTION, finished_at=2.0)
+    waiting = stats_from_results([first, Retried(retried="a")]).report(pending=0, in_flight=0, wall_s=1.0)
+    assert (waiting.awaiting_retry, waiting.readmitted) == (1, 1)
+    assert "re-admitted, not analysed since (counted by their earlier outcome): 1" in format_report(waiting)
+    done = stats_from_results([first, Retried(retried="a"), again]).report(pending=0, in_flight=0, wall_s=1.0)
+    assert (done.awaiting_retry, done.duplicates, done.conserved) == (0, 0, True)
+    assert "not analysed since" not in format_report(done)

@@ -6,6 +6,7 @@ lines per image after its re-admission.
 
 from __future__ import annotations
 
+import os
 from collections import Counter
 from typing import Any
 
@@ -195,4 +196,81 @@ def test_a_start_redoes_no_owed_action_of_a_superseded_line(tmp_path):
     readmit(results, [Result(key="k", outcome=Outcome.INFERRED)])  # k's outcome is superseded
     restored = Ledger(str(tmp_path / "state.json"), results, LocalBackend()).start()
     assert [(entry.key, result.key) for entry, result in restored.owed] == [("other", "other")]
+    assert (restored.pending, restored.readmitted) == (["k"], ["k"])
+
+
+def test_a_start_after_the_readmitted_image_was_analysed_again_queues_it_no_more(tmp_path):
+    from imgworker.journal import ResultsJournal
+    from imgworker.ledger import Ledger, LocalBackend
+    from imgworker.outcomes import Result
+
+    results = str(tmp_path / "results.jsonl")
+    journal = ResultsJournal(results)
+    journal.write(Result(key="k", outcome=Outcome.FAILED_ALGO))
+    journal.close()
+    readmit(results, [Result(key="k", outcome=Outcome.FAILED_ALGO)])
+    journal = ResultsJournal(results)
+    journal.write(Result(key="k", outcome=Outcome.INFERRED, detections=1))  # analysed again, then a crash
+    journal.close()
+    restored = Ledger(str(tmp_path / "state.json"), results, LocalBackend()).start()
+    assert (restored.pending, restored.readmitted) == ([], [])
+
+
+def test_the_readmission_lines_are_on_disk_before_retry_reports(tmp_path, monkeypatch):
+    import imgworker.retry as retry_module
+
+    cfg, store, algo, switch, keys = failed_run(tmp_path, n=2)
+    synced: list[int] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        synced.append(os.fstat(fd).st_size)
+        real_fsync(fd)
+
+    monkeypatch.setattr(retry_module.os, "fsync", fsync)
+    retry(cfg, store)
+    assert synced and synced[-1] == os.path.getsize(cfg.results_path)  # the fsync covered every re-admission
+
+
+def test_a_results_line_cut_by_a_crash_does_not_swallow_the_first_readmission(tmp_path):
+    cfg, store, algo, switch, keys = failed_run(tmp_path, n=3)
+    with open(cfg.results_path, "ab") as f:
+        f.write(b'{"key":"' + keys[0].encode())  # the last run's write a crash cut
+    assert retry(cfg, store) == (3, [])
+    assert find(cfg.results_path, FAILED_ALGO).awaiting == 3
+    switch.healthy = True
+    supervisor(cfg, store, algo).run()
+    assert algo.calls == Counter({k: 2 for k in keys})
+
+
+def test_since_cause_and_key_prefix_select_only_what_they_name(tmp_path):
+    from imgworker.journal import ResultsJournal
+    from imgworker.outcomes import Result
+
+    results = str(tmp_path / "results.jsonl")
+    journal = ResultsJournal(results)
+    journal.write(Result(key="a/old", outcome=Outcome.FAILED_ALGO, cause="http_500", finished_at=100.0))
+    journal.write(Result(key="a/new", outcome=Outcome.FAILED_ALGO, cause="http_500", finished_at=200.0))
+    journal.write(Result(key="a/other", outcome=Outcome.FAILED_ALGO, cause="timeout", finished_at=200.0))
+    journal.write(Result(key="b/new", outcome=Outcome.FAILED_ALGO, cause="http_500", finished_at=200.0))
+    journal.close()
+    selection = Selection(outcomes=(Outcome.FAILED_ALGO,), cause="http_500", since=150.0, key_prefix="a/")
+    assert [r.key for r in find(results, selection).selected] == ["a/new"]
+
+
+def test_a_readmitted_key_the_checkpoint_also_saved_as_unfinished_is_queued_once(tmp_path):
+    from imgworker.journal import ResultsJournal
+    from imgworker.ledger import Ledger, LocalBackend
+    from imgworker.outcomes import Result
+
+    results = str(tmp_path / "results.jsonl")
+    ledger = Ledger(str(tmp_path / "state.json"), results, LocalBackend())
+    ledger.start()
+    ledger.save(0, ["k"])  # a checkpoint while k was unfinished
+    ledger.stop()
+    journal = ResultsJournal(results)
+    journal.write(Result(key="k", outcome=Outcome.FAILED_ALGO))  # its outcome, then a stop without a checkpoint
+    journal.close()
+    readmit(results, [Result(key="k", outcome=Outcome.FAILED_ALGO)])
+    restored = Ledger(str(tmp_path / "state.json"), results, LocalBackend()).start()
     assert (restored.pending, restored.readmitted) == (["k"], ["k"])

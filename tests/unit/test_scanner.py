@@ -59,3 +59,10 @@ def test_custom_extensions_and_excludes():
     assert is_image("x/a.TIF", prefix="", cfg=cfg)
     assert not is_image("x/a.jpg", prefix="", cfg=cfg)
     assert not is_image("skip/a.tif", prefix="", cfg=cfg)
+
+
+def test_extensions_configured_in_upper_case_match_keys_in_any_case():
+    cfg = ScanConfig(extensions=(".JPG",))
+    assert is_image("x/a.jpg", prefix="", cfg=cfg) and is_image("x/b.JPG", prefix="", cfg=cfg)
+    assert [r.key for r in select_images([ImageRef(key="p/t/a.jpg"), ImageRef(key="p/t/b.png")], prefix="",
+                                         cfg=cfg)] == ["p/t/a.jpg"]
