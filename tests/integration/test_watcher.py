@@ -6,10 +6,8 @@ import asyncio
 import contextlib
 import json
 import os
-import shutil
 import signal
 import subprocess
-import sysconfig
 import threading
 import time
 import urllib.parse
@@ -26,9 +24,10 @@ from imgworker.config import Config, Credentials, EventsConfig, load_config
 from imgworker.events import EventBatch, Watcher, WatcherReady
 from imgworker.ledger import Ledger, LocalBackend
 from imgworker.logs import LogSettings
-from imgworker.services.netutil import free_port, port_open, stop_process, wait_until
+from imgworker.services.netutil import free_port, port_open, wait_until
 from imgworker.services.store_server import EmbeddedStore
 from imgworker.store import Store
+from tests.support.cluster import NatsServer
 from tests.support.store import upload
 
 pytestmark = pytest.mark.slow
@@ -283,39 +282,6 @@ def test_a_stop_saves_every_event_the_webhook_acknowledged_and_posts_after_it_be
 
 
 # --- MinIO through NATS JetStream ------------------------------------------------------------------
-
-def nats_server_binary() -> str:
-    candidate = os.path.join(sysconfig.get_path("scripts"), "nats-server")
-    return candidate if os.access(candidate, os.X_OK) else shutil.which("nats-server") or "nats-server"
-
-
-class NatsServer:
-    """A real nats-server with JetStream on 127.0.0.1; ``restart()`` keeps its port and stored streams."""
-
-    def __init__(self, data_dir: str) -> None:
-        self.data_dir = data_dir
-        self.port = free_port()
-        self.url = f"nats://127.0.0.1:{self.port}"
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        with open(os.path.join(self.data_dir, "nats.log"), "ab") as out:
-            self.proc = subprocess.Popen([nats_server_binary(), "-js", "-a", "127.0.0.1", "-p", str(self.port),
-                                          "-sd", os.path.join(self.data_dir, "jetstream")],
-                                         stdout=out, stderr=subprocess.STDOUT)
-        proc = self.proc
-        wait_until(lambda: port_open("127.0.0.1", self.port), timeout_s=30, what="nats-server",
-                   alive=lambda: proc.poll() is None)
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            stop_process(self.proc)
-            self.proc = None
-
-    def restart(self) -> None:
-        self.stop()
-        self.start()
-
 
 @pytest.fixture()
 def nats_server(tmp_path: Any) -> Iterator[NatsServer]:

@@ -65,6 +65,10 @@ class NatsServer:
             self.proc.wait()
             self.proc = None
 
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
 
 class Host:
     """One host: ``imgworker run`` in cluster mode, in its own process group, with its own state directory."""
