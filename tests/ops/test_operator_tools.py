@@ -214,6 +214,17 @@ def test_check_fails_naming_a_refusing_route(tmp_path, store_server, creds, stor
     assert proc.stderr == f"imgworker: error: 1 of 6 checks failed: algorithm endpoint {dead} (route 'vehicle')\n"
 
 
+def test_check_with_no_image_fails_a_service_that_fails_every_call(tmp_path, store_server, creds, prefix):
+    with AlgoService("synthetic", SyntheticParams(latency_ms=1.0, sigma=0.0, error_rate=1.0)) as broken:
+        config = write_config(tmp_path, prefix, broken.endpoint)  # nothing under the prefix: no real image
+        proc = imgworker("check", "--config", config, env=cli_env(store_server, creds), timeout=60)
+        received = broken.calls().get("imgworker-check")
+    assert received == 1  # it was asked, and answered 500
+    assert proc.returncode == 9, proc.stdout + proc.stderr
+    assert f"check: FAIL algorithm endpoint {broken.endpoint}: it fails: http_500 to a request with no image" in proc.stdout
+    assert proc.stderr == f"imgworker: error: 1 of 5 checks failed: algorithm endpoint {broken.endpoint}\n"
+
+
 def test_check_against_an_unreachable_store_says_it_once(tmp_path, store_server, creds, algo_server, prefix):
     config = write_config(tmp_path, prefix, algo_server.endpoint)
     env = cli_env(store_server, creds, IMGWORKER_STORE_ENDPOINT="127.0.0.1:9")
