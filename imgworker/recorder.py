@@ -89,7 +89,7 @@ class Recorder:
         self.on_result = on_result
         self.wall = wall
         self.stats = Stats(cfg.concurrency, processes=cfg.worker.count)
-        self.cleaner = CleanerStats()
+        self.cleaner = CleanerStats(enabled=cfg.retention.enabled)
         self.journal: ResultsJournal | None = None
         self.janitor: Janitor | None = None
 
