@@ -98,8 +98,10 @@ def test_retry_after_a_real_outage_analyses_each_failed_image_once_more(tmp_path
     assert from_file["outcomes"]["failed_algo"] == 1
     proc = imgworker("retry", "--config", config, "--outcome", "failed_algo", "--cause", "http_500",
                      "--key-prefix", f"{prefix}cam/person/", env=env)
-    assert "retry: 1 images whose latest outcome is failed_algo" in proc.stdout
+    assert "retry: 1 image whose latest outcome is failed_algo" in proc.stdout
     assert "retry: 1 not re-admitted: the object is gone" in proc.stdout
+    assert "retry: nothing re-admitted: no selected image is still in the bucket" in proc.stdout
+    assert "0 re-admitted" not in proc.stdout and "images whose" not in proc.stdout
 
 
 def results_line(key: str, outcome: str, finished_at: float = 2.0, **extra: Any) -> str:
@@ -281,6 +283,15 @@ def test_report_on_a_file_that_is_not_a_results_file_does_not_advise_repair(tmp_
     assert proc.returncode == 7
     assert proc.stderr.startswith(f"imgworker: error: {config} is not an imgworker results file")
     assert "repair" not in proc.stderr
+
+
+def test_report_cluster_with_a_results_file_is_an_error_not_ignored(tmp_path):
+    results = tmp_path / "results.jsonl"
+    results.write_text(results_line("p/t/a.jpg", "no_detection"))
+    proc = imgworker("report", "--cluster", str(results), env=offline_env(tmp_path), timeout=60)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr == (f"imgworker: error: report --cluster reads the cluster's outcome ledger, not a results "
+                           f"file: drop {results}, or drop --cluster\n")
 
 
 def test_version(tmp_path):
