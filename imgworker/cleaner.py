@@ -175,8 +175,9 @@ def plan_cleanup(
 
 
 class CleanerStats(msgspec.Struct):
-    """What the cleaner did, and the storage it left behind."""
+    """What the cleaner did, and the storage it left behind; ``enabled``: the run has one (``retention``)."""
 
+    enabled: bool = False
     passes: int = 0
     deleted: int = 0
     deleted_unaccepted: int = 0

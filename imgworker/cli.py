@@ -591,6 +591,9 @@ def cmd_report(args: argparse.Namespace) -> int:
     from .results import read_entries_at
     from .stats import stats_from_results
 
+    if args.cluster and args.results:
+        raise ConfigError(f"report --cluster reads the cluster's outcome ledger, not a results file: drop "
+                          f"{args.results}, or drop --cluster")
     if args.cluster:
         return _cluster_report(args)
     if not args.results:
@@ -659,7 +662,8 @@ def _retry(cfg: Config, selection: Selection, *, dry_run: bool) -> None:
     found = find(cfg.results_path, selection)
     what = _selection_text(selection)
     if found.awaiting:
-        print(f"retry: {found.awaiting:,} images re-admitted earlier are still waiting for a run; not counted again")
+        print(f"retry: {_images(found.awaiting)} re-admitted earlier {'is' if found.awaiting == 1 else 'are'} still "
+              "waiting for a run; not counted again")
     if not found.selected:
         print(f"retry: nothing to re-admit: no image's latest outcome is {what} in {cfg.results_path}")
         return
@@ -670,16 +674,23 @@ def _retry(cfg: Config, selection: Selection, *, dry_run: bool) -> None:
     except StoreError as exc:
         raise StoreFatal(f"the store failed while looking the images up ({exc}); nothing was re-admitted",
                          ExitCode.STORE_UNREACHABLE) from None
-    print(f"retry: {len(found.selected):,} images whose latest outcome is {what}")
+    print(f"retry: {_images(len(found.selected))} whose latest outcome is {what}")
     if gone:
         shown = ", ".join(gone[:10]) + (f" and {len(gone) - 10:,} more" if len(gone) > 10 else "")
         print(f"retry: {len(gone):,} not re-admitted: the object is gone from bucket {cfg.store.bucket!r}: {shown}")
     if dry_run:
         print(f"retry: --dry-run: {len(present):,} would be re-admitted; nothing was changed")
         return
+    if not present:
+        print("retry: nothing re-admitted: no selected image is still in the bucket; the next run has none to analyse")
+        return
     readmit(cfg.results_path, present)
-    print(f"retry: {len(present):,} re-admitted: the next `imgworker run` with this state directory analyses each "
-          "once more; its new outcome supersedes the old one")
+    print(f"retry: {len(present):,} re-admitted: the next `imgworker run` with this state directory analyses "
+          f"{'it' if len(present) == 1 else 'each'} once more; its new outcome supersedes the old one")
+
+
+def _images(count: int) -> str:
+    return f"{count:,} image" if count == 1 else f"{count:,} images"
 
 
 def _selection_text(selection: Selection) -> str:

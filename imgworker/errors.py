@@ -49,6 +49,8 @@ class ExitCode(enum.IntEnum):
     """Another run holds the state directory."""
     ALGO_UNAVAILABLE = 9
     """The run ended, but images failed for want of a healthy algorithm endpoint, or no call was answered."""
+    UNANSWERED = 10
+    """``imgworker top --once``: none of the addresses answered."""
     INTERRUPTED = 130
     """Interrupted (Ctrl-C) before a run took over its own stop handling."""
 

@@ -96,6 +96,8 @@ class SupervisorCollector:
     @staticmethod
     def _cleaner(snapshot: Snapshot) -> Iterator[Metric]:
         c = snapshot.cleaner
+        yield _gauge("imgworker_retention_enabled", "1 if the run has a retention cleaner (retention.enabled).",
+                     float(c.enabled))
         yield _counter("imgworker_cleaner_deleted", "Images the retention cleaner deleted.", c.deleted)
         yield _counter("imgworker_cleaner_protected", "Deletions skipped to protect queued or held images.",
                        c.skipped_protected)

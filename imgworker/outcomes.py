@@ -64,6 +64,7 @@ class WorkItem(msgspec.Struct, frozen=True, array_like=True):
     lane's deadline); that happens at most once per image.
     ``waits``: how many times it was put back to wait for a healthy algorithm endpoint (it carried a
     failed probe, or its calls failed as its endpoint went down); not attempts.
+    ``calls``: the algorithm calls made for it before it was put back to wait; its final line counts them.
     """
 
     ref: ImageRef
@@ -71,6 +72,7 @@ class WorkItem(msgspec.Struct, frozen=True, array_like=True):
     endpoints: tuple[str, ...] = ()
     spared: bool = False
     waits: int = 0
+    calls: int = 0
 
 
 class Result(msgspec.Struct, frozen=True, omit_defaults=True):

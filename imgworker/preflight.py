@@ -5,7 +5,8 @@ checks go in order (reachable, credentials, bucket, one listing page), each only
 before passed. Then every algorithm endpoint and route gets one request, for a real image of the
 listing when there is one (its presigned URL is sent, never shown). The request names itself:
 ``task_id`` ``imgworker-check`` and ``image_path`` ``imgworker-check/<key>``, so the service's
-logs and counters tell it from work.
+logs and counters tell it from work. With no image, an answer of 2xx or 4xx means the service
+answers (it could not fetch a made-up image); a 5xx means it, or a proxy in front of it, fails.
 """
 
 from __future__ import annotations
@@ -132,11 +133,20 @@ def _one(client: AlgoClient, endpoint: str, task_type: str, key: str, url: str, 
             return Check(what, True, f"it answers ({exc.cause} to a request with {sent})")
         return Check(what, False, f"{exc} for {sent}", ExitCode.ALGO_UNAVAILABLE)
     except AlgoTransient as exc:
-        if not key and exc.cause.startswith("http_"):
+        if not key and exc.cause.startswith("http_") and not _server_error(exc.cause):
             return Check(what, True, f"it answers ({exc.cause} to a request with {sent}; a real call was not tried)")
+        if not key and exc.cause.startswith("http_"):
+            return Check(what, False, f"it fails: {exc.cause} to a request with {sent}: the service, or a proxy in "
+                         "front of it, is failing (an image under the prefix would make a real call)",
+                         ExitCode.ALGO_UNAVAILABLE)
         return Check(what, False, f"{_transient(exc)} (sent {sent}, waited at most {client.cfg.timeout_s:g} s)",
                      ExitCode.ALGO_UNAVAILABLE)
     return Check(what, True, _answered(answer, sent))
+
+
+def _server_error(cause: str) -> bool:
+    """A 5xx: the service (or a proxy in front of a dead one) fails, whatever the request named."""
+    return cause.startswith("http_5")
 
 
 def _transient(exc: AlgoTransient) -> str:

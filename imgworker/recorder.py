@@ -89,7 +89,7 @@ class Recorder:
         self.on_result = on_result
         self.wall = wall
         self.stats = Stats(cfg.concurrency, processes=cfg.worker.count)
-        self.cleaner = CleanerStats()
+        self.cleaner = CleanerStats(enabled=cfg.retention.enabled)
         self.journal: ResultsJournal | None = None
         self.janitor: Janitor | None = None
 
@@ -129,11 +129,14 @@ class Recorder:
         if jobs:
             self.janitor.submit(jobs)
 
-    def drop(self, ref: ImageRef, outcome: Outcome, cause: str) -> None:
-        """End an image no lane will see: its line first, then it leaves the queue and the backlog."""
+    def drop(self, ref: ImageRef, outcome: Outcome, cause: str, *, algo_calls: int = 0) -> None:
+        """End an image no lane will see: its line first, then it leaves the queue and the backlog.
+
+        ``algo_calls``: calls made for it before it was put back in the queue (its line counts them).
+        """
         try:
             self.finish(Result(key=ref.key, outcome=outcome, task_type=ref.task_type, task_id=ref.task_id,
-                               cause=cause, finished_at=self.wall()))
+                               cause=cause, algo_calls=algo_calls, finished_at=self.wall()))
         except BaseException:
             self.waiting.keep(ref)
             raise

@@ -300,6 +300,11 @@ def stats_from_results(results: Iterable[Result | Retried], lanes: int = 0) -> S
     return stats
 
 
+def _of_run(report: Report, figure: str) -> str:
+    """A figure only a running supervisor knows: n/a in a report rebuilt from results (no processes known)."""
+    return figure if report.processes else "n/a (not in the results)"
+
+
 def _lanes(report: Report) -> str:
     """'N lanes' or 'P processes x T lanes' (lanes at once, and how they were run)."""
     if not report.lanes:
@@ -341,6 +346,8 @@ def format_report(report: Report) -> str:
     discovery = _ms(report, "discovery", report.p50_discovery_ms, report.p99_discovery_ms)
     busy = (f"{report.analysed_per_busy_s:.2f} img/s analysed over {report.busy_s:.1f} s from the first image started"
             " to the last outcome" if report.busy_s > 0 else "n/a (no image was started and finished)")
+    restarts = (f"{report.worker_restarts} ({report.respawn_backoffs}) / {report.worker_recycles} /"
+                f" {report.deadline_kills}")
     lines = [
         "imgworker report",
         "",
@@ -364,10 +371,9 @@ def format_report(report: Report) -> str:
         f" {report.wall_s:.1f} s of wall time, {_lanes(report)} |",
         f"| input-bound | {_input_bound(report)} |",
         f"| HTTP retries (calls beyond an image's first) | {report.http_retries:,} |",
-        f"| re-dispatches (process died, or waited for an endpoint) | {report.retries:,} |",
+        f"| re-dispatches (process died, or waited for an endpoint) | {_of_run(report, f'{report.retries:,}')} |",
         f"| re-admitted by `imgworker retry` | {report.readmitted:,} |",
-        f"| worker restarts (backed off) / recycles / deadline kills | {report.worker_restarts}"
-        f" ({report.respawn_backoffs}) / {report.worker_recycles} / {report.deadline_kills} |",
+        f"| worker restarts (backed off) / recycles / deadline kills | {_of_run(report, restarts)} |",
         "",
         "| outcome | images |",
         "|---|---|",

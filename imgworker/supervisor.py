@@ -538,7 +538,7 @@ class Supervisor:
             # the queue out of queued_at order
             expired = [item for item, queued_at in self.dispatch.waiting(kind) if now - max(queued_at, since) >= budget]
             for item in expired:
-                self.recorder.drop(item.ref, Outcome.FAILED_ALGO, "no_healthy_endpoint")
+                self.recorder.drop(item.ref, Outcome.FAILED_ALGO, "no_healthy_endpoint", algo_calls=item.calls)
             if expired:
                 log.warning("%d %r images waited %.0f s for a healthy algorithm endpoint; failed", len(expired),
                             kind, budget)
@@ -565,22 +565,24 @@ class Supervisor:
                       reply.undecodable or f"it names {result.key!r}")
             result = internal_error(item, lane, "unusable reply")
         elif met_outage and result.outcome is Outcome.FAILED_ALGO and (held.probe or not item.waits):
-            self._wait_for_endpoint(lane, item, result.cause)
+            self._wait_for_endpoint(lane, item, result)
             return
         e2e_ms = (self.clock() - held.sent_at) * 1000.0
-        self.recorder.finish(msgspec.structs.replace(result, e2e_ms=e2e_ms))
+        self.recorder.finish(msgspec.structs.replace(result, e2e_ms=e2e_ms, algo_calls=result.algo_calls + item.calls))
         self._lane_done(lane)  # only once the outcome is written: until then it is in flight
 
-    def _wait_for_endpoint(self, lane: int, item: WorkItem, cause: str) -> None:
+    def _wait_for_endpoint(self, lane: int, item: WorkItem, result: Result) -> None:
         """Put an item back at the head of its queue: its calls failed because its endpoint is down.
 
         It was the probe, or it was in flight as the outage began; it is not charged an attempt and
         waits within its no-endpoint budget like the images that never left the queue. An image that
         meets an outage again, not as the probe, after having waited ends ``failed_algo`` as usual:
-        it may be the image that makes the service fail.
+        it may be the image that makes the service fail. The calls it made go with it, to be counted
+        on its final line.
         """
-        log.info("lane %d: %s waits for a healthy algorithm endpoint (%s)", lane, item.ref.key, cause)
-        self._requeue(lane, msgspec.structs.replace(item, endpoints=(), waits=item.waits + 1))
+        log.info("lane %d: %s waits for a healthy algorithm endpoint (%s)", lane, item.ref.key, result.cause)
+        self._requeue(lane, msgspec.structs.replace(item, endpoints=(), waits=item.waits + 1,
+                                                    calls=item.calls + result.algo_calls))
 
     def _on_exit(self, event: Exit) -> None:
         lost = 0
@@ -632,7 +634,7 @@ class Supervisor:
             log.error("lane %d: %s lost %d times (%s); giving up on it", lane, ref.key, item.attempt, cause)
             self.recorder.finish(Result(key=ref.key, outcome=Outcome.FAILED_WORKER, task_type=ref.task_type,
                                 task_id=ref.task_id, worker=lane, attempt=item.attempt, cause=cause,
-                                finished_at=time.time()))
+                                algo_calls=item.calls, finished_at=time.time()))
             self._lane_done(lane)
             return
         self.recorder.retried()

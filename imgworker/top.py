@@ -3,9 +3,11 @@
 Each poll reads every address's Prometheus text (and its ``/healthz``), turns it into one ``Row``
 of figures, and draws the rows with ``rich`` (an optional extra: ``imgworker[top]``). Rates
 (throughput, p50/p95) are taken between two polls; the first poll's are over the whole run. An
-address that does not answer is a row that says ``down`` and why, never an error. When stdout is
-not a terminal (or with ``--once``), one plain table is printed and ``top`` exits: with ``--once``
-it polls twice, ``interval`` apart (at most a second), so the rates are current.
+address that does not answer is a row that says ``down`` and why (shortened), never an error. A
+terminal too narrow for one column per figure gets one row per instance, its figures stacked in a
+few short lines. When stdout is not a terminal (or with ``--once``), one plain table is printed and
+``top`` exits, non-zero if no address answered: with ``--once`` it polls twice, ``interval`` apart
+(at most a second), so the rates are current. Storage reads n/a when the run has no retention cleaner.
 """
 
 from __future__ import annotations
@@ -126,7 +128,7 @@ class Row:
     endpoints_up: int = 0
     endpoints: int = 0
     discovery_p95_s: float | None = None
-    stored_peak: float | None = None
+    stored_peak: float | None = None  # None: no retention cleaner, or not exported
     over_limit: float | None = None
 
 
@@ -141,7 +143,8 @@ def figures(url: str, now: Samples, before: Samples | None, dt_s: float) -> Row:
               queue=_total(now, "imgworker_queue_depth"), backlog=_total(now, "imgworker_backlog"),
               busy=_total(now, "imgworker_in_flight"), lanes=_total(now, "imgworker_lanes"),
               limit=_total(now, "imgworker_algorithm_limit"),
-              stored_peak=_total(now, "imgworker_cleaner_peak_objects"),
+              stored_peak=(_total(now, "imgworker_cleaner_peak_objects")
+                           if _total(now, "imgworker_retention_enabled") != 0 else None),
               over_limit=_total(now, "imgworker_cleaner_passes_over_limit_total"))
     e2e = _buckets(now, "imgworker_end_to_end_latency_seconds")
     discovery = _buckets(now, "imgworker_discovery_latency_seconds")
@@ -200,6 +203,14 @@ def _n(value: float | None) -> str:
     return "n/a" if value is None else f"{value:,.0f}"
 
 
+#: The longest reason a ``down`` row shows.
+DOWN_REASON_CHARS = 32
+
+
+def _down(error: str) -> str:
+    return "down: " + (error if len(error) <= DOWN_REASON_CHARS else error[: DOWN_REASON_CHARS - 1] + "…")
+
+
 def _s(value: float | None) -> str:
     if value is None:
         return "n/a"
@@ -210,7 +221,7 @@ def cells(row: Row) -> list[str]:
     """The row as text, column by column (``COLUMNS``)."""
     name = row.url.split("://", 1)[-1].removesuffix("/metrics")
     if not row.up:
-        return [name, f"down: {row.error}"] + [""] * (len(COLUMNS) - 2)
+        return [name, _down(row.error)] + [""] * (len(COLUMNS) - 2)
     outcomes = " ".join(f"{_SHORT.get(o, o)}={v:,.0f}" for o, v in row.outcomes.items() if v) or "none yet"
     busy = f"{_n(row.busy)}/{_n(row.lanes)}" + (f" (limit {_n(row.limit)})" if row.limit is not None else "")
     storage = "n/a" if row.stored_peak is None else f"peak {row.stored_peak:,.0f} obj"
@@ -229,15 +240,39 @@ def plain_table(rows: list[Row]) -> str:
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in table)
 
 
-def rich_table(rows: list[Row]) -> Any:
+def stacked(row: Row) -> str:
+    """The row's figures as a few short lines, a group each: what a narrow terminal shows."""
+    c = dict(zip(COLUMNS, cells(row)))
+    if not row.up:
+        return c["state"]
+    return "\n".join([f"{c['state']}  {c['img/s']} img/s  done {c['done']}  fail {c['fail %']}",
+                      f"outcomes {c['outcomes']}",
+                      f"queue {c['queue']}  backlog {c['backlog']}  lanes busy {c['lanes busy']}",
+                      f"e2e p50/p95 {c['e2e p50/p95']}  discovery p95 {c['discovery p95']}",
+                      f"endpoints {c['endpoints']}  storage {c['storage']}"])
+
+
+def wide_enough(rows: list[Row], width: int) -> bool:
+    """Whether a terminal ``width`` columns wide shows every column whole (each cell is padded and ruled)."""
+    plain = max((len(line) for line in plain_table(rows).splitlines()), default=0)
+    return plain + len(COLUMNS) + 4 <= width
+
+
+def rich_table(rows: list[Row], width: int = 10_000) -> Any:
+    """One column per figure when ``width`` allows; else one row per instance with its figures stacked."""
     from rich.table import Table
 
     table = Table(title=f"imgworker top  {time.strftime('%H:%M:%S')}", expand=False)
-    for name in COLUMNS:
-        table.add_column(name, no_wrap=name in ("instance", "state"))
+    wide = wide_enough(rows, width)
+    if wide:
+        for name in COLUMNS:
+            table.add_column(name, no_wrap=name in ("instance", "state"))
+    else:
+        table.add_column("instance", no_wrap=True, overflow="ellipsis", max_width=max(12, width // 4))
+        table.add_column("figures", overflow="fold")
     for row in rows:
         style = "red" if not row.up or row.health in ("stalled", "stopping") or row.over_limit else None
-        table.add_row(*cells(row), style=style)
+        table.add_row(*(cells(row) if wide else cells(row)[:1] + [stacked(row)]), style=style)
     return table
 
 
@@ -247,18 +282,24 @@ def run_top(urls: Sequence[str], *, interval_s: float, once: bool, timeout_s: fl
     if once or not sys.stdout.isatty():
         poller.poll()
         time.sleep(min(interval_s, 1.0))
-        print(plain_table(poller.poll()), flush=True)
+        rows = poller.poll()
+        print(plain_table(rows), flush=True)
+        if not any(row.up for row in rows):
+            print("imgworker: error: no address answered", file=sys.stderr)
+            return ExitCode.UNANSWERED
         return ExitCode.OK
     try:
+        from rich.console import Console
         from rich.live import Live
     except ImportError:
         print("imgworker: error: the live table needs rich: pip install 'imgworker[top]' "
               "(or use --once, or pipe the output, for a plain table)", file=sys.stderr)
         return ExitCode.CONFIG
     try:
-        with Live(rich_table(poller.poll()), auto_refresh=False) as live:
+        console = Console()
+        with Live(rich_table(poller.poll(), console.width), console=console, auto_refresh=False) as live:
             while True:
                 time.sleep(interval_s)
-                live.update(rich_table(poller.poll()), refresh=True)
+                live.update(rich_table(poller.poll(), console.width), refresh=True)
     except KeyboardInterrupt:
         return ExitCode.OK

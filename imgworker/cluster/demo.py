@@ -33,8 +33,10 @@ def run_demo(cfg: Config, *, hosts: int, data_dir: str, report_json_path: str | 
     with NatsServer(os.path.join(data_dir, "nats")) as nats:
         cluster = ClusterConfig(url=nats.url, ack_wait_s=10.0, lease_ttl_s=3)
         procs = [_start_host(cfg, cluster.url, f"host-{i + 1}", data_dir) for i in range(hosts)]
+        logs = ", ".join(os.path.join(data_dir, f"host-{i + 1}.log") for i in range(hosts))
         print(f"demo: nats-server on {nats.url}; {hosts} hosts x {cfg.worker.count} worker processes share its "
-              "work stream; host-1's log says which host leads intake", flush=True)
+              f"work stream; the host that leads intake says so in its log ({logs}: \"this host is now the "
+              "intake leader\")", flush=True)
         try:
             cameras = start_cameras()
             try:

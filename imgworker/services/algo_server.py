@@ -173,6 +173,10 @@ class AlgoApp:
         except msgspec.DecodeError as exc:
             return _answer(400, {"success": False, "error": f"bad request: {exc}"})
         self.calls[req.image_path] = self.calls.get(req.image_path, 0) + 1
+        if not req.image_url:  # names no image (a preflight's request): refused, unless every call fails
+            if self.backend != "face" and self.rng.random() < self.params.error_rate:
+                return _answer(500, {"success": False, "error": "synthetic internal error"})
+            return _answer(400, {"success": False, "error": "bad request: image_url is empty"})
         status, image = await self._fetch(req.image_url)
         if image is None:
             return _answer(404 if status == 404 else 502, {"success": False, "error": f"image fetch failed ({status})"})

@@ -39,12 +39,14 @@ def test_a_service_that_never_answers_is_loud_charges_no_image_and_exits_9(tmp_p
     assert proc.returncode == ExitCode.ALGO_UNAVAILABLE == 9, proc.stderr[-3000:]
     results = list(read_results(str(state / "results.jsonl")))
     assert Counter(r.key for r in results) == Counter(keys)  # exactly one line each
-    assert {(r.outcome.value, r.cause, r.algo_calls) for r in results} == {("failed_algo", "no_healthy_endpoint", 0)}
+    assert {(r.outcome.value, r.cause) for r in results} == {("failed_algo", "no_healthy_endpoint")}
     ejected = [line for line in proc.stderr.splitlines() if f"algorithm endpoint {dead} ejected" in line]
     assert len(ejected) == 1 and " WARNING " in ejected[0] and "connection_error" in ejected[0], proc.stderr[-3000:]
     assert "images failed for want of a healthy endpoint" in proc.stderr
     figures = json.loads(report_path.read_text())["endpoints"][dead]
     assert figures["healthy"] == 0 and figures["requests"] == figures["failures"]
+    assert sum(r.algo_calls for r in results) == figures["requests"]  # calls made before waiting are on the lines
+    assert json.loads(report_path.read_text())["http_retries"] == sum(max(0, r.algo_calls - 1) for r in results)
     # The calls: the 2 images in flight when it went down (2 attempts each), then 2 per probe; an
     # image that carried a failed probe went back to wait, uncharged.
     assert figures["ejections"] >= 2, figures  # probes were made, and each failed one ejected it again

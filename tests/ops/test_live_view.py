@@ -3,13 +3,16 @@ records printed by the supervisor, /healthz, ``imgworker top``, and the shipped 
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
 import select
 import signal
+import struct
 import subprocess
 import sys
+import termios
 import time
 import urllib.error
 import urllib.request
@@ -155,6 +158,14 @@ def done_at(url: str) -> float:
     return sum(s.value for s in images.samples) if images else -1.0
 
 
+def status_at(port: int) -> str:
+    try:
+        _, body = get(f"http://127.0.0.1:{port}/healthz")
+        return str(json.loads(body).get("status"))
+    except (OSError, ValueError):
+        return "?"
+
+
 @pytest.fixture(scope="module")
 def serving(tmp_path_factory: pytest.TempPathFactory, store_server, creds, algo_server) -> Iterator[dict[str, Any]]:
     """``imgworker run`` with --metrics-port, left running after it analysed its images."""
@@ -174,6 +185,8 @@ def serving(tmp_path_factory: pytest.TempPathFactory, store_server, creds, algo_
         while done_at(url) < 6 and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.2)
         assert done_at(url) == 6, (tmp / "run.log").read_text()[-3000:]
+        while status_at(port) != "idle" and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)  # /healthz looks at the figures about once a second: until it says the run is idle
         yield {"url": url, "port": port, "state": tmp / "state", "proc": proc}
     finally:
         proc.send_signal(signal.SIGTERM)
@@ -212,6 +225,64 @@ def test_top_once_shows_the_running_supervisors_figures_and_a_dead_address_as_do
     for outcome, n in outcomes.items():
         assert f"{short.get(outcome, outcome)}={n}" in live, live
     assert "down:" in down, down
+    assert live.split()[-1] == "n/a", live  # storage: the run has no retention cleaner
+
+
+def test_top_once_exits_non_zero_when_no_address_answers():
+    dead = [f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"]
+    proc = subprocess.run(imgworker_cmd("top", "--once", "--interval", "0.1", *dead),
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 10, proc.stdout + proc.stderr
+    assert sum(1 for line in proc.stdout.splitlines() if "down:" in line) == 2, proc.stdout
+    assert proc.stderr == "imgworker: error: no address answered\n"
+
+
+def test_a_down_row_shortens_its_reason():
+    from imgworker.top import Row, cells, plain_table
+
+    reason = "HTTPConnectionPool: [Errno -2] Name or service not known while resolving"
+    row = Row(url="http://gpu-host-7.example:9100/metrics", up=False, error=reason)
+    assert cells(row)[1] == "down: " + reason[:31] + "…"
+    assert len(plain_table([row]).splitlines()[1]) < 80
+
+
+ESCAPE = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+
+
+def top_on_a_narrow_terminal(urls: list[str], columns: int, patience_s: float = 60.0) -> str:
+    """What ``imgworker top`` draws on a pseudo-terminal ``columns`` wide, until its first table is whole."""
+    master, slave = os.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, columns, 0, 0))
+    env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}
+    proc = subprocess.Popen(imgworker_cmd("top", "--interval", "0.3", *urls), stdin=slave, stdout=slave,
+                            stderr=slave, env=env)
+    os.close(slave)
+    out = bytearray()
+    deadline = time.monotonic() + patience_s
+    try:
+        while time.monotonic() < deadline and "└" not in out.decode("utf-8", "replace"):
+            ready, _, _ = select.select([master], [], [], 0.5)
+            if ready:
+                try:
+                    out += os.read(master, 65536)
+                except OSError:
+                    break
+        proc.send_signal(signal.SIGINT)
+        reap(proc, timeout=30)  # type: ignore[arg-type]
+    finally:
+        os.close(master)
+    return ESCAPE.sub("", out.decode("utf-8", "replace"))
+
+
+def test_top_on_an_80_column_terminal_shows_every_figure_whole(serving):
+    dead = f"127.0.0.1:{free_port()}"
+    screen = top_on_a_narrow_terminal([serving["url"], dead], 80)
+    lines = [line for part in screen.split("\n") for line in part.split("\r")]
+    assert max(len(line) for line in lines) <= 80, screen
+    for figure in ("done 6", "lanes busy 0/2", "endpoints 1/1 up", "storage n/a", "up (idle)"):
+        assert figure in screen, screen
+    down = next(line for line in lines if "down:" in line)
+    assert len(down.split("down:", 1)[1]) <= 60, down  # the reason is shortened, not the whole width
 
 
 METRIC = re.compile(r"\bimgworker_[a-z0-9_]+\b")

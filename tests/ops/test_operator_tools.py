@@ -98,8 +98,10 @@ def test_retry_after_a_real_outage_analyses_each_failed_image_once_more(tmp_path
     assert from_file["outcomes"]["failed_algo"] == 1
     proc = imgworker("retry", "--config", config, "--outcome", "failed_algo", "--cause", "http_500",
                      "--key-prefix", f"{prefix}cam/person/", env=env)
-    assert "retry: 1 images whose latest outcome is failed_algo" in proc.stdout
+    assert "retry: 1 image whose latest outcome is failed_algo" in proc.stdout
     assert "retry: 1 not re-admitted: the object is gone" in proc.stdout
+    assert "retry: nothing re-admitted: no selected image is still in the bucket" in proc.stdout
+    assert "0 re-admitted" not in proc.stdout and "images whose" not in proc.stdout
 
 
 def results_line(key: str, outcome: str, finished_at: float = 2.0, **extra: Any) -> str:
@@ -230,6 +232,17 @@ def test_check_fails_naming_a_refusing_route(tmp_path, store_server, creds, stor
     assert proc.stderr == f"imgworker: error: 1 of 6 checks failed: algorithm endpoint {dead} (route 'vehicle')\n"
 
 
+def test_check_with_no_image_fails_a_service_that_fails_every_call(tmp_path, store_server, creds, prefix):
+    with AlgoService("synthetic", SyntheticParams(latency_ms=1.0, sigma=0.0, error_rate=1.0)) as broken:
+        config = write_config(tmp_path, prefix, broken.endpoint)  # nothing under the prefix: no real image
+        proc = imgworker("check", "--config", config, env=cli_env(store_server, creds), timeout=60)
+        received = broken.calls().get("imgworker-check")
+    assert received == 1  # it was asked, and answered 500
+    assert proc.returncode == 9, proc.stdout + proc.stderr
+    assert f"check: FAIL algorithm endpoint {broken.endpoint}: it fails: http_500 to a request with no image" in proc.stdout
+    assert proc.stderr == f"imgworker: error: 1 of 5 checks failed: algorithm endpoint {broken.endpoint}\n"
+
+
 def test_check_against_an_unreachable_store_says_it_once(tmp_path, store_server, creds, algo_server, prefix):
     config = write_config(tmp_path, prefix, algo_server.endpoint)
     env = cli_env(store_server, creds, IMGWORKER_STORE_ENDPOINT="127.0.0.1:9")
@@ -286,6 +299,15 @@ def test_report_on_a_file_that_is_not_a_results_file_does_not_advise_repair(tmp_
     assert proc.returncode == 7
     assert proc.stderr.startswith(f"imgworker: error: {config} is not an imgworker results file")
     assert "repair" not in proc.stderr
+
+
+def test_report_cluster_with_a_results_file_is_an_error_not_ignored(tmp_path):
+    results = tmp_path / "results.jsonl"
+    results.write_text(results_line("p/t/a.jpg", "no_detection"))
+    proc = imgworker("report", "--cluster", str(results), env=offline_env(tmp_path), timeout=60)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr == (f"imgworker: error: report --cluster reads the cluster's outcome ledger, not a results "
+                           f"file: drop {results}, or drop --cluster\n")
 
 
 def test_version(tmp_path):

@@ -78,6 +78,8 @@ def test_images_that_waited_are_analysed_once_the_service_answers(tmp_path):
     assert lines(cfg) == Counter(keys)
     assert algo.calls - before == Counter(keys)  # once the service answers, one call per image
     assert {r.attempt for r in read_results(cfg.results_path)} == {1}  # waiting used up no attempt
+    # the calls made while it waited are counted on its final line too
+    assert {r.key: r.algo_calls for r in read_results(cfg.results_path)} == {k: algo.calls[k] for k in keys}
 
 
 def test_exit_code_and_report_say_the_service_was_unavailable(capsys):
@@ -133,3 +135,24 @@ def test_the_probe_is_known_by_its_lane_when_an_older_failure_arrives_during_it(
     finally:
         sup.request_stop("test", force=True)
         sup.shutdown()
+
+
+def test_calls_made_before_waiting_are_counted_on_the_final_line_and_in_http_retries(tmp_path):
+    cfg = config(tmp_path, worker={"count": 1},
+                 algo={"eject_after_failures": 1, "retries": 1, "eject_cooldown_s": 0.0, "no_endpoint_budget_s": 3600.0})
+    store = MemoryStore()
+    keys = fill(store, ["p/t"], 3)
+    algo = MemoryAlgo(store)
+    algo.down.add(cfg.algo.endpoint)
+    sup = supervisor(cfg, store, algo)
+    with sup.running(drain=False):
+        reach(sup, lambda: min(algo.calls[k] for k in keys) >= 2, "every image called while the endpoint is down",
+              max_steps=2000)
+        sup.step()
+        sup._fail_waited_out(time.monotonic() + 3600.0)  # the budget runs out: each ends without a lane
+        assert ends(cfg) == {k: ("failed_algo", "no_healthy_endpoint") for k in keys}
+        made = Counter(algo.calls)
+        report = sup.recorder.stats.report(pending=0, in_flight=0, wall_s=1.0)
+    finals = {r.key: r.algo_calls for r in read_results(cfg.results_path)}
+    assert finals == {k: made[k] for k in keys}  # each line counts every call the service received for it
+    assert report.http_retries == sum(made.values()) - len(keys)

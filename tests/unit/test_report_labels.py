@@ -83,3 +83,15 @@ def test_a_readmitted_image_analysed_again_no_longer_awaits_its_retry():
     done = stats_from_results([first, Retried(retried="a"), again]).report(pending=0, in_flight=0, wall_s=1.0)
     assert (done.awaiting_retry, done.duplicates, done.conserved) == (0, 0, True)
     assert "not analysed since" not in format_report(done)
+
+
+def test_a_report_rebuilt_from_results_says_n_a_for_what_only_a_run_knows():
+    from imgworker.stats import stats_from_results
+
+    results = [Result(key=f"k{i}", outcome=Outcome.NO_DETECTION, algo_calls=1, e2e_ms=5.0) for i in range(3)]
+    rebuilt = stats_from_results(results)
+    text = format_report(rebuilt.report(pending=0, in_flight=0, wall_s=1.0))
+    assert "| re-dispatches (process died, or waited for an endpoint) | n/a (not in the results) |" in text
+    assert "| worker restarts (backed off) / recycles / deadline kills | n/a (not in the results) |" in text
+    live = format_report(report_with(None, no_detection=1))
+    assert "| worker restarts (backed off) / recycles / deadline kills | 0 (0) / 0 / 0 |" in live
