@@ -18,15 +18,23 @@ The controller keeps that queue estimate inside a small band (``BAND``) above th
   with 429/503 keeps its queue short, so the queue estimate alone would not see the overload);
 - p95 over ``latency_budget_ms``: cut, and narrow the band by one more call (its ``margin``, given
   back after ``CALM_WINDOWS`` windows under the budget); the band is also capped at the queue the
-  budget allows: ``knee x (BUDGET_AIM x budget/baseline_p95 - 1)``;
+  budget allows: ``knee x (BUDGET_AIM x budget/baseline_p95 - 1)``. Neither this cut nor the band
+  takes the limit under the knee (busy slots, throughput x baseline by Little's law, smoothed; at
+  least the highest limit lately used in full with no queue): under it no call queues, so the p95
+  cannot get lower and only throughput is lost; only drops cut under it. For ``OVER_HOLD`` windows
+  the limit does not grow past where the p95 went over (past the knee: one call under it);
+- the window right after a cut cuts at most to the knee unless it drops calls (its calls were sent
+  under the higher limit, so its queue is the old one);
 - a budget that even no queueing misses (``baseline_p95 > budget``) is *infeasible*: hold at the
   knee (``KNEE_BAND``), set the flag, warn once, and do not cut on latency (that would collapse).
 
 The baseline (no-load mean latency, and its p95) comes from *probe windows*: the limit drops to
-half the knee (at least a third of the limit before the server changed), and only calls sent
+``PROBE_DEPTH`` of the knee (half the starting limit for the first; at least a third of the limit
+before the server changed), and only calls sent
 since the probe began count (calls sent before it queued behind the old limit and would raise the
 baseline). A probe runs at the start, every ``PROBE_EVERY`` windows, and at once when the estimate
-looks wrong (two windows in a row with more queued than the widest band, or over the budget),
+looks wrong (two windows in a row with more queued than the widest band, or over the budget with
+more queued than the band allows: at the knee, a p95 over the budget is the server's own jitter),
 which is how a slower server is noticed; after it the limit is what the last live window calls for,
 seen with the new baseline. A live window clearly faster than the baseline (``LOWER``) lowers it at
 once, and a much faster one (``FASTER``) also starts a probe. The limit stays within
@@ -72,7 +80,14 @@ LOWER = 0.9
 #: A live window whose mean is under this share of the baseline starts a probe (the server got faster).
 FASTER = 0.8
 #: Windows in a row under the budget after which the band gets back one call of its budget margin.
-CALM_WINDOWS = 10
+CALM_WINDOWS = 20
+
+#: The weight of a window's knee in the smoothed knee (``knee_mean``).
+KNEE_EWMA = 0.3
+#: Live windows after a p95 over the budget in which the limit does not grow back to where it was.
+OVER_HOLD = 30
+#: A probe runs at this share of the knee (under it, no call queues).
+PROBE_DEPTH = 0.75
 
 #: Call causes that mean "the endpoint is overloaded": each cuts the limit.
 DROP_CAUSES = frozenset({"timeout", "http_429", "http_503", "http_504", "connection_error"})
@@ -85,6 +100,8 @@ class Window(msgspec.Struct, frozen=True, kw_only=True):
     drops: int = 0
     in_flight: float = 0.0
     """Time-weighted mean of the calls in flight over the window."""
+    duration_s: float = 0.0
+    """How long the window lasted (0: not known)."""
 
     @property
     def mean(self) -> float:
@@ -133,6 +150,7 @@ class Controller:
         self.baseline_p95_s = 0.0
         self.queue = 0.0
         self.knee = float(self.limit)
+        self.knee_mean = 0.0  # busy slots (throughput x baseline), smoothed over windows (0: none yet)
         self.infeasible = False
         self.probes = 0
         self.margin = 0  # calls taken off the band after p95 went over the budget
@@ -144,6 +162,12 @@ class Controller:
         self._faster = False  # a live window was much faster than the baseline
         self._dropped_at = 0  # the limit at which calls were last dropped (0: none lately)
         self._since_drop = 0
+        self._over_cap = 0  # the limit not to grow past after p95 was over the budget (0: none lately)
+        self._since_over = 0
+        self._cut = False  # the last window lowered the limit
+        self._moved = True  # the last window (or probe) changed the limit: this one's calls were sent under another
+        self._clear_at = 0  # the highest limit fully used lately with no queue: the knee is at least this
+        self._since_clear = 0
         now = clock()
         self._window_start = now
         self._samples: list[float] = []
@@ -192,7 +216,8 @@ class Controller:
         if elapsed < WINDOW_S or (len(self._samples) < MIN_SAMPLES and not self._drops and elapsed < MAX_WINDOW_S):
             return False
         self.in_flight(self._current)
-        window = Window(latencies=tuple(self._samples), drops=self._drops, in_flight=self._area / elapsed)
+        window = Window(latencies=tuple(self._samples), drops=self._drops, in_flight=self._area / elapsed,
+                        duration_s=elapsed)
         self._new_window(now)
         old = self.limit
         self.update(window)
@@ -214,13 +239,24 @@ class Controller:
             self._settled = old  # the limit before any sign of a change at the server
         new = self._toward_band(window) if window.latencies else self.limit
         self._since_drop += 1
+        self._since_over += 1
         if window.drops:
             new = min(new, math.floor(self.limit * CUT))
             self._dropped_at, self._since_drop = self.limit, 0
         elif self._over_budget(window):
-            new = min(new, math.floor(self.limit * CUT))
-            self.margin += 1
+            # under the knee no call queues, so the p95 cannot get lower there: only drops cut below it
+            new = min(new, max(math.floor(self.limit * CUT), min(self.limit, self._knee_floor())))
+            # over above the knee: the call over it queued; at the knee: grow no further for a while
+            knee = self._knee_floor()
+            self._over_cap = self.limit if self.limit <= knee else max(knee, self.limit - 1)
+            self._since_over = 0
+            if self.band()[1] > 0.5:
+                self.margin += 1
+        if self._cut and not window.drops:  # its calls were sent under the limit before the cut: wait a window
+            new = max(new, min(old, self._knee_floor()))
+        self._cut = new < old
         self._set(new, old)
+        self._moved = self.limit != old
         return self.limit
 
     def _estimate(self, window: Window) -> None:
@@ -236,13 +272,31 @@ class Controller:
         self._previous = (used, mean)
         self.queue = max(0.0, used * (1.0 - self.baseline_s / mean)) if mean > 0 else 0.0
         self.knee = max(1.0, used - self.queue)
+        # busy slots by Little's law: unlike ``knee``, not thrown off by calls still queued from a higher limit
+        busy = len(window.latencies) / window.duration_s * self.baseline_s if window.duration_s else self.knee
+        self.knee_mean = busy if not self.knee_mean else KNEE_EWMA * busy + (1.0 - KNEE_EWMA) * self.knee_mean
+        self._since_clear += 1
+        if self.queue > BAND[1]:
+            self._clear_at = 0  # far more queued than any band: the server may have fewer slots now
+        elif not self._moved and used >= self.limit - 0.5 and self.queue < self.band()[0] and self.limit >= self._clear_at:
+            self._clear_at, self._since_clear = self.limit, 0
+
+    def _knee_floor(self) -> int:
+        """The knee as whole calls: smoothed (one window's knee is noisy), but not over this window's.
+
+        Neither a p95 over the budget nor the queue rule takes the limit under it (only drops do).
+        """
+        clear = self._clear_at if self._since_clear < OVER_HOLD else 0
+        return max(self.floor, clear, min(round(self.knee_mean or self.knee), math.ceil(self.knee)))
 
     def _over_budget(self, window: Window) -> bool:
         over = self.budget_s is not None and bool(window.latencies) and window.p95 > self.budget_s
         if self.infeasible:
             self._over = 0
             return False  # hold at the knee, do not collapse (a probe tells when the budget is met again)
-        self._over = self._over + 1 if over else 0
+        # over the budget with more queued than the band allows, twice in a row: the baseline may be stale
+        # (at the knee, over the budget is the server's own jitter, which a probe would measure again)
+        self._over = self._over + 1 if over and self.queue > self.band()[1] else 0
         if over:
             self._calm = 0
             return True
@@ -270,7 +324,7 @@ class Controller:
         # baseline is stale (the server got slower)
         self._high = self._high + 1 if q > BAND[1] else 0
         if q > hi:
-            return min(self.limit - 1, round(self.knee + (lo + hi) / 2.0))
+            return max(min(self.limit - 1, round(self.knee + (lo + hi) / 2.0)), min(self.limit, self._knee_floor()))
         if q >= lo or window.in_flight < SATURATED * self.limit:
             return self.limit
         grown = self.limit + max(1, math.ceil((lo + hi) / 2.0 - q))
@@ -278,6 +332,8 @@ class Controller:
             grown = max(grown, 2 * self.limit)  # nothing queues: the knee is further up
         if self._dropped_at and self._since_drop < PROBE_EVERY:
             grown = min(grown, max(self.limit, self._dropped_at - 1))  # stay under where calls were dropped
+        if self._over_cap and self._since_over < OVER_HOLD:
+            grown = min(grown, max(self.limit, self._over_cap))  # nor past where p95 went over the budget
         if self.budget_s is not None and self.baseline_p95_s and not self.infeasible:
             # even if the knee were the calls in flight now, the p95 would stay within the budget
             aim = BUDGET_AIM * self.budget_s / self.baseline_p95_s
@@ -307,30 +363,37 @@ class Controller:
         return self._since_probe >= PROBE_EVERY or self._high >= 2 or self._over >= 2 or self._faster
 
     def _start_probe(self, now: float) -> None:
-        """Measure the no-load latency: half the knee in flight, only calls sent from now on count."""
+        """Measure the no-load latency: under the knee in flight, only calls sent from now on count."""
         self._probing = True
         self._restore = self.limit
         self.probes += 1
         self._high = self._over = 0
         self._faster = False
         # under the knee even when the knee was taken from a stale baseline: a third of the settled limit
-        probe = max(self.floor, math.floor(self.knee / 2.0), self._settled // 3)
+        depth = PROBE_DEPTH if self.baseline_s else 0.5  # the first: the knee is only the starting limit
+        probe = max(self.floor, math.floor(self.knee * depth), self._settled // 3)
         self._set(min(max(self.limit, self._settled), probe), self.limit)
         self._new_window(now)
 
     def _end_probe(self, now: float) -> bool:
         old = self.limit
         self._probing = False
+        self._moved = True
         self._since_probe = 0
         if self._drops:
             self._restore = math.floor(self._restore * CUT)
         elif self._samples:
+            before = self.baseline_s
             self.baseline_s = sum(self._samples) / len(self._samples)
+            if not FASTER * before <= self.baseline_s <= before / FASTER:
+                self._over_cap = self._clear_at = 0  # the server changed: what was seen before says nothing now
             self.baseline_p95_s = percentile(self._samples, 95.0)
             self._check_feasible()
             self._restore = self._limit_for_last_window()
             if self._dropped_at and self._since_drop < PROBE_EVERY:
                 self._restore = min(self._restore, max(self.floor, self._dropped_at - 1))
+            if self._over_cap and self._since_over < OVER_HOLD:
+                self._restore = min(self._restore, max(self._knee_floor(), self._over_cap))
         self._set(self._restore, old)
         self._new_window(now)
         return self.limit != old
@@ -341,6 +404,7 @@ class Controller:
         if not mean:
             return self._restore
         self.knee = max(1.0, used * self.baseline_s / mean)  # busy slots: throughput x no-load time
+        self.knee_mean = self.knee
         self.queue = max(0.0, used - self.knee)
         lo, hi = self.band()
         return round(self.knee + (lo + hi) / 2.0)

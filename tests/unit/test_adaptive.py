@@ -106,7 +106,7 @@ def test_probe_counts_only_calls_sent_since_it_began():
             c.record(sent_at=clock.now - 0.5, latency_s=0.2 * 24 / 20)
         c.in_flight(24)
         c.tick()
-    assert c.probing and c.limit == 10
+    assert c.probing and c.limit == 15  # under the knee of 20
     began = clock.now
     for _ in range(30):  # calls sent before the probe: they queued behind the old limit
         c.record(sent_at=began - 0.1, latency_s=0.9)
@@ -136,8 +136,18 @@ def test_p95_over_budget_narrows_the_band_and_cuts():
     c, _ = ready(budget_s=0.5, baseline=0.2, spread=0.05)  # no-load p95 0.25: feasible
     lo, hi = c.band()
     assert hi == BAND[1]
-    assert c.update(live(0.2 * 24 / 20, 24, p95=0.6)) == 18
+    assert c.update(live(c.baseline_s * 20 / 17, 20, p95=0.6)) == 18  # 3 queued at a knee of 17: x0.9
     assert c.margin == 1 and not c.infeasible
+
+
+@pytest.mark.parametrize("knee, drops, limit", [
+    (19, 0, 19),  # 1 queued: x0.9 would be 18, the cut stops at the knee
+    (20, 0, 20),  # nothing queued: at the knee, a cut could not lower the p95
+    (20, 1, 18),  # a drop cuts below the knee
+])
+def test_p95_over_budget_does_not_cut_below_the_knee(knee, drops, limit):
+    c, _ = ready(budget_s=0.5, baseline=0.2, spread=0.05)
+    assert c.update(live(c.baseline_s * 20 / knee, 20, drops=drops, p95=0.6)) == limit
 
 
 def test_budget_caps_the_band_at_the_queue_it_allows():
@@ -254,3 +264,29 @@ def test_a_server_that_sheds_load_is_held_by_its_refusals():
     assert 8 <= Run.mean_limit(seconds) <= 8 + 2 + 2
     assert sum(s.drops > 0 for s in seconds) <= 0.2 * len(seconds)
     assert Run.throughput(seconds) >= 0.95 * 8 / 0.2
+
+
+#: A 2x slowdown at 6 slots: the no-load p95 is then ~0.47 s, so a budget of 0.6 s is met, but with less than
+#: one call queued.
+TIGHT = [Phase(60, 6, 0.2), Phase(60, 6, 0.4)]
+TIGHT_BUDGET_S = 0.6
+
+
+def best_fixed_within_budget(phases: list[Phase], phase: int, budget_s: float, sigma: float) -> float:
+    """The throughput of the best fixed limit whose p95 is within the budget in 95 % of the phase's windows."""
+    best = 0.0
+    for n in range(1, 13):
+        seconds = simulate(phases, fixed=n, seed=1, sigma=sigma).of_phase(phase, K)
+        if sum(s.p95 <= budget_s for s in seconds) >= 0.95 * len(seconds):
+            best = max(best, Run.throughput(seconds))
+    return best
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_a_tight_feasible_budget_holds_at_the_knee_not_under_it(seed):
+    # p95 over the budget at the knee is the server's own jitter: cutting under the knee would only lose throughput
+    run = simulate(TIGHT, make=adaptive(budget_s=TIGHT_BUDGET_S), seed=seed, sigma=0.1)
+    seconds = run.of_phase(1, K)
+    assert not any(s.infeasible for s in seconds)
+    assert sum(s.p95 <= TIGHT_BUDGET_S for s in seconds) >= 0.95 * len(seconds)
+    assert Run.throughput(seconds) >= 0.95 * best_fixed_within_budget(TIGHT, 1, TIGHT_BUDGET_S, 0.1)
