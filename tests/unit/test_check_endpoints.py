@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import http.server
-import threading
 from collections.abc import Iterator
 
 import pytest
@@ -12,37 +10,23 @@ from imgworker.config import load_config
 from imgworker.errors import ExitCode
 from imgworker.outcomes import ImageRef
 from imgworker.preflight import check_endpoints
+from tests.support.httpd import Handler, serving
 
 pytestmark = pytest.mark.timeout(60)
 
 
-class _Status(http.server.BaseHTTPRequestHandler):
+class _Status(Handler):
     status = 200
 
     def do_POST(self) -> None:  # noqa: N802 (http.server's name)
         self.rfile.read(int(self.headers.get("Content-Length", 0)))
-        payload = b'{"detail": "no"}'
-        self.send_response(type(self).status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(payload)))
-        self.end_headers()
-        self.wfile.write(payload)
-
-    def log_message(self, *args: object) -> None:
-        pass
+        self.answer(type(self).status, b'{"detail": "no"}', "application/json")
 
 
 @pytest.fixture()
 def service() -> Iterator[str]:
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Status)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/infer"
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join()
+    with serving(_Status) as port:
+        yield f"http://127.0.0.1:{port}/infer"
 
 
 class Signer:

@@ -7,8 +7,6 @@ documents (indented, Owner, checksum, opaque token, a directory marker).
 
 from __future__ import annotations
 
-import http.server
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,6 +19,7 @@ from imgworker.errors import StoreUnavailable
 from imgworker.listing import AnswerMemo, Listed, MalformedListing, parse_page
 from imgworker.outcomes import ImageRef
 from imgworker.store import Store
+from tests.support.httpd import Handler, serving
 
 DATA = Path(__file__).parent.parent / "data" / "listing"
 PAGES = sorted(p.name for p in DATA.glob("*.xml"))
@@ -152,30 +151,15 @@ def test_a_listing_larger_than_the_memo_keeps_its_first_pages_and_forgets_unused
 # ----- a malformed answer from a server, through the store ---------------------------------------------
 
 
-class _Garbage(http.server.BaseHTTPRequestHandler):
+class _Garbage(Handler):
     def do_GET(self) -> None:  # noqa: N802 (http.server's name)
-        payload = b"<ListBucketResult><Contents><Key>a</Key>"  # a proxy cut the answer
-        self.send_response(200)
-        self.send_header("Content-Type", "application/xml")
-        self.send_header("Content-Length", str(len(payload)))
-        self.end_headers()
-        self.wfile.write(payload)
-
-    def log_message(self, *args: object) -> None:
-        pass
+        self.answer(200, b"<ListBucketResult><Contents><Key>a</Key>", "application/xml")  # a proxy cut the answer
 
 
 @pytest.fixture()
 def garbage_server() -> Iterator[str]:
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Garbage)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join()
+    with serving(_Garbage) as port:
+        yield f"127.0.0.1:{port}"
 
 
 def test_a_malformed_answer_is_the_store_being_unavailable_not_a_crash(garbage_server):
@@ -213,39 +197,25 @@ def test_a_truncated_page_without_a_token_goes_on_after_its_last_key():
     assert (page.truncated, page.next_token) == (True, "b.jpg")
 
 
-class _SameToken(http.server.BaseHTTPRequestHandler):
+class _SameToken(Handler):
     """Every answer is the same truncated page with the same token: a store that never moves on."""
 
     requests = 0
 
     def do_GET(self) -> None:  # noqa: N802 (http.server's name)
         type(self).requests += 1
-        payload = (b"<ListBucketResult><IsTruncated>true</IsTruncated><NextContinuationToken>t</NextContinuationToken>"
-                   b"<Contents><Key>cam/a.jpg</Key></Contents></ListBucketResult>")
-        self.send_response(200)
-        self.send_header("Content-Type", "application/xml")
-        self.send_header("Content-Length", str(len(payload)))
-        self.end_headers()
-        self.wfile.write(payload)
-
-    def log_message(self, *args: object) -> None:
-        pass
+        self.answer(200, b"<ListBucketResult><IsTruncated>true</IsTruncated><NextContinuationToken>t"
+                         b"</NextContinuationToken><Contents><Key>cam/a.jpg</Key></Contents></ListBucketResult>",
+                    "application/xml")
 
 
 @pytest.mark.timeout(30)
 def test_a_store_that_repeats_its_continuation_token_is_unavailable_not_listed_forever():
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _SameToken)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        store = Store(StoreConfig(endpoint=f"127.0.0.1:{server.server_address[1]}", bucket="images", secure=False,
+    with serving(_SameToken) as port:
+        store = Store(StoreConfig(endpoint=f"127.0.0.1:{port}", bucket="images", secure=False,
                                   region="us-east-1"), Credentials(access_key="k", secret_key="s"))
         pages = store.list_pages("cam/", 1)  # a page per object: a loop would yield, not hang
         with pytest.raises(StoreUnavailable, match="continuation token"):
             for _ in range(50):
                 next(pages)
         assert _SameToken.requests == 2  # the first page, then the same token once more
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join()
