@@ -42,6 +42,7 @@ class StoredImage(msgspec.Struct, frozen=True, array_like=True):
     group: str
     size: int
     ts: float
+    mtime: float = 0.0  # as listed: with ``size``, the object version cluster mode's ledger names
 
 
 class Plan(msgspec.Struct):
@@ -62,7 +63,7 @@ def image_time(ref: ImageRef) -> float:
 def stored_image(ref: ImageRef, prefix: str) -> StoredImage:
     rel = relative_key(ref.key, prefix)
     group = rel.rsplit("/", 1)[0] if "/" in rel else ""
-    return StoredImage(key=ref.key, group=group, size=ref.size, ts=image_time(ref))
+    return StoredImage(key=ref.key, group=group, size=ref.size, ts=image_time(ref), mtime=ref.mtime)
 
 
 def _count_limit(cfg: RetentionConfig, group: str) -> int:

@@ -720,9 +720,10 @@ def _check_cluster(config: Config) -> None:
                               "(nats://host:port or tls://host:port, comma-separated)")
     _check_readable("cluster.credentials_file", cluster.credentials_file)
     _check_readable("cluster.ca_bundle", cluster.ca_bundle)
-    if config.retention.enabled:
-        raise ConfigError("invalid config key retention.enabled: value True is not allowed with cluster.url "
-                          "(the cleaner does not run in cluster mode)")
+    if config.retention.enabled and config.retention.protect in ("none", "inflight"):
+        raise ConfigError(f"invalid config key retention.protect: value {config.retention.protect!r} is not allowed "
+                          "with cluster.url (in cluster mode the cleaner runs on the intake leader, which cannot "
+                          "know which image a lane on another host holds: use 'queued' or 'lease')")
     if config.scan.mode != "listing":
         raise ConfigError("invalid config key scan.mode: value 'events' is not allowed with cluster.url "
                           "(the intake leader lists the bucket)")

@@ -112,6 +112,14 @@ def _cluster_host(cfg: Config, clock: Callable[[], float]) -> ClusterHost | None
     return ClusterHost(cfg, clock=clock) if cfg.cluster.enabled else None
 
 
+def _cluster_cleaner(cfg: Config, host: ClusterHost, sup: Supervisor) -> CleanerPass:
+    """Cluster mode's cleaner: the intake leader's passes, with each image's status across hosts."""
+    from .cluster.retention import ClusterCleaner
+
+    return ClusterCleaner(cfg, host=host, backlog=sup.intake.backlog, dispatch=sup.dispatch, inflight=sup.inflight,
+                          ledger=sup.ledger, sink=sup.recorder, cleaner=sup.recorder.cleaner)
+
+
 class Stopping:
     """Signals and stop conditions set flags here; the loop acts on them."""
 
@@ -159,7 +167,8 @@ class Supervisor:
         self.recorder = Recorder(cfg, ledger=self.ledger, waiting=self.intake, on_result=on_result,
                                  claims=self.cluster)
         self.cleaning = CleanerPass(cfg, dispatch=self.dispatch, inflight=self.inflight, ledger=self.ledger,
-                                    sink=self.recorder, cleaner=self.recorder.cleaner)
+                                    sink=self.recorder, cleaner=self.recorder.cleaner) if self.cluster is None \
+            else _cluster_cleaner(cfg, self.cluster, self)
         self.expiry = ExpiryGuard(cfg, dispatch=self.dispatch, sink=self.recorder, stats=self.recorder.stats,
                                   clock=clock)
         self.journal: ResultsJournal | None = None

@@ -153,6 +153,10 @@ class ClusterHost:
         """This host published the image while it led (intake does not take it in again)."""
         return key in self._published
 
+    def unpublished(self, key: str) -> None:
+        """Its message left the stream without an outcome (the cleaner withdrew it): intake may take it in again."""
+        self._published.pop(key, None)
+
     def admit(self, backlog: Backlog) -> None:
         """The leader's admission: images from the backlog go to the work stream, not to the local queue."""
         if not self.can_publish():
@@ -274,6 +278,10 @@ class ClusterHost:
                      result.key, result.outcome.value)
             self._settle(result.key, term=False)
         return won
+
+    def ending(self, key: str, version: str) -> None:
+        """The leader ends an image it does not hold (the cleaner gives it up): its claim names this version."""
+        self._versions[key] = version
 
     def _wrote_it(self, key: str, version: str, token: str) -> bool:
         """The entry that is there is this claim's own (its first try's answer was lost on the way)."""

@@ -76,6 +76,8 @@ class JetStreamLink:
         self.lease_revision = 0  # the lease revision this host holds (0: not the leader)
         self._lease_renewed = 0.0
         self._closing = False
+        self.lease_terms = 0  # how many times this host took the lease (a new term: what earlier leaders did is unknown)
+        self.sequences: dict[str, int] = {}  # image key -> stream sequence of its publish (``cluster.retention``)
 
     # ----- lifecycle (the supervisor's thread) ------------------------------------------------------
 
@@ -145,6 +147,56 @@ class JetStreamLink:
     def figures(self) -> dict[str, int]:
         """The stream's depth and the consumer's pending, unacked and redelivered counts."""
         return self._call(_figures(self._js, self.cfg))
+
+    # ----- the leader's cleaner (``cluster.retention``) ------------------------------------------------
+
+    def counted(self, versions: dict[str, str]) -> set[str]:
+        """Of these images (key -> object version), those whose ledger entry exists."""
+        return self._call(self._counted(versions), timeout=CALL_TIMEOUT_S + 0.005 * len(versions))
+
+    def confirm_lease(self) -> bool:
+        """Renew the lease by CAS now: True only if this host still holds it (the fence before a delete)."""
+        return bool(self._call(self._renew_lease()))
+
+    def delivered_up_to(self) -> int:
+        """The highest stream sequence the shared consumer ever delivered: any message above it reached no host."""
+        return self._call(self._delivered_up_to())
+
+    def withdraw(self, seq: int) -> bool:
+        """Delete one message from the work stream by sequence: True if it was there (no host acked it)."""
+        return self._call(self._withdraw(seq))
+
+    def republish(self, ref: ImageRef, tag: str) -> int:
+        """Publish an image again under a Nats-Msg-Id of its own (``@version#tag``): its new sequence."""
+        return self._call(self._republish(ref, tag))
+
+    async def _counted(self, versions: dict[str, str]) -> set[str]:
+        keys = list(versions)
+        found: set[str] = set()
+        for start in range(0, len(keys), 256):  # bounded concurrency: one pass never floods the server
+            chunk = keys[start:start + 256]
+            values = await asyncio.gather(*(self._ledger_value(k, versions[k]) for k in chunk))
+            found.update(k for k, v in zip(chunk, values) if v is not None)
+        return found
+
+    async def _delivered_up_to(self) -> int:
+        info = await self._js.consumer_info(self.cfg.stream, self.cfg.consumer)
+        return int(info.delivered.stream_seq or 0)
+
+    async def _withdraw(self, seq: int) -> bool:
+        import nats.js.errors
+
+        try:
+            return bool(await self._js.delete_msg(self.cfg.stream, seq))
+        except nats.js.errors.APIError:  # not there (acked, or deleted already), or refused: either way, keep it
+            return False
+
+    async def _republish(self, ref: ImageRef, tag: str) -> int:
+        headers = {"Nats-Msg-Id": f"{self.bucket}/{ref.key}@{object_version(ref.mtime, ref.size)}#{tag}"}
+        ack = await self._js.publish(self.cfg.subject, msgspec.msgpack.encode(ref), headers=headers,
+                                     stream=self.cfg.stream)
+        self.sequences[ref.key] = ack.seq
+        return int(ack.seq)
 
     # ----- on the link's loop ------------------------------------------------------------------------
 
@@ -278,8 +330,9 @@ class JetStreamLink:
             headers = {"Nats-Msg-Id": f"{self.bucket}/{ref.key}@{object_version(ref.mtime, ref.size)}",
                        "Imgworker-Lease": str(revision)}
             try:
-                await self._js.publish(self.cfg.subject, msgspec.msgpack.encode(ref), headers=headers,
-                                       stream=self.cfg.stream)
+                ack = await self._js.publish(self.cfg.subject, msgspec.msgpack.encode(ref), headers=headers,
+                                             stream=self.cfg.stream)
+                self.sequences[ref.key] = ack.seq  # a duplicate's ack names the stored message's sequence
             except nats.js.errors.APIError as exc:
                 if exc.err_code == _STREAM_FULL or "maximum messages" in (exc.description or ""):
                     return Published(sent=sent, full=True)
@@ -319,6 +372,7 @@ class JetStreamLink:
                 else:
                     revision = await self._lease.create(LEASE_KEY, self.host.encode(), msg_ttl=self.cfg.lease_ttl_s)
                     self.lease_revision, self._lease_renewed = revision, time.monotonic()
+                    self.lease_terms += 1
                     log.info("this host is now the intake leader (lease revision %d)", revision)
             except nats.js.errors.KeyWrongLastSequenceError:
                 pass  # another host holds it

@@ -24,7 +24,8 @@ def test_cluster_settings_come_from_the_environment():
     ({"cluster": {"url": "http://nats:4222"}}, "cluster.url"),
     ({"cluster": {"url": "nats://n:4222", "ack_wait_s": 0.5}}, "cluster.ack_wait_s"),
     ({"cluster": {"url": "nats://n:4222", "credentials_file": "/nonexistent.creds"}}, "cluster.credentials_file"),
-    ({"cluster": {"url": "nats://n:4222"}, "retention": {"enabled": True, "max_count": 5}}, "retention.enabled"),
+    ({"cluster": {"url": "nats://n:4222"}, "retention": {"enabled": True, "max_count": 5, "protect": "none"}},
+     "retention.protect"),
     ({"cluster": {"url": "nats://n:4222"}, "scan": {"mode": "events", "events": {"filer": "h:1.2"}}}, "scan.mode"),
 ])
 def test_cluster_settings_are_refused_with_the_key_named(overrides, named):

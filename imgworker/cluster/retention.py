@@ -1,0 +1,240 @@
+"""The retention cleaner in cluster mode: it runs on the intake leader only, after each of its complete listings.
+
+An image's status across hosts, as the leader can know it:
+
+- DONE: its ledger entry (``ledger_key`` of its listed version) exists. Entries are never deleted, so
+  a key found once is cached as done and never looked up again.
+- HELD (never deleted, never given up): a lane of the leader holds it or its actions are not done,
+  the leader fetched it, or it is not DONE and the leader cannot prove that no host has it (below).
+- NEW: in the leader's backlog, never published by it, and first listed in the leader's current
+  lease term. No other host can have it: an earlier leader listed only what existed before this
+  term began, and what this term's first complete listing saw is *inherited* (HELD) for the term.
+- QUEUED: published by this leader (it knows the message's stream sequence from its PubAck).
+
+``queued`` deletes DONE images only: the ledger entry exists before the delete (durable before
+destructive). ``lease`` (storage wins) may then give up the oldest NEW and QUEUED images:
+
+- a NEW image is given up directly: its outcome (``dropped_expired``, cause ``retention``) is
+  claimed in the ledger through the recorder (create-if-absent, then its results line), then deleted;
+- a QUEUED image only through the fence: the shared consumer delivers in stream order, so a
+  message whose sequence is above the consumer's ``delivered.stream_seq`` reached no host. The
+  leader deletes the message from the stream by sequence, *then* reads the consumer again: still
+  above, it was never delivered and can no longer be, and the image is given up as above. Below it,
+  a host may have it: the object stays and the image is published again under a Nats-Msg-Id of its
+  own (the duplicate window would drop the old one), so nothing is lost (``republished``).
+
+Either way the outcome is claimed before the delete, so an image ends once cluster-wide: a host
+that analysed it anyway loses the create race. Leadership is confirmed by a compare-and-set on the
+lease (the same fence as intake's publishes) before the pass decides and again before its deletes
+are submitted: a deposed leader stops at once and deletes nothing. Deletes it submitted before it
+was deposed are safe still: DONE images, or images whose outcome is already in the ledger.
+
+``none`` and ``inflight`` are refused in cluster mode (``config``): they need to know which host
+holds what, and the leader does not.
+
+Expiry (``ExpiryGuard``) is unchanged: every host applies it to the images it fetched and holds,
+and its drop is that host's claim; it is not applied to the leader's backlog nor to messages
+still in the stream.
+
+Limits: one pass looks up in the ledger each listed image not yet known as done (concurrently, in
+chunks); a result action another host still has to run on a DONE image (a tag, a move) may find
+the object deleted by the leader and is counted as that host's action error.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from typing import Protocol
+
+import msgspec
+
+from ..cleaner import CleanerStats, Plan, Status, StoredImage, plan_cleanup
+from ..config import Config
+from ..dispatch import Dispatch
+from ..inflight import InFlight
+from ..janitor import Done, Janitor
+from ..outcomes import ImageRef, Outcome
+from ..ports import OutcomeLedger, OutcomeSink
+from ..retention import CleanerPass
+from ..scanner import parse_task
+from . import object_version
+from .host import ClusterHost
+from .jetstream import ClusterUnavailable
+
+log = logging.getLogger(__name__)
+
+
+class Backlogged(Protocol):
+    """The leader's intake: which images it found and has not published yet."""
+
+    def __contains__(self, key: str) -> bool: ...
+
+
+class FenceFigures(msgspec.Struct):
+    """What the leader's cleaner did beyond one host's: give-ups through the fence, and what it put back."""
+
+    given_up_unpublished: int = 0  # from the leader's backlog
+    given_up_withdrawn: int = 0  # withdrawn from the stream, proven undelivered
+    republished: int = 0  # withdrawn, then found possibly delivered: published again, kept
+    deposed: int = 0  # passes (or their deletes) stopped because the lease was lost
+
+
+class ClusterCleaner(CleanerPass):
+    """One cleaning pass on the intake leader (see the module docstring)."""
+
+    def __init__(self, cfg: Config, *, host: ClusterHost, backlog: Backlogged, dispatch: Dispatch,
+                 inflight: InFlight, ledger: OutcomeLedger, sink: OutcomeSink, cleaner: CleanerStats) -> None:
+        super().__init__(cfg, dispatch=dispatch, inflight=inflight, ledger=ledger, sink=sink, cleaner=cleaner)
+        self.host = host
+        self.backlog = backlog
+        self.fence = FenceFigures()
+        self._done: set[str] = set()  # "key@version" known to have a ledger entry (it never goes away)
+        self._term = -1
+        self._inherited: set[str] = set()  # listed in this term's first pass: an earlier leader may have published
+
+    def run(self, inventory: list[StoredImage], janitor: Janitor) -> tuple[Plan, list[Done]]:
+        link = self.host.link
+        if not self._confirm():
+            return Plan(delete=[], give_up=[]), []
+        deleting = janitor.deleting()
+        if deleting:
+            inventory = [img for img in inventory if img.key not in deleting]
+        versions = {img.key: object_version(img.mtime, img.size) for img in inventory}
+        unknown = {key: v for key, v in versions.items() if f"{key}@{v}" not in self._done}
+        try:
+            found = link.counted(unknown) if unknown else set()
+        except ClusterUnavailable as exc:
+            log.warning("cleaner: the cluster ledger did not answer (%s); no pass this time", exc)
+            return Plan(delete=[], give_up=[]), []
+        self._done.update(f"{key}@{unknown[key]}" for key in found)
+        done = {key for key, v in versions.items() if f"{key}@{v}" in self._done}
+        if link.lease_terms != self._term:
+            self._term = link.lease_terms
+            self._inherited = set(versions) - done
+        self._inherited &= set(versions)
+        for key in [k for k in link.sequences if k in done or k not in versions]:
+            del link.sequences[key]  # bounded by the images listed and not done
+        status = self.status_among(done, janitor)
+        plan = plan_cleanup(inventory, self.cfg.retention, now=time.time(), status=status)
+        by_key = {img.key: img for img in inventory}
+        given_up = self._give_up_all([by_key[key] for key in plan.give_up], status)
+        plan.skipped_protected += len(plan.give_up) - len(given_up)
+        plan.limit_exceeded = plan.limit_exceeded or len(given_up) < len(plan.give_up)
+        plan.give_up = given_up
+        self._count(plan, status, inventory)
+        if not (plan.delete or plan.give_up):
+            return plan, []
+        if not self._confirm():  # the fence right before the deletes: a deposed leader deletes nothing
+            return plan, []
+        janitor.submit(self._jobs(plan.delete + plan.give_up))
+        return plan, []
+
+    def status_among(self, done: set[str], janitor: Janitor) -> Callable[[str], Status]:
+        """An image's status across hosts, as far as the leader can prove it (see the module docstring)."""
+        sequences = self.host.link.sequences
+
+        def status(key: str) -> Status:
+            if self.inflight.is_held(key) or janitor.has_open_actions(key):
+                return Status.HELD
+            if key in done:
+                return Status.DONE
+            if self.dispatch.is_queued(key) or key in self._inherited:
+                return Status.HELD  # fetched here, or perhaps published by an earlier leader
+            if key in sequences:
+                return Status.QUEUED
+            return Status.NEW if key in self.backlog else Status.HELD
+
+        return status
+
+    def _confirm(self) -> bool:
+        try:
+            leading = self.host.link.confirm_lease()
+        except ClusterUnavailable as exc:
+            log.warning("cleaner: cannot confirm the intake lease (%s); nothing deleted", exc)
+            return False
+        if not leading:
+            self.fence.deposed += 1
+            log.warning("cleaner: this host no longer holds the intake lease; nothing deleted")
+        return leading
+
+    def _give_up_all(self, images: list[StoredImage], status: Callable[[str], Status]) -> list[str]:
+        """End what may be given up (backlog directly, published through the fence); the keys that ended."""
+        if not images:
+            return []
+        ended: list[str] = []
+        published: list[StoredImage] = []
+        for img in images:
+            if status(img.key) is Status.NEW:
+                self._end(img)
+                self.fence.given_up_unpublished += 1
+                ended.append(img.key)
+            else:
+                published.append(img)
+        if published:
+            ended += self._through_fence(published)
+        return ended
+
+    def _through_fence(self, images: list[StoredImage]) -> list[str]:
+        """Withdraw the undelivered messages, read the consumer again, end what no host got, put back the rest."""
+        link = self.host.link
+        try:
+            before = link.delivered_up_to()
+        except ClusterUnavailable as exc:
+            log.warning("cleaner: cannot read the work consumer (%s); nothing given up", exc)
+            return []
+        withdrawn: list[tuple[StoredImage, int]] = []
+        for img in images:
+            seq = link.sequences.get(img.key, 0)
+            if seq <= before:
+                continue  # a host may hold it
+            try:
+                if link.withdraw(seq):
+                    withdrawn.append((img, seq))
+            except ClusterUnavailable as exc:  # unknown: it may still be there; it stays queued
+                log.warning("cleaner: withdrawing %s from the stream failed (%s)", img.key, exc)
+                break
+        if not withdrawn:
+            return []
+        after = None
+        try:
+            after = link.delivered_up_to()
+        except ClusterUnavailable as exc:
+            log.warning("cleaner: cannot read the work consumer again (%s); the withdrawn images go back", exc)
+        ended: list[str] = []
+        for img, seq in withdrawn:
+            if after is not None and seq > after:
+                self._end(img)
+                self.fence.given_up_withdrawn += 1
+                ended.append(img.key)
+            else:
+                self._put_back(img)
+        return ended
+
+    def _put_back(self, img: StoredImage) -> None:
+        """A withdrawn message a host may have been handed: publish the image again, keep the object."""
+        ref = self._ref(img)
+        try:
+            self.host.link.republish(ref, uuid.uuid4().hex[:12])
+        except ClusterUnavailable as exc:
+            log.error("cleaner: %s was withdrawn from the stream and could not be published again (%s); it stays "
+                      "in the intake backlog", img.key, exc)
+            self.host.link.sequences.pop(img.key, None)
+            self.host.unpublished(img.key)  # intake takes it in again at the next listing
+            return
+        self.fence.republished += 1
+        log.info("cleaner: %s may have been delivered while withdrawn; published again, kept", img.key)
+
+    def _end(self, img: StoredImage) -> None:
+        """Storage wins: the image's outcome is claimed in the ledger and written before it is deleted."""
+        ref = self._ref(img)
+        self.host.ending(ref.key, object_version(img.mtime, img.size))
+        self.sink.accepted(ref)
+        self.sink.drop(ref, Outcome.DROPPED_EXPIRED, "retention")
+        self.host.link.sequences.pop(ref.key, None)
+
+    def _ref(self, img: StoredImage) -> ImageRef:
+        task_type, task_id = parse_task(img.key, self.cfg.store.prefix)
+        return ImageRef(key=img.key, task_type=task_type, task_id=task_id, mtime=img.mtime, size=img.size)

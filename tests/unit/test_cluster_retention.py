@@ -1,0 +1,284 @@
+"""The cleaner on the cluster's intake leader, on in-memory parts behind a fake JetStream link.
+
+``FakeLink`` keeps a work stream (sequence -> image, delivered in order to whoever fetches), the
+consumer's highest delivered sequence, the ledger (create-if-absent) and the lease. The leader is
+also a worker host here; ``elsewhere`` hands messages to "another host" that holds them and never
+answers, so the leader cannot know about them but through the consumer's delivered sequence.
+Counted at the far end: the ledger's entries, the objects left in the store, what each delete
+found in the ledger at the instant it ran.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+import pytest
+
+from imgworker.cluster import object_version
+from imgworker.cluster.host import LedgerEntry
+from imgworker.cluster.jetstream import Delivery, Published
+from imgworker.config import load_config
+from imgworker.errors import ConfigError
+from imgworker.memstore import MemoryAlgo, MemoryStore
+from imgworker.outcomes import ImageRef
+from tests.support.memory import config, supervisor
+
+pytestmark = pytest.mark.timeout(60)
+
+PREFIX = "cam/"
+
+
+class FakeLink:
+    """A JetStream server as one host's link sees it (see the module docstring)."""
+
+    def __init__(self) -> None:
+        self.stream: dict[int, ImageRef] = {}
+        self.seq = 0
+        self.ids: dict[str, int] = {}
+        self.delivered_seq = 0
+        self.ledger: dict[tuple[str, str], bytes] = {}
+        self.held: dict[str, int] = {}
+        self.sequences: dict[str, int] = {}
+        self.lease_terms = 1
+        self.lead = True
+        self.fetching = True  # the leader's own lanes take work
+        self.elsewhere: list[ImageRef] = []  # delivered to another host, which holds them
+        self.on_withdraw: Any = None
+        self.republished: list[str] = []
+
+    def start(self) -> None: ...
+
+    def close(self) -> None: ...
+
+    def leading(self) -> bool:
+        return self.lead
+
+    def confirm_lease(self) -> bool:
+        return self.lead
+
+    def _append(self, ref: ImageRef, msg_id: str) -> int:
+        if msg_id in self.ids:
+            return self.ids[msg_id]
+        self.seq += 1
+        self.ids[msg_id] = self.seq
+        self.stream[self.seq] = ref
+        return self.seq
+
+    def publish(self, refs: list[ImageRef]) -> Published:
+        if not self.lead:
+            return Published(sent=0, deposed=True)
+        for ref in refs:
+            self.sequences[ref.key] = self._append(ref, f"{ref.key}@{object_version(ref.mtime, ref.size)}")
+        return Published(sent=len(refs))
+
+    def _deliver(self) -> tuple[int, ImageRef] | None:
+        for seq in sorted(self.stream):
+            if seq > self.delivered_seq:
+                self.delivered_seq = seq
+                return seq, self.stream[seq]
+        return None
+
+    def deliver_elsewhere(self, n: int) -> None:
+        for _ in range(n):
+            got = self._deliver()
+            if got is not None:
+                self.elsewhere.append(got[1])
+
+    def fetch(self, n: int) -> list[Delivery]:
+        out = []
+        while self.fetching and len(out) < n:
+            got = self._deliver()
+            if got is None:
+                break
+            seq, ref = got
+            self.held[ref.key] = seq
+            counted = (ref.key, object_version(ref.mtime, ref.size)) in self.ledger
+            out.append(Delivery(ref=ref, delivered=1, counted=counted))
+        return out
+
+    def claim(self, key: str, version: str, value: bytes) -> bool:
+        if (key, version) in self.ledger:
+            return False
+        self.ledger[(key, version)] = value
+        return True
+
+    def ledger_value(self, key: str, version: str) -> bytes | None:
+        return self.ledger.get((key, version))
+
+    def settle(self, key: str, *, term: bool = False) -> None:
+        seq = self.held.pop(key, None)
+        if seq is not None:
+            self.stream.pop(seq, None)
+
+    def release(self, keys: list[str]) -> None:
+        for key in keys:
+            self.held.pop(key, None)
+
+    def forget(self, key: str) -> None:
+        self.held.pop(key, None)
+
+    def holds(self) -> int:
+        return len(self.held)
+
+    def figures(self) -> dict[str, int]:
+        return {}
+
+    def counted(self, versions: dict[str, str]) -> set[str]:
+        return {key for key, version in versions.items() if (key, version) in self.ledger}
+
+    def delivered_up_to(self) -> int:
+        return self.delivered_seq
+
+    def withdraw(self, seq: int) -> bool:
+        there = self.stream.pop(seq, None) is not None
+        if self.on_withdraw is not None:
+            self.on_withdraw(seq)
+        return there
+
+    def republish(self, ref: ImageRef, tag: str) -> int:
+        self.republished.append(ref.key)
+        seq = self._append(ref, f"{ref.key}#{tag}")
+        self.sequences[ref.key] = seq
+        return seq
+
+    def entries(self) -> dict[str, LedgerEntry]:
+        return {key: msgspec.json.decode(v, type=LedgerEntry) for (key, _), v in self.ledger.items()}
+
+
+class Watched(MemoryStore):
+    """A store whose deletes note whether the ledger held each image's outcome at that instant."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.link: FakeLink | None = None
+        self.deleted: dict[str, bool] = {}
+
+    def delete(self, keys: Any) -> list[str]:
+        keys = list(keys)
+        assert self.link is not None
+        for key in keys:
+            self.deleted[key] = key in self.link.entries()
+        return super().delete(keys)
+
+
+def upload(store: MemoryStore, first: int, n: int) -> list[str]:
+    keys = [f"{PREFIX}person/c1/20240101-000000.{i:03d}.jpg" for i in range(first, first + n)]
+    for key in keys:
+        store.put(key, b"\xff\xd8jpeg")
+    return keys
+
+
+def leader(tmp_path: Any, store: Watched, *, protect: str, max_count: int, lanes: int = 1) -> tuple[Any, FakeLink]:
+    cfg = config(tmp_path, cluster={"url": "nats://127.0.0.1:1"}, store={"prefix": PREFIX},
+                 run={"until_idle": False}, worker={"count": lanes, "threads": 1},
+                 retention={"enabled": True, "protect": protect, "max_count": max_count})
+    sup = supervisor(cfg, store, MemoryAlgo(store))
+    link = FakeLink()
+    assert sup.cluster is not None
+    sup.cluster.link = link  # type: ignore[assignment]
+    store.link = link
+    return sup, link
+
+
+def sweeps(sup: Any, n: int) -> None:
+    """Step through ``n`` more complete listings (each followed by a cleaning pass)."""
+    until = sup.intake.scans_completed + n
+    assert sup.step_until(lambda: sup.intake.scans_completed >= until, timeout_s=30)
+
+
+def test_queued_deletes_only_images_whose_outcome_is_in_the_ledger(tmp_path):
+    store = Watched()
+    sup, link = leader(tmp_path, store, protect="queued", max_count=3)
+    keys = upload(store, 0, 12)
+    with sup.running(drain=False):
+        assert sup.step_until(lambda: len(link.entries()) == len(keys), max_steps=2000)
+        sweeps(sup, 4)  # more listings, more passes
+    assert store.deleted, "the leader's cleaner deleted images"
+    assert all(store.deleted.values()), "every delete came after the image's ledger entry"
+    assert {e.outcome.value for e in link.entries().values()} <= {"inferred", "no_detection"}
+    assert len(store.keys()) <= 3
+
+
+def test_queued_never_deletes_an_image_another_host_holds(tmp_path):
+    store = Watched()
+    sup, link = leader(tmp_path, store, protect="queued", max_count=2)
+    link.fetching = False
+    keys = upload(store, 0, 6)
+    with sup.running(drain=False):
+        sweeps(sup, 3)
+        link.deliver_elsewhere(6)
+        sweeps(sup, 3)
+    assert len(link.elsewhere) == 6 and not store.deleted
+    assert set(store.keys()) == set(keys) and not link.entries()
+
+
+def test_lease_gives_up_only_what_no_host_was_handed_and_records_it_first(tmp_path):
+    store = Watched()
+    sup, link = leader(tmp_path, store, protect="lease", max_count=4)
+    link.fetching = False
+    first = upload(store, 0, 3)
+    with sup.running(drain=False):
+        sweeps(sup, 2)  # the term's first pass: these may have been published by an earlier leader
+        link.deliver_elsewhere(2)  # another host holds the first two
+        later = upload(store, 100, 10)
+        sweeps(sup, 4)
+    entries = link.entries()
+    held = {ref.key for ref in link.elsewhere}
+    assert held and not held & set(entries) and held <= set(store.keys()), "what a host holds is never given up"
+    assert set(first) <= set(store.keys()), "inherited images are not given up in the term"
+    given_up = set(entries)
+    assert given_up and given_up <= set(later)
+    assert {(e.outcome.value, e.cause) for e in entries.values()} == {("dropped_expired", "retention")}
+    assert all(store.deleted[key] for key in given_up) and set(store.deleted) == given_up
+    assert not any(seq for seq, ref in link.stream.items() if ref.key in given_up), "withdrawn from the stream"
+    assert len(store.keys()) == 4
+    report = sup.report()
+    assert report.conserved
+
+
+def test_a_message_delivered_while_withdrawn_is_published_again_and_kept(tmp_path):
+    store = Watched()
+    sup, link = leader(tmp_path, store, protect="lease", max_count=1)
+    link.fetching = False
+    upload(store, 0, 1)
+    with sup.running(drain=False):
+        sweeps(sup, 2)
+        later = upload(store, 100, 3)
+        link.on_withdraw = lambda seq: link.deliver_elsewhere(5)  # a host fetches in between
+        sweeps(sup, 2)
+    assert link.republished, "the withdrawn messages went back to the stream"
+    assert not link.entries() and not store.deleted
+    assert set(later) <= set(store.keys())
+    assert {ref.key for ref in link.stream.values()} >= set(link.republished)
+
+
+def test_a_deposed_leader_deletes_nothing(tmp_path):
+    store = Watched()
+    sup, link = leader(tmp_path, store, protect="queued", max_count=1)
+    upload(store, 0, 6)
+    with sup.running(drain=False):
+        assert sup.step_until(lambda: len(link.entries()) == 6, max_steps=2000)
+        link.lead = False  # lost between its listing and its pass
+        sup.clean([img for img in _inventory(store)])
+    assert not store.deleted
+
+
+def _inventory(store: MemoryStore) -> list[Any]:
+    from imgworker.cleaner import stored_image
+
+    return [stored_image(ref, PREFIX) for page in store.list_pages(PREFIX, 1000) for ref in page]
+
+
+@pytest.mark.parametrize("protect", ["none", "inflight"])
+def test_none_and_inflight_are_refused_in_cluster_mode_with_the_reason(protect):
+    with pytest.raises(ConfigError, match=r"retention\.protect.*cluster\.url.*another host holds"):
+        load_config(env={}, overrides={"cluster": {"url": "nats://n:4222"},
+                                       "retention": {"enabled": True, "max_count": 5, "protect": protect}})
+
+
+@pytest.mark.parametrize("protect", ["queued", "lease"])
+def test_queued_and_lease_run_in_cluster_mode(protect):
+    cfg = load_config(env={}, overrides={"cluster": {"url": "nats://n:4222"},
+                                         "retention": {"enabled": True, "max_count": 5, "protect": protect}})
+    assert cfg.retention.enabled and cfg.cluster.enabled
