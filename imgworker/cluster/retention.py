@@ -117,7 +117,14 @@ class ClusterCleaner(CleanerPass):
         self._inherited &= set(versions)
         for key in [k for k in link.sequences if k in done or k not in versions]:
             del link.sequences[key]  # bounded by the images listed and not done
-        status = self.status_among(done, janitor)
+        delivered = 0
+        if self.cfg.retention.protect == "lease":
+            try:  # what a host may have been handed is not even planned to be given up (others are, instead)
+                delivered = link.delivered_up_to()
+            except ClusterUnavailable as exc:
+                log.warning("cleaner: cannot read the work consumer (%s); nothing given up this time", exc)
+                delivered = 1 << 62
+        status = self.status_among(done, janitor, delivered=delivered)
         plan = plan_cleanup(inventory, self.cfg.retention, now=time.time(), status=status)
         by_key = {img.key: img for img in inventory}
         given_up = self._give_up_all([by_key[key] for key in plan.give_up], status)
@@ -132,8 +139,12 @@ class ClusterCleaner(CleanerPass):
         janitor.submit(self._jobs(plan.delete + plan.give_up))
         return plan, []
 
-    def status_among(self, done: set[str], janitor: Janitor) -> Callable[[str], Status]:
-        """An image's status across hosts, as far as the leader can prove it (see the module docstring)."""
+    def status_among(self, done: set[str], janitor: Janitor, *, delivered: int = 0) -> Callable[[str], Status]:
+        """An image's status across hosts, as far as the leader can prove it (see the module docstring).
+
+        ``delivered``: the consumer's delivered stream sequence; a published image at or below it may
+        be on a host (HELD).
+        """
         sequences = self.host.link.sequences
 
         def status(key: str) -> Status:
@@ -144,7 +155,7 @@ class ClusterCleaner(CleanerPass):
             if self.dispatch.is_queued(key) or key in self._inherited:
                 return Status.HELD  # fetched here, or perhaps published by an earlier leader
             if key in sequences:
-                return Status.QUEUED
+                return Status.QUEUED if sequences[key] > delivered else Status.HELD
             return Status.NEW if key in self.backlog else Status.HELD
 
         return status

@@ -129,8 +129,11 @@ def test_lease_gives_up_only_images_no_host_was_handed(store_server, creds, stor
     upload(store, first)
     hosts += [Host(f"h{i}", env, str(tmp_path / f"h{i}"), workers=1) for i in range(2)]
     wait_for_ledger(nats.url, len(first), hosts=hosts)  # a leader took the lease and cleaned once
-    burst = [f"{prefix}person/cam/b{i:03d}.jpg" for i in range(30)]  # 2 lanes of 300 ms: most wait in the stream
-    upload(store, burst)
+    burst: list[str] = []
+    for wave in range(4):  # 8 a second for 2 lanes of 300 ms: the oldest not done are held by a lane by now
+        burst += [f"{prefix}person/cam/b{wave}-{i:03d}.jpg" for i in range(8)]
+        upload(store, burst[-8:])
+        time.sleep(1.0)
     keys = first + burst
     entries = wait_for_ledger(nats.url, len(keys), hosts=hosts)
     assert [h.stop() for h in hosts] == [0, 0]

@@ -21,7 +21,7 @@ from imgworker.cluster.jetstream import Delivery, Published
 from imgworker.config import load_config
 from imgworker.errors import ConfigError
 from imgworker.memstore import MemoryAlgo, MemoryStore
-from imgworker.outcomes import ImageRef
+from imgworker.outcomes import ImageRef, Outcome
 from tests.support.memory import config, supervisor
 
 pytestmark = pytest.mark.timeout(60)
@@ -45,6 +45,7 @@ class FakeLink:
         self.fetching = True  # the leader's own lanes take work
         self.elsewhere: list[ImageRef] = []  # delivered to another host, which holds them
         self.on_withdraw: Any = None
+        self.on_publish: Any = None
         self.republished: list[str] = []
 
     def start(self) -> None: ...
@@ -70,6 +71,8 @@ class FakeLink:
             return Published(sent=0, deposed=True)
         for ref in refs:
             self.sequences[ref.key] = self._append(ref, f"{ref.key}@{object_version(ref.mtime, ref.size)}")
+        if self.on_publish is not None:
+            self.on_publish()
         return Published(sent=len(refs))
 
     def _deliver(self) -> tuple[int, ImageRef] | None:
@@ -220,11 +223,12 @@ def test_lease_gives_up_only_what_no_host_was_handed_and_records_it_first(tmp_pa
     first = upload(store, 0, 3)
     with sup.running(drain=False):
         sweeps(sup, 2)  # the term's first pass: these may have been published by an earlier leader
-        link.deliver_elsewhere(2)  # another host holds the first two
+        link.on_publish = lambda: link.deliver_elsewhere(5)  # another host takes the first five at once
         later = upload(store, 100, 10)
         sweeps(sup, 4)
     entries = link.entries()
     held = {ref.key for ref in link.elsewhere}
+    assert held & set(later), "another host holds images published in this term"
     assert held and not held & set(entries) and held <= set(store.keys()), "what a host holds is never given up"
     assert set(first) <= set(store.keys()), "inherited images are not given up in the term"
     given_up = set(entries)
@@ -232,7 +236,7 @@ def test_lease_gives_up_only_what_no_host_was_handed_and_records_it_first(tmp_pa
     assert {(e.outcome.value, e.cause) for e in entries.values()} == {("dropped_expired", "retention")}
     assert all(store.deleted[key] for key in given_up) and set(store.deleted) == given_up
     assert not any(seq for seq, ref in link.stream.items() if ref.key in given_up), "withdrawn from the stream"
-    assert len(store.keys()) == 4
+    assert len(store.keys()) == len(first) + len(held & set(later))  # over the limit: what hosts hold stays
     report = sup.report()
     assert report.conserved
 
@@ -259,9 +263,20 @@ def test_a_deposed_leader_deletes_nothing(tmp_path):
     upload(store, 0, 6)
     with sup.running(drain=False):
         assert sup.step_until(lambda: len(link.entries()) == 6, max_steps=2000)
+        done_elsewhere = upload(store, 100, 4)
+        for ref in _refs(store, done_elsewhere):  # another host's outcomes: deletable by the leader
+            entry = LedgerEntry(key=ref.key, outcome=Outcome.INFERRED, host="h2")
+            link.ledger[(ref.key, object_version(ref.mtime, ref.size))] = msgspec.json.encode(entry)
+        before = dict(store.deleted)
         link.lead = False  # lost between its listing and its pass
-        sup.clean([img for img in _inventory(store)])
-    assert not store.deleted
+        plan = sup.clean(_inventory(store))
+        sup.step_until(lambda: False, max_steps=20)
+    assert store.deleted == before and set(done_elsewhere) <= set(store.keys()), "nothing deleted once deposed"
+    assert sup.cleaning.fence.deposed >= 1 and not plan.delete
+
+
+def _refs(store: MemoryStore, keys: list[str]) -> list[ImageRef]:
+    return [ref for page in store.list_pages(PREFIX, 1000) for ref in page if ref.key in keys]
 
 
 def _inventory(store: MemoryStore) -> list[Any]:
