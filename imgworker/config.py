@@ -171,7 +171,7 @@ class RetentionConfig(msgspec.Struct, **_STRUCT):
     """Bytes kept below ``store.prefix``, oldest deleted first (0: no limit)."""
     protect: Protect = "lease"
     """What a rule may delete: ``none``, ``inflight``, ``queued`` or ``lease`` (see "Retention without losing
-    images")."""
+    images"). In cluster mode only ``queued`` and ``lease`` (the intake leader cleans; see "More than one host")."""
     batch_size: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 100
     """Keys per batch delete request."""
     external_max_age_s: NonNegative = 0.0

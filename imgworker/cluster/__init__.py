@@ -71,8 +71,15 @@ listed), so repeated sweeps and a new leader's first sweep are stored once withi
 (``max_msgs``, discard new) refuses the publish: the images go back to the leader's backlog and
 intake waits (backpressure); nothing is dropped.
 
-Not in cluster mode (refused by the config): the cleaner (``retention.enabled``) and change events
-(``scan.mode = "events"``); the leader lists the bucket.
+Retention: the cleaner runs on the intake leader only (``retention.py``), with ``queued`` or
+``lease``; an image is DONE once its ledger entry exists, and ``lease`` gives up only images no host
+can have been handed (the leader's own backlog, and published messages above the consumer's
+delivered sequence, withdrawn from the stream and checked again). ``none`` and ``inflight`` are
+refused by the config: they need to know which host holds what. Expiry (``retention.external_*``)
+is applied by each host to the images it fetched.
+
+Not in cluster mode (refused by the config): change events (``scan.mode = "events"``); the leader
+lists the bucket.
 
 Failure semantics (what each part's death means):
 
