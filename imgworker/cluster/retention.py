@@ -32,9 +32,12 @@ was deposed are safe still: DONE images, or images whose outcome is already in t
 ``none`` and ``inflight`` are refused in cluster mode (``config``): they need to know which host
 holds what, and the leader does not.
 
-Expiry (``ExpiryGuard``) is unchanged: every host applies it to the images it fetched and holds,
-and its drop is that host's claim; it is not applied to the leader's backlog nor to messages
-still in the stream.
+Expiry (``ExpiryGuard``) is unchanged: every host applies it to the images it fetched and holds
+(it holds the delivery, so its drop, ``dropped_expired`` cause ``would_expire``, is its claim in the
+ledger, then the ack); it is not applied to the leader's backlog nor to messages still in the
+stream (an image that expired there is dropped unanalysed by the host that fetches it). Only
+``external_max_age_s`` is estimated in cluster mode: the count rule (``external_max_count``) needs
+every arrival per directory, which no host sees (the leader publishes, the others fetch a share).
 
 Limits: one pass looks up in the ledger each listed image not yet known as done (concurrently, in
 chunks); a result action another host still has to run on a DONE image (a tag, a move) may find
@@ -137,6 +140,9 @@ class ClusterCleaner(CleanerPass):
         if not self._confirm():  # the fence right before the deletes: a deposed leader deletes nothing
             return plan, []
         janitor.submit(self._jobs(plan.delete + plan.give_up))
+        if plan.give_up:
+            log.info("cleaner: gave up %d images no host was handed (storage wins); %s", len(plan.give_up),
+                     msgspec.structs.asdict(self.fence))
         return plan, []
 
     def status_among(self, done: set[str], janitor: Janitor, *, delivered: int = 0) -> Callable[[str], Status]:

@@ -172,11 +172,12 @@ def upload(store: MemoryStore, first: int, n: int) -> list[str]:
     return keys
 
 
-def leader(tmp_path: Any, store: Watched, *, protect: str, max_count: int, lanes: int = 1) -> tuple[Any, FakeLink]:
+def leader(tmp_path: Any, store: Watched, *, protect: str = "lease", max_count: int = 0, lanes: int = 1,
+           algo: MemoryAlgo | None = None, **retention: Any) -> tuple[Any, FakeLink]:
+    retention = {"enabled": bool(max_count), "protect": protect, "max_count": max_count, **retention}
     cfg = config(tmp_path, cluster={"url": "nats://127.0.0.1:1"}, store={"prefix": PREFIX},
-                 run={"until_idle": False}, worker={"count": lanes, "threads": 1},
-                 retention={"enabled": True, "protect": protect, "max_count": max_count})
-    sup = supervisor(cfg, store, MemoryAlgo(store))
+                 run={"until_idle": False}, worker={"count": lanes, "threads": 1}, retention=retention)
+    sup = supervisor(cfg, store, algo or MemoryAlgo(store))
     link = FakeLink()
     assert sup.cluster is not None
     sup.cluster.link = link  # type: ignore[assignment]
@@ -273,6 +274,19 @@ def test_a_deposed_leader_deletes_nothing(tmp_path):
         sup.step_until(lambda: False, max_steps=20)
     assert store.deleted == before and set(done_elsewhere) <= set(store.keys()), "nothing deleted once deposed"
     assert sup.cleaning.fence.deposed >= 1 and not plan.delete
+
+
+def test_expiry_elsewhere_drops_on_the_host_that_fetched_each_image_once_in_the_ledger(tmp_path):
+    store = Watched()
+    algo = MemoryAlgo(store)
+    sup, link = leader(tmp_path, store, algo=algo, external_max_age_s=3600.0)  # captured in 2024: expired
+    keys = upload(store, 0, 5)
+    with sup.running(drain=False):
+        assert sup.step_until(lambda: len(link.entries()) == len(keys), max_steps=2000)
+    entries = link.entries()
+    assert {(e.outcome.value, e.cause) for e in entries.values()} == {("dropped_expired", "would_expire")}
+    assert not algo.calls and not link.stream and not link.held, "dropped unanalysed, and acked"
+    assert set(store.keys()) == set(keys), "expiry deletes nothing itself"
 
 
 def _refs(store: MemoryStore, keys: list[str]) -> list[ImageRef]:
