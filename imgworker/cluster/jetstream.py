@@ -78,6 +78,7 @@ class JetStreamLink:
         self._closing = False
         self.lease_terms = 0  # how many times this host took the lease (a new term: what earlier leaders did is unknown)
         self.sequences: dict[str, int] = {}  # image key -> stream sequence of its publish (``cluster.retention``)
+        self._renewing = asyncio.Lock()
 
     # ----- lifecycle (the supervisor's thread) ------------------------------------------------------
 
@@ -341,7 +342,15 @@ class JetStreamLink:
         return Published(sent=sent)
 
     async def _renew_lease(self) -> int:
-        """CAS the lease on the revision held: the new revision, or 0 (deposed: another host holds it)."""
+        """CAS the lease on the revision held: the new revision, or 0 (deposed: another host holds it).
+
+        One at a time (the renewal task, a publish batch and the cleaner's fence all renew): two CAS on
+        the same revision would make the second fail and this host give up a lease it holds.
+        """
+        async with self._renewing:
+            return await self._renew_lease_once()
+
+    async def _renew_lease_once(self) -> int:
         import nats.js.errors
 
         revision = self.lease_revision

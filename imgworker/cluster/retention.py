@@ -118,8 +118,8 @@ class ClusterCleaner(CleanerPass):
             self._term = link.lease_terms
             self._inherited = set(versions) - done
         self._inherited &= set(versions)
-        for key in [k for k in link.sequences if k in done or k not in versions]:
-            del link.sequences[key]  # bounded by the images listed and not done
+        for key in [k for k in list(link.sequences) if k in done or k not in versions]:
+            link.sequences.pop(key, None)  # bounded by the images listed and not done
         delivered = 0
         if self.cfg.retention.protect == "lease":
             try:  # what a host may have been handed is not even planned to be given up (others are, instead)

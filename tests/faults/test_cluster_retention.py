@@ -182,3 +182,27 @@ def test_a_deposed_leader_deletes_nothing_and_the_new_leader_cleans(store_server
     assert report["cleaner"]["passes"] >= 1 and report["cleaner"]["deleted"] == 0, \
         "the leader cleaned while it led, and deleted nothing after it lost the lease"
     assert_one_outcome_each(nats.url, keys, hosts)
+
+
+def test_the_cleaner_s_lease_check_never_deposes_the_leader_itself(store_server, nats):
+    """The fence before a delete renews the lease by CAS while the renewal task may do the same: both hold."""
+    import asyncio
+
+    from imgworker.cluster.jetstream import JetStreamLink
+    from imgworker.config import ClusterConfig
+
+    link = JetStreamLink(ClusterConfig(url=nats.url, lease_ttl_s=30), host="h0", bucket=store_server.bucket)
+    link.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not link.leading():
+            assert time.monotonic() < deadline, "no lease"
+            time.sleep(0.05)
+        async def renewals() -> list[int]:
+            return list(await asyncio.gather(*(link._renew_lease() for _ in range(4))))
+
+        revisions = asyncio.run_coroutine_threadsafe(renewals(), link._loop).result(10)
+        assert all(revisions) and link.leading(), "concurrent renewals of a held lease all succeed"
+        assert link.confirm_lease()
+    finally:
+        link.close()
