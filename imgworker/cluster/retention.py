@@ -114,6 +114,7 @@ class ClusterCleaner(CleanerPass):
             return Plan(delete=[], give_up=[]), []
         self._done.update(f"{key}@{unknown[key]}" for key in found)
         done = {key for key, v in versions.items() if f"{key}@{v}" in self._done}
+        self._done = {f"{key}@{versions[key]}" for key in done}  # what is no longer listed is forgotten
         if link.lease_terms != self._term:
             self._term = link.lease_terms
             self._inherited = set(versions) - done
@@ -125,7 +126,7 @@ class ClusterCleaner(CleanerPass):
             try:  # what a host may have been handed is not even planned to be given up (others are, instead)
                 delivered = link.delivered_up_to()
             except ClusterUnavailable as exc:
-                log.warning("cleaner: cannot read the work consumer (%s); nothing given up this time", exc)
+                log.warning("cleaner: cannot read the work consumer (%s); no published image given up this time", exc)
                 delivered = 1 << 62
         status = self.status_among(done, janitor, delivered=delivered)
         plan = plan_cleanup(inventory, self.cfg.retention, now=time.time(), status=status)
