@@ -723,9 +723,10 @@ def _check_cluster(config: Config) -> None:
     if config.retention.enabled:
         raise ConfigError("invalid config key retention.enabled: value True is not allowed with cluster.url "
                           "(the cleaner does not run in cluster mode)")
-    if config.scan.mode != "listing":
-        raise ConfigError("invalid config key scan.mode: value 'events' is not allowed with cluster.url "
-                          "(the intake leader lists the bucket)")
+    if config.scan.mode == "events" and config.scan.events.source != "minio_nats":
+        raise ConfigError(f"invalid config key scan.events.source: value {config.scan.events.source!r} is not allowed "
+                          "with cluster.url (in cluster mode only 'minio_nats': the intake leader reads MinIO's "
+                          "stream through cluster.url)")
 
 
 def _check_adaptive(config: Config) -> None:

@@ -93,11 +93,25 @@ Failure semantics (what each part's death means):
 from __future__ import annotations
 
 import hashlib
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ..outcomes import ImageRef
 
 
 def object_version(mtime: float, size: int) -> str:
-    """An object's version as listed (``<mtime in µs>-<size>``): what ``Nats-Msg-Id`` and the ledger key name."""
+    """An object's version from its last-modified time and size (``<mtime in µs>-<size>``), for a ref without ETag."""
     return f"{int(mtime * 1e6)}-{size}"
+
+
+def image_version(ref: ImageRef) -> str:
+    """The version ``Nats-Msg-Id`` and the ledger key name: the ETag (quotes stripped), else ``object_version``.
+
+    The ETag, because a listing and a change event agree on it: a MinIO event's time is not the
+    listed LastModified, so the same upload found by both would otherwise be two versions.
+    """
+    etag = ref.etag.replace('"', "")
+    return etag if etag else object_version(ref.mtime, ref.size)
 
 
 def ledger_key(bucket: str, key: str, version: str) -> str:
