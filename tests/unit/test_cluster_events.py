@@ -64,7 +64,8 @@ def listing_page(key: str, *, etag: str = ETAG, modified: str = "2026-11-29T10:0
 # ----- one version per upload ------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("key", ["in/person/cam 1/a+b.jpg", "in/person/cam1/caf\u00e9 \u00fcber.jpg", "in/p/c/0001.jpg"])
+@pytest.mark.parametrize("key", ["in/person/cam 1/a+b.jpg", "in/person/cam1/caf\u00e9 \u00fcber.jpg",
+                                 "in/p/c/0001.jpg"])
 def test_an_upload_seen_by_its_event_and_by_a_sweep_has_one_ledger_key(key):
     config = cfg()
     [by_event] = MinioRecords(config).refs(body(record(key)))
