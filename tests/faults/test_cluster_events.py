@@ -191,19 +191,29 @@ def test_two_hosts_analyse_each_upload_once_from_repeated_events_and_sweeps(stor
     assert_clean(hosts)
 
 
+def first_sweep_marker(store: Any, prefix: str) -> str:
+    """One image uploaded before the hosts start: once it has its outcome, the leader's start-up sweep is over and
+    the next is ``scan.reconcile_interval_s`` (600 s) away, so what comes later comes through MinIO's stream."""
+    marker = f"{prefix}marker/cam/0000.jpg"
+    upload(store, [marker])
+    return marker
+
+
 def test_events_alone_bring_new_uploads_in(store_server, creds, store, prefix, slow_service, nats, hosts, tmp_path):
     """No sweep within the test after the first one: what is analysed came through MinIO's stream."""
     minio_stream(nats.url)
+    marker = first_sweep_marker(store, prefix)
     env = events_env(store_server, creds, prefix, slow_service, nats.url, reconcile_s=600)
     hosts += [Host(f"h{i}", env, str(tmp_path / f"h{i}")) for i in range(2)]
     wait_for_log(hosts, CONSUMING)
+    wait_for_ledger(nats.url, 1, hosts=hosts)  # the marker: the start-up sweep is over
     keys = odd_keys(prefix, "new", 9)
     upload(store, keys)
     publish(nats.url, store_server.bucket, keys)
-    entries = wait_for_ledger(nats.url, len(keys), hosts=hosts)
+    entries = wait_for_ledger(nats.url, len(keys) + 1, hosts=hosts)
     assert stop_all(hosts) == [0, 0]
-    assert_one_outcome_each(nats.url, keys, hosts)
-    assert calls_under(slow_service, prefix) == {k: 1 for k in keys}
+    assert_one_outcome_each(nats.url, [marker, *keys], hosts)
+    assert calls_under(slow_service, prefix) == {k: 1 for k in [marker, *keys]}
     assert {e.host for e in entries} == {"h0", "h1"}, "both hosts analysed images"
     info = jetstream(nats.url, lambda js: js.consumer_info("MINIO", "imgworker"))
     assert info.num_ack_pending == 0 and info.num_pending == 0, "every notification was acked"
@@ -258,18 +268,20 @@ def test_killing_the_leader_while_events_arrive_loses_nothing(store_server, cred
 def test_a_full_work_stream_holds_events_back_until_there_is_room(store_server, creds, store, prefix, slow_service,
                                                                   nats, hosts, tmp_path):
     minio_stream(nats.url)
+    marker = first_sweep_marker(store, prefix)
     env = events_env(store_server, creds, prefix, slow_service, nats.url, reconcile_s=600,
                      IMGWORKER_CLUSTER_MAX_MSGS="2")
     hosts.append(Host("h0", env, str(tmp_path / "h0"), workers=1))
     wait_for_log(hosts, CONSUMING)
+    wait_for_ledger(nats.url, 1, hosts=hosts)  # the marker: the start-up sweep is over
     keys = odd_keys(prefix, "full", 12)
     upload(store, keys)
     publish(nats.url, store_server.bucket, keys)
-    wait_for_ledger(nats.url, len(keys), hosts=hosts, timeout=120)
+    wait_for_ledger(nats.url, len(keys) + 1, hosts=hosts, timeout=120)
     assert stop_all(hosts) == [0]
     assert "work stream full (2 messages): MinIO's notifications wait" in hosts[0].log()
-    assert_one_outcome_each(nats.url, keys, hosts)
-    assert calls_under(slow_service, prefix) == {k: 1 for k in keys}
+    assert_one_outcome_each(nats.url, [marker, *keys], hosts)
+    assert calls_under(slow_service, prefix) == {k: 1 for k in [marker, *keys]}
     assert_clean(hosts)
 
 
