@@ -3,7 +3,7 @@
 The republish rules are checked on ``JetStreamLink._republish`` with stand-ins for the MinIO
 messages and the work stream: a MinIO message is acked only after every image it names was
 stored in the work stream, a full stream naks it (never acks it), a deposed leader publishes
-nothing and hands every message back.
+nothing and hands every message back; the lease is renewed by one CAS at a time.
 """
 
 from __future__ import annotations
@@ -189,3 +189,30 @@ def test_unwanted_notifications_are_acked_and_malformed_ones_termed():
     delete = body(record("in/p/c/1.jpg", event="s3:ObjectRemoved:Delete"))
     log, _ = republish([delete, b'{"Records": ['])
     assert log == [("cas", 7), ("ack", delete), ("term", b'{"Records": [')]
+
+
+def test_lease_renewals_from_two_tasks_at_once_do_not_depose_the_leader():
+    """The lease keeper and the events' fence both renew: a CAS on a revision the other just replaced would fail."""
+    import nats.js.errors
+
+    class Lease:
+        def __init__(self) -> None:
+            self.seq = 3
+
+        async def publish(self, subject: str, payload: bytes, *, headers: dict[str, str], msg_ttl: int) -> Any:
+            expected = int(headers["Nats-Expected-Last-Subject-Sequence"])
+            await asyncio.sleep(0.01)  # the round trip: the other task runs meanwhile
+            if expected != self.seq:
+                raise nats.js.errors.APIError(code=400, err_code=10071, description="wrong last sequence")
+            self.seq += 1
+            return type("Ack", (), {"seq": self.seq})()
+
+    link = JetStreamLink(cfg().cluster, host="h0", bucket=BUCKET)
+    link._js = Lease()
+    link.lease_revision = 3
+
+    async def both() -> list[int]:
+        return list(await asyncio.gather(link._renew_lease(), link._renew_lease()))
+
+    assert asyncio.run(both()) == [4, 5]
+    assert link.lease_revision == 5
