@@ -92,13 +92,16 @@ class EventsConfig(msgspec.Struct, **_STRUCT):
     webhook_port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 0
     """minio_webhook: the port (0: any free port)."""
     nats_url: str = "nats://127.0.0.1:4222"
-    """minio_nats: the NATS server; a password in it never shows in logs."""
+    """minio_nats: the NATS server; a password in it never shows in logs. In cluster mode not used: the intake
+    leader reads MinIO's stream through ``cluster.url``."""
     nats_subject: str = "minio.events"
     """minio_nats: the subject MinIO publishes to (its ``subject`` setting)."""
     nats_stream: str = ""
-    """minio_nats: the JetStream stream (empty: the one holding ``nats_subject``)."""
+    """minio_nats: the JetStream stream (empty: the one holding ``nats_subject``); it must exist (MinIO
+    does not create it)."""
     nats_durable: str = "imgworker"
-    """minio_nats: the durable consumer, which keeps the position across restarts."""
+    """minio_nats: the durable consumer, which keeps the position across restarts (in cluster mode, the
+    one the intake leader reads through, whichever host leads)."""
 
     def __repr__(self) -> str:
         url = urllib.parse.urlsplit(self.nats_url)
@@ -710,7 +713,8 @@ def _check_semantics(config: Config, written: Mapping[str, str]) -> None:
 
 
 def _check_cluster(config: Config) -> None:
-    """Cluster mode: NATS URLs, readable credentials, and what it does not run yet."""
+    """Cluster mode: NATS URLs, readable credentials, and what it does not run yet (the cleaner; change events
+    other than MinIO's through NATS, which the intake leader reads itself)."""
     cluster = config.cluster
     if not cluster.enabled:
         return
@@ -724,9 +728,10 @@ def _check_cluster(config: Config) -> None:
         raise ConfigError(f"invalid config key retention.protect: value {config.retention.protect!r} is not allowed "
                           "with cluster.url (in cluster mode the cleaner runs on the intake leader, which cannot "
                           "know which image a lane on another host holds: use 'queued' or 'lease')")
-    if config.scan.mode != "listing":
-        raise ConfigError("invalid config key scan.mode: value 'events' is not allowed with cluster.url "
-                          "(the intake leader lists the bucket)")
+    if config.scan.mode == "events" and config.scan.events.source != "minio_nats":
+        raise ConfigError(f"invalid config key scan.events.source: value {config.scan.events.source!r} is not allowed "
+                          "with cluster.url (in cluster mode only 'minio_nats': the intake leader reads MinIO's "
+                          "stream through cluster.url)")
 
 
 def _check_adaptive(config: Config) -> None:

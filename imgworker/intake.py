@@ -173,7 +173,8 @@ class Intake:
                  intake_done: Callable[[], bool] = lambda: True, clock: Callable[[], float] = time.monotonic) -> None:
         self.cfg = cfg
         self.make_watcher = make_watcher if cfg.scan.mode == "events" else None
-        self.interval_s = cfg.scan.reconcile_interval_s if self.make_watcher else cfg.scan.interval_s
+        # events mode sweeps only to reconcile (in cluster mode the leader's link reads the events, no watcher here)
+        self.interval_s = cfg.scan.reconcile_interval_s if cfg.scan.mode == "events" else cfg.scan.interval_s
         self.watcher: EventSource | None = None
         self.events_received = 0
         self._events_ts = 0
@@ -395,7 +396,7 @@ class Intake:
     def _on_events(self, events: list[Any], ts_ns: int) -> None:
         """New objects from the store's change stream go to the backlog, as a listing page would."""
         self.events_received += len(events)
-        refs = {e.key: ImageRef(key=e.key, size=e.size, mtime=e.mtime) for e in events}
+        refs = {e.key: ImageRef(key=e.key, size=e.size, mtime=e.mtime, etag=e.etag) for e in events}
         outside = [key for key in refs if key not in self.dispatch and key not in self.backlog]
         new = self.ledger.filter_new(outside) if outside else set()
         for key in outside:

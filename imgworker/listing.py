@@ -177,7 +177,7 @@ class AnswerMemo:
             self.reused += 1
             return known[0]
         page = parse_page(body)
-        answer = Answer([ImageRef(key=o.key, size=o.size, mtime=o.mtime) for o in page.objects
+        answer = Answer([ImageRef(key=o.key, size=o.size, mtime=o.mtime, etag=o.etag) for o in page.objects
                          if not o.key.endswith("/")], page.truncated, page.next_token)
         self.parsed += 1
         self._keep(digest, answer)

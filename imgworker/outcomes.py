@@ -42,6 +42,7 @@ class ImageRef(msgspec.Struct, frozen=True, array_like=True):
     task_id: str = ""
     size: int = 0
     mtime: float = 0.0
+    etag: str = ""  # as listed or in a change event, quotes stripped; "" when the source gives none
 
 
 class IntakePosition(msgspec.Struct, frozen=True):

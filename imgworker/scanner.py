@@ -69,5 +69,5 @@ def select_images(page: Iterable[ImageRef], *, prefix: str, cfg: ScanConfig) -> 
             parts = rel.split("/")
             if len(parts) != 3 or not parts[0] or not parts[1]:
                 parts = ["", ""]
-            out.append(ImageRef(ref.key, parts[0], parts[1], ref.size, ref.mtime))
+            out.append(ImageRef(ref.key, parts[0], parts[1], ref.size, ref.mtime, ref.etag))
     return out

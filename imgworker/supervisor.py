@@ -163,7 +163,9 @@ class Supervisor:
         self.lock = RunLock(cfg.run.state_dir)
         self.ledger = Ledger(os.path.join(cfg.run.state_dir, "state.json"), cfg.results_path, parts.ledger_backend)
         self.intake = Intake(cfg, ledger=self.ledger, dispatch=self.dispatch, make_lister=parts.make_lister,
-                             make_watcher=parts.make_watcher, intake_done=intake_done, clock=clock)
+                             # in cluster mode the leader's link reads the events: no watcher process
+                             make_watcher=None if self.cluster is not None else parts.make_watcher,
+                             intake_done=intake_done, clock=clock)
         self.recorder = Recorder(cfg, ledger=self.ledger, waiting=self.intake, on_result=on_result,
                                  claims=self.cluster)
         self.cleaning = CleanerPass(cfg, dispatch=self.dispatch, inflight=self.inflight, ledger=self.ledger,

@@ -6,6 +6,8 @@ file, worker processes and lanes); ``[cluster] url`` adds three things to it::
 
     leader only:  Intake (lister sweeps ─▶ OutcomeLedger.filter_new ─▶ backlog)
                     ─▶ ClusterHost.publish ─▶ [lease CAS] ─▶ work stream (Nats-Msg-Id bucket/key@version)
+                  MinIO's stream ─▶ durable pull consumer ─▶ MinioRecords (events.py) ─▶ [lease CAS]
+                    ─▶ work stream (same Nats-Msg-Id) ─▶ PubAck ─▶ ack MinIO's message  (link's loop)
     every host:   work stream ─▶ one durable pull consumer ─▶ ClusterHost.feed (no more than idle lanes)
                     ─▶ ledger get: counted already? ack ─ delivered > max_attempts? failed_worker ─ else:
                     ─▶ Dispatch ─▶ InFlight ─▶ Pool ─▶ Answer / Exit (as on one host)
@@ -32,8 +34,9 @@ and need a second pipe protocol.
 The ledger decides "counted once", not the ack. Late acks and progress notes are accepted against
 a redelivery, so an ack proves nothing. Every outcome is first written to the ledger bucket with
 create-if-absent (``update(last=0)``, which, unlike ``create``, also fails on a delete marker) under
-``sha256(bucket/key@version)`` (the object version as in ``Nats-Msg-Id``: a new upload under the same
-name is a new image, a redelivery or re-publish of the version is not); only the host whose write
+``sha256(bucket/key@version)`` (the object version as in ``Nats-Msg-Id``, ``image_version``: the ETag,
+else ``<mtime>-<size>``; a new upload under the same name is a new image, a redelivery or re-publish
+of the version is not, nor the same upload found once by its event and once by a sweep); only the host whose write
 created the key counts the image (results line, figures, actions), and only then is the message acked. A host that loses the race (it was
 SIGSTOPped past AckWait, or partitioned) acks and writes nothing. A delivery whose key is already
 in the ledger is acked and not analysed. Ledger keys are never deleted, purged or given a TTL:
@@ -65,8 +68,8 @@ Intake leader: one host at a time holds the lease, a key of the lease bucket cre
 per-message TTL (``lease_ttl_s``) and renewed by compare-and-set on its revision every third of
 the TTL. Fencing: every publish batch is preceded by that compare-and-set on the revision the
 leader holds, which stamps the new revision; a deposed leader's CAS fails and its batch is not
-published. Publishes carry ``Nats-Msg-Id`` = ``bucket/key@<mtime>-<size>`` (the object version as
-listed), so repeated sweeps and a new leader's first sweep are stored once within
+published. Publishes carry ``Nats-Msg-Id`` = ``bucket/key@<etag>`` (``image_version``; ``<mtime>-<size>``
+where the store gives no ETag), so repeated sweeps and events, and a new leader's first sweep, are stored once within
 ``duplicate_window_s``; beyond it a duplicate is acked at delivery by the ledger check. A full stream
 (``max_msgs``, discard new) refuses the publish: the images go back to the leader's backlog and
 intake waits (backpressure); nothing is dropped.
@@ -78,8 +81,22 @@ delivered sequence, withdrawn from the stream and checked again). ``none`` and `
 refused by the config: they need to know which host holds what. Expiry (``retention.external_*``)
 is applied by each host to the images it fetched.
 
-Not in cluster mode (refused by the config): change events (``scan.mode = "events"``); the leader
-lists the bucket.
+Change events (``scan.mode = "events"``, source ``minio_nats`` only): MinIO publishes into an existing
+stream, with no ``Nats-Msg-Id``, on one subject, keys URL-escaped. No watcher process runs; the lease
+holder's link reads that stream through one durable pull consumer (``scan.events.nats_durable``, shared
+by whichever host leads) on its own loop, next to the lease it is fenced by. Per fetched batch: the
+CAS on the lease, then each wanted image is published with its ``Nats-Msg-Id``, and each MinIO
+message is acked only after the PubAcks of its images (a delete, another bucket, an unwanted key:
+acked, nothing published; a malformed body: termed). A full work stream naks the rest with a delay and
+the leader stops fetching a while: nothing is acked unpublished. A deposed leader fetches no more;
+what it fetched is naked when its CAS fails, or comes again after AckWait if it died. Why the link and
+not the watcher process: the watcher acks once events are in a pipe to local memory, so a leader's
+death could lose them until the next reconciliation sweep; here an ack means "in the work stream".
+Reconciliation sweeps still run on the leader every ``scan.reconcile_interval_s``. While MinIO's stream
+is missing, the leader logs an error once, goes on by sweeps, and looks again every few seconds.
+
+Not in cluster mode (refused by the config): change events from other sources (the SeaweedFS filer,
+the MinIO webhook), and the cleaner's ``none`` and ``inflight`` protection.
 
 Failure semantics (what each part's death means):
 
@@ -100,11 +117,25 @@ Failure semantics (what each part's death means):
 from __future__ import annotations
 
 import hashlib
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ..outcomes import ImageRef
 
 
 def object_version(mtime: float, size: int) -> str:
-    """An object's version as listed (``<mtime in µs>-<size>``): what ``Nats-Msg-Id`` and the ledger key name."""
+    """An object's version from its last-modified time and size (``<mtime in µs>-<size>``), for a ref without ETag."""
     return f"{int(mtime * 1e6)}-{size}"
+
+
+def image_version(ref: ImageRef) -> str:
+    """The version ``Nats-Msg-Id`` and the ledger key name: the ETag (quotes stripped), else ``object_version``.
+
+    The ETag, because a listing and a change event agree on it: a MinIO event's time is not the
+    listed LastModified, so the same upload found by both would otherwise be two versions.
+    """
+    etag = ref.etag.replace('"', "")
+    return etag if etag else object_version(ref.mtime, ref.size)
 
 
 def ledger_key(bucket: str, key: str, version: str) -> str:

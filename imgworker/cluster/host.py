@@ -26,7 +26,8 @@ from ..dispatch import Dispatch
 from ..outcomes import ImageRef, Outcome, Result, WorkItem
 from ..ports import OutcomeSink
 from ..results import read_results
-from . import object_version
+from . import image_version
+from .events import MinioRecords
 from .intents import Intent, Intents
 from .jetstream import ClusterUnavailable, JetStreamLink
 
@@ -65,7 +66,7 @@ class LedgerEntry(msgspec.Struct, frozen=True):
     started_at: float = 0.0
     finished_at: float = 0.0
     token: str = ""  # unique per claim: a claim retried after a lost answer recognises its own write
-    version: str = ""  # the object version (``object_version``) the ledger key names
+    version: str = ""  # the object version (``image_version``) the ledger key names
     task_id: str = ""
     stat_ms: float | None = None
     worker: int = -1
@@ -101,6 +102,7 @@ class ClusterFigures(msgspec.Struct):
     stream_full: int = 0  # publish batches refused by a full stream
     unrecorded: int = 0  # the ledger could not be reached: handed back unrecorded
     recovered: int = 0  # counted in the ledger by this host's earlier run, journaled at this start
+    republished: int = 0  # images published from MinIO's notifications while this host led
 
 
 class ClusterHost:
@@ -110,7 +112,8 @@ class ClusterHost:
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.cfg = cfg
         self.name = cfg.cluster.host or socket.gethostname()
-        self.link = link or JetStreamLink(cfg.cluster, host=self.name, bucket=cfg.store.bucket)
+        events = MinioRecords(cfg) if cfg.scan.mode == "events" else None  # only minio_nats (the config checks)
+        self.link = link or JetStreamLink(cfg.cluster, host=self.name, bucket=cfg.store.bucket, events=events)
         self.clock = clock
         self.figures = ClusterFigures()
         self.give_up: Callable[[], bool] = lambda: False  # the supervisor's "stop forced"
@@ -133,6 +136,7 @@ class ClusterHost:
     def close(self) -> None:
         self.link.close()
         self.intents.close()
+        self.figures.republished = getattr(self.link, "republished", 0)
         log.info("cluster: %s", msgspec.structs.asdict(self.figures))
 
     def leading(self) -> bool:
@@ -164,7 +168,7 @@ class ClusterHost:
         refs = backlog.take(PUBLISH_BATCH)
         # a ref restored from a checkpoint has no version (its ledger key would name none): it leaves the
         # backlog, and the next sweep lists it again with its version
-        versioned = [ref for ref in refs if ref.mtime or ref.size]
+        versioned = [ref for ref in refs if ref.mtime or ref.size or ref.etag]
         if versioned:
             backlog.put_back(self.publish(versioned))
 
@@ -210,7 +214,7 @@ class ClusterHost:
                 self._settle(ref.key, term=False)
                 continue
             sink.accepted(ref)
-            self._versions[ref.key] = object_version(ref.mtime, ref.size)
+            self._versions[ref.key] = image_version(ref)
             if delivery.delivered > self.cfg.worker.max_attempts:
                 log.error("%s delivered %d times, its holders lost it each time; giving up on it", ref.key,
                           delivery.delivered)
@@ -382,6 +386,7 @@ class ClusterCollector:
     def collect(self) -> Iterator[Any]:
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+        self.host.figures.republished = getattr(self.host.link, "republished", 0)
         for name, value in msgspec.structs.asdict(self.host.figures).items():
             yield CounterMetricFamily(f"imgworker_cluster_{name}", f"Cluster mode: {name.replace('_', ' ')}.",
                                       value=value)

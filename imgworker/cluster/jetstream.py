@@ -21,8 +21,10 @@ from typing import Any, TypeVar
 import msgspec
 
 from ..config import ClusterConfig
+from ..events.messages import EventError
 from ..outcomes import ImageRef
-from . import ledger_key, object_version
+from . import image_version, ledger_key
+from .events import MinioRecords
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
@@ -35,6 +37,13 @@ FETCH_TIMEOUT_S = 0.1
 CALL_TIMEOUT_S = 3.0
 _WRONG_LAST_SEQUENCE = (10071, 10164)
 _STREAM_FULL = 10077
+#: MinIO's messages the leader fetches at a time, and how long it waits for them.
+EVENTS_BATCH = 64
+EVENTS_FETCH_TIMEOUT_S = 0.5
+#: How long the leader waits before looking again for MinIO's missing stream, or after a failure.
+EVENTS_RETRY_S = 5.0
+#: A MinIO message refused by a full work stream comes again after this (its backlog's own backpressure).
+EVENTS_FULL_DELAY_S = 1.0
 
 
 class ClusterUnavailable(Exception):
@@ -60,10 +69,13 @@ class Published(msgspec.Struct, frozen=True):
 class JetStreamLink:
     """The work stream, its durable consumer, the ledger and lease buckets, through one connection."""
 
-    def __init__(self, cfg: ClusterConfig, *, host: str, bucket: str) -> None:
+    def __init__(self, cfg: ClusterConfig, *, host: str, bucket: str, events: MinioRecords | None = None) -> None:
         self.cfg = cfg
         self.host = host
         self.bucket = bucket
+        self.events = events  # MinIO's notifications to republish while leading (``scan.mode = "events"``)
+        self.republished = 0  # images published from MinIO's notifications (link thread only)
+        self._lease_lock = asyncio.Lock()  # one CAS on the lease at a time: two on one revision would depose it
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="nats-link", daemon=True)
         self._nc: Any = None
@@ -78,7 +90,6 @@ class JetStreamLink:
         self._closing = False
         self.lease_terms = 0  # how many times this host took the lease (a new term: what earlier leaders did is unknown)
         self.sequences: dict[str, int] = {}  # image key -> stream sequence of its publish (``cluster.retention``)
-        self._renewing = asyncio.Lock()
 
     # ----- lifecycle (the supervisor's thread) ------------------------------------------------------
 
@@ -217,6 +228,8 @@ class JetStreamLink:
         self._js = self._nc.jetstream(timeout=CALL_TIMEOUT_S)
         await self._ensure()
         self._tasks = [asyncio.ensure_future(self._progress_notes()), asyncio.ensure_future(self._keep_lease())]
+        if self.events is not None:
+            self._tasks.append(asyncio.ensure_future(self._republish_events(self.events)))
 
     async def _ensure(self) -> None:
         """Create what is missing; an existing stream, consumer or bucket is used as it is."""
@@ -281,7 +294,7 @@ class JetStreamLink:
             self._held[ref.key] = message
             if again:
                 continue
-            counted = await self._ledger_value(ref.key, object_version(ref.mtime, ref.size)) is not None
+            counted = await self._ledger_value(ref.key, image_version(ref)) is not None
             out.append(Delivery(ref=ref, delivered=message.metadata.num_delivered, counted=counted))
         return out
 
@@ -328,7 +341,7 @@ class JetStreamLink:
             return Published(sent=0, deposed=True)
         sent = 0
         for ref in refs:
-            headers = {"Nats-Msg-Id": f"{self.bucket}/{ref.key}@{object_version(ref.mtime, ref.size)}",
+            headers = {"Nats-Msg-Id": f"{self.bucket}/{ref.key}@{image_version(ref)}",
                        "Imgworker-Lease": str(revision)}
             try:
                 ack = await self._js.publish(self.cfg.subject, msgspec.msgpack.encode(ref), headers=headers,
@@ -342,15 +355,11 @@ class JetStreamLink:
         return Published(sent=sent)
 
     async def _renew_lease(self) -> int:
-        """CAS the lease on the revision held: the new revision, or 0 (deposed: another host holds it).
+        """CAS the lease on the revision held: the new revision, or 0 (deposed: another host holds it)."""
+        async with self._lease_lock:
+            return await self._cas_lease()
 
-        One at a time (the renewal task, a publish batch and the cleaner's fence all renew): two CAS on
-        the same revision would make the second fail and this host give up a lease it holds.
-        """
-        async with self._renewing:
-            return await self._renew_lease_once()
-
-    async def _renew_lease_once(self) -> int:
+    async def _cas_lease(self) -> int:
         import nats.js.errors
 
         revision = self.lease_revision
@@ -388,6 +397,108 @@ class JetStreamLink:
             except Exception as exc:  # away: a lease not renewed within its TTL is not held (leading())
                 log.debug("lease: %s", exc or type(exc).__name__)
             await asyncio.sleep(self.cfg.lease_ttl_s / 3)
+
+    async def _republish_events(self, events: MinioRecords) -> None:
+        """While this host leads: MinIO's notifications to the work stream, each acked only after its PubAck.
+
+        A host that does not lead fetches nothing (a deposed leader stops at its next fetch; what it
+        holds is naked when the CAS before its publishes fails). MinIO's stream must exist: while it
+        does not, an error is logged once and it is looked for again every ``EVENTS_RETRY_S`` (the
+        reconciliation sweeps go on meanwhile). Any other failure waits as long and tries again.
+        """
+        sub: Any = None
+        missing = False
+        while True:
+            try:
+                if not self.leading():
+                    await asyncio.sleep(0.2)
+                    continue
+                if sub is None:
+                    sub = await self._events_subscription(events)
+                    if missing:
+                        log.info("MinIO's event stream is there now: consuming its notifications")
+                    missing = False
+                messages = await self._events_fetch(sub)
+                if messages and not await self._republish(events, messages):
+                    await asyncio.sleep(EVENTS_FULL_DELAY_S)  # the work stream is full: stop fetching a while
+            except asyncio.CancelledError:
+                raise
+            except _EventsStreamMissing as exc:
+                if not missing:
+                    log.error("%s; MinIO publishes only into an existing stream: create it (see the README, "
+                              "\"More than one host\"). Intake goes on by reconciliation sweeps; looking again "
+                              "every %.0f s", exc, EVENTS_RETRY_S)
+                missing = True
+                await asyncio.sleep(EVENTS_RETRY_S)
+            except Exception as exc:  # away, or the consumer went: subscribe again later
+                log.warning("MinIO's notifications: %s; trying again in %.0f s", exc or type(exc).__name__,
+                            EVENTS_RETRY_S)
+                sub = None
+                await asyncio.sleep(EVENTS_RETRY_S)
+
+    async def _events_subscription(self, events: MinioRecords) -> Any:
+        """The durable pull consumer on MinIO's stream (created at new messages if absent; a sweep finds older ones)."""
+        import nats.js.errors
+        from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+
+        try:
+            stream = events.stream or await self._js.find_stream_name_by_subject(events.subject)
+            await self._js.stream_info(stream)
+        except nats.js.errors.NotFoundError:
+            where = f"stream {events.stream!r}" if events.stream else f"a stream holding subject {events.subject!r}"
+            raise _EventsStreamMissing(f"MinIO's event stream does not exist ({where})") from None
+        consumer = ConsumerConfig(durable_name=events.durable, ack_policy=AckPolicy.EXPLICIT,
+                                  deliver_policy=DeliverPolicy.NEW, ack_wait=self.cfg.ack_wait_s, max_deliver=-1)
+        sub = await self._js.pull_subscribe(events.subject, durable=events.durable, stream=stream, config=consumer)
+        log.info("consuming MinIO's notifications from stream %s (durable %s)", stream, events.durable)
+        return sub
+
+    async def _events_fetch(self, sub: Any) -> list[Any]:
+        import nats.errors
+
+        try:
+            return list(await sub.fetch(EVENTS_BATCH, timeout=EVENTS_FETCH_TIMEOUT_S))
+        except nats.errors.TimeoutError:
+            return []
+
+    async def _republish(self, events: MinioRecords, messages: list[Any]) -> bool:
+        """Publish the wanted images of ``messages``, fenced by the lease CAS; ack each message after its PubAcks.
+
+        False when the work stream is full: that message and the rest are naked with a delay, never
+        acked, so nothing is dropped. Deposed: all are naked. A failure naks what is not acked yet.
+        """
+        import nats.js.errors
+
+        revision = await self._renew_lease()
+        if not revision:
+            await _nak_all(messages)
+            return True
+        for n, message in enumerate(messages):
+            try:
+                refs = events.refs(message.data)
+            except EventError as exc:
+                log.warning("dropping a MinIO notification: %s", exc)
+                await message.term()
+                continue
+            try:
+                for ref in refs:
+                    headers = {"Nats-Msg-Id": f"{self.bucket}/{ref.key}@{image_version(ref)}",
+                               "Imgworker-Lease": str(revision)}
+                    await self._js.publish(self.cfg.subject, msgspec.msgpack.encode(ref), headers=headers,
+                                           stream=self.cfg.stream)
+                    self.republished += 1
+            except nats.js.errors.APIError as exc:
+                if exc.err_code == _STREAM_FULL or "maximum messages" in (exc.description or ""):
+                    log.info("work stream full (%d messages): MinIO's notifications wait", self.cfg.max_msgs)
+                    await _nak_all(messages[n:], delay=EVENTS_FULL_DELAY_S)
+                    return False
+                await _nak_all(messages[n:])
+                raise
+            except BaseException:
+                await _nak_all(messages[n:])
+                raise
+            await message.ack()  # its images are in the work stream (or were already: same Nats-Msg-Id)
+        return True
 
     async def _progress_notes(self) -> None:
         """``in_progress()`` for every message this host holds, every third of AckWait."""
@@ -455,6 +566,20 @@ async def _figures(js: Any, cfg: ClusterConfig) -> dict[str, int]:
     return {"stream_messages": stream.state.messages, "consumer_pending": consumer.num_pending or 0,
             "consumer_ack_pending": consumer.num_ack_pending or 0,
             "consumer_redelivered": consumer.num_redelivered or 0}
+
+
+class _EventsStreamMissing(Exception):
+    """MinIO's stream does not exist (MinIO publishes only into an existing one)."""
+
+
+async def _nak_all(messages: list[Any], *, delay: float | None = None) -> None:
+    """Hand MinIO's messages back; one that cannot be naked comes again after its AckWait."""
+    for message in messages:
+        try:
+            await message.nak(delay=delay)
+        except Exception as exc:  # nats-py raises many kinds; the connection may be going
+            log.debug("could not nak a MinIO notification: %s", exc or type(exc).__name__)
+            return
 
 
 async def _cancel_the_rest() -> None:

@@ -30,12 +30,14 @@ class EventError(ImgworkerError):
 
 
 class ChangeEvent(msgspec.Struct, frozen=True, array_like=True):
-    """One object created or overwritten: its S3 key, size, upload time, and the event's own time."""
+    """One object created or overwritten: its S3 key, size, upload time, the event's own time, and its ETag
+    (quotes stripped; "" when the source gives none)."""
 
     key: str
     size: int
     mtime: float
     ts_ns: int
+    etag: str = ""
 
 
 class EventBatch(msgspec.Struct, tag="batch", array_like=True):

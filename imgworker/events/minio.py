@@ -39,6 +39,7 @@ class _S3Bucket(msgspec.Struct):
 class _S3Object(msgspec.Struct):
     key: str
     size: int = 0  # omitted by MinIO for an empty object
+    eTag: str = ""  # noqa: N815
 
 
 class _S3(msgspec.Struct):
@@ -77,7 +78,8 @@ def parse_minio(body: bytes, bucket: str) -> list[ChangeEvent]:
             continue
         ts_ns = _event_time_ns(record.eventTime)
         key = urllib.parse.unquote_plus(record.s3.object.key)
-        out.append(ChangeEvent(key=key, size=record.s3.object.size, mtime=ts_ns / 1e9, ts_ns=ts_ns))
+        out.append(ChangeEvent(key=key, size=record.s3.object.size, mtime=ts_ns / 1e9, ts_ns=ts_ns,
+                               etag=record.s3.object.eTag.replace('"', "")))
     return out
 
 

@@ -329,7 +329,7 @@ def test_an_image_delivered_max_attempts_times_ends_failed_worker_unanalysed(sto
         while not dying.leading():
             time.sleep(0.05)
         [[listed]] = list(store.list_pages(prefix, 10))  # the image as the leader lists it: with its version
-        assert dying.publish([ImageRef(key=key, size=listed.size, mtime=listed.mtime)]).sent == 1
+        assert dying.publish([ImageRef(key=key, size=listed.size, mtime=listed.mtime, etag=listed.etag)]).sent == 1
         for _ in range(3):  # a host takes it and dies: no ack, no progress note, no nak
             got: list[Any] = []
             while not got:

@@ -26,7 +26,8 @@ def test_cluster_settings_come_from_the_environment():
     ({"cluster": {"url": "nats://n:4222", "credentials_file": "/nonexistent.creds"}}, "cluster.credentials_file"),
     ({"cluster": {"url": "nats://n:4222"}, "retention": {"enabled": True, "max_count": 5, "protect": "none"}},
      "retention.protect"),
-    ({"cluster": {"url": "nats://n:4222"}, "scan": {"mode": "events", "events": {"filer": "h:1.2"}}}, "scan.mode"),
+    ({"cluster": {"url": "nats://n:4222"}, "scan": {"mode": "events", "events": {"filer": "h:1.2"}}},
+     "scan.events.source"),
 ])
 def test_cluster_settings_are_refused_with_the_key_named(overrides, named):
     with pytest.raises(ConfigError, match=named.replace(".", r"\.")):

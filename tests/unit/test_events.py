@@ -153,7 +153,8 @@ def minio_body(*records: dict[str, Any]) -> bytes:
 def test_parse_minio_takes_every_kind_of_upload(name: str) -> None:
     got = parse_minio(minio_body(minio_record(name, "frames", "cam/1/a.jpg")), "frames")
     ts_ns = 1704067200_123_000_000
-    assert got == [ChangeEvent(key="cam/1/a.jpg", size=123, mtime=ts_ns / 1e9, ts_ns=ts_ns)]
+    assert got == [ChangeEvent(key="cam/1/a.jpg", size=123, mtime=ts_ns / 1e9, ts_ns=ts_ns,
+                               etag="d41d8cd98f00b204e9800998ecf8427e")]
 
 
 @pytest.mark.parametrize("name", ["s3:ObjectRemoved:Delete", "s3:ObjectRemoved:DeleteMarkerCreated",
@@ -181,7 +182,8 @@ def test_parse_minio_decodes_url_encoded_keys(key: str) -> None:
 def test_parse_minio_reads_an_empty_object_without_size_and_a_plain_s3_body() -> None:
     record = minio_record("s3:ObjectCreated:Put", "frames", "e.jpg", size=None, when="2024-01-01T00:00:01Z")
     assert parse_minio(json.dumps({"Records": [record]}).encode(), "frames") == [
-        ChangeEvent(key="e.jpg", size=0, mtime=1704067201.0, ts_ns=1704067201_000_000_000)]
+        ChangeEvent(key="e.jpg", size=0, mtime=1704067201.0, ts_ns=1704067201_000_000_000,
+                    etag="d41d8cd98f00b204e9800998ecf8427e")]
 
 
 @pytest.mark.parametrize("body", [b"", b"not json", b"[]", b"null", b'{"EventName": "x"}', b'{"Records": {}}',
