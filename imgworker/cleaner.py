@@ -42,7 +42,8 @@ class StoredImage(msgspec.Struct, frozen=True, array_like=True):
     group: str
     size: int
     ts: float
-    mtime: float = 0.0  # as listed: with ``size``, the object version cluster mode's ledger names
+    mtime: float = 0.0  # as listed: with ``size`` and ``etag``, the object version cluster mode's ledger names
+    etag: str = ""
 
 
 class Plan(msgspec.Struct):
@@ -63,7 +64,8 @@ def image_time(ref: ImageRef) -> float:
 def stored_image(ref: ImageRef, prefix: str) -> StoredImage:
     rel = relative_key(ref.key, prefix)
     group = rel.rsplit("/", 1)[0] if "/" in rel else ""
-    return StoredImage(key=ref.key, group=group, size=ref.size, ts=image_time(ref), mtime=ref.mtime)
+    return StoredImage(key=ref.key, group=group, size=ref.size, ts=image_time(ref), mtime=ref.mtime,
+                       etag=ref.etag)
 
 
 def _count_limit(cfg: RetentionConfig, group: str) -> int:

@@ -178,9 +178,9 @@ class JetStreamLink:
         """Delete one message from the work stream by sequence: True if it was there (no host acked it)."""
         return self._call(self._withdraw(seq))
 
-    def republish(self, ref: ImageRef, tag: str) -> int:
+    def publish_again(self, ref: ImageRef, tag: str) -> int:
         """Publish an image again under a Nats-Msg-Id of its own (``@version#tag``): its new sequence."""
-        return self._call(self._republish(ref, tag))
+        return self._call(self._publish_again(ref, tag))
 
     async def _counted(self, versions: dict[str, str]) -> set[str]:
         keys = list(versions)
@@ -203,8 +203,8 @@ class JetStreamLink:
         except nats.js.errors.APIError:  # not there (acked, or deleted already), or refused: either way, keep it
             return False
 
-    async def _republish(self, ref: ImageRef, tag: str) -> int:
-        headers = {"Nats-Msg-Id": f"{self.bucket}/{ref.key}@{object_version(ref.mtime, ref.size)}#{tag}"}
+    async def _publish_again(self, ref: ImageRef, tag: str) -> int:
+        headers = {"Nats-Msg-Id": f"{self.bucket}/{ref.key}@{image_version(ref)}#{tag}"}
         ack = await self._js.publish(self.cfg.subject, msgspec.msgpack.encode(ref), headers=headers,
                                      stream=self.cfg.stream)
         self.sequences[ref.key] = ack.seq

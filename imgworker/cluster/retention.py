@@ -63,7 +63,7 @@ from ..outcomes import ImageRef, Outcome
 from ..ports import OutcomeLedger, OutcomeSink
 from ..retention import CleanerPass
 from ..scanner import parse_task
-from . import object_version
+from . import image_version
 from .host import ClusterHost
 from .jetstream import ClusterUnavailable
 
@@ -105,7 +105,7 @@ class ClusterCleaner(CleanerPass):
         deleting = janitor.deleting()
         if deleting:
             inventory = [img for img in inventory if img.key not in deleting]
-        versions = {img.key: object_version(img.mtime, img.size) for img in inventory}
+        versions = {img.key: image_version(self._ref(img)) for img in inventory}
         unknown = {key: v for key, v in versions.items() if f"{key}@{v}" not in self._done}
         try:
             found = link.counted(unknown) if unknown else set()
@@ -235,7 +235,7 @@ class ClusterCleaner(CleanerPass):
         """A withdrawn message a host may have been handed: publish the image again, keep the object."""
         ref = self._ref(img)
         try:
-            self.host.link.republish(ref, uuid.uuid4().hex[:12])
+            self.host.link.publish_again(ref, uuid.uuid4().hex[:12])
         except ClusterUnavailable as exc:
             log.error("cleaner: %s was withdrawn from the stream and could not be published again (%s); it stays "
                       "in the intake backlog", img.key, exc)
@@ -248,11 +248,12 @@ class ClusterCleaner(CleanerPass):
     def _end(self, img: StoredImage) -> None:
         """Storage wins: the image's outcome is claimed in the ledger and written before it is deleted."""
         ref = self._ref(img)
-        self.host.ending(ref.key, object_version(img.mtime, img.size))
+        self.host.ending(ref.key, image_version(ref))
         self.sink.accepted(ref)
         self.sink.drop(ref, Outcome.DROPPED_EXPIRED, "retention")
         self.host.link.sequences.pop(ref.key, None)
 
     def _ref(self, img: StoredImage) -> ImageRef:
         task_type, task_id = parse_task(img.key, self.cfg.store.prefix)
-        return ImageRef(key=img.key, task_type=task_type, task_id=task_id, mtime=img.mtime, size=img.size)
+        return ImageRef(key=img.key, task_type=task_type, task_id=task_id, mtime=img.mtime, size=img.size,
+                        etag=img.etag)

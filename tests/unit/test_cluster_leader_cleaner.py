@@ -139,7 +139,7 @@ class FakeLink:
             self.on_withdraw(seq)
         return there
 
-    def republish(self, ref: ImageRef, tag: str) -> int:
+    def publish_again(self, ref: ImageRef, tag: str) -> int:
         self.republished.append(ref.key)
         seq = self._append(ref, f"{ref.key}#{tag}")
         self.sequences[ref.key] = seq
