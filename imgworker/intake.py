@@ -27,6 +27,7 @@ A complete sweep forgets backlog entries it no longer listed (their objects are 
 from __future__ import annotations
 
 import collections
+import itertools
 import logging
 import time
 from collections.abc import Callable
@@ -125,6 +126,11 @@ class Backlog:
 
     def keys(self) -> set[str]:
         return set(self._group_of)
+
+    def in_take_order(self) -> list[ImageRef]:
+        """Every image, in the order ``take`` would hand them out (directories in turn, oldest first in each)."""
+        groups = [list(self._groups[group].values()) for group in self._turns]
+        return [ref for turn in itertools.zip_longest(*groups) for ref in turn if ref is not None]
 
     def forget_unlisted(self, listed: set[str], among: set[str]) -> list[str]:
         """Forget the entries of ``among`` (those present when a listing began) it did not list."""

@@ -41,6 +41,7 @@ import msgspec
 
 from . import actions
 from .cleaner import CleanerStats, Plan, StoredImage
+from .cluster.expiry import LeaderExpiry
 from .cluster.host import ClusterHost
 from .config import Config
 from .dispatch import Dispatch
@@ -120,6 +121,17 @@ def _cluster_cleaner(cfg: Config, host: ClusterHost, sup: Supervisor) -> Cleaner
                           ledger=sup.ledger, sink=sup.recorder, cleaner=sup.recorder.cleaner)
 
 
+def _leader_expiry(cfg: Config, host: ClusterHost, sup: Supervisor) -> LeaderExpiry | None:
+    """Cluster mode's expiry elsewhere, decided by the intake leader (``cluster.expiry``); None without its rules."""
+    from .cluster.retention import ClusterCleaner
+
+    if not sup.expiry.expiry.enabled:
+        return None
+    assert isinstance(sup.cleaning, ClusterCleaner)
+    return LeaderExpiry(estimator=sup.expiry.expiry, host=host, fence=sup.cleaning, backlog=sup.intake.backlog,
+                        stats=sup.recorder.stats, clock=sup.clock)
+
+
 class Stopping:
     """Signals and stop conditions set flags here; the loop acts on them."""
 
@@ -173,6 +185,8 @@ class Supervisor:
             else _cluster_cleaner(cfg, self.cluster, self)
         self.expiry = ExpiryGuard(cfg, dispatch=self.dispatch, sink=self.recorder, stats=self.recorder.stats,
                                   clock=clock)
+        # the leader sees every arrival; it shares the estimator with its own check at dispatch
+        self.leader_expiry = None if self.cluster is None else _leader_expiry(cfg, self.cluster, self)
         self.journal: ResultsJournal | None = None
         self.janitor: Janitor | None = None
         self.stopping = Stopping(clock)
@@ -430,7 +444,8 @@ class Supervisor:
     def _admit(self) -> None:
         """Move images from the backlog into the queue, as room (or the overflow policy) allows."""
         if self.cluster is not None:
-            self.cluster.admit(self.intake)  # to the shared work stream; taken in where a lane fetches it
+            # to the shared work stream, less what would expire anyway; taken in where a lane fetches it
+            self.cluster.admit(self.intake, screen=None if self.leader_expiry is None else self.leader_expiry.screen)
             return
         block = self.cfg.dispatch.overflow == "block"
         refs = self.intake.take(self.dispatch.room if block else len(self.intake.backlog))
@@ -455,6 +470,8 @@ class Supervisor:
                 self.clean(end.inventory)
         self.expiry.sample_rate()
         self.expiry.drop_doomed()
+        if end.complete and self.leader_expiry is not None and not self.stopping.draining:
+            self.leader_expiry.drop_doomed()  # what the leader holds back or withdraws
 
     # ----- store jobs ------------------------------------------------------------------
 

@@ -161,14 +161,19 @@ class ClusterHost:
         """Its message left the stream without an outcome (the cleaner withdrew it): intake may take it in again."""
         self._published.pop(key, None)
 
-    def admit(self, backlog: Backlog) -> None:
-        """The leader's admission: images from the backlog go to the work stream, not to the local queue."""
+    def admit(self, backlog: Backlog, *, screen: Callable[[list[ImageRef]], list[ImageRef]] | None = None) -> None:
+        """The leader's admission: images from the backlog go to the work stream, not to the local queue.
+
+        ``screen`` (expiry, ``LeaderExpiry.screen``) ends the images not worth publishing and returns the rest.
+        """
         if not self.can_publish():
             return
         refs = backlog.take(PUBLISH_BATCH)
         # a ref restored from a checkpoint has no version (its ledger key would name none): it leaves the
         # backlog, and the next sweep lists it again with its version
         versioned = [ref for ref in refs if ref.mtime or ref.size or ref.etag]
+        if versioned and screen is not None:
+            versioned = screen(versioned)
         if versioned:
             backlog.put_back(self.publish(versioned))
 

@@ -100,7 +100,7 @@ class ClusterCleaner(CleanerPass):
 
     def run(self, inventory: list[StoredImage], janitor: Janitor) -> tuple[Plan, list[Done]]:
         link = self.host.link
-        if not self._confirm():
+        if not self.confirm():
             return Plan(delete=[], give_up=[]), []
         deleting = janitor.deleting()
         if deleting:
@@ -138,7 +138,7 @@ class ClusterCleaner(CleanerPass):
         self._count(plan, status, inventory)
         if not (plan.delete or plan.give_up):
             return plan, []
-        if not self._confirm():  # the fence right before the deletes: a deposed leader deletes nothing
+        if not self.confirm():  # the fence right before the deletes: a deposed leader deletes nothing
             return plan, []
         janitor.submit(self._jobs(plan.delete + plan.give_up))
         if plan.give_up:
@@ -167,7 +167,8 @@ class ClusterCleaner(CleanerPass):
 
         return status
 
-    def _confirm(self) -> bool:
+    def confirm(self) -> bool:
+        """The lease compare-and-set: False (and nothing is to be ended or deleted) once this host is deposed."""
         try:
             leading = self.host.link.confirm_lease()
         except ClusterUnavailable as exc:
@@ -183,36 +184,43 @@ class ClusterCleaner(CleanerPass):
         if not images:
             return []
         ended: list[str] = []
-        published: list[StoredImage] = []
+        published: list[ImageRef] = []
         for img in images:
             if status(img.key) is Status.NEW:
-                self._end(img)
+                self.end(self._ref(img), "retention")
                 self.fence.given_up_unpublished += 1
                 ended.append(img.key)
             else:
-                published.append(img)
+                published.append(self._ref(img))
         if published:
-            ended += self._through_fence(published)
+            withdrawn = self.through_fence(published, "retention")
+            self.fence.given_up_withdrawn += len(withdrawn)
+            ended += withdrawn
         return ended
 
-    def _through_fence(self, images: list[StoredImage]) -> list[str]:
-        """Withdraw the undelivered messages, read the consumer again, end what no host got, put back the rest."""
+    def through_fence(self, refs: list[ImageRef], cause: str) -> list[str]:
+        """Withdraw the undelivered messages, read the consumer again, end what no host got, put back the rest.
+
+        The one way the leader ends a published image it does not hold (the cleaner's give-ups, and
+        expiry's ``would_expire`` drops, ``LeaderExpiry``); ``cause`` goes on the ``dropped_expired``
+        line. Returns the keys that ended.
+        """
         link = self.host.link
         try:
             before = link.delivered_up_to()
         except ClusterUnavailable as exc:
             log.warning("cleaner: cannot read the work consumer (%s); nothing given up", exc)
             return []
-        withdrawn: list[tuple[StoredImage, int]] = []
-        for img in images:
-            seq = link.sequences.get(img.key, 0)
+        withdrawn: list[tuple[ImageRef, int]] = []
+        for ref in refs:
+            seq = link.sequences.get(ref.key, 0)
             if seq <= before:
                 continue  # a host may hold it
             try:
                 if link.withdraw(seq):
-                    withdrawn.append((img, seq))
+                    withdrawn.append((ref, seq))
             except ClusterUnavailable as exc:  # unknown: it may still be there; it stays queued
-                log.warning("cleaner: withdrawing %s from the stream failed (%s)", img.key, exc)
+                log.warning("cleaner: withdrawing %s from the stream failed (%s)", ref.key, exc)
                 break
         if not withdrawn:
             return []
@@ -222,35 +230,35 @@ class ClusterCleaner(CleanerPass):
         except ClusterUnavailable as exc:
             log.warning("cleaner: cannot read the work consumer again (%s); the withdrawn images go back", exc)
         ended: list[str] = []
-        for img, seq in withdrawn:
+        for ref, seq in withdrawn:
             if after is not None and seq > after:
-                self._end(img)
-                self.fence.given_up_withdrawn += 1
-                ended.append(img.key)
+                self.end(ref, cause)
+                ended.append(ref.key)
             else:
-                self._put_back(img)
+                self._put_back(ref)
         return ended
 
-    def _put_back(self, img: StoredImage) -> None:
+    def _put_back(self, ref: ImageRef) -> None:
         """A withdrawn message a host may have been handed: publish the image again, keep the object."""
-        ref = self._ref(img)
         try:
             self.host.link.publish_again(ref, uuid.uuid4().hex[:12])
         except ClusterUnavailable as exc:
             log.error("cleaner: %s was withdrawn from the stream and could not be published again (%s); it stays "
-                      "in the intake backlog", img.key, exc)
-            self.host.link.sequences.pop(img.key, None)
-            self.host.unpublished(img.key)  # intake takes it in again at the next listing
+                      "in the intake backlog", ref.key, exc)
+            self.host.link.sequences.pop(ref.key, None)
+            self.host.unpublished(ref.key)  # intake takes it in again at the next listing
             return
         self.fence.republished += 1
-        log.info("cleaner: %s may have been delivered while withdrawn; published again, kept", img.key)
+        log.info("cleaner: %s may have been delivered while withdrawn; published again, kept", ref.key)
 
-    def _end(self, img: StoredImage) -> None:
-        """Storage wins: the image's outcome is claimed in the ledger and written before it is deleted."""
-        ref = self._ref(img)
+    def end(self, ref: ImageRef, cause: str) -> None:
+        """End an image no host holds: its outcome (``dropped_expired``) is claimed in the ledger and written first.
+
+        For the cleaner (``retention``) that comes before the delete: storage wins.
+        """
         self.host.ending(ref.key, image_version(ref))
         self.sink.accepted(ref)
-        self.sink.drop(ref, Outcome.DROPPED_EXPIRED, "retention")
+        self.sink.drop(ref, Outcome.DROPPED_EXPIRED, cause)
         self.host.link.sequences.pop(ref.key, None)
 
     def _ref(self, img: StoredImage) -> ImageRef:

@@ -1,0 +1,97 @@
+"""Expiry elsewhere decided on the cluster's intake leader, on in-memory parts behind the fake JetStream link.
+
+The count rule (``external_max_count``): each task directory keeps only its newest N elsewhere. The
+uploads are named as captured in 2024, so no arrival is recent: an image is doomed exactly when N
+newer images of its directory were taken in. The leader does not fetch here (``link.fetching``);
+``deliver_elsewhere`` hands messages to another host that holds them. Counted at the far end: the
+ledger's entries, the work stream's messages, what was ever published, the algorithm's calls.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from imgworker.cluster.expiry import LeaderExpiry
+from imgworker.memstore import MemoryAlgo
+from tests.unit.test_cluster_leader_cleaner import FakeLink, Watched, leader, sweeps, upload
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def expiring(tmp_path: Any, store: Watched, *, keep: int) -> tuple[Any, FakeLink, MemoryAlgo]:
+    algo = MemoryAlgo(store)
+    sup, link = leader(tmp_path, store, algo=algo, external_max_count=keep)
+    link.fetching = False
+    return sup, link, algo
+
+
+def outcomes(link: FakeLink) -> dict[str, tuple[str, str]]:
+    return {key: (e.outcome.value, e.cause) for key, e in link.entries().items()}
+
+
+def ever_published(link: FakeLink) -> set[str]:
+    return {msg_id.split("@")[0].split("#")[0] for msg_id in link.ids}
+
+
+def test_published_images_the_count_rule_dooms_are_withdrawn_and_dropped_but_never_a_delivered_one(tmp_path):
+    store = Watched()
+    sup, link, algo = expiring(tmp_path, store, keep=3)
+    old = upload(store, 0, 3)
+    with sup.running(drain=False):
+        sweeps(sup, 2)
+        assert set(old) <= {ref.key for ref in link.stream.values()}, "not doomed yet: published"
+        link.deliver_elsewhere(1)  # another host holds the oldest
+        new = upload(store, 100, 3)  # three newer in the same directory: the older three are doomed
+        sweeps(sup, 2)
+    assert isinstance(sup.leader_expiry, LeaderExpiry)
+    assert outcomes(link) == {key: ("dropped_expired", "would_expire") for key in old[1:]}
+    assert old[0] not in link.entries() and [ref.key for ref in link.elsewhere] == [old[0]], "delivered: kept"
+    queued = {ref.key for ref in link.stream.values()}
+    assert not queued & set(old[1:]), "withdrawn from the stream"
+    assert set(new) <= queued, "the newest three wait for a worker"
+    assert not algo.calls and set(store.keys()) == set(old) | set(new), "expiry deletes nothing itself"
+    assert sup.leader_expiry.figures.withdrawn == 2
+
+
+def test_backlog_images_the_count_rule_dooms_are_dropped_directly_never_published(tmp_path, monkeypatch):
+    store = Watched()
+    sup, link, algo = expiring(tmp_path, store, keep=2)
+    assert sup.cluster is not None
+    monkeypatch.setattr(sup.cluster, "can_publish", lambda: False)  # the stream is full: all stays in the backlog
+    keys = upload(store, 0, 5)
+    with sup.running(drain=False):
+        sweeps(sup, 2)
+        assert not link.ids
+        monkeypatch.undo()
+        sweeps(sup, 2)
+    assert outcomes(link) == {key: ("dropped_expired", "would_expire") for key in keys[:3]}
+    assert ever_published(link) == set(keys[3:]), "the doomed were never published; the newest two were"
+    assert sup.leader_expiry.figures.from_backlog == 3 and not algo.calls
+
+
+def test_images_already_doomed_at_admission_are_not_published(tmp_path):
+    store = Watched()
+    sup, link, _ = expiring(tmp_path, store, keep=2)
+    keys = upload(store, 0, 6)
+    with sup.running(drain=False):
+        sweeps(sup, 2)
+    assert outcomes(link) == {key: ("dropped_expired", "would_expire") for key in keys[:4]}
+    assert ever_published(link) == set(keys[4:])
+    assert sup.leader_expiry.figures.not_published == 4
+
+
+def test_a_deposed_leader_drops_nothing(tmp_path, monkeypatch):
+    store = Watched()
+    sup, link, _ = expiring(tmp_path, store, keep=3)
+    old = upload(store, 0, 3)
+    with sup.running(drain=False):
+        sweeps(sup, 2)
+        monkeypatch.setattr(link, "confirm_lease", lambda: False)  # lost; this host has not noticed yet
+        upload(store, 100, 3)
+        sweeps(sup, 2)
+        assert sup.leader_expiry.drop_doomed() == 0
+    assert not link.entries(), "nothing ended once deposed"
+    assert set(old) <= {ref.key for ref in link.stream.values()}, "nothing withdrawn"
+    assert sup.cleaning.fence.deposed >= 1
