@@ -23,7 +23,8 @@ an inline pool and an inline lister, without processes or servers.
 Cluster mode (``[cluster]``) adds ``ClusterHost``, a second queue and a second ledger behind these
 owners (see ``imgworker.cluster``): the lease holder's intake publishes instead of queueing,
 ``feed_idle`` fetches no more than the idle lanes, and the recorder claims each outcome in the
-shared ledger first.
+shared ledger first. Expiry is then decided on the leader (``LeaderExpiry``: at publish and after
+each complete listing); ``ExpiryGuard.drops`` stays every host's check at dispatch.
 """
 from __future__ import annotations
 

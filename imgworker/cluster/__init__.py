@@ -78,8 +78,12 @@ Retention: the cleaner runs on the intake leader only (``retention.py``), with `
 ``lease``; an image is DONE once its ledger entry exists, and ``lease`` gives up only images no host
 can have been handed (the leader's own backlog, and published messages above the consumer's
 delivered sequence, withdrawn from the stream and checked again). ``none`` and ``inflight`` are
-refused by the config: they need to know which host holds what. Expiry (``retention.external_*``)
-is applied by each host to the images it fetched.
+refused by the config: they need to know which host holds what. Expiry (``retention.external_*``) is
+decided on the leader too (``expiry.py``): it observes every image intake takes in (the count rule), skips
+publishing the already doomed, and after each complete listing drops the doomed of its backlog directly
+and the published, undelivered ones through the cleaner's fence (``ClusterCleaner.through_fence``), each
+image's wait being its place in line over the rate the consumer's delivered sequence advances. Every
+host still applies ``ExpiryGuard.drops`` to the deliveries it fetched (it holds them: a safe last guard).
 
 Change events (``scan.mode = "events"``, source ``minio_nats`` only): MinIO publishes into an existing
 stream, with no ``Nats-Msg-Id``, on one subject, keys URL-escaped. No watcher process runs; the lease

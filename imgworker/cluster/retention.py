@@ -32,12 +32,10 @@ was deposed are safe still: DONE images, or images whose outcome is already in t
 ``none`` and ``inflight`` are refused in cluster mode (``config``): they need to know which host
 holds what, and the leader does not.
 
-Expiry (``ExpiryGuard``) is unchanged: every host applies it to the images it fetched and holds
-(it holds the delivery, so its drop, ``dropped_expired`` cause ``would_expire``, is its claim in the
-ledger, then the ack); it is not applied to the leader's backlog nor to messages still in the
-stream (an image that expired there is dropped unanalysed by the host that fetches it). Only
-``external_max_age_s`` is estimated in cluster mode: the count rule (``external_max_count``) needs
-every arrival per directory, which no host sees (the leader publishes, the others fetch a share).
+Expiry elsewhere is decided on the leader as well (``LeaderExpiry``, ``expiry.py``): it ends the
+doomed of its backlog with ``end`` and the doomed published ones through the same fence
+(``through_fence``, cause ``would_expire``). Every host still applies ``ExpiryGuard.drops`` to the
+images it fetched and holds (its drop is its claim in the ledger, then the ack).
 
 Limits: one pass looks up in the ledger each listed image not yet known as done (concurrently, in
 chunks); a result action another host still has to run on a DONE image (a tag, a move) may find

@@ -15,7 +15,7 @@ import pytest
 
 from imgworker.cluster.expiry import LeaderExpiry
 from imgworker.memstore import MemoryAlgo
-from tests.unit.test_cluster_leader_cleaner import FakeLink, Watched, leader, sweeps, upload
+from tests.unit.test_cluster_leader_cleaner import PREFIX, FakeLink, Watched, leader, sweeps, upload
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -98,3 +98,18 @@ def test_a_deposed_leader_drops_nothing(tmp_path, monkeypatch):
     assert not link.entries(), "nothing ended once deposed"
     assert set(old) <= {ref.key for ref in link.stream.values()}, "nothing withdrawn"
     assert sup.cleaning.fence.deposed >= 1
+
+
+def test_a_host_still_drops_at_dispatch_what_expired_in_the_stream(tmp_path):
+    store = Watched()
+    algo = MemoryAlgo(store)
+    sup, link = leader(tmp_path, store, algo=algo, external_max_age_s=3600.0)  # captured in 2024: expired
+    link.lead = False  # a host that does not lead: it only fetches what an earlier leader published
+    keys = upload(store, 0, 3)
+    for page in store.list_pages(PREFIX, 1000):
+        for ref in page:
+            link._append(ref, ref.key)
+    with sup.running(drain=False):
+        assert sup.step_until(lambda: len(link.entries()) == len(keys), max_steps=2000)
+    assert outcomes(link) == {key: ("dropped_expired", "would_expire") for key in keys}
+    assert not algo.calls and not link.stream and not link.held, "dropped unanalysed, and acked"
