@@ -170,11 +170,11 @@ class ClusterCleaner(CleanerPass):
         try:
             leading = self.host.link.confirm_lease()
         except ClusterUnavailable as exc:
-            log.warning("cleaner: cannot confirm the intake lease (%s); nothing deleted", exc)
+            log.warning("leader: cannot confirm the intake lease (%s); nothing deleted or given up", exc)
             return False
         if not leading:
             self.fence.deposed += 1
-            log.warning("cleaner: this host no longer holds the intake lease; nothing deleted")
+            log.warning("leader: this host no longer holds the intake lease; nothing deleted or given up")
         return leading
 
     def _give_up_all(self, images: list[StoredImage], status: Callable[[str], Status]) -> list[str]:

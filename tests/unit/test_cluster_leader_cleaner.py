@@ -276,7 +276,7 @@ def test_a_deposed_leader_deletes_nothing(tmp_path):
     assert sup.cleaning.fence.deposed >= 1 and not plan.delete
 
 
-def test_expiry_elsewhere_drops_on_the_host_that_fetched_each_image_once_in_the_ledger(tmp_path):
+def test_expired_images_end_would_expire_once_in_the_ledger_unanalysed_and_not_deleted(tmp_path):
     store = Watched()
     algo = MemoryAlgo(store)
     sup, link = leader(tmp_path, store, algo=algo, external_max_age_s=3600.0)  # captured in 2024: expired
