@@ -1,6 +1,6 @@
 """Adaptive concurrency against a service whose capacity changes mid-run (adaptive.json, .md, .png).
 
-    python -m benchmarks.adaptive [--phase-s 15] [--budget-ms 600]
+    python -m benchmarks.adaptive [--phase-s 15] [--budget-ms 600]   (45 s phases: --images 11000)
     python -m benchmarks.adaptive --backend face [--phase-s 40]   (adaptive-face.json, .md, .png)
 
 The synthetic service serves a fixed number of calls at once (its *slots*) and queues the rest, as

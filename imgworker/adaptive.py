@@ -40,8 +40,8 @@ which is how a slower server is noticed; after it the limit is what the last liv
 seen with the new baseline. When the probe finds the server's speed changed, the knee is the most
 calls the server kept busy (throughput x the new baseline, Little's law) in that window or in the
 windows that called for the probe, so after a slower server cut the limit it goes straight back to
-the new knee instead of growing a call a window. A live window clearly faster than the baseline (``LOWER``) lowers it at
-once, and a much faster one (``FASTER``) also starts a probe. The limit stays within
+the new knee instead of growing a call a window. A live window clearly faster than the baseline
+(``LOWER``) lowers it at once, and a much faster one (``FASTER``) also starts a probe. The limit stays within
 ``[floor, ceiling]``.
 """
 
