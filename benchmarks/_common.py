@@ -28,12 +28,13 @@ def write_results(name: str, payload: Any, table: str) -> None:
 
 
 @contextlib.contextmanager
-def embedded(latency_ms: float = 50.0, sigma: float = 0.0, bucket: str = "bench") -> Iterator[Config]:
-    """The embedded store and a synthetic service; yields a Config pointing at both."""
+def embedded(latency_ms: float = 50.0, sigma: float = 0.0, bucket: str = "bench",
+             backend: str = "synthetic") -> Iterator[Config]:
+    """The embedded store and an algorithm service (synthetic unless ``backend``); yields a Config pointing at both."""
     creds = Credentials(access_key="bench-" + secrets.token_hex(4), secret_key=secrets.token_urlsafe(24))
     with tempfile.TemporaryDirectory(prefix="imgworker-bench-") as workdir:
         with EmbeddedStore(os.path.join(workdir, "store"), creds, bucket=bucket) as server, \
-                AlgoService("synthetic", SyntheticParams(latency_ms=latency_ms, sigma=sigma)) as algo:
+                AlgoService(backend, SyntheticParams(latency_ms=latency_ms, sigma=sigma)) as algo:
             cfg = load_config(env={}, overrides={
                 "store": {"endpoint": server.endpoint, "bucket": bucket},
                 "algo": {"endpoint": algo.endpoint, "timeout_s": 30.0},

@@ -9,7 +9,8 @@ and assert exact limits.
 The model (Little's law at a server of ``c`` slots): with ``L`` calls in flight and the server
 busy, a call waits ``mean/baseline`` times its no-load time, so ``L x (1 - baseline/mean)`` calls
 are queued at the server and ``L - queue`` is the knee ``c``. Both sides are window *means*.
-The controller keeps that queue estimate inside a small band (``BAND``) above the knee:
+The controller keeps that queue estimate inside a small band (``BAND``, wider for a large knee:
+``BAND_SHARE``) above the knee:
 
 - above the band: jump to ``knee + middle of the band`` (one step, the estimate is exact in the mean);
 - below it (and the endpoint had the calls to use it): grow, doubling while nothing queues at all;
@@ -36,8 +37,11 @@ baseline). A probe runs at the start, every ``PROBE_EVERY`` windows, and at once
 looks wrong (two windows in a row with more queued than the widest band, or over the budget with
 more queued than the band allows: at the knee, a p95 over the budget is the server's own jitter),
 which is how a slower server is noticed; after it the limit is what the last live window calls for,
-seen with the new baseline. A live window clearly faster than the baseline (``LOWER``) lowers it at
-once, and a much faster one (``FASTER``) also starts a probe. The limit stays within
+seen with the new baseline. When the probe finds the server's speed changed, the knee is the most
+calls the server kept busy (throughput x the new baseline, Little's law) in that window or in the
+windows that called for the probe, so after a slower server cut the limit it goes straight back to
+the new knee instead of growing a call a window. A live window clearly faster than the baseline
+(``LOWER``) lowers it at once, and a much faster one (``FASTER``) also starts a probe. The limit stays within
 ``[floor, ceiling]``.
 """
 
@@ -52,8 +56,12 @@ import msgspec
 
 log = logging.getLogger(__name__)
 
-#: The queue (calls waiting at the server) the limit is kept at: low and high end of the band.
+#: The queue (calls waiting at the server) the limit is kept at: low and high end of the band (the least;
+#: ``BAND_SHARE`` widens it for a large knee).
 BAND = (3.0, 6.0)
+#: The high end of the band is at least this share of the knee (the low end half of it): with many calls in
+#: flight the client's own time per call (scheduling, its CPU) also reads as queueing, in proportion to them.
+BAND_SHARE = 1.0 / 3.0
 #: The band while holding at the knee (a budget no queueing can meet).
 KNEE_BAND = (0.5, 1.5)
 #: The multiplicative cut on a drop or a p95 over the budget.
@@ -179,6 +187,7 @@ class Controller:
         self._restore = floor  # the limit to go back to after a probe
         self._settled = self.limit  # the limit before the windows that called for this probe
         self._previous = (0.0, 0.0)  # the last live window's mean in flight and mean latency
+        self._rates: list[float] = []  # answered calls a second in the windows that called for a probe
         self._started = now
         self._last = now
         self._limit_area = 0.0
@@ -252,6 +261,10 @@ class Controller:
             self._since_over = 0
             if self.band()[1] > 0.5:
                 self.margin += 1
+        if (self._high or self._over) and window.duration_s:  # a sign of change: what the server did then counts
+            self._rates.append(len(window.latencies) / window.duration_s)
+        elif not self._high and not self._over:
+            self._rates = []
         if self._cut and not window.drops:  # its calls were sent under the limit before the cut: wait a window
             new = max(new, min(old, self._knee_floor()))
         self._cut = new < old
@@ -276,7 +289,7 @@ class Controller:
         busy = len(window.latencies) / window.duration_s * self.baseline_s if window.duration_s else self.knee
         self.knee_mean = busy if not self.knee_mean else KNEE_EWMA * busy + (1.0 - KNEE_EWMA) * self.knee_mean
         self._since_clear += 1
-        if self.queue > BAND[1]:
+        if self.queue > self._widest():
             self._clear_at = 0  # far more queued than any band: the server may have fewer slots now
         elif not self._moved and used >= self.limit - 0.5 and self.queue < self.band()[0] and self.limit >= self._clear_at:
             self._clear_at, self._since_clear = self.limit, 0
@@ -310,19 +323,24 @@ class Controller:
         """The queue the limit is kept at now: ``BAND``, narrowed by the budget, or the knee's."""
         if self.infeasible:
             return KNEE_BAND
-        lo, hi = BAND
+        hi = self._widest()
+        lo = hi / 2.0
         if self.budget_s is not None and self.baseline_p95_s:
             allowed = self.knee * (BUDGET_AIM * self.budget_s / self.baseline_p95_s - 1.0) - self.margin
             hi = max(0.5, min(hi, allowed))
             lo = min(lo, hi / 2.0)
         return lo, hi
 
+    def _widest(self) -> float:
+        """The high end of the band with no budget: ``BAND``, or ``BAND_SHARE`` of the knee if that is more."""
+        return max(BAND[1], BAND_SHARE * self.knee)
+
     def _toward_band(self, window: Window) -> int:
         lo, hi = self.band()
         q = self.queue
         # far above even the widest band twice in a row, after a jump that should have landed in it: the
         # baseline is stale (the server got slower)
-        self._high = self._high + 1 if q > BAND[1] else 0
+        self._high = self._high + 1 if q > self._widest() else 0
         if q > hi:
             return max(min(self.limit - 1, round(self.knee + (lo + hi) / 2.0)), min(self.limit, self._knee_floor()))
         if q >= lo or window.in_flight < SATURATED * self.limit:
@@ -385,11 +403,12 @@ class Controller:
         elif self._samples:
             before = self.baseline_s
             self.baseline_s = sum(self._samples) / len(self._samples)
-            if not FASTER * before <= self.baseline_s <= before / FASTER:
+            changed = not FASTER * before <= self.baseline_s <= before / FASTER
+            if changed:
                 self._over_cap = self._clear_at = 0  # the server changed: what was seen before says nothing now
             self.baseline_p95_s = percentile(self._samples, 95.0)
             self._check_feasible()
-            self._restore = self._limit_for_last_window()
+            self._restore = self._limit_for_last_window(changed=changed)
             if self._dropped_at and self._since_drop < PROBE_EVERY:
                 self._restore = min(self._restore, max(self.floor, self._dropped_at - 1))
             if self._over_cap and self._since_over < OVER_HOLD:
@@ -398,12 +417,20 @@ class Controller:
         self._new_window(now)
         return self.limit != old
 
-    def _limit_for_last_window(self) -> int:
-        """The limit the last live window calls for, seen with the new baseline (the restore if none)."""
+    def _limit_for_last_window(self, *, changed: bool) -> int:
+        """The limit the last live window calls for, seen with the new baseline (the restore if none).
+
+        ``changed``: the probe found the server's speed changed; then the knee is also at least what it
+        kept busy in the windows that called for the probe (before a cut took the limit under it). When
+        it did not change, those windows were over the budget by jitter, and their noise would only
+        push the limit past the knee.
+        """
         used, mean = self._previous
+        rates, self._rates = (self._rates if changed else []), []
         if not mean:
             return self._restore
-        self.knee = max(1.0, used * self.baseline_s / mean)  # busy slots: throughput x no-load time
+        # busy slots: throughput x no-load time, the most the server kept busy since the signs of a change
+        self.knee = max(1.0, used * self.baseline_s / mean, max(rates, default=0.0) * self.baseline_s)
         self.knee_mean = self.knee
         self.queue = max(0.0, used - self.knee)
         lo, hi = self.band()

@@ -6,7 +6,7 @@ import logging
 
 import pytest
 
-from imgworker.adaptive import BAND, FIRST_PROBE_SAMPLES, PROBE_EVERY, PROBE_SAMPLES, Controller, Window
+from imgworker.adaptive import BAND, BAND_SHARE, FIRST_PROBE_SAMPLES, PROBE_EVERY, PROBE_SAMPLES, Controller, Window
 from tests.support.slots_sim import Phase, Run, simulate
 
 
@@ -117,7 +117,7 @@ def test_probe_counts_only_calls_sent_since_it_began():
         c.record(sent_at=began + 0.1, latency_s=0.2)
     c.tick()
     assert c.baseline_s == pytest.approx(0.2)  # not (30 x 0.9 + 20 x 0.2) / 50
-    assert not c.probing and c.limit == 24  # the last window seen with it: knee 20, 4.5 queued, rounded to even
+    assert not c.probing and c.limit == 25  # the last window seen with it: knee 20, the middle of its band (20 / 3 wide)
 
 
 def test_two_windows_far_above_the_band_start_a_probe():
@@ -135,7 +135,7 @@ def test_two_windows_far_above_the_band_start_a_probe():
 def test_p95_over_budget_narrows_the_band_and_cuts():
     c, _ = ready(budget_s=0.5, baseline=0.2, spread=0.05)  # no-load p95 0.25: feasible
     lo, hi = c.band()
-    assert hi == BAND[1]
+    assert hi == pytest.approx(20 / 3)  # not narrowed: a third of the knee of 20 (over BAND's 6)
     assert c.update(live(c.baseline_s * 20 / 17, 20, p95=0.6)) == 18  # 3 queued at a knee of 17: x0.9
     assert c.margin == 1 and not c.infeasible
 
@@ -290,3 +290,40 @@ def test_a_tight_feasible_budget_holds_at_the_knee_not_under_it(seed):
     assert not any(s.infeasible for s in seconds)
     assert sum(s.p95 <= TIGHT_BUDGET_S for s in seconds) >= 0.95 * len(seconds)
     assert Run.throughput(seconds) >= 0.95 * best_fixed_within_budget(TIGHT, 1, TIGHT_BUDGET_S, 0.1)
+
+
+def test_band_widens_with_a_large_knee():
+    c, _ = ready(initial=28)
+    # 3.5 queued at a knee of 24.5: under its band (a third of the knee, 8.2, down to half that), so up by
+    # the middle of the band (6.1) - 3.5, rounded up; BAND alone (3-6) would hold
+    assert c.update(live(0.2 * 28 / 24.5, 28)) == 31
+    assert c.band() == (pytest.approx(24.5 / 6), pytest.approx(24.5 / 3))
+    c.update(live(0.2 * 12 / 9, 12))  # a small knee: BAND
+    assert c.band() == BAND
+
+
+def windows_of_a_slower_server(c: Controller, clock: Clock) -> None:
+    """Two windows of 15 answered calls a second at 733 ms, 11 then 6 in flight: a probe starts."""
+    for in_flight in (11, 6):
+        c.in_flight(in_flight)
+        clock.now += 1.0
+        for _ in range(15):
+            c.record(sent_at=clock.now - 0.5, latency_s=0.733)
+        c.tick()
+    assert c.probing
+
+
+@pytest.mark.parametrize("probe_s, limit", [
+    (0.4, 6),  # 2x slower: 15 a second kept 6 calls busy at 400 ms, the knee (the last window alone says 3.3)
+    (0.2, 2),  # the same speed: the last window's knee (1.6) with its band decides, not its 15 a second (3 busy)
+])
+def test_after_a_probe_finds_a_slower_server_the_limit_goes_to_its_knee(probe_s, limit):
+    c, clock = ready(initial=11, budget_s=0.6, baseline=0.2, spread=0.05)
+    windows_of_a_slower_server(c, clock)
+    began = clock.now
+    clock.now += 1.0
+    for n in range(PROBE_SAMPLES):
+        c.record(sent_at=began + 0.1, latency_s=probe_s * (1.125 if n == 0 else 1.0))
+    c.tick()
+    assert not c.probing and c.baseline_s == pytest.approx(probe_s, rel=0.01)
+    assert c.limit == limit
