@@ -68,7 +68,7 @@ SECTIONS = [
      "`peak objects` is the most objects left after a cleaning pass.", None),
     ("scenario-quick", "The same, reduced (`--quick`)", "", None),
     ("cluster", "More than one host: what JetStream costs per image",
-     "`python -m benchmarks.cluster --images 300 --lanes 16` (L = 200 ms). The same images through one "
+     "`python -m benchmarks.cluster --images 400 --lanes 16` (L = 200 ms; nats-server with `sync_interval: always`, object versions by ETag). The same images through one "
      "supervisor with N lanes on local pipes (`local`), one through JetStream (`jetstream-1`: intake leader and "
      "consumer in one), and two with N/2 lanes each sharing one loopback nats-server (`jetstream-2`), side by "
      "side in one run on this 2-core machine. CPU is each host's process tree (supervisor and every child it "
@@ -77,7 +77,8 @@ SECTIONS = [
      "Per image, cluster mode adds five JetStream requests: the leader's publish, a share of one fetch, the "
      "ledger lookup at delivery, the ledger create and the ack (progress notes only for calls longer than "
      "AckWait/3). **What would limit 10 hosts x 64 lanes at 200 ms** (6,400 in flight, 32,000 images/s), "
-     "from these figures: nats-server CPU first. At about 1.1 CPU-s per 1,000 images here it needs some 35 "
+     "from these figures: nats-server CPU first. At about 1.6 CPU-s per 1,000 images here (1.1 before every write was "
+     "fsynced) it needs some 50 "
      "of these cores, so one server cannot do it. Then the KV writes: 32,000 creates/s into one bucket, "
      "three times over with R3 (one Raft group). Then about 1-1.5 KB per image on the wire (a ~120-byte "
      "message with a ~100-byte Msg-Id, a ~350-byte ledger value, and the request, reply and ack subjects), "
