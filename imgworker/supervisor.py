@@ -118,8 +118,10 @@ def _cluster_cleaner(cfg: Config, host: ClusterHost, sup: Supervisor) -> Cleaner
     """Cluster mode's cleaner: the intake leader's passes, with each image's status across hosts."""
     from .cluster.retention import ClusterCleaner
 
-    return ClusterCleaner(cfg, host=host, backlog=sup.intake.backlog, dispatch=sup.dispatch, inflight=sup.inflight,
-                          ledger=sup.ledger, sink=sup.recorder, cleaner=sup.recorder.cleaner)
+    cleaning = ClusterCleaner(cfg, host=host, backlog=sup.intake.backlog, dispatch=sup.dispatch, inflight=sup.inflight,
+                              ledger=sup.ledger, sink=sup.recorder, cleaner=sup.recorder.cleaner)
+    host.leader_figures["cleaner"] = cleaning.fence
+    return cleaning
 
 
 def _leader_expiry(cfg: Config, host: ClusterHost, sup: Supervisor) -> LeaderExpiry | None:
@@ -129,8 +131,10 @@ def _leader_expiry(cfg: Config, host: ClusterHost, sup: Supervisor) -> LeaderExp
     if not sup.expiry.expiry.enabled:
         return None
     assert isinstance(sup.cleaning, ClusterCleaner)
-    return LeaderExpiry(estimator=sup.expiry.expiry, host=host, fence=sup.cleaning, backlog=sup.intake.backlog,
-                        stats=sup.recorder.stats, clock=sup.clock)
+    expiry = LeaderExpiry(estimator=sup.expiry.expiry, host=host, fence=sup.cleaning, backlog=sup.intake.backlog,
+                          stats=sup.recorder.stats, clock=sup.clock)
+    host.leader_figures["expiry"] = expiry.figures
+    return expiry
 
 
 class Stopping:

@@ -127,6 +127,8 @@ class ClusterHost:
         self.intents = Intents(os.path.join(cfg.run.state_dir, "cluster-claims.jsonl"))
         self._versions: dict[str, str] = {}  # image key -> the object version of the delivery it was fetched as
         self._claimed: dict[str, str] = {}  # image key -> the token of its claim, until its line is written
+        # the leader's cleaner and expiry figures, exported as ``imgworker_cluster_<part>_<name>`` counters
+        self.leader_figures: dict[str, msgspec.Struct] = {}
 
     def start(self) -> None:
         self.link.start()
@@ -395,6 +397,10 @@ class ClusterCollector:
         for name, value in msgspec.structs.asdict(self.host.figures).items():
             yield CounterMetricFamily(f"imgworker_cluster_{name}", f"Cluster mode: {name.replace('_', ' ')}.",
                                       value=value)
+        for part, struct in self.host.leader_figures.items():
+            for name, value in msgspec.structs.asdict(struct).items():
+                yield CounterMetricFamily(f"imgworker_cluster_{part}_{name}",
+                                          f"Cluster mode, the leader's {part}: {name.replace('_', ' ')}.", value=value)
         leading = self.host.leading()
         yield GaugeMetricFamily("imgworker_cluster_leader", "1 on the host holding the intake lease.", value=leading)
         if not leading:

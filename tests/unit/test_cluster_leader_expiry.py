@@ -113,3 +113,19 @@ def test_a_host_still_drops_at_dispatch_what_expired_in_the_stream(tmp_path):
         assert sup.step_until(lambda: len(link.entries()) == len(keys), max_steps=2000)
     assert outcomes(link) == {key: ("dropped_expired", "would_expire") for key in keys}
     assert not algo.calls and not link.stream and not link.held, "dropped unanalysed, and acked"
+
+
+def test_the_leader_exports_what_its_expiry_and_cleaner_ended(tmp_path):
+    store = Watched()
+    sup, link, _ = expiring(tmp_path, store, keep=3)
+    old = upload(store, 0, 3)
+    with sup.running(drain=False):
+        sweeps(sup, 2)
+        upload(store, 100, 3)
+        sweeps(sup, 2)
+    assert sup.cluster is not None
+    exported = {family.name: family.samples[0].value for family in sup.cluster.collector().collect()
+                if family.name.startswith(("imgworker_cluster_expiry", "imgworker_cluster_cleaner"))}
+    assert exported["imgworker_cluster_expiry_withdrawn"] == len(old)
+    assert exported["imgworker_cluster_expiry_not_published"] == 0
+    assert "imgworker_cluster_cleaner_given_up_withdrawn" in exported
