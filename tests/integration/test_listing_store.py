@@ -12,7 +12,8 @@ ODD = ["a b.jpg", "plus+sign.jpg", "pct%20x.jpg", "amp&lt<gt>.jpg", "ünïcødé
 def minio_listing(store: Store, prefix: str, start_after: str = "") -> list[ImageRef]:
     objects = store._client.list_objects(store.bucket, prefix=prefix, recursive=True, start_after=start_after or None)
     return [ImageRef(key=o.object_name or "", size=int(o.size or 0),
-                     mtime=o.last_modified.timestamp() if o.last_modified else 0.0) for o in objects if not o.is_dir]
+                     mtime=o.last_modified.timestamp() if o.last_modified else 0.0, etag=(o.etag or "").replace('"', ""))
+            for o in objects if not o.is_dir]
 
 
 def ours(store: Store, prefix: str, start_after: str = "", *, page_size: int = 1000, max_keys: int = 1000):
