@@ -35,7 +35,8 @@ The controller keeps that queue estimate inside a small band (``BAND``, wider fo
 
 The baseline (no-load mean latency, and its p95) comes from *probe windows*: the limit drops to
 ``PROBE_DEPTH`` of the knee (half the starting limit for the first; at least a third of the limit
-before the server changed), and only calls sent
+before the server changed; it ends after ``PROBE_SAMPLES`` calls, or after ``PROBE_S`` with ``MIN_SAMPLES``
+that agree to within ``PROBE_NOISE``, so a slower server costs no long probe), and only calls sent
 since the probe began count (calls sent before it queued behind the old limit and would raise the
 baseline). A probe runs at the start, every ``PROBE_EVERY`` windows, and at once when the estimate
 looks wrong (two windows in a row with more queued than the widest band, or over the budget with
@@ -77,6 +78,11 @@ MIN_SAMPLES = 10
 MAX_WINDOW_S = 30.0
 #: Completed calls (sent since the probe began) that end a probe window.
 PROBE_SAMPLES = 20
+#: A probe that has run this long (seconds) ends with ``MIN_SAMPLES`` calls (at a low limit against a slow
+#: server, ``PROBE_SAMPLES`` would take seconds of lost throughput).
+PROBE_S = 2.0
+#: ... if the mean of its calls is known that well (two standard errors, as a share of it).
+PROBE_NOISE = 0.25
 #: Completed calls that end the first probe (a run should not start at the floor for long; the next
 #: probes measure with ``PROBE_SAMPLES``).
 FIRST_PROBE_SAMPLES = 5
@@ -234,7 +240,10 @@ class Controller:
         elapsed = now - self._window_start
         if self._probing:
             enough = PROBE_SAMPLES if self.baseline_s else FIRST_PROBE_SAMPLES  # the first: soon a rough baseline
-            if self._drops or len(self._samples) >= enough or (elapsed >= MAX_WINDOW_S and self._samples):
+            # a slow server: end on time, unless the calls so far are too spread to give a baseline
+            timely = elapsed >= PROBE_S and len(self._samples) >= min(enough, MIN_SAMPLES) \
+                and noise(Window(latencies=tuple(self._samples))) <= PROBE_NOISE
+            if self._drops or len(self._samples) >= enough or timely or (elapsed >= MAX_WINDOW_S and self._samples):
                 return self._end_probe(now)
             return False
         if elapsed < WINDOW_S or (len(self._samples) < MIN_SAMPLES and not self._drops and elapsed < MAX_WINDOW_S):

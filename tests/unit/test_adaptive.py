@@ -6,7 +6,8 @@ import logging
 
 import pytest
 
-from imgworker.adaptive import BAND, BAND_SHARE, FIRST_PROBE_SAMPLES, PROBE_EVERY, PROBE_SAMPLES, Controller, Window
+from imgworker.adaptive import (BAND, BAND_SHARE, FIRST_PROBE_SAMPLES, MIN_SAMPLES, PROBE_EVERY, PROBE_S, PROBE_SAMPLES,
+                                Controller, Window)
 from tests.support.slots_sim import Phase, Run, simulate
 
 
@@ -362,3 +363,32 @@ def test_noisy_live_windows_do_not_ratchet_the_baseline_down():
     assert c.baseline_s == pytest.approx(0.2)
     c.update(Window(latencies=(0.16,) * 10, in_flight=20))  # the same mean with no spread: faster, lowered
     assert c.baseline_s == pytest.approx(0.16)
+
+
+@pytest.mark.parametrize("spread, probing", [
+    (0.02, False),  # ten calls that agree: the baseline is known, the probe ends on time
+    (0.5, True),    # ten calls spread by a heavy tail: it waits for its PROBE_SAMPLES
+])
+def test_a_probe_against_a_slow_server_ends_on_time(spread, probing):
+    c, clock = ready(initial=8)
+    c._start_probe(clock.now)
+    began = clock.now
+    for n in range(MIN_SAMPLES):
+        c.record(sent_at=began + 0.1, latency_s=0.4 + (spread if n % 2 else -spread / 2))
+    clock.now = began + PROBE_S - 0.1
+    c.tick()
+    assert c.probing  # too soon
+    clock.now = began + PROBE_S
+    c.tick()
+    assert c.probing is probing
+
+
+SLOWDOWN = [Phase(60, 6, 0.2), Phase(60, 6, 0.4)]
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3, 4])
+def test_after_a_2x_slowdown_throughput_stays_near_the_servers_in_the_first_seconds(seed):
+    # a probe at a low limit against the slower server would take 20 calls of 400 ms: it ends on time
+    run = simulate(SLOWDOWN, make=adaptive(), seed=seed)
+    first = run.of_phase(1)[:10]
+    assert sum(s.completed for s in first) / len(first) >= 0.78 * 6 / 0.4
