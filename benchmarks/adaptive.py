@@ -1,7 +1,7 @@
 """Adaptive concurrency against a service whose capacity changes mid-run (adaptive.json, .md, .png).
 
     python -m benchmarks.adaptive [--phase-s 15] [--budget-ms 600]   (45 s phases: --images 11000)
-    python -m benchmarks.adaptive --backend face [--phase-s 40]   (adaptive-face.json, .md, .png)
+    python -m benchmarks.adaptive --backend face [--rounds 4 --round-s 10]   (adaptive-face.json, .md, .png)
 
 The synthetic service serves a fixed number of calls at once (its *slots*) and queues the rest, as
 a model server does. In every run it goes through the same phases: 8, then 24, then 6 slots at
@@ -15,9 +15,11 @@ timed it (queueing at the service included), and the calls that failed (timeouts
 timeout is ``--timeout-s``). Images are pre-filled once; every way starts from an empty state.
 
 With ``--backend face`` the service is the real face detector (scikit-image's LBP cascade, on the
-photos scikit-image ships), whose knee is set by this machine's CPU rather than by a slot count: one
-phase of ``--phase-s`` after the warm-up, adaptive (ceiling 64, the same budget) against fixed 64 and
-a few small fixed N.
+photos scikit-image ships), whose knee is set by this machine's CPU rather than by a slot count:
+adaptive (ceiling 64, the same budget) against fixed 64 and a few small fixed N. The ways are
+interleaved in ``--rounds`` rounds of ``--round-s`` each (after the warm-up), the order rotated every
+round, so that load from elsewhere on a shared host falls on every way alike: each way's figures are
+its totals over all rounds, with the spread of its throughput across rounds.
 """
 
 from __future__ import annotations
@@ -68,6 +70,10 @@ class Params(msgspec.Struct, frozen=True):
     timeout_s: float = 3.0
     images: int = 4000
     sigma: float = 0.1
+    rounds: int = 4
+    """Face: rounds in which every way runs once, the order rotated."""
+    round_s: float = 10.0
+    """Face: seconds each way is measured in a round (after the warm-up)."""
 
 
 class PhaseRow(msgspec.Struct, frozen=True):
@@ -97,6 +103,20 @@ class FaceRow(msgspec.Struct, frozen=True):
     """Faces the detector found in the answered images (it really ran)."""
     mean_limit: float = 0.0
     best_fixed: bool = False
+    round_throughputs: tuple[float, ...] = ()
+    """Answered images a second in each round, in round order."""
+
+
+class FaceRound(msgspec.Struct, frozen=True):
+    """One way in one round against the face detector: what it did in its measured seconds."""
+
+    way: str
+    answered: int
+    ms: tuple[float, ...]
+    failed_calls: int
+    faces: int
+    mean_limit: float
+    samples: tuple["Sample", ...] = ()
 
 
 class Sample(msgspec.Struct, frozen=True, array_like=True):
@@ -269,8 +289,8 @@ def measure(params: Params, progress: Callable[[str], None] = print) -> tuple[li
     return mark_best(rows), samples
 
 
-def run_face_way(base: Config, way: Way, params: Params, progress: Callable[[str], None]) -> tuple[FaceRow, list[Sample]]:
-    """One way against the face detector: a warm-up, then one phase of ``params.phase_s``."""
+def run_face_way(base: Config, way: Way, params: Params, progress: Callable[[str], None]) -> FaceRound:
+    """One way against the face detector: a warm-up, then ``params.round_s`` measured."""
     state = tempfile.mkdtemp(prefix="adaptive-state-")
     results: list[Result] = []
     samples: list[Sample] = []
@@ -281,7 +301,7 @@ def run_face_way(base: Config, way: Way, params: Params, progress: Callable[[str
         sup.step_until(lambda: False, timeout_s=params.warmup_s)
         failed = _failed_calls(sup)
         t0 = time.time()
-        end = t0 + params.phase_s
+        end = t0 + params.round_s
 
         def over() -> bool:
             now = time.time()
@@ -297,14 +317,31 @@ def run_face_way(base: Config, way: Way, params: Params, progress: Callable[[str
         sup.shutdown()
         shutil.rmtree(state, ignore_errors=True)
     mine = [r for r in results if t0 <= r.finished_at < end and r.outcome.is_success]
-    ms = [r.algo_ms for r in mine if r.algo_ms is not None] or [0.0]
-    row = FaceRow(way=way.name, throughput_per_s=round(len(mine) / params.phase_s, 2),
-                  p50_ms=round(float(np.percentile(ms, 50)), 1), p95_ms=round(float(np.percentile(ms, 95)), 1),
-                  failed_calls=failed, faces=sum(r.detections for r in mine),
-                  mean_limit=round(_time_weighted(samples, 0.0, params.phase_s), 1))
-    progress(f"{way.name:>9} face: {row.throughput_per_s:6.1f}/s p50 {row.p50_ms:6.0f} p95 {row.p95_ms:6.0f} ms, "
-             f"failed calls {row.failed_calls}, mean limit {row.mean_limit:.1f}, faces {row.faces}")
-    return row, samples if way.adaptive else []
+    got = FaceRound(way=way.name, answered=len(mine), ms=tuple(r.algo_ms for r in mine if r.algo_ms is not None),
+                    failed_calls=failed, faces=sum(r.detections for r in mine),
+                    mean_limit=round(_time_weighted(samples, 0.0, params.round_s), 1),
+                    samples=tuple(samples) if way.adaptive else ())
+    progress(f"{way.name:>9} face: {got.answered / params.round_s:6.1f}/s, failed calls {got.failed_calls}, "
+             f"mean limit {got.mean_limit:.1f}")
+    return got
+
+
+def face_totals(rounds: Sequence[FaceRound], params: Params) -> list[FaceRow]:
+    """Each way's totals over its rounds (``rounds`` in the order they ran), the best fixed N marked."""
+    rows: list[FaceRow] = []
+    for way in FACE_WAYS:
+        mine = [r for r in rounds if r.way == way.name]
+        ms = [m for r in mine for m in r.ms] or [0.0]
+        seconds = params.round_s * len(mine)
+        rows.append(FaceRow(way=way.name, throughput_per_s=round(sum(r.answered for r in mine) / seconds, 2),
+                            p50_ms=round(float(np.percentile(ms, 50)), 1), p95_ms=round(float(np.percentile(ms, 95)), 1),
+                            failed_calls=sum(r.failed_calls for r in mine), faces=sum(r.faces for r in mine),
+                            mean_limit=round(sum(r.mean_limit for r in mine) / len(mine), 1),
+                            round_throughputs=tuple(round(r.answered / params.round_s, 2) for r in mine)))
+    fixed = [r for r in rows if r.way != "adaptive"]
+    top = max(r.throughput_per_s for r in fixed)
+    best = min((r for r in fixed if r.throughput_per_s >= 0.98 * top), key=lambda r: r.p95_ms)
+    return [msgspec.structs.replace(r, best_fixed=True) if r is best else r for r in rows]
 
 
 def face_prefill(store: Store, prefix: str, count: int) -> None:
@@ -320,33 +357,36 @@ def face_prefill(store: Store, prefix: str, count: int) -> None:
 
 
 def measure_face(params: Params, progress: Callable[[str], None] = print) -> tuple[list[FaceRow], list[Sample]]:
-    rows: list[FaceRow] = []
-    samples: list[Sample] = []
+    """The ways in ``params.rounds`` rounds, the order rotated each round; the adaptive limit over its rounds."""
+    rounds: list[FaceRound] = []
     with embedded(bucket="adaptive-face", backend="face") as cfg:
         face_prefill(Store(cfg.store, cfg.credentials, pool_size=16), "f/", params.images)
         base = msgspec.structs.replace(cfg, store=msgspec.structs.replace(cfg.store, prefix="f/"))
-        for way in FACE_WAYS:
-            row, trace = run_face_way(base, way, params, progress)
-            rows.append(row)
-            samples = trace or samples
-    fixed = [r for r in rows if r.way != "adaptive"]
-    top = max(r.throughput_per_s for r in fixed)
-    best = min((r for r in fixed if r.throughput_per_s >= 0.98 * top), key=lambda r: r.p95_ms)
-    return [msgspec.structs.replace(r, best_fixed=True) if r is best else r for r in rows], samples
+        for n in range(params.rounds):
+            order = FACE_WAYS[n % len(FACE_WAYS):] + FACE_WAYS[:n % len(FACE_WAYS)]
+            progress(f"round {n + 1}: {', '.join(w.name for w in order)}")
+            rounds += [run_face_way(base, way, params, progress) for way in order]
+    adaptive = [r for r in rounds if r.way == "adaptive"]
+    trace = [Sample(round(n * params.round_s + s.t, 3), s.limit) for n, r in enumerate(adaptive) for s in r.samples]
+    return face_totals(rounds, params), trace
 
 
 def face_markdown(rows: Sequence[FaceRow], params: Params) -> str:
     adaptive = next(r for r in rows if r.way == "adaptive")
     best = next(r for r in rows if r.best_fixed)
-    lines = [f"The real face detector (LBP cascade, scikit-image's photos) on this machine's CPU; {params.phase_s:g} s "
-             f"measured after a {params.warmup_s:g} s warm-up; adaptive: ceiling 64 (8 processes x 8 lanes), p95 "
-             f"budget {params.budget_ms:g} ms; call timeout {params.timeout_s:g} s.",
-             "", "| way | img/s | p50 ms | p95 ms | failed calls | faces found | mean limit |", "|---|---|---|---|---|---|---|"]
+    lines = [f"The real face detector (LBP cascade, scikit-image's photos) on this machine's CPU; the ways interleaved in "
+             f"{params.rounds} rounds of {params.round_s:g} s each (after a {params.warmup_s:g} s warm-up, the order "
+             f"rotated every round); adaptive: ceiling 64 (8 processes x 8 lanes), p95 budget {params.budget_ms:g} ms; "
+             f"call timeout {params.timeout_s:g} s. Figures are totals over the rounds; `img/s by round` is the spread.",
+             "", "| way | img/s | img/s by round (min-max) | p50 ms | p95 ms | failed calls | faces found | mean limit |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         way = f"**{r.way}** (best fixed)" if r.best_fixed else r.way
         limit = f"{r.mean_limit:.1f}" if r.way == "adaptive" else ""
-        lines.append(f"| {way} | {r.throughput_per_s:.1f} | {r.p50_ms:.0f} | {r.p95_ms:.0f} | {r.failed_calls} | "
-                     f"{r.faces} | {limit} |")
+        spread = f"{' / '.join(f'{t:.1f}' for t in r.round_throughputs)} ({min(r.round_throughputs, default=0):.1f}-" \
+                 f"{max(r.round_throughputs, default=0):.1f})"
+        lines.append(f"| {way} | {r.throughput_per_s:.1f} | {spread} | {r.p50_ms:.0f} | {r.p95_ms:.0f} | "
+                     f"{r.failed_calls} | {r.faces} | {limit} |")
     ratio = adaptive.throughput_per_s / best.throughput_per_s if best.throughput_per_s else 0.0
     lines += ["", f"Adaptive / best fixed N ({best.way}), throughput: {ratio:.2f}; adaptive p95 within the budget: "
               f"{'yes' if adaptive.p95_ms <= params.budget_ms else 'no'} ({adaptive.p95_ms:.0f} ms)."]
@@ -369,10 +409,10 @@ def face_plot(rows: Sequence[FaceRow], samples: Sequence[Sample], path: str) -> 
     for ax in (thr, p95):
         ax.tick_params(axis="x", labelrotation=30)
     lim.plot([s.t for s in samples], [s.limit for s in samples], drawstyle="steps-post", label="adaptive limit")
-    lim.set_xlabel("seconds")
+    lim.set_xlabel("measured seconds (its rounds back to back)")
     lim.set_ylabel("calls in flight allowed")
     lim.legend(fontsize=8)
-    fig.suptitle("adaptive concurrency against the real face detector (knee set by CPU)")
+    fig.suptitle("adaptive concurrency against the real face detector (knee set by CPU), ways interleaved")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -385,12 +425,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--budget-ms", type=float, default=defaults.budget_ms)
     parser.add_argument("--timeout-s", type=float, default=defaults.timeout_s)
     parser.add_argument("--images", type=int, default=defaults.images)
+    parser.add_argument("--rounds", type=int, default=defaults.rounds, help="face: rounds of every way, interleaved")
+    parser.add_argument("--round-s", type=float, default=defaults.round_s, help="face: seconds a way is measured a round")
     parser.add_argument("--out", default=RESULTS)
     parser.add_argument("--name", default="", help="results file name (default: adaptive, adaptive-face)")
     parser.add_argument("--backend", choices=["synthetic", "face"], default="synthetic",
                         help="the service of changing slots (default), or the real face detector")
     args = parser.parse_args(argv)
-    params = Params(phase_s=args.phase_s, budget_ms=args.budget_ms, timeout_s=args.timeout_s, images=args.images)
+    params = Params(phase_s=args.phase_s, budget_ms=args.budget_ms, timeout_s=args.timeout_s, images=args.images,
+                    rounds=args.rounds, round_s=args.round_s)
     os.makedirs(args.out, exist_ok=True)
     if args.backend == "face":
         name = args.name or "adaptive-face"

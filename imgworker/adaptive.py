@@ -17,8 +17,12 @@ The controller keeps that queue estimate inside a small band (``BAND``, wider fo
 - a drop in the window: cut to ``limit x CUT`` (drops say overload whatever the estimate says), and
   for ``PROBE_EVERY`` windows do not grow back to the limit that dropped (a server that sheds load
   with 429/503 keeps its queue short, so the queue estimate alone would not see the overload);
-- p95 over ``latency_budget_ms``: cut, and narrow the band by one more call (its ``margin``, given
-  back after ``CALM_WINDOWS`` windows under the budget); the band is also capped at the queue the
+- p95 over ``latency_budget_ms`` with calls queued (the window's mean over the baseline by more than its
+  own noise, and the limit above the knee): cut, and narrow the band by one more call (its ``margin``, given
+  back after ``CALM_WINDOWS`` windows under the budget). Over it with nothing queued (at the knee, or a heavy
+  tail's jitter) the limit neither cuts nor grows, and does not grow for ``OVER_HOLD`` windows (at most as
+  many ``WINDOW_S``), a hold that jitter alone does not renew: under the knee the estimate cannot tell the
+  knee from the limit, so the limit tries one call more after each hold. The band is also capped at the queue the
   budget allows: ``knee x (BUDGET_AIM x budget/baseline_p95 - 1)``. Neither this cut nor the band
   takes the limit under the knee (busy slots, throughput x baseline by Little's law, smoothed; at
   least the highest limit lately used in full with no queue): under it no call queues, so the p95
@@ -31,7 +35,8 @@ The controller keeps that queue estimate inside a small band (``BAND``, wider fo
 
 The baseline (no-load mean latency, and its p95) comes from *probe windows*: the limit drops to
 ``PROBE_DEPTH`` of the knee (half the starting limit for the first; at least a third of the limit
-before the server changed), and only calls sent
+before the server changed; it ends after ``PROBE_SAMPLES`` calls, or after ``PROBE_S`` with ``MIN_SAMPLES``
+that agree to within ``PROBE_NOISE``, so a slower server costs no long probe), and only calls sent
 since the probe began count (calls sent before it queued behind the old limit and would raise the
 baseline). A probe runs at the start, every ``PROBE_EVERY`` windows, and at once when the estimate
 looks wrong (two windows in a row with more queued than the widest band, or over the budget with
@@ -41,7 +46,7 @@ seen with the new baseline. When the probe finds the server's speed changed, the
 calls the server kept busy (throughput x the new baseline, Little's law) in that window or in the
 windows that called for the probe, so after a slower server cut the limit it goes straight back to
 the new knee instead of growing a call a window. A live window clearly faster than the baseline
-(``LOWER``) lowers it at once, and a much faster one (``FASTER``) also starts a probe. The limit stays within
+(``LOWER``, and by more than its own noise: a heavy tail would ratchet it down) lowers it at once, and a much faster one (``FASTER``) also starts a probe. The limit stays within
 ``[floor, ceiling]``.
 """
 
@@ -73,6 +78,11 @@ MIN_SAMPLES = 10
 MAX_WINDOW_S = 30.0
 #: Completed calls (sent since the probe began) that end a probe window.
 PROBE_SAMPLES = 20
+#: A probe that has run this long (seconds) ends with ``MIN_SAMPLES`` calls (at a low limit against a slow
+#: server, ``PROBE_SAMPLES`` would take seconds of lost throughput).
+PROBE_S = 2.0
+#: ... if the mean of its calls is known that well (two standard errors, as a share of it).
+PROBE_NOISE = 0.25
 #: Completed calls that end the first probe (a run should not start at the floor for long; the next
 #: probes measure with ``PROBE_SAMPLES``).
 FIRST_PROBE_SAMPLES = 5
@@ -142,6 +152,16 @@ def percentile(values: Sequence[float], q: float) -> float:
     return ordered[max(0, math.ceil(len(ordered) * q / 100.0) - 1)]
 
 
+def noise(window: Window) -> float:
+    """Two standard errors of the window's mean latency, as a share of it (0 with fewer than two calls)."""
+    n = len(window.latencies)
+    mean = window.mean
+    if n < 2 or mean <= 0:
+        return 0.0
+    spread = math.sqrt(sum((x - mean) ** 2 for x in window.latencies) / (n - 1))
+    return 2.0 * spread / mean / math.sqrt(n)
+
+
 class Controller:
     """The limit of one endpoint; ``update`` is the decision, ``record``/``in_flight``/``tick`` feed it."""
 
@@ -172,6 +192,7 @@ class Controller:
         self._since_drop = 0
         self._over_cap = 0  # the limit not to grow past after p95 was over the budget (0: none lately)
         self._since_over = 0
+        self._over_at = 0.0  # when (on the clock) the p95 was last over the budget
         self._cut = False  # the last window lowered the limit
         self._moved = True  # the last window (or probe) changed the limit: this one's calls were sent under another
         self._clear_at = 0  # the highest limit fully used lately with no queue: the knee is at least this
@@ -219,7 +240,10 @@ class Controller:
         elapsed = now - self._window_start
         if self._probing:
             enough = PROBE_SAMPLES if self.baseline_s else FIRST_PROBE_SAMPLES  # the first: soon a rough baseline
-            if self._drops or len(self._samples) >= enough or (elapsed >= MAX_WINDOW_S and self._samples):
+            # a slow server: end on time, unless the calls so far are too spread to give a baseline
+            timely = elapsed >= PROBE_S and len(self._samples) >= min(enough, MIN_SAMPLES) \
+                and noise(Window(latencies=tuple(self._samples))) <= PROBE_NOISE
+            if self._drops or len(self._samples) >= enough or timely or (elapsed >= MAX_WINDOW_S and self._samples):
                 return self._end_probe(now)
             return False
         if elapsed < WINDOW_S or (len(self._samples) < MIN_SAMPLES and not self._drops and elapsed < MAX_WINDOW_S):
@@ -253,14 +277,23 @@ class Controller:
             new = min(new, math.floor(self.limit * CUT))
             self._dropped_at, self._since_drop = self.limit, 0
         elif self._over_budget(window):
-            # under the knee no call queues, so the p95 cannot get lower there: only drops cut below it
-            new = min(new, max(math.floor(self.limit * CUT), min(self.limit, self._knee_floor())))
-            # over above the knee: the call over it queued; at the knee: grow no further for a while
             knee = self._knee_floor()
-            self._over_cap = self.limit if self.limit <= knee else max(knee, self.limit - 1)
-            self._since_over = 0
-            if self.band()[1] > 0.5:
-                self.margin += 1
+            if self.limit <= knee or not self._queued(window):
+                # at the knee, or less queued than the window's own noise: the p95 is the server's jitter,
+                # which a lower limit cannot lower. Do not cut; grow no further for a while, but only if no
+                # such hold is on already: renewed by jitter alone, a hold under the knee would never end (a
+                # heavy tail puts windows over the budget at any limit, and at a low limit the knee estimate
+                # cannot exceed it), so the limit tries one call more after each hold
+                new = min(new, self.limit)
+                if not self._holding_over():
+                    self._over_cap, self._since_over, self._over_at = self.limit, 0, self.clock()
+            else:
+                # above the knee the calls over it queued: cut, but not under the knee (only drops do)
+                new = min(new, max(math.floor(self.limit * CUT), knee))
+                self._over_cap = max(knee, self.limit - 1)
+                self._since_over, self._over_at = 0, self.clock()
+                if self.band()[1] > 0.5:
+                    self.margin += 1
         if (self._high or self._over) and window.duration_s:  # a sign of change: what the server did then counts
             self._rates.append(len(window.latencies) / window.duration_s)
         elif not self._high and not self._over:
@@ -274,7 +307,7 @@ class Controller:
 
     def _estimate(self, window: Window) -> None:
         mean = window.mean
-        if not self.baseline_s or mean < LOWER * self.baseline_s:
+        if not self.baseline_s or mean < self._lower(window) * self.baseline_s:
             self._faster = mean < FASTER * self.baseline_s  # much faster: measure it cleanly
             # a live window faster than the baseline: the baseline was stale; its p95 scales with it (a
             # loaded window's own p95 is not a no-load figure)
@@ -293,6 +326,23 @@ class Controller:
             self._clear_at = 0  # far more queued than any band: the server may have fewer slots now
         elif not self._moved and used >= self.limit - 0.5 and self.queue < self.band()[0] and self.limit >= self._clear_at:
             self._clear_at, self._since_clear = self.limit, 0
+
+    def _queued(self, window: Window) -> bool:
+        """Calls queued in this window: its mean over the baseline by more than its own noise (with a heavy
+        latency tail, one slow call in a window of ten reads as a queue)."""
+        return bool(self.baseline_s) and window.mean * (1.0 - noise(window)) > self.baseline_s
+
+    def _lower(self, window: Window) -> float:
+        """The share of the baseline under which this window's mean lowers it: ``LOWER``, or less when the
+        window's own noise could put its mean there (a heavy latency tail would otherwise ratchet the
+        baseline down window by window, and every call would read as queued)."""
+        return min(LOWER, 1.0 - noise(window))
+
+    def _holding_over(self) -> bool:
+        """The limit is held under ``_over_cap``: for ``OVER_HOLD`` windows, and no longer than as many
+        shortest windows (at a low limit, windows wait for their calls and would stretch the hold)."""
+        return bool(self._over_cap) and self._since_over < OVER_HOLD \
+            and self.clock() - self._over_at < OVER_HOLD * WINDOW_S
 
     def _knee_floor(self) -> int:
         """The knee as whole calls: smoothed (one window's knee is noisy), but not over this window's.
@@ -350,7 +400,7 @@ class Controller:
             grown = max(grown, 2 * self.limit)  # nothing queues: the knee is further up
         if self._dropped_at and self._since_drop < PROBE_EVERY:
             grown = min(grown, max(self.limit, self._dropped_at - 1))  # stay under where calls were dropped
-        if self._over_cap and self._since_over < OVER_HOLD:
+        if self._holding_over():
             grown = min(grown, max(self.limit, self._over_cap))  # nor past where p95 went over the budget
         if self.budget_s is not None and self.baseline_p95_s and not self.infeasible:
             # even if the knee were the calls in flight now, the p95 would stay within the budget
@@ -411,7 +461,7 @@ class Controller:
             self._restore = self._limit_for_last_window(changed=changed)
             if self._dropped_at and self._since_drop < PROBE_EVERY:
                 self._restore = min(self._restore, max(self.floor, self._dropped_at - 1))
-            if self._over_cap and self._since_over < OVER_HOLD:
+            if self._holding_over():
                 self._restore = min(self._restore, max(self._knee_floor(), self._over_cap))
         self._set(self._restore, old)
         self._new_window(now)

@@ -6,7 +6,8 @@ import logging
 
 import pytest
 
-from imgworker.adaptive import BAND, BAND_SHARE, FIRST_PROBE_SAMPLES, PROBE_EVERY, PROBE_SAMPLES, Controller, Window
+from imgworker.adaptive import (BAND, BAND_SHARE, FIRST_PROBE_SAMPLES, MIN_SAMPLES, PROBE_EVERY, PROBE_S, PROBE_SAMPLES,
+                                Controller, Window)
 from tests.support.slots_sim import Phase, Run, simulate
 
 
@@ -136,12 +137,12 @@ def test_p95_over_budget_narrows_the_band_and_cuts():
     c, _ = ready(budget_s=0.5, baseline=0.2, spread=0.05)  # no-load p95 0.25: feasible
     lo, hi = c.band()
     assert hi == pytest.approx(20 / 3)  # not narrowed: a third of the knee of 20 (over BAND's 6)
-    assert c.update(live(c.baseline_s * 20 / 17, 20, p95=0.6)) == 18  # 3 queued at a knee of 17: x0.9
+    assert c.update(live(c.baseline_s * 20 / 14, 20, p95=0.6)) == 18  # 6 queued at a knee of 14: x0.9
     assert c.margin == 1 and not c.infeasible
 
 
 @pytest.mark.parametrize("knee, drops, limit", [
-    (19, 0, 19),  # 1 queued: x0.9 would be 18, the cut stops at the knee
+    (19, 0, 20),  # 1 queued, less than the window's own noise (one slow call): jitter, held
     (20, 0, 20),  # nothing queued: at the knee, a cut could not lower the p95
     (20, 1, 18),  # a drop cuts below the knee
 ])
@@ -327,3 +328,67 @@ def test_after_a_probe_finds_a_slower_server_the_limit_goes_to_its_knee(probe_s,
     c.tick()
     assert not c.probing and c.baseline_s == pytest.approx(probe_s, rel=0.01)
     assert c.limit == limit
+
+
+#: Two slots with a heavy latency tail, and a budget close to their no-load p95 (~0.59 s): every window's p95
+#: is over the budget now and then at any limit, at 1 call in flight as at the knee.
+HEAVY_TAIL = [Phase(180, 2, 0.2)]
+HEAVY_SIGMA = 0.9
+HEAVY_BUDGET_S = 0.6
+HEAVY_SEEDS = range(1, 7)
+
+
+@pytest.fixture(scope="module")
+def heavy_tail() -> list[Run]:
+    return [simulate(HEAVY_TAIL, make=adaptive(budget_s=HEAVY_BUDGET_S), seed=seed, sigma=HEAVY_SIGMA)
+            for seed in HEAVY_SEEDS]
+
+
+def test_a_heavy_tail_at_the_budget_does_not_stick_the_limit_under_the_knee(heavy_tail):
+    # p95 over the budget with nothing queued is jitter: a cut or a hold there cannot lower it, and the
+    # limit must keep finding its way back to the knee (2) instead of settling at the floor (1)
+    seconds = [run.of_phase(0, K) for run in heavy_tail]
+    limits = [Run.mean_limit(s) for s in seconds]
+    shares = [Run.throughput(s) / (2 / 0.2) for s in seconds]
+    assert sum(limits) / len(limits) >= 2
+    assert sum(shares) / len(shares) >= 0.8
+    assert min(shares) >= 0.65
+
+
+def test_noisy_live_windows_do_not_ratchet_the_baseline_down():
+    # a heavy tail: ten calls whose mean is 0.8 x the baseline by chance (one slow call fewer); the
+    # window's own spread says nothing about the server being faster
+    c, _ = ready(baseline=0.2)
+    c.update(Window(latencies=(0.05,) * 9 + (1.15,), in_flight=20))
+    assert c.baseline_s == pytest.approx(0.2)
+    c.update(Window(latencies=(0.16,) * 10, in_flight=20))  # the same mean with no spread: faster, lowered
+    assert c.baseline_s == pytest.approx(0.16)
+
+
+@pytest.mark.parametrize("spread, probing", [
+    (0.02, False),  # ten calls that agree: the baseline is known, the probe ends on time
+    (0.5, True),    # ten calls spread by a heavy tail: it waits for its PROBE_SAMPLES
+])
+def test_a_probe_against_a_slow_server_ends_on_time(spread, probing):
+    c, clock = ready(initial=8)
+    c._start_probe(clock.now)
+    began = clock.now
+    for n in range(MIN_SAMPLES):
+        c.record(sent_at=began + 0.1, latency_s=0.4 + (spread if n % 2 else -spread / 2))
+    clock.now = began + PROBE_S - 0.1
+    c.tick()
+    assert c.probing  # too soon
+    clock.now = began + PROBE_S
+    c.tick()
+    assert c.probing is probing
+
+
+SLOWDOWN = [Phase(60, 6, 0.2), Phase(60, 6, 0.4)]
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3, 4])
+def test_after_a_2x_slowdown_throughput_stays_near_the_servers_in_the_first_seconds(seed):
+    # a probe at a low limit against the slower server would take 20 calls of 400 ms: it ends on time
+    run = simulate(SLOWDOWN, make=adaptive(), seed=seed)
+    first = run.of_phase(1)[:10]
+    assert sum(s.completed for s in first) / len(first) >= 0.78 * 6 / 0.4

@@ -145,3 +145,17 @@ def test_window_holds_enough_completions_at_small_n():
     params = TuneParams(latency_ms=200.0, window_s=2.0)
     assert window_length(params, 1) == pytest.approx(10.0)
     assert window_length(params, 64) == 2.0
+
+
+def test_face_benchmark_totals_interleaved_rounds_per_way():
+    from benchmarks.adaptive import FACE_WAYS, FaceRound, Params, face_totals
+
+    params = Params(rounds=2, round_s=10.0)
+    rounds = [FaceRound(way=w.name, answered=answered, ms=(100.0,) * answered, failed_calls=1, faces=2, mean_limit=3.0)
+              for n, answered in ((0, 100), (1, 140)) for w in FACE_WAYS[n:] + FACE_WAYS[:n]]
+    rows = {r.way: r for r in face_totals(rounds, params)}
+    adaptive = rows["adaptive"]
+    # totals over both rounds (240 images in 20 s), with each round's rate in round order
+    assert (adaptive.throughput_per_s, adaptive.round_throughputs) == (12.0, (10.0, 14.0))
+    assert (adaptive.failed_calls, adaptive.faces) == (2, 4)
+    assert sum(r.best_fixed for r in rows.values()) == 1 and not adaptive.best_fixed
