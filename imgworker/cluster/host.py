@@ -156,8 +156,22 @@ class ClusterHost:
         return now >= self._full_until and now >= self._retry_at
 
     def published(self, key: str) -> bool:
-        """This host published the image while it led (intake does not take it in again)."""
+        """This host published the image while it led (intake does not take it in again).
+
+        MinIO's notifications are republished by the link's loop, not by intake: those images count as
+        published too, else a sweep would take them into the backlog, where the cleaner would see them
+        as never published (``lease`` gives such images up), and publish them again beyond the
+        duplicate window (a second message for one image).
+        """
+        events = getattr(self.link, "events_published", None)
+        while events:
+            self._remember(events.popleft())
         return key in self._published
+
+    def _remember(self, key: str) -> None:
+        self._published[key] = None
+        while len(self._published) > 4 * self.cfg.cluster.max_msgs:
+            self._published.popitem(last=False)
 
     def unpublished(self, key: str) -> None:
         """Its message left the stream without an outcome (the cleaner withdrew it): intake may take it in again."""
@@ -174,6 +188,8 @@ class ClusterHost:
         # a ref restored from a checkpoint has no version (its ledger key would name none): it leaves the
         # backlog, and the next sweep lists it again with its version
         versioned = [ref for ref in refs if ref.mtime or ref.size or ref.etag]
+        # an image one of MinIO's notifications brought in meanwhile is in the stream already
+        versioned = [ref for ref in versioned if not self.published(ref.key)]
         if versioned and screen is not None:
             versioned = screen(versioned)
         if versioned:
@@ -189,9 +205,7 @@ class ClusterHost:
         self._away.reset()
         self.figures.published += done.sent
         for ref in refs[:done.sent]:
-            self._published[ref.key] = None
-        while len(self._published) > 4 * self.cfg.cluster.max_msgs:
-            self._published.popitem(last=False)
+            self._remember(ref.key)
         if done.deposed:
             self._retry_at = self.clock() + 1.0
         if done.full:

@@ -10,6 +10,7 @@ supervisor's loop is doing (see the package docstring).
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import ssl
@@ -75,6 +76,8 @@ class JetStreamLink:
         self.bucket = bucket
         self.events = events  # MinIO's notifications to republish while leading (``scan.mode = "events"``)
         self.republished = 0  # images published from MinIO's notifications (link thread only)
+        # their keys, for the supervisor's thread to take (``ClusterHost.published``); a deque: thread-safe
+        self.events_published: collections.deque[str] = collections.deque()
         self._lease_lock = asyncio.Lock()  # one CAS on the lease at a time: two on one revision would depose it
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="nats-link", daemon=True)
@@ -484,8 +487,10 @@ class JetStreamLink:
                 for ref in refs:
                     headers = {"Nats-Msg-Id": f"{self.bucket}/{ref.key}@{image_version(ref)}",
                                "Imgworker-Lease": str(revision)}
-                    await self._js.publish(self.cfg.subject, msgspec.msgpack.encode(ref), headers=headers,
-                                           stream=self.cfg.stream)
+                    ack = await self._js.publish(self.cfg.subject, msgspec.msgpack.encode(ref), headers=headers,
+                                                 stream=self.cfg.stream)
+                    self.sequences[ref.key] = ack.seq  # for the cleaner's fence, as intake's publishes
+                    self.events_published.append(ref.key)
                     self.republished += 1
             except nats.js.errors.APIError as exc:
                 if exc.err_code == _STREAM_FULL or "maximum messages" in (exc.description or ""):

@@ -139,19 +139,21 @@ class FakeWorkStream:
         self.log = log
         self.room = room
 
-    async def publish(self, subject: str, payload: bytes, *, headers: dict[str, str], stream: str) -> None:
+    async def publish(self, subject: str, payload: bytes, *, headers: dict[str, str], stream: str) -> Any:
         import nats.js.errors
 
         if self.room <= 0:
             raise nats.js.errors.APIError(code=503, err_code=10077, description="maximum messages exceeded")
         self.room -= 1
         self.log.append(("stored", headers["Nats-Msg-Id"]))
+        return type("PubAck", (), {"seq": 100 - self.room})()
 
 
-def republish(messages: list[bytes], *, room: int = 100, revision: int = 7) -> tuple[list[tuple[str, Any]], bool]:
+def republish(messages: list[bytes], *, room: int = 100, revision: int = 7,
+              link: JetStreamLink | None = None) -> tuple[list[tuple[str, Any]], bool]:
     config = cfg()
     log: list[tuple[str, Any]] = []
-    link = JetStreamLink(config.cluster, host="h0", bucket=BUCKET)
+    link = link or JetStreamLink(config.cluster, host="h0", bucket=BUCKET)
     link._js = FakeWorkStream(log, room)
 
     async def cas() -> int:
@@ -170,6 +172,21 @@ def test_a_minio_message_is_acked_only_after_its_images_are_stored():
     assert going_on
     assert log == [("cas", 7), ("stored", f"{BUCKET}/in/p/c/1.jpg@{ETAG}"), ("stored", f"{BUCKET}/in/p/c/2 x.jpg@e2"),
                    ("ack", two)]
+
+
+def test_what_the_events_publish_is_known_to_the_leader_as_published_with_its_sequence():
+    """Else its sweeps take those images in again (the cleaner would think them unpublished; a second message
+    beyond the duplicate window), and the cleaner's fence would not know their messages."""
+    from imgworker.cluster.host import ClusterHost
+
+    config = cfg()
+    link = JetStreamLink(config.cluster, host="h0", bucket=BUCKET)
+    two = body(record("in/p/c/1.jpg", etag="e1"), record("in/p/c/2.jpg", etag="e2"))
+    republish([two], link=link)
+    assert link.sequences == {"in/p/c/1.jpg": 1, "in/p/c/2.jpg": 2}
+    host = ClusterHost(config, link=link)
+    assert host.published("in/p/c/1.jpg") and host.published("in/p/c/2.jpg")
+    assert not host.published("in/p/c/3.jpg")
 
 
 def test_a_full_work_stream_naks_the_rest_and_acks_none_of_them():

@@ -10,6 +10,7 @@ found in the ledger at the instant it ran.
 
 from __future__ import annotations
 
+import collections
 from typing import Any
 
 import msgspec
@@ -47,6 +48,8 @@ class FakeLink:
         self.on_withdraw: Any = None
         self.on_publish: Any = None
         self.republished: list[str] = []
+        self.full = False  # the stream refuses every publish (discard new)
+        self.events_published: collections.deque[str] = collections.deque()
 
     def start(self) -> None: ...
 
@@ -69,11 +72,18 @@ class FakeLink:
     def publish(self, refs: list[ImageRef]) -> Published:
         if not self.lead:
             return Published(sent=0, deposed=True)
+        if self.full:
+            return Published(sent=0, full=True)
         for ref in refs:
             self.sequences[ref.key] = self._append(ref, f"{ref.key}@{object_version(ref.mtime, ref.size)}")
         if self.on_publish is not None:
             self.on_publish()
         return Published(sent=len(refs))
+
+    def publish_event(self, ref: ImageRef) -> None:
+        """The leader's link republishes a MinIO notification (its loop, not the intake): as ``_republish``."""
+        self.sequences[ref.key] = self._append(ref, f"{ref.key}@{object_version(ref.mtime, ref.size)}")
+        self.events_published.append(ref.key)
 
     def _deliver(self) -> tuple[int, ImageRef] | None:
         for seq in sorted(self.stream):
@@ -256,6 +266,29 @@ def test_a_message_delivered_while_withdrawn_is_published_again_and_kept(tmp_pat
     assert not link.entries() and not store.deleted
     assert set(later) <= set(store.keys())
     assert {ref.key for ref in link.stream.values()} >= set(link.republished)
+
+
+def test_lease_never_gives_up_an_image_the_events_published_while_it_waits_in_the_backlog(tmp_path):
+    """MinIO's notifications are republished by the link, not by intake: a later sweep that lists those images
+    while the stream is full must not take them for the leader's own unpublished backlog (NEW)."""
+    store = Watched()
+    sup, link = leader(tmp_path, store, protect="lease", max_count=2)
+    link.fetching = False
+    upload(store, 0, 1)
+    with sup.running(drain=False):
+        sweeps(sup, 2)  # the term's first pass is behind
+        later = upload(store, 100, 6)
+        for ref in _refs(store, later):
+            link.publish_event(ref)
+        link.deliver_elsewhere(7)  # another host fetched them all (and the first) and works on them
+        sup.clean(_inventory(store)[:1])  # a pass over a listing made before these uploads
+        link.full = True  # the sweep's own publishes are refused: what it lists waits in the backlog
+        sweeps(sup, 3)
+    held = {ref.key for ref in link.elsewhere}
+    assert set(later) <= held
+    assert not link.entries() and not store.deleted, "what another host holds is neither given up nor deleted"
+    assert set(later) <= set(store.keys())
+    assert sup.cleaning.fence.given_up_unpublished == 0
 
 
 def test_a_deposed_leader_deletes_nothing(tmp_path):
