@@ -293,7 +293,14 @@ class JetStreamLink:
                 log.warning("dropping a malformed work message (%d bytes)", len(message.data))
                 await message.term()
                 continue
-            again = ref.key in self._held  # this host still holds an earlier delivery (it was paused)
+            held = self._held.get(ref.key)
+            if held is not None and _version(held) != image_version(ref):
+                # a new upload under a name this host still works on: one message per name is held here (its
+                # outcome acks it), so this one goes back and comes again after the old one is settled
+                with contextlib.suppress(Exception):  # not naked: it comes again after AckWait
+                    await message.nak(delay=self.cfg.ack_wait_s)
+                continue
+            again = held is not None  # this host still holds an earlier delivery (it was paused)
             self._held[ref.key] = message
             if again:
                 continue
@@ -571,6 +578,11 @@ async def _figures(js: Any, cfg: ClusterConfig) -> dict[str, int]:
     return {"stream_messages": stream.state.messages, "consumer_pending": consumer.num_pending or 0,
             "consumer_ack_pending": consumer.num_ack_pending or 0,
             "consumer_redelivered": consumer.num_redelivered or 0}
+
+
+def _version(message: Any) -> str:
+    """The object version a held work message names (its image decoded again)."""
+    return image_version(msgspec.msgpack.decode(message.data, type=ImageRef))
 
 
 class _EventsStreamMissing(Exception):

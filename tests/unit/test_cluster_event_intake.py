@@ -233,3 +233,55 @@ def test_lease_renewals_from_two_tasks_at_once_do_not_depose_the_leader():
 
     assert asyncio.run(both()) == [4, 5]
     assert link.lease_revision == 5
+
+
+# ----- two versions of one name on one host ---------------------------------------------------------
+
+
+class Delivered(FakeMessage):
+    """A work message as a fetch returns it: the image, its stream sequence, how often it was delivered."""
+
+    def __init__(self, ref: ImageRef, seq: int, log: list[tuple[str, Any]]) -> None:
+        super().__init__(msgspec.msgpack.encode(ref), log)
+        self.seq = seq
+        self.metadata = type("Meta", (), {"num_delivered": 1})()
+
+    async def ack(self) -> None:
+        self.log.append(("ack", self.seq))
+
+    async def nak(self, delay: float | None = None) -> None:
+        self.log.append(("nak", self.seq))
+
+    async def in_progress(self) -> None:
+        self.log.append(("progress", self.seq))
+
+
+def test_a_new_upload_under_a_name_this_host_holds_is_neither_swallowed_nor_acked_with_the_old_one():
+    """The events publish every upload: v2 of a name may be delivered to the host still working on v1.
+    v1's outcome must ack v1's message only; v2's comes again (to this host or another) and is analysed."""
+    import nats.js.errors
+
+    log: list[tuple[str, Any]] = []
+    key = "in/p/c/1.jpg"
+    batches = [[Delivered(ImageRef(key=key, etag="v1"), 1, log)], [Delivered(ImageRef(key=key, etag="v2"), 2, log)]]
+
+    class Sub:
+        async def fetch(self, n: int, timeout: float) -> list[Any]:
+            return batches.pop(0)
+
+    class Ledger:
+        async def get(self, key: str) -> Any:
+            raise nats.js.errors.KeyNotFoundError
+
+    link = JetStreamLink(cfg().cluster, host="h0", bucket=BUCKET)
+    link._sub, link._ledger = Sub(), Ledger()
+
+    async def run() -> tuple[list[Any], list[Any]]:
+        first, second = await link._fetch(1), await link._fetch(1)
+        await link._settle(key, term=False)  # v1's outcome is in the ledger
+        return first, second
+
+    first, second = asyncio.run(run())
+    assert [image_version(d.ref) for d in first] == ["v1"]
+    assert ("ack", 2) not in log, "v2's message is not acked by v1's outcome"
+    assert ("ack", 1) in log and ("nak", 2) in log, "v1 acked; v2 handed back to come again"
