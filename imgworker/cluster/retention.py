@@ -52,6 +52,7 @@ from typing import Protocol
 
 import msgspec
 
+from ..backoff import Backoff
 from ..cleaner import CleanerStats, Plan, Status, StoredImage, plan_cleanup
 from ..config import Config
 from ..dispatch import Dispatch
@@ -237,15 +238,28 @@ class ClusterCleaner(CleanerPass):
         return ended
 
     def _put_back(self, ref: ImageRef) -> None:
-        """A withdrawn message a host may have been handed: publish the image again, keep the object."""
-        try:
-            self.host.link.publish_again(ref, uuid.uuid4().hex[:12])
-        except ClusterUnavailable as exc:
-            log.error("cleaner: %s was withdrawn from the stream and could not be published again (%s); it stays "
-                      "in the intake backlog", ref.key, exc)
-            self.host.link.sequences.pop(ref.key, None)
-            self.host.unpublished(ref.key)  # intake takes it in again at the next listing
-            return
+        """A withdrawn message a host may have been handed: publish the image again, keep the object.
+
+        While NATS is away this waits and tries again (as a claim does): intake's own publish would
+        carry the withdrawn message's Nats-Msg-Id, which the duplicate window takes for stored.
+        """
+        backoff = Backoff(0.2, 2.0)
+        while True:
+            try:
+                self.host.link.publish_again(ref, uuid.uuid4().hex[:12])
+                break
+            except ClusterUnavailable as exc:
+                if not self.host.give_up():
+                    wait_s = backoff.fail()
+                    log.warning("cleaner: publishing %s again failed (%s); trying again in %.1f s", ref.key, exc,
+                                wait_s)
+                    time.sleep(wait_s)
+                    continue
+                log.error("cleaner: %s was withdrawn from the stream and could not be published again (%s); it "
+                          "stays in the intake backlog", ref.key, exc)
+                self.host.link.sequences.pop(ref.key, None)
+                self.host.unpublished(ref.key)  # intake takes it in again at the next listing
+                return
         self.fence.republished += 1
         log.info("cleaner: %s may have been delivered while withdrawn; published again, kept", ref.key)
 

@@ -291,6 +291,36 @@ def test_lease_never_gives_up_an_image_the_events_published_while_it_waits_in_th
     assert sup.cleaning.fence.given_up_unpublished == 0
 
 
+def test_a_withdrawn_image_whose_publish_again_failed_once_is_not_left_out_of_the_stream(tmp_path):
+    """NATS away for a moment right after the withdraw: published again under the original Nats-Msg-Id, the
+    image would be taken for a duplicate (the window holds the withdrawn message's id) and stored nowhere."""
+    from imgworker.cluster.jetstream import ClusterUnavailable
+
+    store = Watched()
+    sup, link = leader(tmp_path, store, protect="lease", max_count=1)
+    link.fetching = False
+    upload(store, 0, 1)
+    with sup.running(drain=False):
+        sweeps(sup, 2)
+        later = upload(store, 100, 3)
+        withdrawn: list[int] = []
+        link.on_withdraw = lambda seq: withdrawn.append(seq) or (len(withdrawn) == 1 and link.deliver_elsewhere(2))
+        publish_again, failures = link.publish_again, [ClusterUnavailable("connection closed")]
+
+        def away_once(ref: ImageRef, tag: str) -> int:
+            if failures:
+                raise failures.pop()
+            return publish_again(ref, tag)
+
+        link.publish_again = away_once  # type: ignore[method-assign]
+        sweeps(sup, 3)
+    assert withdrawn and not failures, "a withdrawn message went back while NATS was away"
+    held = {ref.key for ref in link.elsewhere}
+    in_stream = {ref.key for ref in link.stream.values()}
+    for key in later:
+        assert key in link.entries() or key in in_stream or key in held, f"{key}: no outcome, no message, no holder"
+
+
 def test_a_deposed_leader_deletes_nothing(tmp_path):
     store = Watched()
     sup, link = leader(tmp_path, store, protect="queued", max_count=1)
