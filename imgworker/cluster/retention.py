@@ -8,7 +8,8 @@ An image's status across hosts, as the leader can know it:
   the leader fetched it, or it is not DONE and the leader cannot prove that no host has it (below).
 - NEW: in the leader's backlog, never published by it, and first listed in the leader's current
   lease term. No other host can have it: an earlier leader listed only what existed before this
-  term began, and what this term's first complete listing saw is *inherited* (HELD) for the term.
+  term began, and what this term's first two complete listings saw is *inherited* (HELD) for the
+  term (the first may have begun before the term: the lease lost mid-listing and taken again).
 - QUEUED: published by this leader (it knows the message's stream sequence from its PubAck).
 
 ``queued`` deletes DONE images only: the ledger entry exists before the delete (durable before
@@ -95,7 +96,8 @@ class ClusterCleaner(CleanerPass):
         self.fence = FenceFigures()
         self._done: set[str] = set()  # "key@version" known to have a ledger entry (it never goes away)
         self._term = -1
-        self._inherited: set[str] = set()  # listed in this term's first pass: an earlier leader may have published
+        self._inherited: set[str] = set()  # listed in this term's first passes: an earlier leader may have published
+        self._term_passes = 0
 
     def run(self, inventory: list[StoredImage], janitor: Janitor) -> tuple[Plan, list[Done]]:
         link = self.host.link
@@ -115,8 +117,10 @@ class ClusterCleaner(CleanerPass):
         done = {key for key, v in versions.items() if f"{key}@{v}" in self._done}
         self._done = {f"{key}@{versions[key]}" for key in done}  # what is no longer listed is forgotten
         if link.lease_terms != self._term:
-            self._term = link.lease_terms
-            self._inherited = set(versions) - done
+            self._term, self._term_passes, self._inherited = link.lease_terms, 0, set()
+        if self._term_passes < 2:  # a term's first listing may have begun before it (the lease lost mid-listing
+            self._inherited |= set(versions) - done  # and taken again); its second began within it
+            self._term_passes += 1
         self._inherited &= set(versions)
         for key in [k for k in list(link.sequences) if k in done or k not in versions]:
             link.sequences.pop(key, None)  # bounded by the images listed and not done

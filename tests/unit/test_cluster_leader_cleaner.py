@@ -321,6 +321,28 @@ def test_a_withdrawn_image_whose_publish_again_failed_once_is_not_left_out_of_th
         assert key in link.entries() or key in in_stream or key in held, f"{key}: no outcome, no message, no holder"
 
 
+def test_lease_protects_what_another_leader_published_before_a_term_whose_first_listing_began_earlier(tmp_path):
+    """This host lost the lease mid-listing and took it again: that listing, the new term's first, began before
+    the term and missed what the other leader published meanwhile; it must not become this host's NEW."""
+    store = Watched()
+    sup, link = leader(tmp_path, store, protect="lease", max_count=1)
+    link.fetching = False
+    upload(store, 0, 1)
+    with sup.running(drain=False):
+        sweeps(sup, 2)
+        before = _inventory(store)  # the listing in progress when the lease was lost
+        theirs = upload(store, 100, 3)  # meanwhile, another leader published these and a host took them
+        for ref in _refs(store, theirs):
+            link._append(ref, f"{ref.key}@{object_version(ref.mtime, ref.size)}")
+        link.deliver_elsewhere(4)
+        link.lease_terms += 1  # taken again
+        sup.clean(before)  # the term's first pass, over the listing that began before it
+        link.full = True  # what the next listings find waits in the backlog
+        sweeps(sup, 3)
+    assert set(theirs) <= {ref.key for ref in link.elsewhere}
+    assert not link.entries() and not store.deleted, "what another host holds is neither given up nor deleted"
+
+
 def test_a_deposed_leader_deletes_nothing(tmp_path):
     store = Watched()
     sup, link = leader(tmp_path, store, protect="queued", max_count=1)
