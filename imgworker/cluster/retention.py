@@ -190,9 +190,9 @@ class ClusterCleaner(CleanerPass):
         published: list[ImageRef] = []
         for img in images:
             if status(img.key) is Status.NEW:
-                self.end(self._ref(img), "retention")
-                self.fence.given_up_unpublished += 1
-                ended.append(img.key)
+                if self.end(self._ref(img), "retention"):
+                    self.fence.given_up_unpublished += 1
+                    ended.append(img.key)
             else:
                 published.append(self._ref(img))
         if published:
@@ -235,8 +235,8 @@ class ClusterCleaner(CleanerPass):
         ended: list[str] = []
         for ref, seq in withdrawn:
             if after is not None and seq > after:
-                self.end(ref, cause)
-                ended.append(ref.key)
+                if self.end(ref, cause):
+                    ended.append(ref.key)
             else:
                 self._put_back(ref)
         return ended
@@ -267,15 +267,18 @@ class ClusterCleaner(CleanerPass):
         self.fence.republished += 1
         log.info("cleaner: %s may have been delivered while withdrawn; published again, kept", ref.key)
 
-    def end(self, ref: ImageRef, cause: str) -> None:
+    def end(self, ref: ImageRef, cause: str) -> bool:
         """End an image no host holds: its outcome (``dropped_expired``) is claimed in the ledger and written first.
 
-        For the cleaner (``retention``) that comes before the delete: storage wins.
+        For the cleaner (``retention``) that comes before the delete: storage wins. False if the claim
+        ended unrecorded (the ledger did not answer and the stop is forced): it is not to be deleted.
         """
+        unrecorded = self.host.figures.unrecorded
         self.host.ending(ref.key, image_version(ref))
         self.sink.accepted(ref)
         self.sink.drop(ref, Outcome.DROPPED_EXPIRED, cause)
         self.host.link.sequences.pop(ref.key, None)
+        return self.host.figures.unrecorded == unrecorded
 
     def _ref(self, img: StoredImage) -> ImageRef:
         task_type, task_id = parse_task(img.key, self.cfg.store.prefix)

@@ -343,6 +343,32 @@ def test_lease_protects_what_another_leader_published_before_a_term_whose_first_
     assert not link.entries() and not store.deleted, "what another host holds is neither given up nor deleted"
 
 
+def test_a_give_up_whose_outcome_was_not_recorded_deletes_nothing(tmp_path):
+    """A forced stop while the ledger does not answer ends the claim unrecorded; the lease CAS may answer
+    again just after: the image must not be deleted with no outcome anywhere."""
+    from imgworker.cluster.jetstream import ClusterUnavailable
+
+    store = Watched()
+    sup, link = leader(tmp_path, store, protect="lease", max_count=1)
+    link.fetching = False
+    upload(store, 0, 1)
+    with sup.running(drain=False):
+        sweeps(sup, 2)
+        upload(store, 100, 4)
+        link.full = True  # they stay in the backlog: NEW
+        assert sup.cluster is not None
+        sup.cluster.give_up = lambda: True  # the stop is forced
+
+        def away(key: str, version: str, value: bytes) -> bool:
+            raise ClusterUnavailable("timeout")
+
+        link.claim = away  # type: ignore[method-assign]
+        sweeps(sup, 1)
+        sup.step_until(lambda: False, max_steps=20)
+    assert sup.cluster.figures.unrecorded, "the give-ups were tried and not recorded"
+    assert all(store.deleted.values()), "nothing deleted without its outcome in the ledger"
+
+
 def test_a_deposed_leader_deletes_nothing(tmp_path):
     store = Watched()
     sup, link = leader(tmp_path, store, protect="queued", max_count=1)
