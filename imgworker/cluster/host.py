@@ -124,6 +124,7 @@ class ClusterHost:
         # oldest are forgotten: a key published again is stored once within the duplicate window,
         # and acked as already counted at delivery after it)
         self._published: collections.OrderedDict[str, None] = collections.OrderedDict()
+        self._unanswered: set[str] = set()  # back in the backlog after a publish that got no answer
         self.intents = Intents(os.path.join(cfg.run.state_dir, "cluster-claims.jsonl"))
         self._versions: dict[str, str] = {}  # image key -> the object version of the delivery it was fetched as
         self._claimed: dict[str, str] = {}  # image key -> the token of its claim, until its line is written
@@ -173,6 +174,10 @@ class ClusterHost:
         while len(self._published) > 4 * self.cfg.cluster.max_msgs:
             self._published.popitem(last=False)
 
+    def maybe_published(self, key: str) -> bool:
+        """Published, or its publish went unanswered (it may be stored and delivered): never the leader's alone."""
+        return self.published(key) or key in self._unanswered
+
     def unpublished(self, key: str) -> None:
         """Its message left the stream without an outcome (the cleaner withdrew it): intake may take it in again."""
         self._published.pop(key, None)
@@ -201,11 +206,13 @@ class ClusterHost:
             done = self.link.publish(refs)
         except ClusterUnavailable as exc:
             self._unavailable("publish", exc)
+            self._unanswered.update(ref.key for ref in refs)  # some may be stored: the server's answer was lost
             return refs
         self._away.reset()
         self.figures.published += done.sent
         for ref in refs[:done.sent]:
             self._remember(ref.key)
+            self._unanswered.discard(ref.key)
         if done.deposed:
             self._retry_at = self.clock() + 1.0
         if done.full:

@@ -166,7 +166,7 @@ class ClusterCleaner(CleanerPass):
                 return Status.HELD  # fetched here, or perhaps published by an earlier leader
             if key in sequences:
                 return Status.QUEUED if sequences[key] > delivered else Status.HELD
-            return Status.NEW if key in self.backlog and not self.host.published(key) else Status.HELD
+            return Status.NEW if key in self.backlog and not self.host.maybe_published(key) else Status.HELD
 
         return status
 

@@ -18,7 +18,7 @@ import pytest
 
 from imgworker.cluster import object_version
 from imgworker.cluster.host import LedgerEntry
-from imgworker.cluster.jetstream import Delivery, Published
+from imgworker.cluster.jetstream import ClusterUnavailable, Delivery, Published
 from imgworker.config import load_config
 from imgworker.errors import ConfigError
 from imgworker.memstore import MemoryAlgo, MemoryStore
@@ -49,6 +49,7 @@ class FakeLink:
         self.on_publish: Any = None
         self.republished: list[str] = []
         self.full = False  # the stream refuses every publish (discard new)
+        self.answers_lost = False
         self.events_published: collections.deque[str] = collections.deque()
 
     def start(self) -> None: ...
@@ -74,6 +75,10 @@ class FakeLink:
             return Published(sent=0, deposed=True)
         if self.full:
             return Published(sent=0, full=True)
+        if self.answers_lost:  # stored, but the PubAcks never came back (NATS went away meanwhile)
+            for ref in refs:
+                self._append(ref, f"{ref.key}@{object_version(ref.mtime, ref.size)}")
+            raise ClusterUnavailable("timeout")
         for ref in refs:
             self.sequences[ref.key] = self._append(ref, f"{ref.key}@{object_version(ref.mtime, ref.size)}")
         if self.on_publish is not None:
@@ -294,8 +299,6 @@ def test_lease_never_gives_up_an_image_the_events_published_while_it_waits_in_th
 def test_a_withdrawn_image_whose_publish_again_failed_once_is_not_left_out_of_the_stream(tmp_path):
     """NATS away for a moment right after the withdraw: published again under the original Nats-Msg-Id, the
     image would be taken for a duplicate (the window holds the withdrawn message's id) and stored nowhere."""
-    from imgworker.cluster.jetstream import ClusterUnavailable
-
     store = Watched()
     sup, link = leader(tmp_path, store, protect="lease", max_count=1)
     link.fetching = False
@@ -346,8 +349,6 @@ def test_lease_protects_what_another_leader_published_before_a_term_whose_first_
 def test_a_give_up_whose_outcome_was_not_recorded_deletes_nothing(tmp_path):
     """A forced stop while the ledger does not answer ends the claim unrecorded; the lease CAS may answer
     again just after: the image must not be deleted with no outcome anywhere."""
-    from imgworker.cluster.jetstream import ClusterUnavailable
-
     store = Watched()
     sup, link = leader(tmp_path, store, protect="lease", max_count=1)
     link.fetching = False
@@ -367,6 +368,24 @@ def test_a_give_up_whose_outcome_was_not_recorded_deletes_nothing(tmp_path):
         sup.step_until(lambda: False, max_steps=20)
     assert sup.cluster.figures.unrecorded, "the give-ups were tried and not recorded"
     assert all(store.deleted.values()), "nothing deleted without its outcome in the ledger"
+
+
+def test_lease_never_gives_up_an_image_whose_publish_was_stored_but_not_answered(tmp_path):
+    """NATS went away during a publish batch: the images go back to the backlog, yet the server stored them and
+    a host may have fetched them: they are not the leader's unpublished backlog (NEW)."""
+    store = Watched()
+    sup, link = leader(tmp_path, store, protect="lease", max_count=1)
+    link.fetching = False
+    upload(store, 0, 1)
+    with sup.running(drain=False):
+        sweeps(sup, 2)
+        link.answers_lost = True
+        later = upload(store, 100, 4)
+        sweeps(sup, 1)
+        link.deliver_elsewhere(5)  # a host fetched them
+        sweeps(sup, 3)
+    assert set(later) <= {ref.key for ref in link.elsewhere}
+    assert not link.entries() and not store.deleted, "what another host holds is neither given up nor deleted"
 
 
 def test_a_deposed_leader_deletes_nothing(tmp_path):
