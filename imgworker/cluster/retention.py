@@ -222,8 +222,9 @@ class ClusterCleaner(CleanerPass):
             try:
                 if link.withdraw(seq):
                     withdrawn.append((ref, seq))
-            except ClusterUnavailable as exc:  # unknown: it may still be there; it stays queued
-                log.warning("cleaner: withdrawing %s from the stream failed (%s)", ref.key, exc)
+            except ClusterUnavailable as exc:  # unknown: it may be gone (the answer was lost), or still there
+                log.warning("cleaner: withdrawing %s from the stream failed (%s); it is published again", ref.key, exc)
+                self._put_back(ref)  # not left queued with no message: a second copy at worst (the ledger)
                 break
         if not withdrawn:
             return []

@@ -388,6 +388,32 @@ def test_lease_never_gives_up_an_image_whose_publish_was_stored_but_not_answered
     assert not link.entries() and not store.deleted, "what another host holds is neither given up nor deleted"
 
 
+def test_a_withdraw_whose_answer_was_lost_leaves_no_image_without_a_message(tmp_path):
+    """The delete by sequence reached the server, its answer did not: the message may be gone. Left as queued,
+    the image would have no message, no holder and no outcome, and a later withdraw finds nothing to withdraw."""
+    store = Watched()
+    sup, link = leader(tmp_path, store, protect="lease", max_count=1)
+    link.fetching = False
+    upload(store, 0, 1)
+    with sup.running(drain=False):
+        sweeps(sup, 2)
+        later = upload(store, 100, 3)
+        withdraw, lost = link.withdraw, [ClusterUnavailable("timeout")]
+
+        def answer_lost(seq: int) -> bool:
+            there = withdraw(seq)
+            if lost:
+                raise lost.pop()
+            return there
+
+        link.withdraw = answer_lost  # type: ignore[method-assign]
+        sweeps(sup, 3)
+    assert not lost, "a withdraw went unanswered"
+    in_stream = {ref.key for ref in link.stream.values()}
+    for key in later:
+        assert key in link.entries() or key in in_stream, f"{key}: no outcome, no message"
+
+
 def test_a_deposed_leader_deletes_nothing(tmp_path):
     store = Watched()
     sup, link = leader(tmp_path, store, protect="queued", max_count=1)
