@@ -8,12 +8,14 @@ done with them, cause ``would_expire`` (outcome ``dropped_expired``):
   newer images each task directory holds and how fast they arrive. No other host can: each fetches
   only a share of the stream;
 - at admission, an image that would expire even if a worker took it next is not published: it is
-  ended directly (``screen``);
+  ended directly (``screen``), if no host can have it (as below);
 - after each complete listing (``drop_doomed``), each image's wait is its position in line over the
   cluster's throughput: a published image not yet delivered stands at ``seq - delivered`` (its stream
   sequence over the consumer's delivered sequence), a backlog image behind all of those, in the
-  order intake would publish it. The doomed of the backlog are ended directly (no host can have
-  them); the doomed published ones only through ``ClusterCleaner.through_fence``, the cleaner's own
+  order intake would publish it. The doomed of the backlog are ended directly if no host can have
+  them (first listed in this term, after its first two listings: before, an earlier leader may have
+  published them; never published by this host, nor perhaps); the others are published, and the
+  doomed published ones end only through ``ClusterCleaner.through_fence``, the cleaner's own
   fence: withdrawn from the stream by sequence, the consumer read again, ended only if still above
   it, else published again and kept.
 
@@ -81,6 +83,9 @@ class LeaderExpiry:
         self._observed: collections.OrderedDict[str, None] = collections.OrderedDict()
         self._published: dict[str, ImageRef] = {}  # published here and not known delivered
         self._samples: list[tuple[float, int]] = []  # (clock, consumer's delivered sequence)
+        self._term = -1
+        self._term_listings = 0
+        self._inherited: set[str] = set()  # in the backlog at this term's first listings: perhaps published
 
     @property
     def enabled(self) -> bool:
@@ -102,7 +107,8 @@ class LeaderExpiry:
         for ref in refs:
             self.observe(ref)
         now, margin = time.time(), self._margin()
-        doomed = [ref for ref in refs if self.expiry.would_expire(ref, within_s=margin, now=now)]
+        doomed = [ref for ref in refs if self.expiry.would_expire(ref, within_s=margin, now=now)
+                  and self._only_here(ref.key)]  # the others are published: the fence decides for them
         if doomed and not self.fence.confirm():
             return refs  # deposed: nothing ended here; the publish is refused by the same fence
         gone = {ref.key for ref in doomed}
@@ -120,6 +126,7 @@ class LeaderExpiry:
         backlog = [ref for ref in self.backlog.in_take_order() if ref.mtime or ref.size or ref.etag]
         for ref in backlog:
             self.observe(ref)
+        self._inherit([ref.key for ref in backlog])
         if not self.fence.confirm():
             return 0
         try:
@@ -163,8 +170,25 @@ class LeaderExpiry:
 
         published = [ref for key, ref in self._published.items() if doomed(ref, sequences[key] - delivered)]
         tail = max((sequences[key] for key in self._published), default=delivered) - delivered
-        in_backlog = [ref for n, ref in enumerate(backlog, start=1) if doomed(ref, tail + n)]
+        in_backlog = [ref for n, ref in enumerate(backlog, start=1)
+                      if doomed(ref, tail + n) and self._only_here(ref.key)]
         return published, in_backlog
+
+    def _inherit(self, backlog: list[str]) -> None:
+        """A term's first two listings: what the backlog holds may have been published by an earlier leader (the
+        first listing may have begun before the term)."""
+        if self.host.link.lease_terms != self._term:
+            self._term, self._term_listings, self._inherited = self.host.link.lease_terms, 0, set()
+        if self._term_listings < 2:
+            self._inherited.update(backlog)
+            self._term_listings += 1
+
+    def _only_here(self, key: str) -> bool:
+        """A backlog image no host can have: first listed in this term, never published (nor maybe) by this host."""
+        if self.host.link.lease_terms != self._term or self._term_listings < 2:
+            return False  # the term's first listings are not behind: an earlier leader may have published it
+        return key not in self._inherited and not self.host.maybe_published(key) \
+            and key not in self.host.link.sequences
 
     def _sample(self, delivered: int) -> None:
         now = self.clock()

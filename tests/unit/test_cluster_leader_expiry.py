@@ -60,8 +60,9 @@ def test_backlog_images_the_count_rule_dooms_are_dropped_directly_never_publishe
     sup, link, algo = expiring(tmp_path, store, keep=2)
     assert sup.cluster is not None
     monkeypatch.setattr(sup.cluster, "can_publish", lambda: False)  # the stream is full: all stays in the backlog
-    keys = upload(store, 0, 5)
     with sup.running(drain=False):
+        sweeps(sup, 2)  # the term's first listings (what they find, an earlier leader may have published)
+        keys = upload(store, 0, 5)
         sweeps(sup, 2)
         assert not link.ids
         monkeypatch.undo()
@@ -74,8 +75,9 @@ def test_backlog_images_the_count_rule_dooms_are_dropped_directly_never_publishe
 def test_images_already_doomed_at_admission_are_not_published(tmp_path):
     store = Watched()
     sup, link, _ = expiring(tmp_path, store, keep=2)
-    keys = upload(store, 0, 6)
     with sup.running(drain=False):
+        sweeps(sup, 2)  # the term's first listings (what they find, an earlier leader may have published)
+        keys = upload(store, 0, 6)
         sweeps(sup, 2)
     assert outcomes(link) == {key: ("dropped_expired", "would_expire") for key in keys[:4]}
     assert ever_published(link) == set(keys[4:])
@@ -98,6 +100,25 @@ def test_a_deposed_leader_drops_nothing(tmp_path, monkeypatch):
     assert not link.entries(), "nothing ended once deposed"
     assert set(old) <= {ref.key for ref in link.stream.values()}, "nothing withdrawn"
     assert sup.cleaning.fence.deposed >= 1
+
+
+def test_a_new_leader_never_ends_what_an_earlier_leader_published_and_a_host_holds(tmp_path):
+    """The earlier leader published these and a host works on them; to the new leader they are backlog images
+    (it did not publish them): that no host can have them holds only for what it first listed in its term."""
+    from imgworker.cluster import object_version
+    from tests.unit.test_cluster_leader_cleaner import _refs
+
+    store = Watched()
+    sup, link, _ = expiring(tmp_path, store, keep=3)
+    old = upload(store, 0, 3)
+    for ref in _refs(store, old):
+        link._append(ref, f"{ref.key}@{object_version(ref.mtime, ref.size)}")
+    link.deliver_elsewhere(3)
+    upload(store, 100, 3)  # newer ones: the count rule dooms the old three
+    with sup.running(drain=False):
+        sweeps(sup, 4)
+    assert {ref.key for ref in link.elsewhere} == set(old)
+    assert not set(old) & set(link.entries()), "what another host holds is not ended under it"
 
 
 def test_a_host_still_drops_at_dispatch_what_expired_in_the_stream(tmp_path):
