@@ -192,6 +192,8 @@ class Supervisor:
                                   clock=clock)
         # the leader sees every arrival; it shares the estimator with its own check at dispatch
         self.leader_expiry = None if self.cluster is None else _leader_expiry(cfg, self.cluster, self)
+        if self.cluster is not None and self.leader_expiry is not None:  # MinIO's events arrive through the link
+            self.cluster.on_event_published = self.leader_expiry.event_published
         self.journal: ResultsJournal | None = None
         self.janitor: Janitor | None = None
         self.stopping = Stopping(clock)

@@ -100,6 +100,12 @@ class LeaderExpiry:
             self._observed.popitem(last=False)
         self.expiry.observe(ref)
 
+    def event_published(self, ref: ImageRef) -> None:
+        """An image the link published from MinIO's notifications (not through intake): an arrival, in line."""
+        if self.enabled:
+            self.observe(ref)
+            self._published[ref.key] = ref
+
     def screen(self, refs: list[ImageRef]) -> list[ImageRef]:
         """Before a publish: end the images that would expire even if taken next; the rest are to be published."""
         if not self.enabled:

@@ -125,6 +125,7 @@ class ClusterHost:
         # and acked as already counted at delivery after it)
         self._published: collections.OrderedDict[str, None] = collections.OrderedDict()
         self._unanswered: set[str] = set()  # back in the backlog after a publish that got no answer
+        self.on_event_published: Callable[[ImageRef], None] | None = None  # the leader's expiry: an arrival
         self.intents = Intents(os.path.join(cfg.run.state_dir, "cluster-claims.jsonl"))
         self._versions: dict[str, str] = {}  # image key -> the object version of the delivery it was fetched as
         self._claimed: dict[str, str] = {}  # image key -> the token of its claim, until its line is written
@@ -164,10 +165,16 @@ class ClusterHost:
         as never published (``lease`` gives such images up), and publish them again beyond the
         duplicate window (a second message for one image).
         """
+        self._take_event_publishes()
+        return key in self._published
+
+    def _take_event_publishes(self) -> None:
         events = getattr(self.link, "events_published", None)
         while events:
-            self._remember(events.popleft())
-        return key in self._published
+            ref = events.popleft()
+            self._remember(ref.key)
+            if self.on_event_published is not None:
+                self.on_event_published(ref)
 
     def _remember(self, key: str) -> None:
         self._published[key] = None
@@ -187,6 +194,7 @@ class ClusterHost:
 
         ``screen`` (expiry, ``LeaderExpiry.screen``) ends the images not worth publishing and returns the rest.
         """
+        self._take_event_publishes()  # every step: the leader's expiry sees those arrivals when they come
         if not self.can_publish():
             return
         refs = backlog.take(PUBLISH_BATCH)

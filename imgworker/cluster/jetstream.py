@@ -76,8 +76,8 @@ class JetStreamLink:
         self.bucket = bucket
         self.events = events  # MinIO's notifications to republish while leading (``scan.mode = "events"``)
         self.republished = 0  # images published from MinIO's notifications (link thread only)
-        # their keys, for the supervisor's thread to take (``ClusterHost.published``); a deque: thread-safe
-        self.events_published: collections.deque[str] = collections.deque()
+        # those images, for the supervisor's thread to take (``ClusterHost.published``); a deque: thread-safe
+        self.events_published: collections.deque[ImageRef] = collections.deque()
         self._lease_lock = asyncio.Lock()  # one CAS on the lease at a time: two on one revision would depose it
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="nats-link", daemon=True)
@@ -497,7 +497,7 @@ class JetStreamLink:
                     ack = await self._js.publish(self.cfg.subject, msgspec.msgpack.encode(ref), headers=headers,
                                                  stream=self.cfg.stream)
                     self.sequences[ref.key] = ack.seq  # for the cleaner's fence, as intake's publishes
-                    self.events_published.append(ref.key)
+                    self.events_published.append(ref)
                     self.republished += 1
             except nats.js.errors.APIError as exc:
                 if exc.err_code == _STREAM_FULL or "maximum messages" in (exc.description or ""):

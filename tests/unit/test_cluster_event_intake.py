@@ -184,6 +184,7 @@ def test_what_the_events_publish_is_known_to_the_leader_as_published_with_its_se
     two = body(record("in/p/c/1.jpg", etag="e1"), record("in/p/c/2.jpg", etag="e2"))
     republish([two], link=link)
     assert link.sequences == {"in/p/c/1.jpg": 1, "in/p/c/2.jpg": 2}
+    assert [ref.etag for ref in link.events_published] == ["e1", "e2"]
     host = ClusterHost(config, link=link)
     assert host.published("in/p/c/1.jpg") and host.published("in/p/c/2.jpg")
     assert not host.published("in/p/c/3.jpg")

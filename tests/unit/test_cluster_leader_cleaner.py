@@ -50,7 +50,7 @@ class FakeLink:
         self.republished: list[str] = []
         self.full = False  # the stream refuses every publish (discard new)
         self.answers_lost = False
-        self.events_published: collections.deque[str] = collections.deque()
+        self.events_published: collections.deque[ImageRef] = collections.deque()
 
     def start(self) -> None: ...
 
@@ -88,7 +88,7 @@ class FakeLink:
     def publish_event(self, ref: ImageRef) -> None:
         """The leader's link republishes a MinIO notification (its loop, not the intake): as ``_republish``."""
         self.sequences[ref.key] = self._append(ref, f"{ref.key}@{object_version(ref.mtime, ref.size)}")
-        self.events_published.append(ref.key)
+        self.events_published.append(ref)
 
     def _deliver(self) -> tuple[int, ImageRef] | None:
         for seq in sorted(self.stream):

@@ -121,6 +121,23 @@ def test_a_new_leader_never_ends_what_an_earlier_leader_published_and_a_host_hol
     assert not set(old) & set(link.entries()), "what another host holds is not ended under it"
 
 
+def test_images_the_events_published_count_as_arrivals_and_the_doomed_are_withdrawn(tmp_path):
+    """With MinIO's events the link publishes, not intake: the count rule must still see those arrivals."""
+    from tests.unit.test_cluster_leader_cleaner import _refs
+
+    store = Watched()
+    sup, link, algo = expiring(tmp_path, store, keep=2)
+    with sup.running(drain=False):
+        sweeps(sup, 2)  # the term's first listings
+        keys = upload(store, 0, 5)
+        for ref in _refs(store, keys):
+            link.publish_event(ref)
+        sweeps(sup, 2)
+    assert outcomes(link) == {key: ("dropped_expired", "would_expire") for key in keys[:3]}
+    assert {ref.key for ref in link.stream.values()} == set(keys[3:]), "the doomed withdrawn, the newest two wait"
+    assert not algo.calls
+
+
 def test_a_host_still_drops_at_dispatch_what_expired_in_the_stream(tmp_path):
     store = Watched()
     algo = MemoryAlgo(store)
