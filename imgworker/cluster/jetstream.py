@@ -16,6 +16,7 @@ import logging
 import ssl
 import threading
 import time
+import uuid
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
@@ -357,12 +358,35 @@ class JetStreamLink:
                 ack = await self._js.publish(self.cfg.subject, msgspec.msgpack.encode(ref), headers=headers,
                                              stream=self.cfg.stream)
                 self.sequences[ref.key] = ack.seq  # a duplicate's ack names the stored message's sequence
+                await self._unless_withdrawn(ref, ack)
             except nats.js.errors.APIError as exc:
                 if exc.err_code == _STREAM_FULL or "maximum messages" in (exc.description or ""):
                     return Published(sent=sent, full=True)
                 raise
             sent += 1
         return Published(sent=sent)
+
+    async def _unless_withdrawn(self, ref: ImageRef, ack: Any) -> None:
+        """A duplicate whose stored message is gone with no outcome in the ledger: publish it under an id of its own.
+
+        A message leaves the work stream once its outcome is in the ledger (the ack follows the
+        claim), or when a leader's cleaner withdraws it. A leader that died between that withdraw
+        and the image's end (or its new publish) left it with no message; the duplicate window would
+        take every later publish of it for stored.
+        """
+        import nats.js.errors
+
+        if not ack.duplicate:
+            return
+        try:
+            await self._js.get_msg(self.cfg.stream, ack.seq)
+            return
+        except nats.js.errors.NotFoundError:
+            pass
+        if await self._ledger_value(ref.key, image_version(ref)) is None:  # looked up after the message was gone
+            log.warning("%s: its message was withdrawn from the work stream and the image never ended; published "
+                        "again", ref.key)
+            await self._publish_again(ref, uuid.uuid4().hex[:12])
 
     async def _renew_lease(self) -> int:
         """CAS the lease on the revision held: the new revision, or 0 (deposed: another host holds it)."""
@@ -497,6 +521,7 @@ class JetStreamLink:
                     ack = await self._js.publish(self.cfg.subject, msgspec.msgpack.encode(ref), headers=headers,
                                                  stream=self.cfg.stream)
                     self.sequences[ref.key] = ack.seq  # for the cleaner's fence, as intake's publishes
+                    await self._unless_withdrawn(ref, ack)
                     self.events_published.append(ref)
                     self.republished += 1
             except nats.js.errors.APIError as exc:

@@ -206,3 +206,41 @@ def test_the_cleaner_s_lease_check_never_deposes_the_leader_itself(store_server,
         assert link.confirm_lease()
     finally:
         link.close()
+
+
+def test_a_message_withdrawn_by_a_leader_that_died_before_ending_it_is_published_again(store_server, nats):
+    """The leader died between the fence's withdraw and the image's end. The next leader publishes the image under
+    the same Nats-Msg-Id within the duplicate window: the server takes it for a duplicate of a message that is
+    gone. Without a second message the image would have no message, no holder and no outcome."""
+    from imgworker.cluster.jetstream import JetStreamLink
+    from imgworker.config import ClusterConfig
+    from imgworker.outcomes import ImageRef
+
+    ref = ImageRef(key="p/person/c1/a.jpg", task_type="person", task_id="c1", size=3, mtime=1.0, etag="e1")
+    other = ImageRef(key="p/person/c1/b.jpg", task_type="person", task_id="c1", size=3, mtime=2.0, etag="e2")
+    links = [JetStreamLink(ClusterConfig(url=nats.url, lease_ttl_s=30), host=f"h{i}", bucket=store_server.bucket)
+             for i in range(2)]
+
+    def lead(link: JetStreamLink) -> None:
+        link.start()
+        deadline = time.monotonic() + 30
+        while not link.leading():
+            assert time.monotonic() < deadline, "no lease"
+            time.sleep(0.05)
+
+    try:
+        lead(links[0])
+        assert links[0].publish([ref, other]).sent == 2
+        assert links[0].withdraw(links[0].sequences[ref.key])  # and it dies: its lease is given up, nothing ended
+        links[0].close()
+        lead(links[1])
+        assert links[1].publish([ref, other]).sent == 2
+        assert links[1].figures()["stream_messages"] == 2, "the withdrawn image is in the stream again, once"
+        fetched: list[str] = []
+        deadline = time.monotonic() + 10
+        while len(fetched) < 2 and time.monotonic() < deadline:
+            fetched += [d.ref.key for d in links[1].fetch(2)]
+        assert sorted(fetched) == [ref.key, other.key]
+    finally:
+        for link in links:
+            link.close()

@@ -146,7 +146,7 @@ class FakeWorkStream:
             raise nats.js.errors.APIError(code=503, err_code=10077, description="maximum messages exceeded")
         self.room -= 1
         self.log.append(("stored", headers["Nats-Msg-Id"]))
-        return type("PubAck", (), {"seq": 100 - self.room})()
+        return type("PubAck", (), {"seq": 100 - self.room, "duplicate": False})()
 
 
 def republish(messages: list[bytes], *, room: int = 100, revision: int = 7,
