@@ -387,6 +387,7 @@ class JetStreamLink:
             log.warning("%s: its message was withdrawn from the work stream and the image never ended; published "
                         "again", ref.key)
             await self._publish_again(ref, uuid.uuid4().hex[:12])
+            self.sequences[ref.key] = 0  # maybe delivered before its withdrawal: never given up through the copy
 
     async def _renew_lease(self) -> int:
         """CAS the lease on the revision held: the new revision, or 0 (deposed: another host holds it)."""

@@ -246,7 +246,9 @@ class ClusterCleaner(CleanerPass):
         """A withdrawn message a host may have been handed: publish the image again, keep the object.
 
         While NATS is away this waits and tries again (as a claim does): intake's own publish would
-        carry the withdrawn message's Nats-Msg-Id, which the duplicate window takes for stored.
+        carry the withdrawn message's Nats-Msg-Id, which the duplicate window takes for stored. The
+        image is then known by no sequence (0: maybe delivered): a host may hold the withdrawn
+        message's delivery, and the copy's sequence above the consumer's would say nothing about it.
         """
         backoff = Backoff(0.2, 2.0)
         while True:
@@ -265,6 +267,7 @@ class ClusterCleaner(CleanerPass):
                 self.host.link.sequences.pop(ref.key, None)
                 self.host.unpublished(ref.key)  # intake takes it in again at the next listing
                 return
+        self.host.link.sequences[ref.key] = 0  # held: never given up through the copy
         self.fence.republished += 1
         log.info("cleaner: %s may have been delivered while withdrawn; published again, kept", ref.key)
 

@@ -236,6 +236,7 @@ def test_a_message_withdrawn_by_a_leader_that_died_before_ending_it_is_published
         lead(links[1])
         assert links[1].publish([ref, other]).sent == 2
         assert links[1].figures()["stream_messages"] == 2, "the withdrawn image is in the stream again, once"
+        assert links[1].sequences[ref.key] == 0, "a host may hold the withdrawn delivery: never given up via the copy"
         fetched: list[str] = []
         deadline = time.monotonic() + 10
         while len(fetched) < 2 and time.monotonic() < deadline:

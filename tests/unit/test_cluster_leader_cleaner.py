@@ -414,6 +414,25 @@ def test_a_withdraw_whose_answer_was_lost_leaves_no_image_without_a_message(tmp_
         assert key in link.entries() or key in in_stream, f"{key}: no outcome, no message"
 
 
+def test_an_image_put_back_after_its_withdrawal_is_never_given_up_through_its_copy(tmp_path):
+    """A host may hold the original delivery of a put-back image: the copy's sequence above the consumer's says
+    nothing about that host, so the image is not given up (nor deleted) through the copy."""
+    store = Watched()
+    sup, link = leader(tmp_path, store, protect="lease", max_count=1)
+    link.fetching = False
+    upload(store, 0, 1)
+    with sup.running(drain=False):
+        sweeps(sup, 2)
+        upload(store, 100, 3)
+        withdrawn: list[int] = []
+        link.on_withdraw = lambda seq: withdrawn.append(seq) or (len(withdrawn) == 1 and link.deliver_elsewhere(2))
+        sweeps(sup, 4)  # the copies are never delivered: a later pass may take them for undelivered
+    held = {ref.key for ref in link.elsewhere}
+    assert held & set(link.republished), "put back: a host holds the original delivery of one"
+    assert not held & set(link.entries()), "what another host holds is not given up"
+    assert not held & set(store.deleted)
+
+
 def test_a_deposed_leader_deletes_nothing(tmp_path):
     store = Watched()
     sup, link = leader(tmp_path, store, protect="queued", max_count=1)
