@@ -52,7 +52,8 @@ class ExitCode(enum.IntEnum):
     UNANSWERED = 10
     """``imgworker top --once``: none of the addresses answered."""
     INTERRUPTED = 130
-    """Interrupted (Ctrl-C) before a run took over its own stop handling."""
+    """Interrupted (Ctrl-C) before a run took over its own stop handling, or stopped while a cluster host still
+    waited for the NATS server at start."""
 
 
 class ImgworkerError(Exception):

@@ -213,7 +213,7 @@ class Supervisor:
         try:
             self.store.check()
             if self.cluster is not None:
-                self.cluster.start()
+                self.cluster.start(stop=lambda: self.stopping.draining)
             restored = self.ledger.start()
             self.journal = ResultsJournal(self.cfg.results_path)
             self.janitor = Janitor(self.store, sync=self.journal.sync, batch_size=self.cfg.retention.batch_size,

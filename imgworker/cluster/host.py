@@ -23,6 +23,7 @@ import msgspec
 from ..backoff import Backoff
 from ..config import Config
 from ..dispatch import Dispatch
+from ..errors import ExitCode, ImgworkerError
 from ..outcomes import ImageRef, Outcome, Result, WorkItem
 from ..ports import OutcomeSink
 from ..results import read_results
@@ -35,6 +36,12 @@ log = logging.getLogger(__name__)
 
 #: The most images the leader publishes in one loop step: a sweep never holds the loop up for long.
 PUBLISH_BATCH = 256
+
+
+class ClusterNotStarted(ImgworkerError):
+    """A stop came while the host still waited for the NATS server at start."""
+
+    exit_code = ExitCode.INTERRUPTED
 
 
 class Backlog(Protocol):
@@ -132,8 +139,26 @@ class ClusterHost:
         # the leader's cleaner and expiry figures, exported as ``imgworker_cluster_<part>_<name>`` counters
         self.leader_figures: dict[str, msgspec.Struct] = {}
 
-    def start(self) -> None:
-        self.link.start()
+    def start(self, stop: Callable[[], bool] = lambda: False) -> None:
+        """Connect; while the NATS server does not answer, wait and try again (as a running host does).
+
+        ``stop`` says a stop was asked for meanwhile: the host then gives up starting (nothing was taken).
+        """
+        away = Backoff(0.5, 5.0)
+        while True:
+            try:
+                self.link.start()
+                break
+            except ClusterUnavailable as exc:
+                if stop():
+                    raise ClusterNotStarted("stopped while waiting for the NATS server (cluster.url) to answer at "
+                                            f"start ({exc}); nothing was taken from the cluster") from exc
+                wait_s = away.fail()
+                log.warning("cluster: the NATS server (cluster.url) does not answer yet (%s); trying again in %.1f s",
+                            exc, wait_s)
+                until = time.monotonic() + wait_s
+                while time.monotonic() < until and not stop():
+                    time.sleep(0.1)
         log.info("cluster mode: host %s, stream %s, consumer %s, ledger %s", self.name, self.cfg.cluster.stream,
                  self.cfg.cluster.consumer, self.cfg.cluster.ledger_bucket)
 

@@ -98,9 +98,19 @@ class JetStreamLink:
     # ----- lifecycle (the supervisor's thread) ------------------------------------------------------
 
     def start(self) -> None:
-        """Start the thread, connect, make sure the stream, consumer and buckets exist, start the tasks."""
-        self._thread.start()
-        self._call(self._open(), timeout=max(CALL_TIMEOUT_S, 10.0))
+        """Start the thread, connect, make sure the stream, consumer and buckets exist, start the tasks.
+
+        Raises ``ClusterUnavailable`` (with no connection left open) if the server does not answer in
+        time; calling it again tries again.
+        """
+        if not self._thread.is_alive():
+            self._thread.start()
+        try:
+            self._call(self._open(), timeout=max(CALL_TIMEOUT_S, 10.0))
+        except ClusterUnavailable:
+            with contextlib.suppress(Exception):
+                asyncio.run_coroutine_threadsafe(self._drop_connection(), self._loop).result(CALL_TIMEOUT_S)
+            raise
 
     def close(self) -> None:
         """Nak what is still held, close the connection, stop the thread."""
@@ -234,6 +244,13 @@ class JetStreamLink:
         self._tasks = [asyncio.ensure_future(self._progress_notes()), asyncio.ensure_future(self._keep_lease())]
         if self.events is not None:
             self._tasks.append(asyncio.ensure_future(self._republish_events(self.events)))
+
+    async def _drop_connection(self) -> None:
+        """A start that did not finish: its connection goes, so the next try opens a fresh one."""
+        nc, self._nc = self._nc, None
+        if nc is not None:
+            with contextlib.suppress(Exception):
+                await nc.close()
 
     async def _ensure(self) -> None:
         """Create what is missing; an existing stream, consumer or bucket is used as it is."""

@@ -23,7 +23,7 @@ import pytest
 from imgworker.results import read_results
 from imgworker.services.algo_server import AlgoService, SyntheticParams
 from imgworker.config import ClusterConfig
-from imgworker.services.netutil import free_port
+from imgworker.services.netutil import free_port, wait_until
 from tests.support.cli import cli_env
 from tests.support.cluster import (
     Host, NatsServer, cluster_env, jetstream_cluster, ledger, per_key, wait_for_jetstream, wait_for_ledger,
@@ -309,6 +309,38 @@ def test_nats_server_away_for_seconds_then_back(store_server, creds, store, pref
     assert_one_outcome_each(nats.url, keys, hosts)
     for host in hosts:
         assert "Traceback" not in host.log()
+
+
+def test_a_host_started_before_nats_server_waits_for_it_then_works(store_server, creds, store, prefix, slow_service,
+                                                                  hosts, tmp_path):
+    """A host (re)started while the NATS server is down waits and retries, as a running host does."""
+    keys = images(store, prefix, 8)
+    late = NatsServer(str(tmp_path / "nats-late"))
+    hosts.append(Host("h0", env_for(store_server, creds, prefix, slow_service, late.url), str(tmp_path / "h0")))
+    try:
+        wait_until(lambda: "does not answer yet" in hosts[0].log(), timeout_s=60, what="the host's first retry",
+                   alive=lambda: hosts[0].proc.poll() is None)
+        late.start()
+        wait_for_ledger(late.url, len(keys), hosts=hosts, timeout=90)
+        assert stop_all(hosts) == [0]
+        assert_one_outcome_each(late.url, keys, hosts)
+    finally:
+        late.stop()
+    assert "Traceback" not in hosts[0].log()
+
+
+def test_a_stop_while_a_host_waits_for_nats_at_start_ends_it_with_a_clear_message(store_server, creds, store,
+                                                                                    prefix, slow_service, hosts,
+                                                                                    tmp_path):
+    absent = NatsServer(str(tmp_path / "nats-absent"))  # never started
+    hosts.append(Host("h0", env_for(store_server, creds, prefix, slow_service, absent.url), str(tmp_path / "h0")))
+    wait_until(lambda: "does not answer yet" in hosts[0].log(), timeout_s=60, what="the host's first retry",
+               alive=lambda: hosts[0].proc.poll() is None)
+    hosts[0].signal_group(signal.SIGTERM)
+    assert hosts[0].proc.wait(60) == 130
+    log = hosts[0].log()
+    assert "stopped while waiting for the NATS server" in log and "Traceback" not in log
+    assert "results.jsonl" not in os.listdir(tmp_path / "h0") or not read_results(str(tmp_path / "h0" / "results.jsonl"))
 
 
 # ----- an image no host survives ----------------------------------------------------------------
