@@ -276,6 +276,82 @@ def test_a_deposed_leader_deletes_nothing(tmp_path):
     assert sup.cleaning.fence.deposed >= 1 and not plan.delete
 
 
+def test_a_leader_deposed_during_its_pass_deletes_nothing(tmp_path):
+    """The lease is lost after the pass's first check, while it reads the ledger: the check before the deletes holds."""
+    store = Watched()
+    sup, link = leader(tmp_path, store, protect="queued", max_count=1)
+    upload(store, 0, 2)
+    with sup.running(drain=False):
+        assert sup.step_until(lambda: len(link.entries()) == 2, max_steps=2000)
+        done_elsewhere = upload(store, 100, 4)
+        for ref in _refs(store, done_elsewhere):  # another host's outcomes: deletable by a leader
+            entry = LedgerEntry(key=ref.key, outcome=Outcome.INFERRED, host="h2")
+            link.ledger[(ref.key, object_version(ref.mtime, ref.size))] = msgspec.json.encode(entry)
+        before = dict(store.deleted)
+        counted = link.counted
+
+        def deposed_meanwhile(versions: dict[str, str]) -> set[str]:
+            link.lead = False
+            return counted(versions)
+
+        link.counted = deposed_meanwhile  # type: ignore[method-assign]
+        sup.clean(_inventory(store))
+        sup.step_until(lambda: False, max_steps=20)
+    assert store.deleted == before and set(done_elsewhere) <= set(store.keys()), "nothing deleted once deposed"
+    assert sup.cleaning.fence.deposed == 1
+
+
+def test_a_new_leader_gives_up_nothing_an_earlier_leader_published_and_a_host_holds(tmp_path):
+    """Published by an earlier leader (its ids out of the duplicate window now) and held elsewhere: this term's
+    publishes get new sequences above the consumer's, yet the images are inherited for the term."""
+    store = Watched()
+    sup, link = leader(tmp_path, store, protect="lease", max_count=1)
+    link.fetching = False
+    earlier = upload(store, 0, 6)
+    for ref in _refs(store, earlier):
+        link._append(ref, f"earlier-term/{ref.key}")
+    link.deliver_elsewhere(6)
+    with sup.running(drain=False):
+        sweeps(sup, 3)
+    assert len(link.elsewhere) == 6
+    assert not link.entries() and not store.deleted and set(store.keys()) == set(earlier), \
+        "what a host holds is never given up"
+
+
+def test_a_second_term_inherits_what_other_leaders_published_meanwhile(tmp_path):
+    store = Watched()
+    sup, link = leader(tmp_path, store, protect="lease", max_count=1)
+    link.fetching = False
+    upload(store, 0, 1)
+    with sup.running(drain=False):
+        sweeps(sup, 2)
+        link.lead = False  # another leader's term: it publishes new uploads, another host holds them
+        meanwhile = upload(store, 100, 5)
+        for ref in _refs(store, meanwhile):
+            link._append(ref, f"other-leader/{ref.key}")
+        link.deliver_elsewhere(6)
+        link.lead, link.lease_terms = True, link.lease_terms + 1  # this host leads again: a new term
+        sweeps(sup, 3)
+    assert not link.entries() and not store.deleted and set(meanwhile) <= set(store.keys()), \
+        "what a host holds is never given up"
+
+
+def test_a_new_upload_under_a_done_name_is_not_deleted_before_its_own_outcome(tmp_path):
+    """A done image's name uploaded again is a new version: the cleaner's memory of done images is per version."""
+    store = Watched()
+    sup, link = leader(tmp_path, store, protect="queued", max_count=2)
+    first, second = upload(store, 0, 2)
+    with sup.running(drain=False):
+        assert sup.step_until(lambda: len(link.entries()) == 2, max_steps=2000)
+        sweeps(sup, 1)  # both known as done
+        link.fetching = False  # no lane analyses the new version
+        store.put(first, b"\xff\xd8another jpeg")
+        newer = upload(store, 100, 2)
+        sweeps(sup, 3)
+    assert first in store.keys(), "the new version is not done: it stays"
+    assert second not in store.keys() and set(newer) <= set(store.keys())
+
+
 def test_expired_images_end_would_expire_once_in_the_ledger_unanalysed_and_not_deleted(tmp_path):
     store = Watched()
     algo = MemoryAlgo(store)
