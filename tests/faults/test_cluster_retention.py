@@ -206,3 +206,36 @@ def test_the_cleaner_s_lease_check_never_deposes_the_leader_itself(store_server,
         assert link.confirm_lease()
     finally:
         link.close()
+
+
+def test_each_time_a_host_takes_the_lease_again_is_a_new_term(nats):
+    """The cleaner inherits what a term's first listing finds: a host that led, lost the lease and took it again
+    starts a new term (another leader may have published meanwhile)."""
+    import asyncio
+
+    from imgworker.cluster.jetstream import LEASE_KEY, JetStreamLink
+    from imgworker.config import ClusterConfig
+
+    link = JetStreamLink(ClusterConfig(url=nats.url, lease_ttl_s=3), host="h0", bucket="pics")
+    link.start()
+
+    def on_link(coro: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, link._loop).result(10)
+
+    def wait(what: str, condition: Any) -> None:
+        deadline = time.monotonic() + 30
+        while not condition():
+            assert time.monotonic() < deadline, what
+            time.sleep(0.05)
+
+    try:
+        wait("no lease", link.leading)
+        assert link.lease_terms == 1
+        on_link(link._lease.put(LEASE_KEY, b"h1"))  # another host's lease (no TTL: h0 cannot take it back)
+        wait("not deposed", lambda: not link.leading())
+        assert link.lease_terms == 1
+        on_link(link._lease.delete(LEASE_KEY))  # it is gone: h0 takes the lease again
+        wait("not leading again", link.leading)
+        assert link.lease_terms == 2
+    finally:
+        link.close()
