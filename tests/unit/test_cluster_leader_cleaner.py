@@ -10,6 +10,7 @@ found in the ledger at the instant it ran.
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
 import msgspec
@@ -165,6 +166,16 @@ class Watched(MemoryStore):
         return super().delete(keys)
 
 
+class Tagged(Watched):
+    """A store that lists ETags, as S3 does (the version hosts' claims name, not ``<mtime>-<size>``)."""
+
+    def _page(self, prefix: str, page_size: int, after: str | None) -> list[ImageRef]:
+        refs = super()._page(prefix, page_size, after)
+        with self._lock:
+            bodies = {ref.key: self._objects[ref.key][0] for ref in refs if ref.key in self._objects}
+        return [msgspec.structs.replace(ref, etag=hashlib.md5(bodies.get(ref.key, b"")).hexdigest()) for ref in refs]
+
+
 def upload(store: MemoryStore, first: int, n: int) -> list[str]:
     keys = [f"{PREFIX}person/c1/20240101-000000.{i:03d}.jpg" for i in range(first, first + n)]
     for key in keys:
@@ -202,6 +213,18 @@ def test_queued_deletes_only_images_whose_outcome_is_in_the_ledger(tmp_path):
     assert all(store.deleted.values()), "every delete came after the image's ledger entry"
     assert {e.outcome.value for e in link.entries().values()} <= {"inferred", "no_detection"}
     assert len(store.keys()) <= 3
+
+
+def test_with_etags_the_leader_finds_the_outcomes_hosts_wrote(tmp_path):
+    """Hosts claim each image under its ETag: the cleaner looks up the same version, so done images are deleted."""
+    store = Tagged()
+    sup, link = leader(tmp_path, store, protect="queued", max_count=2)
+    keys = upload(store, 0, 8)
+    with sup.running(drain=False):
+        assert sup.step_until(lambda: len(link.entries()) == len(keys), max_steps=2000)
+        sweeps(sup, 3)
+    assert {version for _, version in link.ledger} == {hashlib.md5(b"\xff\xd8jpeg").hexdigest()}
+    assert store.deleted and all(store.deleted.values()) and len(store.keys()) <= 2
 
 
 def test_queued_never_deletes_an_image_another_host_holds(tmp_path):
