@@ -184,10 +184,12 @@ def upload(store: MemoryStore, first: int, n: int) -> list[str]:
 
 
 def leader(tmp_path: Any, store: Watched, *, protect: str = "lease", max_count: int = 0, lanes: int = 1,
-           algo: MemoryAlgo | None = None, **retention: Any) -> tuple[Any, FakeLink]:
+           algo: MemoryAlgo | None = None, actions: dict[str, Any] | None = None,
+           **retention: Any) -> tuple[Any, FakeLink]:
     retention = {"enabled": bool(max_count), "protect": protect, "max_count": max_count, **retention}
     cfg = config(tmp_path, cluster={"url": "nats://127.0.0.1:1"}, store={"prefix": PREFIX},
-                 run={"until_idle": False}, worker={"count": lanes, "threads": 1}, retention=retention)
+                 run={"until_idle": False}, worker={"count": lanes, "threads": 1}, retention=retention,
+                 actions=actions or {})
     sup = supervisor(cfg, store, algo or MemoryAlgo(store))
     link = FakeLink()
     assert sup.cluster is not None
@@ -238,6 +240,25 @@ def test_queued_never_deletes_an_image_another_host_holds(tmp_path):
         sweeps(sup, 3)
     assert len(link.elsewhere) == 6 and not store.deleted
     assert set(store.keys()) == set(keys) and not link.entries()
+
+
+def test_queued_never_deletes_a_done_image_whose_alert_copy_is_pending(tmp_path):
+    store = Watched()
+    algo = MemoryAlgo(store, detections=lambda path: 1)
+    sup, link = leader(tmp_path, store, protect="queued", max_count=1, algo=algo, actions={"copy_alerts": True})
+    keys = upload(store, 0, 5)
+    with sup.running(drain=False):
+        assert sup.janitor is not None
+        collect = sup.janitor.collect
+        sup.janitor.collect = lambda: []  # type: ignore[method-assign]  # the copies stay open
+        assert sup.step_until(lambda: len(link.entries()) == len(keys), max_steps=2000)
+        sweeps(sup, 3)
+        assert not sup.janitor.deleting() and not store.deleted, "done, but its alert copy is not made yet"
+        sup.janitor.collect = collect  # type: ignore[method-assign]
+        sweeps(sup, 3)
+    alerts = sorted(k for k in store.keys() if "/alerts/" in k)
+    assert alerts == sorted(k.replace(PREFIX, f"{PREFIX}alerts/") for k in keys)
+    assert store.deleted and all(store.deleted.values())
 
 
 def test_lease_gives_up_only_what_no_host_was_handed_and_records_it_first(tmp_path):
