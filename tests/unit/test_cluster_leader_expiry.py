@@ -129,3 +129,18 @@ def test_the_leader_exports_what_its_expiry_and_cleaner_ended(tmp_path):
     assert exported["imgworker_cluster_expiry_withdrawn"] == len(old)
     assert exported["imgworker_cluster_expiry_not_published"] == 0
     assert "imgworker_cluster_cleaner_given_up_withdrawn" in exported
+
+
+def test_a_deposed_leader_ends_nothing_at_admission(tmp_path, monkeypatch):
+    """Deposed, not noticed yet: the images doomed at admission are neither ended nor published (the same fence)."""
+    from imgworker.cluster.jetstream import Published
+
+    store = Watched()
+    sup, link, _ = expiring(tmp_path, store, keep=2)
+    monkeypatch.setattr(link, "confirm_lease", lambda: False)
+    monkeypatch.setattr(link, "publish", lambda refs: Published(sent=0, deposed=True))
+    upload(store, 0, 6)
+    with sup.running(drain=False):
+        sweeps(sup, 2)
+    assert not link.entries() and not link.ids, "nothing ended, nothing published"
+    assert sup.leader_expiry.figures.not_published == 0
