@@ -396,6 +396,33 @@ def test_a_new_upload_under_a_done_name_is_not_deleted_before_its_own_outcome(tm
     assert second not in store.keys() and set(newer) <= set(store.keys())
 
 
+def test_a_full_work_stream_keeps_images_in_the_leader_s_backlog_until_there_is_room(tmp_path):
+    """Backpressure: refused images wait in the backlog and go out once there is room, with no listing in between
+    (the store is away meanwhile)."""
+    store = Watched()
+    sup, link = leader(tmp_path, store)
+    link.fetching = False
+    room = {"free": False}
+    publish = link.publish
+
+    def full_until_freed(refs: list[ImageRef]) -> Published:
+        return publish(refs) if room["free"] else Published(sent=0, full=True)
+
+    link.publish = full_until_freed  # type: ignore[method-assign]
+    keys = upload(store, 0, 5)
+    with sup.running(drain=False):
+        sweeps(sup, 2)
+        assert not link.stream and sup.cluster is not None and sup.cluster.figures.stream_full
+        store.set_outage(True)  # no listing finds them again from here on
+        listed, refused = sup.intake.scans_completed, sup.cluster.figures.stream_full
+        assert sup.step_until(lambda: sup.cluster.figures.stream_full > refused, timeout_s=30), "refused again"
+        room["free"] = True
+        assert sup.step_until(lambda: len(link.stream) == len(keys), timeout_s=30)
+        assert sup.intake.scans_completed == listed
+        store.set_outage(False)
+    assert {ref.key for ref in link.stream.values()} == set(keys)
+
+
 def test_expired_images_end_would_expire_once_in_the_ledger_unanalysed_and_not_deleted(tmp_path):
     store = Watched()
     algo = MemoryAlgo(store)
