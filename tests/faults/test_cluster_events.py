@@ -220,6 +220,26 @@ def test_events_alone_bring_new_uploads_in(store_server, creds, store, prefix, s
     assert_clean(hosts)
 
 
+def test_no_host_reads_minio_s_stream_but_the_leader_s_link_even_with_nats_url_set(store_server, creds, store, prefix,
+                                                                                 slow_service, nats, hosts, tmp_path):
+    """``scan.events.nats_url`` naming the cluster's server (it is not used in cluster mode): no host runs a watcher
+    of its own on MinIO's durable consumer, which would take notifications into a host that does not publish them."""
+    minio_stream(nats.url)
+    marker = first_sweep_marker(store, prefix)
+    env = events_env(store_server, creds, prefix, slow_service, nats.url, reconcile_s=600,
+                     IMGWORKER_SCAN_EVENTS_NATS_URL=nats.url)
+    hosts += [Host(f"h{i}", env, str(tmp_path / f"h{i}")) for i in range(2)]
+    wait_for_log(hosts, CONSUMING)
+    wait_for_ledger(nats.url, 1, hosts=hosts)
+    keys = odd_keys(prefix, "new", 9)
+    upload(store, keys)
+    publish(nats.url, store_server.bucket, keys)
+    wait_for_ledger(nats.url, len(keys) + 1, hosts=hosts)
+    assert stop_all(hosts) == [0, 0]
+    assert_one_outcome_each(nats.url, [marker, *keys], hosts)
+    assert calls_under(slow_service, prefix) == {k: 1 for k in [marker, *keys]}
+
+
 # ----- the leader dies while events arrive -------------------------------------------------------------
 
 

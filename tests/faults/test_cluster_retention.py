@@ -245,3 +245,64 @@ def test_a_message_withdrawn_by_a_leader_that_died_before_ending_it_is_published
     finally:
         for link in links:
             link.close()
+
+
+def test_each_time_a_host_takes_the_lease_again_is_a_new_term(nats):
+    """The cleaner inherits what a term's first listing finds: a host that led, lost the lease and took it again
+    starts a new term (another leader may have published meanwhile)."""
+    import asyncio
+
+    from imgworker.cluster.jetstream import LEASE_KEY, JetStreamLink
+    from imgworker.config import ClusterConfig
+
+    link = JetStreamLink(ClusterConfig(url=nats.url, lease_ttl_s=3), host="h0", bucket="pics")
+    link.start()
+
+    def on_link(coro: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, link._loop).result(10)
+
+    def wait(what: str, condition: Any) -> None:
+        deadline = time.monotonic() + 30
+        while not condition():
+            assert time.monotonic() < deadline, what
+            time.sleep(0.05)
+
+    try:
+        wait("no lease", link.leading)
+        assert link.lease_terms == 1
+        on_link(link._lease.put(LEASE_KEY, b"h1"))  # another host's lease (no TTL: h0 cannot take it back)
+        wait("not deposed", lambda: not link.leading())
+        assert link.lease_terms == 1
+        on_link(link._lease.delete(LEASE_KEY))  # it is gone: h0 takes the lease again
+        wait("not leading again", link.leading)
+        assert link.lease_terms == 2
+    finally:
+        link.close()
+
+
+def test_a_withdrawn_message_published_again_is_in_the_stream_and_a_withdrawn_one_reaches_no_host(nats):
+    """What the leader's fence relies on, against a real server: a withdrawn message is never delivered, the
+    consumer's delivered sequence stays below it, and publishing the image again stores a new message (the
+    duplicate window would drop one under the image's own Nats-Msg-Id)."""
+    from imgworker.cluster.jetstream import JetStreamLink
+    from imgworker.config import ClusterConfig
+    from imgworker.outcomes import ImageRef
+
+    link = JetStreamLink(ClusterConfig(url=nats.url, lease_ttl_s=30), host="h0", bucket="pics")
+    link.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not link.leading():
+            assert time.monotonic() < deadline, "no lease"
+            time.sleep(0.05)
+        kept, withdrawn = (ImageRef(key=f"in/p/c/{n}.jpg", size=3, mtime=1.0, etag=f"e{n}") for n in (1, 2))
+        assert link.publish([kept, withdrawn]).sent == 2
+        first, second = link.sequences[kept.key], link.sequences[withdrawn.key]
+        assert link.withdraw(second) and not link.withdraw(second), "deleted once"
+        assert [d.ref.key for d in link.fetch(10)] == [kept.key] and link.delivered_up_to() < second
+        again = link.publish_again(withdrawn, "t1")
+        assert again > second and link.sequences[withdrawn.key] == again
+        assert [d.ref.key for d in link.fetch(10)] == [withdrawn.key], "back in the stream, delivered"
+        assert link.delivered_up_to() == again and first < second
+    finally:
+        link.close()

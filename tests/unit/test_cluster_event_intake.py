@@ -209,6 +209,56 @@ def test_unwanted_notifications_are_acked_and_malformed_ones_termed():
     assert log == [("cas", 7), ("ack", delete), ("term", b'{"Records": [')]
 
 
+@pytest.mark.parametrize("key", ["in/person/cam 1/a+b.jpg", "in/p/c/0001.jpg"])
+def test_a_sweep_and_an_event_publish_one_upload_under_one_message_id(key):
+    """The work stream's duplicate window drops the second publish only if both name the same Nats-Msg-Id."""
+    config = cfg()
+    [by_event] = MinioRecords(config).refs(body(record(key)))
+    [by_sweep] = select_images(AnswerMemo().read(listing_page(key)).refs, prefix=PREFIX, cfg=config.scan)
+    log: list[tuple[str, Any]] = []
+    link = JetStreamLink(config.cluster, host="h0", bucket=BUCKET)
+
+    class Stream(FakeWorkStream):
+        async def publish(self, subject: str, payload: bytes, *, headers: dict[str, str], stream: str) -> Any:
+            await super().publish(subject, payload, headers=headers, stream=stream)
+            return type("PubAck", (), {"seq": len(log), "duplicate": None})()
+
+    link._js = Stream(log, room=10)
+
+    async def cas() -> int:
+        return 7
+
+    link._renew_lease = cas  # type: ignore[method-assign]
+    assert asyncio.run(link._publish([by_sweep])).sent == 1
+    asyncio.run(link._republish(MinioRecords(config), [FakeMessage(body(record(key)), log)]))
+    ids = [entry for kind, entry in log if kind == "stored"]
+    assert ids == [f"{BUCKET}/{key}@{ETAG}"] * 2 and by_event.etag == by_sweep.etag == ETAG
+
+
+def test_a_failed_publish_hands_the_message_and_the_rest_back_unacked():
+    """A publish refused for another reason than a full stream (or a lost connection): nothing is acked unpublished."""
+    import nats.js.errors
+
+    one, two = (body(record(f"in/p/c/{i}.jpg", etag=f"e{i}")) for i in (1, 2))
+    config = cfg()
+    log: list[tuple[str, Any]] = []
+    link = JetStreamLink(config.cluster, host="h0", bucket=BUCKET)
+
+    class Refusing:
+        async def publish(self, subject: str, payload: bytes, *, headers: dict[str, str], stream: str) -> None:
+            raise nats.js.errors.APIError(code=500, err_code=10999, description="stream store failed")
+
+    link._js = Refusing()
+
+    async def cas() -> int:
+        return 7
+
+    link._renew_lease = cas  # type: ignore[method-assign]
+    with pytest.raises(nats.js.errors.APIError):
+        asyncio.run(link._republish(MinioRecords(config), [FakeMessage(m, log) for m in (one, two)]))
+    assert log == [("nak", one), ("nak", two)]
+
+
 def test_lease_renewals_from_two_tasks_at_once_do_not_depose_the_leader():
     """The lease keeper and the events' fence both renew: a CAS on a revision the other just replaced would fail."""
     import nats.js.errors

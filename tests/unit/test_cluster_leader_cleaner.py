@@ -11,6 +11,7 @@ found in the ledger at the instant it ran.
 from __future__ import annotations
 
 import collections
+import hashlib
 from typing import Any
 
 import msgspec
@@ -187,11 +188,23 @@ def upload(store: MemoryStore, first: int, n: int) -> list[str]:
     return keys
 
 
+class Tagged(Watched):
+    """A store that lists ETags, as S3 does (the version hosts' claims name, not ``<mtime>-<size>``)."""
+
+    def _page(self, prefix: str, page_size: int, after: str | None) -> list[ImageRef]:
+        refs = super()._page(prefix, page_size, after)
+        with self._lock:
+            bodies = {ref.key: self._objects[ref.key][0] for ref in refs if ref.key in self._objects}
+        return [msgspec.structs.replace(ref, etag=hashlib.md5(bodies.get(ref.key, b"")).hexdigest()) for ref in refs]
+
+
 def leader(tmp_path: Any, store: Watched, *, protect: str = "lease", max_count: int = 0, lanes: int = 1,
-           algo: MemoryAlgo | None = None, **retention: Any) -> tuple[Any, FakeLink]:
+           algo: MemoryAlgo | None = None, actions: dict[str, Any] | None = None,
+           **retention: Any) -> tuple[Any, FakeLink]:
     retention = {"enabled": bool(max_count), "protect": protect, "max_count": max_count, **retention}
     cfg = config(tmp_path, cluster={"url": "nats://127.0.0.1:1"}, store={"prefix": PREFIX},
-                 run={"until_idle": False}, worker={"count": lanes, "threads": 1}, retention=retention)
+                 run={"until_idle": False}, worker={"count": lanes, "threads": 1}, retention=retention,
+                 actions=actions or {})
     sup = supervisor(cfg, store, algo or MemoryAlgo(store))
     link = FakeLink()
     assert sup.cluster is not None
@@ -486,3 +499,137 @@ def test_queued_and_lease_run_in_cluster_mode(protect):
     cfg = load_config(env={}, overrides={"cluster": {"url": "nats://n:4222"},
                                          "retention": {"enabled": True, "max_count": 5, "protect": protect}})
     assert cfg.retention.enabled and cfg.cluster.enabled
+
+
+def test_with_etags_the_leader_finds_the_outcomes_hosts_wrote(tmp_path):
+    """Hosts claim each image under its ETag: the cleaner looks up the same version, so done images are deleted."""
+    store = Tagged()
+    sup, link = leader(tmp_path, store, protect="queued", max_count=2)
+    keys = upload(store, 0, 8)
+    with sup.running(drain=False):
+        assert sup.step_until(lambda: len(link.entries()) == len(keys), max_steps=2000)
+        sweeps(sup, 3)
+    assert {version for _, version in link.ledger} == {hashlib.md5(b"\xff\xd8jpeg").hexdigest()}
+    assert store.deleted and all(store.deleted.values()) and len(store.keys()) <= 2
+
+
+def test_queued_never_deletes_a_done_image_whose_alert_copy_is_pending(tmp_path):
+    store = Watched()
+    algo = MemoryAlgo(store, detections=lambda path: 1)
+    sup, link = leader(tmp_path, store, protect="queued", max_count=1, algo=algo, actions={"copy_alerts": True})
+    keys = upload(store, 0, 5)
+    with sup.running(drain=False):
+        assert sup.janitor is not None
+        collect = sup.janitor.collect
+        sup.janitor.collect = lambda: []  # type: ignore[method-assign]  # the copies stay open
+        assert sup.step_until(lambda: len(link.entries()) == len(keys), max_steps=2000)
+        sweeps(sup, 3)
+        assert not sup.janitor.deleting() and not store.deleted, "done, but its alert copy is not made yet"
+        sup.janitor.collect = collect  # type: ignore[method-assign]
+        sweeps(sup, 3)
+    alerts = sorted(k for k in store.keys() if "/alerts/" in k)
+    assert alerts == sorted(k.replace(PREFIX, f"{PREFIX}alerts/") for k in keys)
+    assert store.deleted and all(store.deleted.values())
+
+
+def test_a_leader_deposed_during_its_pass_deletes_nothing(tmp_path):
+    """The lease is lost after the pass's first check, while it reads the ledger: the check before the deletes holds."""
+    store = Watched()
+    sup, link = leader(tmp_path, store, protect="queued", max_count=1)
+    upload(store, 0, 2)
+    with sup.running(drain=False):
+        assert sup.step_until(lambda: len(link.entries()) == 2, max_steps=2000)
+        done_elsewhere = upload(store, 100, 4)
+        for ref in _refs(store, done_elsewhere):  # another host's outcomes: deletable by a leader
+            entry = LedgerEntry(key=ref.key, outcome=Outcome.INFERRED, host="h2")
+            link.ledger[(ref.key, object_version(ref.mtime, ref.size))] = msgspec.json.encode(entry)
+        before = dict(store.deleted)
+        counted = link.counted
+
+        def deposed_meanwhile(versions: dict[str, str]) -> set[str]:
+            link.lead = False
+            return counted(versions)
+
+        link.counted = deposed_meanwhile  # type: ignore[method-assign]
+        sup.clean(_inventory(store))
+        sup.step_until(lambda: False, max_steps=20)
+    assert store.deleted == before and set(done_elsewhere) <= set(store.keys()), "nothing deleted once deposed"
+    assert sup.cleaning.fence.deposed == 1
+
+
+def test_a_new_leader_gives_up_nothing_an_earlier_leader_published_and_a_host_holds(tmp_path):
+    """Published by an earlier leader (its ids out of the duplicate window now) and held elsewhere: this term's
+    publishes get new sequences above the consumer's, yet the images are inherited for the term."""
+    store = Watched()
+    sup, link = leader(tmp_path, store, protect="lease", max_count=1)
+    link.fetching = False
+    earlier = upload(store, 0, 6)
+    for ref in _refs(store, earlier):
+        link._append(ref, f"earlier-term/{ref.key}")
+    link.deliver_elsewhere(6)
+    with sup.running(drain=False):
+        sweeps(sup, 3)
+    assert len(link.elsewhere) == 6
+    assert not link.entries() and not store.deleted and set(store.keys()) == set(earlier), \
+        "what a host holds is never given up"
+
+
+def test_a_second_term_inherits_what_other_leaders_published_meanwhile(tmp_path):
+    store = Watched()
+    sup, link = leader(tmp_path, store, protect="lease", max_count=1)
+    link.fetching = False
+    upload(store, 0, 1)
+    with sup.running(drain=False):
+        sweeps(sup, 2)
+        link.lead = False  # another leader's term: it publishes new uploads, another host holds them
+        meanwhile = upload(store, 100, 5)
+        for ref in _refs(store, meanwhile):
+            link._append(ref, f"other-leader/{ref.key}")
+        link.deliver_elsewhere(6)
+        link.lead, link.lease_terms = True, link.lease_terms + 1  # this host leads again: a new term
+        sweeps(sup, 3)
+    assert not link.entries() and not store.deleted and set(meanwhile) <= set(store.keys()), \
+        "what a host holds is never given up"
+
+
+def test_a_new_upload_under_a_done_name_is_not_deleted_before_its_own_outcome(tmp_path):
+    """A done image's name uploaded again is a new version: the cleaner's memory of done images is per version."""
+    store = Watched()
+    sup, link = leader(tmp_path, store, protect="queued", max_count=2)
+    first, second = upload(store, 0, 2)
+    with sup.running(drain=False):
+        assert sup.step_until(lambda: len(link.entries()) == 2, max_steps=2000)
+        sweeps(sup, 1)  # both known as done
+        link.fetching = False  # no lane analyses the new version
+        store.put(first, b"\xff\xd8another jpeg")
+        newer = upload(store, 100, 2)
+        sweeps(sup, 3)
+    assert first in store.keys(), "the new version is not done: it stays"
+    assert second not in store.keys() and set(newer) <= set(store.keys())
+
+
+def test_a_full_work_stream_keeps_images_in_the_leader_s_backlog_until_there_is_room(tmp_path):
+    """Backpressure: refused images wait in the backlog and go out once there is room, with no listing in between
+    (the store is away meanwhile)."""
+    store = Watched()
+    sup, link = leader(tmp_path, store)
+    link.fetching = False
+    room = {"free": False}
+    publish = link.publish
+
+    def full_until_freed(refs: list[ImageRef]) -> Published:
+        return publish(refs) if room["free"] else Published(sent=0, full=True)
+
+    link.publish = full_until_freed  # type: ignore[method-assign]
+    keys = upload(store, 0, 5)
+    with sup.running(drain=False):
+        sweeps(sup, 2)
+        assert not link.stream and sup.cluster is not None and sup.cluster.figures.stream_full
+        store.set_outage(True)  # no listing finds them again from here on
+        listed, refused = sup.intake.scans_completed, sup.cluster.figures.stream_full
+        assert sup.step_until(lambda: sup.cluster.figures.stream_full > refused, timeout_s=30), "refused again"
+        room["free"] = True
+        assert sup.step_until(lambda: len(link.stream) == len(keys), timeout_s=30)
+        assert sup.intake.scans_completed == listed
+        store.set_outage(False)
+    assert {ref.key for ref in link.stream.values()} == set(keys)

@@ -167,3 +167,78 @@ def test_the_leader_exports_what_its_expiry_and_cleaner_ended(tmp_path):
     assert exported["imgworker_cluster_expiry_withdrawn"] == len(old)
     assert exported["imgworker_cluster_expiry_not_published"] == 0
     assert "imgworker_cluster_cleaner_given_up_withdrawn" in exported
+
+
+def test_a_deposed_leader_ends_nothing_at_admission(tmp_path, monkeypatch):
+    """Deposed, not noticed yet: the images doomed at admission are neither ended nor published (the same fence)."""
+    from imgworker.cluster.jetstream import Published
+
+    store = Watched()
+    sup, link, _ = expiring(tmp_path, store, keep=2)
+    monkeypatch.setattr(link, "confirm_lease", lambda: False)
+    monkeypatch.setattr(link, "publish", lambda refs: Published(sent=0, deposed=True))
+    upload(store, 0, 6)
+    with sup.running(drain=False):
+        sweeps(sup, 2)
+    assert not link.entries() and not link.ids, "nothing ended, nothing published"
+    assert sup.leader_expiry.figures.not_published == 0
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class FenceStub:
+    """The cleaner's fence as expiry uses it: the lease holds; what is ended or withdrawn is noted."""
+
+    def __init__(self) -> None:
+        self.ended: list[str] = []
+        self.withdrawn: list[str] = []
+
+    def confirm(self) -> bool:
+        return True
+
+    def end(self, ref: Any, cause: str) -> None:
+        self.ended.append(ref.key)
+
+    def through_fence(self, refs: list[Any], cause: str) -> list[str]:
+        self.withdrawn += [ref.key for ref in refs]
+        return [ref.key for ref in refs]
+
+
+def test_an_image_s_wait_is_its_place_in_line_over_the_rate_deliveries_advance():
+    """2 deliveries a second; published images 81-90 places ahead of the consumer, the backlog behind them; each
+    image lives 41.25 s: published images whose place is over 82 are doomed (41.5 s and more), the backlog all."""
+    import time
+    from types import SimpleNamespace
+
+    from imgworker.config import RetentionConfig
+    from imgworker.expiry import ExpiryEstimator
+    from imgworker.outcomes import ImageRef
+
+    now = time.time()
+    refs = [ImageRef(key=f"{PREFIX}person/c1/img-{i:03d}.jpg", task_type="person", task_id="c1", size=3, mtime=now,
+                     etag=f"e{i}") for i in range(14)]
+    published, backlog = refs[:10], refs[10:]
+    link = SimpleNamespace(sequences={ref.key: 101 + n for n, ref in enumerate(published)}, delivered=0,
+                           lease_terms=1)
+    listed: list[ImageRef] = []  # the term's first two listings are behind before the backlog is listed
+    link.delivered_up_to = lambda: link.delivered
+    clock = Clock()
+    fence = FenceStub()
+    expiry = LeaderExpiry(estimator=ExpiryEstimator(RetentionConfig(external_max_age_s=41.25), PREFIX),
+                          host=SimpleNamespace(leading=lambda: True, link=link, maybe_published=lambda key: False),
+                          fence=fence, backlog=SimpleNamespace(in_take_order=lambda: listed),
+                          stats=SimpleNamespace(e2e_ms=SimpleNamespace(mean=0.0)), clock=clock)
+    assert expiry.screen(published) == published, "none doomed at admission: published"
+    assert expiry.drop_doomed() == 0 and expiry.drop_doomed() == 0, "no delivery rate measured yet"
+    listed.extend(backlog)
+    clock.now, link.delivered = 10.0, 20
+    assert expiry.throughput() == 0.0 and expiry.drop_doomed() == len(published) - 2 + len(backlog)
+    assert expiry.throughput() == 2.0
+    assert fence.withdrawn == [ref.key for ref in published[2:]], "places 81 and 82: 40.5 s and 41 s, in time"
+    assert fence.ended == [ref.key for ref in backlog]
