@@ -392,3 +392,18 @@ def test_after_a_2x_slowdown_throughput_stays_near_the_servers_in_the_first_seco
     run = simulate(SLOWDOWN, make=adaptive(), seed=seed)
     first = run.of_phase(1)[:10]
     assert sum(s.completed for s in first) / len(first) >= 0.78 * 6 / 0.4
+
+
+#: The benchmark's phases (its first one includes the warm-up): after the slowdown a stale baseline reads every
+#: call as queued, at any limit.
+BENCH = [Phase(53, 8, 0.2), Phase(45, 24, 0.2), Phase(45, 6, 0.2), Phase(45, 6, 0.4)]
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3, 4, 5, 6])
+def test_after_a_slowdown_the_queue_rule_does_not_cut_the_limit_under_the_knee(seed):
+    # cutting does not lower the mean latency of an unsaturated server: a probe then finds the slower baseline
+    run = simulate(BENCH, make=adaptive(budget_s=0.6), seed=seed, sigma=0.1)
+    seconds = run.of_phase(3, K)
+    assert Run.throughput(seconds) >= 0.95 * 6 / 0.4
+    assert 6 - 0.5 <= Run.mean_limit(seconds) <= 6 + BAND[1] + 1  # probes run under the knee
+    assert min(s.min_limit for s in seconds) >= 3
