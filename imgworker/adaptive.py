@@ -43,7 +43,9 @@ looks wrong (two windows in a row with more queued than the widest band, or over
 more queued than the band allows: at the knee, a p95 over the budget is the server's own jitter, or
 a settled window with fewer calls in flight than the last one over the band whose mean did not fall as the
 estimate says: a saturated server's would, so the server was not saturated and the "queue" is a stale
-baseline's, which the queue rule would follow down to the floor), which is how a slower server is noticed; after it the limit is what the last live window calls for,
+baseline's, which the queue rule would follow down to the floor), which is how a slower server is noticed. A probe over the knee the last window showed (a third of the
+settled limit, after a step to fewer slots) that finds the server slower by about as much as its calls
+over that knee would queue measures again under that knee (else the queue would raise the baseline); after it the limit is what the last live window calls for,
 seen with the new baseline. When the probe finds the server's speed changed, the knee is the most
 calls the server kept busy (throughput x the new baseline, Little's law) in that window or in the
 windows that called for the probe, so after a slower server cut the limit it goes straight back to
@@ -201,6 +203,8 @@ class Controller:
         self._since_clear = 0
         # the last settled window with more queued than the band: (in flight, mean, noise, limit, rate)
         self._ref: tuple[float, float, float, int, float] | None = None
+        self._low = floor  # the probe's depth by the knee alone
+        self._probe_knee = float(self.limit)  # the knee when the probe began
         self._unsaturated = False  # a lower limit did not lower the mean: nothing queued, the baseline is stale
         now = clock()
         self._window_start = now
@@ -471,12 +475,27 @@ class Controller:
         self._ref = None
         # under the knee even when the knee was taken from a stale baseline: a third of the settled limit
         depth = PROBE_DEPTH if self.baseline_s else 0.5  # the first: the knee is only the starting limit
-        probe = max(self.floor, math.floor(self.knee * depth), self._settled // 3)
+        self._low = max(self.floor, math.floor(self.knee * depth))  # under the knee if the baseline is right
+        probe = max(self._low, self._settled // 3)
         self._set(min(max(self.limit, self._settled), probe), self.limit)
+        self._probe_knee = self.knee
+        if self.limit <= self.knee:
+            self._low = self.limit  # under the knee the last window showed: what it measures stands
         self._new_window(now)
 
     def _end_probe(self, now: float) -> bool:
         old = self.limit
+        probe = Window(latencies=tuple(self._samples))
+        queued = self.baseline_s * self.limit / self._probe_knee * (1.0 + 2.0 * noise(probe))  # its mean if so
+        if self._samples and not self._drops and self.limit > self._low and self.baseline_s \
+                and self.baseline_s / FASTER < probe.mean <= queued:
+            # slower by about as much as its calls over the knee the last window showed would queue: the
+            # server may have fewer slots and the probe's calls queued (the baseline would climb); measure
+            # again under that knee (a slower server is slower at any depth)
+            self._set(self._low, old)
+            self._low = self.limit
+            self._new_window(now)
+            return True
         self._probing = False
         self._moved = True
         self._since_probe = 0

@@ -407,3 +407,13 @@ def test_after_a_slowdown_the_queue_rule_does_not_cut_the_limit_under_the_knee(s
     assert Run.throughput(seconds) >= 0.95 * 6 / 0.4
     assert 6 - 0.5 <= Run.mean_limit(seconds) <= 6 + BAND[1] + 1  # probes run under the knee
     assert min(s.min_limit for s in seconds) >= 3
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3, 4, 5, 6])
+def test_after_a_step_to_fewer_slots_a_probe_over_the_new_knee_does_not_raise_the_baseline(seed):
+    # 24 -> 6 slots with ~30 in flight: a probe at a third of the old limit (9) would queue at 6 slots and read
+    # the queue as a slower server; it measures again under the knee, so the limit goes to 6 + the band at once
+    run = simulate(BENCH, make=adaptive(budget_s=0.6), seed=seed, sigma=0.1)
+    seconds = run.of_phase(2)
+    assert all(s.p95 <= 0.6 for s in seconds[3:])  # the first seconds drain the queue of the 24-slot limit
+    assert Run.mean_limit(seconds[:10]) <= 6 + BAND[1] + 1
