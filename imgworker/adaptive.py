@@ -307,7 +307,7 @@ class Controller:
             self._rates.append(len(window.latencies) / window.duration_s)
         elif not self._high and not self._over:
             self._rates = []
-        if window.latencies and not self._moved:
+        if window.latencies:
             self._unsaturated = self._unsaturated or self._not_saturated(window)
         if self._cut and not window.drops:  # its calls were sent under the limit before the cut: wait a window
             new = max(new, min(old, self._knee_floor()))
@@ -339,19 +339,21 @@ class Controller:
             self._clear_at, self._since_clear = self.limit, 0
 
     def _not_saturated(self, window: Window) -> bool:
-        """This settled window ran fewer calls than the last settled one over the band, and its mean did not
+        """This settled window ran fewer calls than the busiest one over the band lately, and its mean did not
         fall as the queue estimate says it would (a saturated server's mean falls with the calls in flight,
         down to the baseline): the server was not saturated, the calls read as queued are a stale baseline's
         (a slower server), and the queue rule would cut the limit down to the floor. Keeps that reference."""
         used, mean, spread = window.in_flight, window.mean, noise(window)
         ref = self._ref
-        over = self.queue > self.band()[1]
-        self._ref = (used, mean, spread, self.limit, len(window.latencies) / window.duration_s
-                     if window.duration_s else 0.0) if over else None
-        if ref is None or used > ref[0] - 1.0 or not self.baseline_s:
-            if ref is not None and over and used > ref[0] - 1.0:
-                self._ref = ref  # no fewer calls yet: keep the reference
+        if self.queue <= self.band()[1]:
+            self._ref = None  # the estimate and the limit agree
             return False
+        if ref is None or used > ref[0]:  # the window over the band with the most calls in flight
+            rate = len(window.latencies) / window.duration_s if window.duration_s else 0.0
+            self._ref = (used, mean, spread, self.limit, rate)
+            return False
+        if self._moved or used > ref[0] - 1.0 or not self.baseline_s:
+            return False  # its calls were sent under another limit, or no fewer of them
         ref_used, ref_mean, ref_noise, ref_limit, ref_rate = ref
         expected = max(self.baseline_s, ref_mean * used / ref_used)
         fall = ref_mean - expected
