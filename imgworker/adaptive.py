@@ -40,8 +40,12 @@ that agree to within ``PROBE_NOISE``, so a slower server costs no long probe), a
 since the probe began count (calls sent before it queued behind the old limit and would raise the
 baseline). A probe runs at the start, every ``PROBE_EVERY`` windows, and at once when the estimate
 looks wrong (two windows in a row with more queued than the widest band, or over the budget with
-more queued than the band allows: at the knee, a p95 over the budget is the server's own jitter),
-which is how a slower server is noticed; after it the limit is what the last live window calls for,
+more queued than the band allows: at the knee, a p95 over the budget is the server's own jitter, or
+a settled window with fewer calls in flight than the last one over the band whose mean did not fall as the
+estimate says: a saturated server's would, so the server was not saturated and the "queue" is a stale
+baseline's, which the queue rule would follow down to the floor), which is how a slower server is noticed. A probe over the knee the last window showed (a third of the
+settled limit, after a step to fewer slots) that finds the server slower by about as much as its calls
+over that knee would queue measures again under that knee (else the queue would raise the baseline); after it the limit is what the last live window calls for,
 seen with the new baseline. When the probe finds the server's speed changed, the knee is the most
 calls the server kept busy (throughput x the new baseline, Little's law) in that window or in the
 windows that called for the probe, so after a slower server cut the limit it goes straight back to
@@ -197,6 +201,11 @@ class Controller:
         self._moved = True  # the last window (or probe) changed the limit: this one's calls were sent under another
         self._clear_at = 0  # the highest limit fully used lately with no queue: the knee is at least this
         self._since_clear = 0
+        # the last settled window with more queued than the band: (in flight, mean, noise, limit, rate)
+        self._ref: tuple[float, float, float, int, float] | None = None
+        self._low = floor  # the probe's depth by the knee alone
+        self._probe_knee = float(self.limit)  # the knee when the probe began
+        self._unsaturated = False  # a lower limit did not lower the mean: nothing queued, the baseline is stale
         now = clock()
         self._window_start = now
         self._samples: list[float] = []
@@ -298,6 +307,8 @@ class Controller:
             self._rates.append(len(window.latencies) / window.duration_s)
         elif not self._high and not self._over:
             self._rates = []
+        if window.latencies:
+            self._unsaturated = self._unsaturated or self._not_saturated(window)
         if self._cut and not window.drops:  # its calls were sent under the limit before the cut: wait a window
             new = max(new, min(old, self._knee_floor()))
         self._cut = new < old
@@ -326,6 +337,31 @@ class Controller:
             self._clear_at = 0  # far more queued than any band: the server may have fewer slots now
         elif not self._moved and used >= self.limit - 0.5 and self.queue < self.band()[0] and self.limit >= self._clear_at:
             self._clear_at, self._since_clear = self.limit, 0
+
+    def _not_saturated(self, window: Window) -> bool:
+        """This settled window ran fewer calls than the busiest one over the band lately, and its mean did not
+        fall as the queue estimate says it would (a saturated server's mean falls with the calls in flight,
+        down to the baseline): the server was not saturated, the calls read as queued are a stale baseline's
+        (a slower server), and the queue rule would cut the limit down to the floor. Keeps that reference."""
+        used, mean, spread = window.in_flight, window.mean, noise(window)
+        ref = self._ref
+        if self.queue <= self.band()[1]:
+            self._ref = None  # the estimate and the limit agree
+            return False
+        if ref is None or used > ref[0]:  # the window over the band with the most calls in flight
+            rate = len(window.latencies) / window.duration_s if window.duration_s else 0.0
+            self._ref = (used, mean, spread, self.limit, rate)
+            return False
+        if self._moved or used > ref[0] - 1.0 or not self.baseline_s:
+            return False  # its calls were sent under another limit, or no fewer of them
+        ref_used, ref_mean, ref_noise, ref_limit, ref_rate = ref
+        expected = max(self.baseline_s, ref_mean * used / ref_used)
+        fall = ref_mean - expected
+        if fall <= (spread + ref_noise) * ref_mean or mean <= ref_mean - fall / 2.0:
+            return False
+        self._rates.append(ref_rate)  # what the server kept busy then is its knee at its new speed
+        self._settled = max(self._settled, ref_limit)
+        return True
 
     def _queued(self, window: Window) -> bool:
         """Calls queued in this window: its mean over the baseline by more than its own noise (with a heavy
@@ -428,7 +464,8 @@ class Controller:
     # ----- probes ----------------------------------------------------------------------
 
     def _wants_probe(self) -> bool:
-        return self._since_probe >= PROBE_EVERY or self._high >= 2 or self._over >= 2 or self._faster
+        return self._since_probe >= PROBE_EVERY or self._high >= 2 or self._over >= 2 or self._faster \
+            or self._unsaturated
 
     def _start_probe(self, now: float) -> None:
         """Measure the no-load latency: under the knee in flight, only calls sent from now on count."""
@@ -436,15 +473,31 @@ class Controller:
         self._restore = self.limit
         self.probes += 1
         self._high = self._over = 0
-        self._faster = False
+        self._faster = self._unsaturated = False
+        self._ref = None
         # under the knee even when the knee was taken from a stale baseline: a third of the settled limit
         depth = PROBE_DEPTH if self.baseline_s else 0.5  # the first: the knee is only the starting limit
-        probe = max(self.floor, math.floor(self.knee * depth), self._settled // 3)
+        self._low = max(self.floor, math.floor(self.knee * depth))  # under the knee if the baseline is right
+        probe = max(self._low, self._settled // 3)
         self._set(min(max(self.limit, self._settled), probe), self.limit)
+        self._probe_knee = self.knee
+        if self.limit <= self.knee:
+            self._low = self.limit  # under the knee the last window showed: what it measures stands
         self._new_window(now)
 
     def _end_probe(self, now: float) -> bool:
         old = self.limit
+        probe = Window(latencies=tuple(self._samples))
+        queued = self.baseline_s * self.limit / self._probe_knee * (1.0 + 2.0 * noise(probe))  # its mean if so
+        if self._samples and not self._drops and self.limit > self._low and self.baseline_s \
+                and self.baseline_s / FASTER < probe.mean <= queued:
+            # slower by about as much as its calls over the knee the last window showed would queue: the
+            # server may have fewer slots and the probe's calls queued (the baseline would climb); measure
+            # again under that knee (a slower server is slower at any depth)
+            self._set(self._low, old)
+            self._low = self.limit
+            self._new_window(now)
+            return True
         self._probing = False
         self._moved = True
         self._since_probe = 0

@@ -392,3 +392,55 @@ def test_after_a_2x_slowdown_throughput_stays_near_the_servers_in_the_first_seco
     run = simulate(SLOWDOWN, make=adaptive(), seed=seed)
     first = run.of_phase(1)[:10]
     assert sum(s.completed for s in first) / len(first) >= 0.78 * 6 / 0.4
+
+
+#: The benchmark's phases (its first one includes the warm-up): after the slowdown a stale baseline reads every
+#: call as queued, at any limit.
+BENCH = [Phase(53, 8, 0.2), Phase(45, 24, 0.2), Phase(45, 6, 0.2), Phase(45, 6, 0.4)]
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3, 4, 5, 6])
+def test_after_a_slowdown_the_queue_rule_does_not_cut_the_limit_under_the_knee(seed):
+    # cutting does not lower the mean latency of an unsaturated server: a probe then finds the slower baseline
+    run = simulate(BENCH, make=adaptive(budget_s=0.6), seed=seed, sigma=0.1)
+    seconds = run.of_phase(3, K)
+    assert Run.throughput(seconds) >= 0.95 * 6 / 0.4
+    assert 6 - 0.5 <= Run.mean_limit(seconds) <= 6 + BAND[1] + 1  # probes run under the knee
+    assert min(s.min_limit for s in seconds) >= 3
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3, 4, 5, 6])
+def test_after_a_step_to_fewer_slots_a_probe_over_the_new_knee_does_not_raise_the_baseline(seed):
+    # 24 -> 6 slots with ~30 in flight: a probe at a third of the old limit (9) would queue at 6 slots and read
+    # the queue as a slower server; it measures again under the knee, so the limit goes to 6 + the band at once
+    run = simulate(BENCH, make=adaptive(budget_s=0.6), seed=seed, sigma=0.1)
+    seconds = run.of_phase(2)
+    assert all(s.p95 <= 0.6 for s in seconds[3:])  # the first seconds drain the queue of the 24-slot limit
+    assert Run.mean_limit(seconds[:10]) <= 6 + BAND[1] + 1
+
+
+def test_a_lower_limit_that_does_not_lower_the_mean_starts_a_probe():
+    # the server got 2x slower but is not saturated: the stale baseline reads half of every limit as queued,
+    # over the budget's narrow band though not over the widest, and the p95 stays within the budget; a
+    # saturated server's mean would fall with the calls in flight, this one's does not, so a probe measures it
+    c, clock = ready(initial=8, budget_s=0.6, baseline=0.2, spread=0.1)
+    seen = []
+    for _ in range(12):
+        used = c.limit
+        c.in_flight(used)
+        clock.now += 1.0
+        for _ in range(round(used / 0.4)):  # Little's law: every call in flight is served, at 400 ms
+            c.record(sent_at=clock.now - 0.5, latency_s=0.4)
+        c.tick()
+        seen.append(used)
+        if c.probing:
+            break
+    assert seen[0] == 8 and seen[-1] < 8  # the queue rule cut the limit ...
+    assert c.probing and c.probes == 2  # ... and the mean did not fall with it
+    began = clock.now
+    clock.now += PROBE_S
+    for _ in range(PROBE_SAMPLES):
+        c.record(sent_at=began + 0.1, latency_s=0.4)
+    c.tick()
+    # 8 calls were served at 400 ms, 20 a second, none queued: the limit goes back over them at once
+    assert not c.probing and c.baseline_s == pytest.approx(0.4) and c.limit >= 8
