@@ -297,11 +297,9 @@ class JetStreamLink:
             await asyncio.wait_for(self._nc.close(), CALL_TIMEOUT_S)
 
     async def _fetch(self, n: int) -> list[Delivery]:
-        import nats.errors
-
         try:
             messages = await self._sub.fetch(n, timeout=FETCH_TIMEOUT_S)
-        except nats.errors.TimeoutError:
+        except asyncio.TimeoutError:  # nats-py's own, or the plain one it raises when its wait ran out: nothing came
             return []
         out: list[Delivery] = []
         for message in messages:
@@ -447,7 +445,7 @@ class JetStreamLink:
             except nats.js.errors.KeyWrongLastSequenceError:
                 pass  # another host holds it
             except Exception as exc:  # away: a lease not renewed within its TTL is not held (leading())
-                log.debug("lease: %s", exc or type(exc).__name__)
+                log.debug("lease: %s", str(exc) or type(exc).__name__)
             await asyncio.sleep(self.cfg.lease_ttl_s / 3)
 
     async def _republish_events(self, events: MinioRecords) -> None:
@@ -483,7 +481,7 @@ class JetStreamLink:
                 missing = True
                 await asyncio.sleep(EVENTS_RETRY_S)
             except Exception as exc:  # away, or the consumer went: subscribe again later
-                log.warning("MinIO's notifications: %s; trying again in %.0f s", exc or type(exc).__name__,
+                log.warning("MinIO's notifications: %s; trying again in %.0f s", str(exc) or type(exc).__name__,
                             EVENTS_RETRY_S)
                 sub = None
                 await asyncio.sleep(EVENTS_RETRY_S)
@@ -506,11 +504,9 @@ class JetStreamLink:
         return sub
 
     async def _events_fetch(self, sub: Any) -> list[Any]:
-        import nats.errors
-
         try:
             return list(await sub.fetch(EVENTS_BATCH, timeout=EVENTS_FETCH_TIMEOUT_S))
-        except nats.errors.TimeoutError:
+        except asyncio.TimeoutError:  # nats-py's own, or the plain one it raises when its wait ran out: nothing came
             return []
 
     async def _republish(self, events: MinioRecords, messages: list[Any]) -> bool:
@@ -563,7 +559,7 @@ class JetStreamLink:
                 try:
                     await message.in_progress()
                 except Exception as exc:  # away: the messages come again after AckWait, the ledger decides
-                    log.debug("progress note: %s", exc or type(exc).__name__)
+                    log.debug("progress note: %s", str(exc) or type(exc).__name__)
                     break
 
 
@@ -638,7 +634,7 @@ async def _nak_all(messages: list[Any], *, delay: float | None = None) -> None:
         try:
             await message.nak(delay=delay)
         except Exception as exc:  # nats-py raises many kinds; the connection may be going
-            log.debug("could not nak a MinIO notification: %s", exc or type(exc).__name__)
+            log.debug("could not nak a MinIO notification: %s", str(exc) or type(exc).__name__)
             return
 
 
@@ -651,7 +647,7 @@ async def _cancel_the_rest() -> None:
 
 
 async def _log_error(exc: Exception) -> None:
-    log.debug("NATS: %s", exc or type(exc).__name__)
+    log.debug("NATS: %s", str(exc) or type(exc).__name__)
 
 
 async def _reconnected() -> None:

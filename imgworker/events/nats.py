@@ -79,7 +79,7 @@ class NatsFeed:
                     backoff.reset()
                     self.subscribed = False
                 wait_s = backoff.fail()
-                log.warning("NATS consumer failed (%s); connecting again in %.1f s", exc or type(exc).__name__,
+                log.warning("NATS consumer failed (%s); connecting again in %.1f s", str(exc) or type(exc).__name__,
                             wait_s)
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(stop.wait(), wait_s)
@@ -155,7 +155,7 @@ async def _nak(messages: list[Any]) -> None:
         try:
             await message.nak()
         except Exception as exc:  # nats-py raises many kinds; the connection may be going
-            log.debug("could not nak a NATS message: %s", exc or type(exc).__name__)
+            log.debug("could not nak a NATS message: %s", str(exc) or type(exc).__name__)
             return
 
 
@@ -176,21 +176,22 @@ async def _unless_stopped(work: Awaitable[_T], stop: asyncio.Event) -> _T | None
 
 async def _next_messages(sub: JetStreamContext.PullSubscription, stop: asyncio.Event) -> list[Any]:
     """The first message that comes (waiting until ``stop``), then what else comes within ``MAX_BATCH_WAIT_S``."""
-    import nats.errors
+    import asyncio
 
+    # asyncio.TimeoutError also catches nats-py's own: a batch fetch whose wait ran out raises the plain one
     try:
         messages = list(await _unless_stopped(sub.fetch(1, timeout=5.0), stop) or [])
-    except nats.errors.TimeoutError:
+    except asyncio.TimeoutError:
         return []
     if not messages:
         return []
     try:
         messages += await sub.fetch(MAX_BATCH_EVENTS - 1, timeout=MAX_BATCH_WAIT_S)
-    except nats.errors.TimeoutError:
+    except asyncio.TimeoutError:
         pass
     return messages
 
 
 async def _log_nats_error(exc: Exception) -> None:
-    log.debug("NATS: %s", exc or type(exc).__name__)  # the session's end is logged once, by NatsFeed.run
+    log.debug("NATS: %s", str(exc) or type(exc).__name__)  # the session's end is logged once, by NatsFeed.run
 
