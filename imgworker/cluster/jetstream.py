@@ -94,6 +94,7 @@ class JetStreamLink:
         self._closing = False
         self.lease_terms = 0  # how many times this host took the lease (a new term: what earlier leaders did is unknown)
         self.sequences: dict[str, int] = {}  # image key -> stream sequence of its publish (``cluster.retention``)
+        self.last_error = ""  # the client's latest error, which a start that never connected names
 
     # ----- lifecycle (the supervisor's thread) ------------------------------------------------------
 
@@ -101,15 +102,18 @@ class JetStreamLink:
         """Start the thread, connect, make sure the stream, consumer and buckets exist, start the tasks.
 
         Raises ``ClusterUnavailable`` (with no connection left open) if the server does not answer in
-        time; calling it again tries again.
+        time; calling it again tries again. Never connected: it names the client's last error.
         """
         if not self._thread.is_alive():
             self._thread.start()
         try:
             self._call(self._open(), timeout=max(CALL_TIMEOUT_S, 10.0))
-        except ClusterUnavailable:
+        except ClusterUnavailable as exc:
+            connected = self._nc is not None
             with contextlib.suppress(Exception):
                 asyncio.run_coroutine_threadsafe(self._drop_connection(), self._loop).result(CALL_TIMEOUT_S)
+            if not connected and self.last_error:  # nats-py tries to connect until the timeout: name why it could not
+                raise ClusterUnavailable(self.last_error) from exc
             raise
 
     def close(self) -> None:
@@ -237,7 +241,7 @@ class JetStreamLink:
         self._nc = await nats.connect(
             [u.strip() for u in self.cfg.url.split(",")], name=f"imgworker-{self.host}", connect_timeout=2,
             allow_reconnect=True, max_reconnect_attempts=-1, reconnect_time_wait=0.5, ping_interval=5,
-            max_outstanding_pings=2, error_cb=_log_error, disconnected_cb=self._disconnected,
+            max_outstanding_pings=2, error_cb=self._client_error, disconnected_cb=self._disconnected,
             reconnected_cb=_reconnected, **options)
         self._js = self._nc.jetstream(timeout=CALL_TIMEOUT_S)
         await self._ensure()
@@ -278,6 +282,10 @@ class JetStreamLink:
                 kv = await self._js.create_key_value(KeyValueConfig(bucket=name, history=1, replicas=cfg.replicas,
                                                                     storage=StorageType.FILE))
             setattr(self, attr, kv)
+
+    async def _client_error(self, exc: Exception) -> None:
+        self.last_error = str(exc) or type(exc).__name__
+        await _log_error(exc)
 
     async def _disconnected(self) -> None:
         if not self._closing:
