@@ -104,6 +104,8 @@ class JetStreamLink:
         Raises ``ClusterUnavailable`` (with no connection left open) if the server does not answer in
         time; calling it again tries again. Never connected: it names the client's last error.
         """
+        import nats  # noqa: F401  - here, not on the link's thread: a missing nats-py is the CLI's to name (its extra)
+
         if not self._thread.is_alive():
             self._thread.start()
         try:
