@@ -368,6 +368,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .services.netutil import stop_process
     from .services.store_server import EmbeddedStore
 
+    if args.hosts > 1:
+        _cluster_demo_needs()
     data_dir = os.path.abspath(args.data_dir)
     shutil.rmtree(data_dir, ignore_errors=True)
     creds = Credentials(access_key="demo-" + secrets.token_hex(4), secret_key=secrets.token_urlsafe(24))
@@ -394,6 +396,19 @@ def cmd_demo(args: argparse.Namespace) -> int:
             stop_process(cameras)
     print(f"demo: stopped everything it started; results in {cfg.results_path}")
     return int(ExitCode.OK)
+
+
+def _cluster_demo_needs() -> None:
+    """``demo --hosts``: nats-py and the nats-server binary, checked before anything starts (the hosts need both)."""
+    import nats  # noqa: F401  - missing: main() names the extra that has it
+
+    from .errors import ConfigError
+    from .services.nats_server import nats_server_binary
+
+    try:
+        nats_server_binary()
+    except RuntimeError as exc:
+        raise ConfigError(f"demo --hosts: {exc}") from None
 
 
 def _demo_config(args: argparse.Namespace, store: Any, algo: str, creds: Credentials, data_dir: str) -> Config:
