@@ -420,11 +420,14 @@ class Supervisor:
         if self.stopping.draining:
             self._announce_stop()
             return
+        # a cluster host runs until stopped: its own idle says nothing of the cluster's (the leader would
+        # stop as soon as it had published, before any host took its images)
+        until_idle = self.cfg.run.until_idle and self.cluster is None
         if self.cfg.run.duration_s and now - self._started >= self.cfg.run.duration_s:
             self.request_stop("duration reached")
-        elif self.cfg.run.until_idle and self._idle():
+        elif until_idle and self._idle():
             self.request_stop("idle")
-        elif self.cfg.run.until_idle and self.pending == 0 and self.in_flight == 0:
+        elif until_idle and self.pending == 0 and self.in_flight == 0:
             self.intake.reconcile_when_drained()
 
     def _idle(self) -> bool:

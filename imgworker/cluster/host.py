@@ -161,6 +161,9 @@ class ClusterHost:
                     time.sleep(0.1)
         log.info("cluster mode: host %s, stream %s, consumer %s, ledger %s", self.name, self.cfg.cluster.stream,
                  self.cfg.cluster.consumer, self.cfg.cluster.ledger_bucket)
+        if self.cfg.run.until_idle:
+            log.warning("--until-idle (run.until_idle) does not end a cluster host: it runs until stopped "
+                        "(SIGTERM); whether the cluster is idle, imgworker report --cluster says")
 
     def close(self) -> None:
         self.link.close()
