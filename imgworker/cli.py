@@ -723,7 +723,7 @@ def _selection_text(selection: Selection) -> str:
 
 def cmd_check(args: argparse.Namespace) -> int:
     """One line per check; exit 0 only if every check passed, else the exit code of the first failure."""
-    from .preflight import check_endpoints, check_store, failed
+    from .preflight import check_cluster, check_endpoints, check_store, failed
     from .store import Store
 
     cfg = _load(args)
@@ -737,6 +737,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         endpoint_checks = check_endpoints(cfg, store, sample)
     else:
         endpoint_checks = check_endpoints(cfg, None, None)
+    endpoint_checks += check_cluster(cfg)
     for check in endpoint_checks:
         print(check.line(), flush=True)
     bad = failed(checks + endpoint_checks)

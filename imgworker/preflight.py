@@ -11,6 +11,7 @@ answers (it could not fetch a made-up image); a 5xx means it, or a proxy in fron
 
 from __future__ import annotations
 
+import re
 from concurrent.futures import ThreadPoolExecutor
 
 import msgspec
@@ -72,6 +73,21 @@ def _list_one_page(cfg: Config, store: ObjectStore) -> tuple[Check, ImageRef | N
     images = select_images(page, prefix=cfg.store.prefix, cfg=cfg.scan)
     detail = f"{len(page):,} objects, {len(images):,} of them images"
     return Check(what, True, detail), images[0] if images else None
+
+
+def check_cluster(cfg: Config) -> list[Check]:
+    """Cluster mode: one connection to ``cluster.url``, and JetStream answers on it; no check without ``[cluster]``."""
+    if not cfg.cluster.enabled:
+        return []
+    from .cluster.jetstream import ClusterUnavailable, probe
+
+    where = ", ".join(display_url(u.strip()) for u in cfg.cluster.url.split(","))
+    what = f"NATS server with JetStream at {where}"
+    try:
+        return [Check(what, True, probe(cfg.cluster))]
+    except ClusterUnavailable as exc:
+        cause = re.sub(r"//[^/@\s]*@", "//", str(exc))  # never a user:password of the URL
+        return [Check(what, False, cause, ExitCode.STORE_UNREACHABLE)]
 
 
 def sample_image(cfg: Config, store: ObjectStore) -> tuple[bool, ImageRef | None]:

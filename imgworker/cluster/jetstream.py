@@ -582,20 +582,49 @@ def read_cluster(cfg: ClusterConfig) -> tuple[list[bytes], dict[str, int]]:
     return asyncio.run(_read_cluster(cfg))
 
 
-async def _read_cluster(cfg: ClusterConfig) -> tuple[list[bytes], dict[str, int]]:
+def probe(cfg: ClusterConfig) -> str:
+    """Connect once and ask JetStream for this account's figures (``imgworker check``); ClusterUnavailable if none."""
+    return asyncio.run(_probe(cfg))
+
+
+async def _probe(cfg: ClusterConfig) -> str:
+    nc = await _connect_once(cfg)
+    try:
+        info = await nc.jetstream(timeout=CALL_TIMEOUT_S).account_info()
+        return f"JetStream answers ({info.streams} streams, {info.consumers} consumers)"
+    except Exception as exc:
+        raise ClusterUnavailable(str(exc) or type(exc).__name__) from exc
+    finally:
+        await nc.close()
+
+
+async def _connect_once(cfg: ClusterConfig) -> Any:
+    """A connection without reconnects; ClusterUnavailable naming the client's last error if there is none."""
     import nats
-    import nats.errors
 
     options: dict[str, Any] = {}
     if cfg.credentials_file:
         options["user_credentials"] = cfg.credentials_file
     if cfg.ca_bundle:
         options["tls"] = ssl.create_default_context(cafile=cfg.ca_bundle)
+    errors: list[str] = []
+
+    async def error(exc: Exception) -> None:
+        errors.append(str(exc) or type(exc).__name__)
+        await _log_error(exc)
+
     try:
-        nc = await nats.connect([u.strip() for u in cfg.url.split(",")], connect_timeout=2, allow_reconnect=False,
-                                max_reconnect_attempts=1, error_cb=_log_error, **options)
+        return await nats.connect([u.strip() for u in cfg.url.split(",")], connect_timeout=2, allow_reconnect=False,
+                                  max_reconnect_attempts=1, error_cb=error, **options)
     except Exception as exc:
-        raise ClusterUnavailable(str(exc) or type(exc).__name__) from exc
+        cause = str(exc) or type(exc).__name__
+        raise ClusterUnavailable(f"{cause}: {errors[-1]}" if errors and errors[-1] != cause else cause) from exc
+
+
+async def _read_cluster(cfg: ClusterConfig) -> tuple[list[bytes], dict[str, int]]:
+    import nats.errors
+
+    nc = await _connect_once(cfg)
     try:
         js = nc.jetstream(timeout=CALL_TIMEOUT_S)
         stream = f"KV_{cfg.ledger_bucket}"
