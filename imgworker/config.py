@@ -739,7 +739,9 @@ def _check_adaptive(config: Config) -> None:
     algo = config.algo
     if algo.latency_budget_ms is not None and not algo.adaptive:
         raise ConfigError(f"invalid config key algo.latency_budget_ms: value {algo.latency_budget_ms!r} is not allowed "
-                          "without algo.adaptive = true (only the adaptive controller holds a budget)")
+                          "without algo.adaptive = true (only the adaptive controller holds a budget): set "
+                          "adaptive = true beside it, or remove it (run --adaptive turns the controller on for that "
+                          "run only; check, loadgen, retry and report read the file without it)")
     ceiling = config.concurrency
     if algo.max_in_flight_per_endpoint:
         ceiling = min(ceiling, algo.max_in_flight_per_endpoint)
