@@ -750,7 +750,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def _cluster_report(args: argparse.Namespace) -> int:
-    from .cluster.jetstream import ClusterUnavailable
+    from .cluster.jetstream import ClusterMissing, ClusterUnavailable
     from .cluster.report import cluster_report, report_json
     from .endpoints import display_url
     from .errors import ConfigError
@@ -764,6 +764,9 @@ def _cluster_report(args: argparse.Namespace) -> int:
         where = ", ".join(display_url(u.strip()) for u in cfg.cluster.url.split(","))
         cause = re.sub(r"//[^/@\s]*@", "//", str(exc))  # never a user:password of the URL
         error = ImgworkerError(f"report --cluster: no NATS server answered at {where} ({cause})")
+        if isinstance(exc, ClusterMissing):
+            error = ImgworkerError(f"report --cluster: no cluster at {where}: {cause}; no host has run there with "
+                                   "this [cluster] section yet, or its names differ")
         error.exit_code = ExitCode.STORE_UNREACHABLE  # unreachable, like a store that does not answer
         raise error from None
     if args.json:

@@ -52,6 +52,10 @@ class ClusterUnavailable(Exception):
     """The NATS server could not be reached or did not answer in time (transient)."""
 
 
+class ClusterMissing(ClusterUnavailable):
+    """The server answered, but the cluster's ledger bucket, work stream or consumer does not exist (yet)."""
+
+
 class Delivery(msgspec.Struct, frozen=True):
     """One fetched message: the image, how often it was delivered, whether the ledger has it already."""
 
@@ -623,6 +627,7 @@ async def _connect_once(cfg: ClusterConfig) -> Any:
 
 async def _read_cluster(cfg: ClusterConfig) -> tuple[list[bytes], dict[str, int]]:
     import nats.errors
+    import nats.js.errors
 
     nc = await _connect_once(cfg)
     try:
@@ -644,6 +649,9 @@ async def _read_cluster(cfg: ClusterConfig) -> tuple[list[bytes], dict[str, int]
                 await sub.unsubscribe()
         figures = await _figures(js, cfg)
         return values, figures
+    except nats.js.errors.NotFoundError as exc:  # the first host creates them
+        raise ClusterMissing(f"its ledger bucket {cfg.ledger_bucket!r}, work stream {cfg.stream!r} or consumer "
+                             f"{cfg.consumer!r} does not exist ({exc.description or exc})") from exc
     except Exception as exc:
         raise ClusterUnavailable(str(exc) or type(exc).__name__) from exc
     finally:
