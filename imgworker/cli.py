@@ -382,7 +382,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
             from .cluster.demo import run_demo
 
             text, code = run_demo(cfg, hosts=args.hosts, data_dir=data_dir, report_json_path=args.report_json,
-                                  start_cameras=lambda: _start_cameras(args, cfg, creds))
+                                  start_cameras=lambda: _start_cameras(args, cfg, creds),
+                                  metrics=(args.metrics_addr, args.metrics_port) if args.metrics_port else None)
             print(text)
             return code
         cameras = _start_cameras(args, cfg, creds)
@@ -415,7 +416,7 @@ def _demo_config(args: argparse.Namespace, store: Any, algo: str, creds: Credent
     overrides = _overrides(args)
     overrides.setdefault("worker", {}).setdefault("count", 4)
     overrides["store"] = {"endpoint": store.endpoint, "bucket": "imgworker-demo"}
-    overrides["algo"] = {"endpoint": algo, "timeout_s": 30.0}
+    overrides.setdefault("algo", {}).update({"endpoint": algo, "timeout_s": 30.0})  # keeps --adaptive
     overrides["scan"] = {"interval_s": 0.5, "mode": args.scan_mode, "reconcile_interval_s": 10.0,
                          "events": {"source": "seaweed", "filer": store.filer_address}}
     overrides.setdefault("run", {}).update(

@@ -26,17 +26,23 @@ _FINISH_TIMEOUT_S = 300.0
 
 
 def run_demo(cfg: Config, *, hosts: int, data_dir: str, report_json_path: str | None,
-             start_cameras: Callable[[], subprocess.Popen[bytes]]) -> tuple[str, int]:
-    """Run the cluster demo; the report as text, and the exit code."""
+             start_cameras: Callable[[], subprocess.Popen[bytes]],
+             metrics: tuple[str, int] | None = None) -> tuple[str, int]:
+    """Run the cluster demo; the report as text, and the exit code. ``metrics``: (address, first port), one a host."""
     from ..stats import format_report
 
     with NatsServer(os.path.join(data_dir, "nats")) as nats:
         cluster = ClusterConfig(url=nats.url, ack_wait_s=10.0, lease_ttl_s=3)
-        procs = [_start_host(cfg, cluster.url, f"host-{i + 1}", data_dir) for i in range(hosts)]
+        ports = [metrics[1] + i if metrics else 0 for i in range(hosts)]
+        procs = [_start_host(cfg, cluster.url, f"host-{i + 1}", data_dir, metrics=metrics and (metrics[0], ports[i]))
+                 for i in range(hosts)]
         logs = ", ".join(os.path.join(data_dir, f"host-{i + 1}.log") for i in range(hosts))
         print(f"demo: nats-server on {nats.url}; {hosts} hosts x {cfg.worker.count} worker processes share its "
               f"work stream; the host that leads intake says so in its log ({logs}: \"this host is now the "
               "intake leader\")", flush=True)
+        if metrics:
+            print("demo: /metrics of each host: " + ", ".join(f"http://{metrics[0]}:{port}/metrics" for port in ports),
+                  flush=True)
         try:
             cameras = start_cameras()
             try:
@@ -56,7 +62,9 @@ def run_demo(cfg: Config, *, hosts: int, data_dir: str, report_json_path: str | 
     return text, 0 if report.conserved and not any(codes) else 1
 
 
-def _start_host(cfg: Config, url: str, name: str, data_dir: str) -> subprocess.Popen[bytes]:
+def _start_host(cfg: Config, url: str, name: str, data_dir: str, *,
+                metrics: tuple[str, int] | None = None) -> subprocess.Popen[bytes]:
+    """``imgworker run`` as one host, with what the demo's flags chose (lanes, ``--adaptive``, ``--metrics-port``)."""
     state_dir = os.path.join(data_dir, name)
     os.makedirs(state_dir, exist_ok=True)
     env = {k: v for k, v in os.environ.items() if not k.startswith("IMGWORKER_")}
@@ -64,11 +72,13 @@ def _start_host(cfg: Config, url: str, name: str, data_dir: str) -> subprocess.P
                IMGWORKER_STORE_ENDPOINT=cfg.store.endpoint, IMGWORKER_STORE_BUCKET=cfg.store.bucket,
                IMGWORKER_ALGO_ENDPOINT=cfg.algo.endpoint, IMGWORKER_SCAN_MODE="listing",
                IMGWORKER_SCAN_INTERVAL_S="0.5", IMGWORKER_CLUSTER_URL=url, IMGWORKER_CLUSTER_HOST=name,
-               IMGWORKER_CLUSTER_ACK_WAIT_S="10", IMGWORKER_CLUSTER_LEASE_TTL_S="3")
+               IMGWORKER_CLUSTER_ACK_WAIT_S="10", IMGWORKER_CLUSTER_LEASE_TTL_S="3",
+               IMGWORKER_ALGO_ADAPTIVE="true" if cfg.algo.adaptive else "false")
+    serve = ["--metrics-addr", metrics[0], "--metrics-port", str(metrics[1])] if metrics else []
     log = open(os.path.join(data_dir, f"{name}.log"), "wb")  # noqa: SIM115 - the child keeps it
     with log:
         return subprocess.Popen([sys.executable, "-m", "imgworker", "run", "--state-dir", state_dir, "--workers",
-                                 str(cfg.worker.count), "--threads", str(cfg.worker.threads), "--no-progress"],
+                                 str(cfg.worker.count), "--threads", str(cfg.worker.threads), "--no-progress", *serve],
                                 env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
 
 

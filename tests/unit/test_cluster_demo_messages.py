@@ -41,7 +41,7 @@ class _Proc:
 
 def test_the_demo_names_every_host_log_and_what_the_intake_leader_writes_there(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(demo, "NatsServer", _Nats)
-    monkeypatch.setattr(demo, "_start_host", lambda cfg, url, name, data_dir: _Proc())
+    monkeypatch.setattr(demo, "_start_host", lambda cfg, url, name, data_dir, **_: _Proc())
     monkeypatch.setattr(demo, "_wait_for_every_outcome", lambda cfg, cluster, procs: None)
     report = Stats(1).report(pending=0, in_flight=0, wall_s=1.0)
     monkeypatch.setattr(demo, "cluster_report", lambda cluster: (report, {}, {}))
