@@ -36,7 +36,9 @@ a redelivery, so an ack proves nothing. Every outcome is first written to the le
 create-if-absent (``update(last=0)``, which, unlike ``create``, also fails on a delete marker) under
 ``sha256(bucket/key@version)`` (the object version as in ``Nats-Msg-Id``, ``image_version``: the ETag,
 else ``<mtime>-<size>``; a new upload under the same name is a new image, a redelivery or re-publish
-of the version is not, nor the same upload found once by its event and once by a sweep); only the host whose write
+of the version is not, nor the same upload found once by its event and once by a sweep. Which uploads reach
+the stream is intake's to say, as on one host: the leader's sweeps take a name in once, so a rewrite is
+published when a MinIO event reports it, not when only a listing finds it); only the host whose write
 created the key counts the image (results line, figures, actions), and only then is the message acked. A host that loses the race (it was
 SIGSTOPped past AckWait, or partitioned) acks and writes nothing. A delivery whose key is already
 in the ledger is acked and not analysed. Ledger keys are never deleted, purged or given a TTL:

@@ -30,7 +30,7 @@ from ..results import read_results
 from . import image_version
 from .events import MinioRecords
 from .intents import Intent, Intents
-from .jetstream import ClusterUnavailable, JetStreamLink
+from .jetstream import ClusterSetupRefused, ClusterUnavailable, JetStreamLink
 
 log = logging.getLogger(__name__)
 
@@ -154,8 +154,13 @@ class ClusterHost:
                     raise ClusterNotStarted("stopped while waiting for the NATS server (cluster.url) to answer at "
                                             f"start ({exc}); nothing was taken from the cluster") from exc
                 wait_s = away.fail()
-                log.warning("cluster: the NATS server (cluster.url) does not answer yet (%s); trying again in %.1f s",
-                            exc, wait_s)
+                if isinstance(exc, ClusterSetupRefused):
+                    log.warning("cluster: the NATS server (cluster.url) answered but refused to set up the work "
+                                "stream, consumer or buckets (%s): is JetStream on, and does cluster.replicas fit "
+                                "its nodes? trying again in %.1f s", exc, wait_s)
+                else:
+                    log.warning("cluster: the NATS server (cluster.url) does not answer yet (%s); trying again in "
+                                "%.1f s", exc, wait_s)
                 until = time.monotonic() + wait_s
                 while time.monotonic() < until and not stop():
                     time.sleep(0.1)

@@ -56,6 +56,20 @@ class ClusterMissing(ClusterUnavailable):
     """The server answered, but the cluster's ledger bucket, work stream or consumer does not exist (yet)."""
 
 
+class ClusterSetupRefused(ClusterUnavailable):
+    """The server answered but refused to create or look up the stream, consumer or buckets (JetStream off, more
+    replicas than nodes, a cluster still electing its leader): often a setting, sometimes a moment."""
+
+
+def _refused(exc: BaseException) -> bool:
+    """The server's own refusal (a JetStream API error, or no JetStream at all) behind a failed start."""
+    import nats.js.errors
+
+    cause = exc.__cause__
+    return isinstance(cause, (nats.js.errors.APIError, nats.js.errors.ServiceUnavailableError)) or \
+        type(cause).__name__ == "NoRespondersError"
+
+
 class Delivery(msgspec.Struct, frozen=True):
     """One fetched message: the image, how often it was delivered, whether the ledger has it already."""
 
@@ -120,6 +134,8 @@ class JetStreamLink:
                 asyncio.run_coroutine_threadsafe(self._drop_connection(), self._loop).result(CALL_TIMEOUT_S)
             if not connected and self.last_error:  # nats-py tries to connect until the timeout: name why it could not
                 raise ClusterUnavailable(self.last_error) from exc
+            if connected and _refused(exc):
+                raise ClusterSetupRefused(str(exc)) from exc
             raise
 
     def close(self) -> None:

@@ -132,3 +132,21 @@ def test_report_cluster_where_no_host_ever_ran_says_so_not_that_nothing_answered
         f"imgworker: error: report --cluster: no cluster at {server.url}: its ledger bucket 'imgworker-outcomes', "
         "work stream 'IMGWORKER_WORK' or consumer 'imgworker-lanes' does not exist (stream not found); no host has "
         "run there with this [cluster] section yet, or its names differ")
+
+
+@pytest.mark.timeout(150)
+def test_a_server_that_refuses_the_stream_is_named_as_refusing_not_as_silent(tmp_path, store_server, creds,
+                                                                             algo_server, store, prefix):
+    """One nats-server asked for three replicas: it answers, and refuses; the warning says so and what to check."""
+    upload(store, [f"{prefix}person/cam0/20260101-120000.000.jpg"])
+    nats = NatsServer(str(tmp_path / "nats"))
+    nats.start()
+    try:
+        env = {**start_env(store_server, creds, algo_server, prefix, nats.url), "IMGWORKER_CLUSTER_REPLICAS": "3"}
+        code, log = wait_then_stop(env, str(tmp_path / "state"), "refused to set up", str(tmp_path / "host.log"))
+    finally:
+        nats.stop()
+    assert "answered but refused to set up the work stream" in log and "cluster.replicas" in log, log[-3000:]
+    assert "does not answer yet" not in log, log[-3000:]
+    assert code == ExitCode.INTERRUPTED and "Traceback" not in log, log[-3000:]
+    assert calls_under(algo_server, prefix) == {}
