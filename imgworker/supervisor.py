@@ -471,6 +471,8 @@ class Supervisor:
 
     def _after_sweep(self, end: SweepEnd) -> None:
         if end.complete and end.full:
+            if self.cluster is not None:
+                self.cluster.swept()
             pruned = self.ledger.end_sweep(events=self.cfg.scan.mode == "events",
                                            position_ns=self.intake.events_position)
             if pruned:

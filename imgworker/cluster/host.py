@@ -109,6 +109,7 @@ class ClusterFigures(msgspec.Struct):
     stream_full: int = 0  # publish batches refused by a full stream
     unrecorded: int = 0  # the ledger could not be reached: handed back unrecorded
     recovered: int = 0  # counted in the ledger by this host's earlier run, journaled at this start
+    inherited_counted: int = 0  # found by a new leader's first listings with an outcome in the ledger: not published
     republished: int = 0  # images published from MinIO's notifications while this host led
 
 
@@ -136,6 +137,8 @@ class ClusterHost:
         self.intents = Intents(os.path.join(cfg.run.state_dir, "cluster-claims.jsonl"))
         self._versions: dict[str, str] = {}  # image key -> the object version of the delivery it was fetched as
         self._claimed: dict[str, str] = {}  # image key -> the token of its claim, until its line is written
+        self._term = 0  # the lease term whose first listings are being looked up in the ledger before publishing
+        self._term_listings: int | None = None
         # the leader's cleaner and expiry figures, exported as ``imgworker_cluster_<part>_<name>`` counters
         self.leader_figures: dict[str, msgspec.Struct] = {}
 
@@ -236,10 +239,39 @@ class ClusterHost:
         versioned = [ref for ref in refs if ref.mtime or ref.size or ref.etag]
         # an image one of MinIO's notifications brought in meanwhile is in the stream already
         versioned = [ref for ref in versioned if not self.published(ref.key)]
+        if versioned and self._inheriting():
+            try:
+                versioned = self._not_counted(versioned)
+            except ClusterUnavailable as exc:
+                backlog.put_back(versioned)
+                self._unavailable("ledger lookup", exc)
+                return
         if versioned and screen is not None:
             versioned = screen(versioned)
         if versioned:
             backlog.put_back(self.publish(versioned))
+
+    def swept(self) -> None:
+        """A complete listing ended (the supervisor's ``_after_sweep``): a new term's inheritance runs for two."""
+        if self._term_listings is not None:
+            self._term_listings += 1
+
+    def _inheriting(self) -> bool:
+        """In a lease term's first two complete listings, what intake finds may be what earlier leaders published
+        and other hosts counted: this host's own processed set knows only its own outcomes."""
+        if self.link.lease_terms != self._term:
+            self._term, self._term_listings = self.link.lease_terms, 0
+        return self._term_listings is not None and self._term_listings < 2
+
+    def _not_counted(self, refs: list[ImageRef]) -> list[ImageRef]:
+        """Those of ``refs`` with no outcome in the ledger; the others are not published again (a new leader would
+        otherwise re-send every image the bucket still holds: each one delivered, looked up and acked)."""
+        counted = self.link.counted({ref.key: image_version(ref) for ref in refs})
+        for key in counted:
+            self._published[key] = None
+        if counted:
+            self.figures.inherited_counted += len(counted)
+        return [ref for ref in refs if ref.key not in counted]
 
     def publish(self, refs: list[ImageRef]) -> list[ImageRef]:
         """Publish taken images to the work stream; return those not published (they go back to the backlog)."""

@@ -633,3 +633,23 @@ def test_a_full_work_stream_keeps_images_in_the_leader_s_backlog_until_there_is_
         assert sup.intake.scans_completed == listed
         store.set_outage(False)
     assert {ref.key for ref in link.stream.values()} == set(keys)
+
+
+def test_a_new_leader_does_not_publish_again_what_other_hosts_counted(tmp_path):
+    """A new lease term: what the bucket still holds and the ledger has an outcome for stays out of the stream."""
+    store = Watched()
+    sup, link = leader(tmp_path, store)
+    counted_elsewhere = upload(store, 0, 5)
+    for ref in _refs(store, counted_elsewhere):
+        entry = LedgerEntry(key=ref.key, outcome=Outcome.INFERRED, host="h2")
+        link.ledger[(ref.key, object_version(ref.mtime, ref.size))] = msgspec.json.encode(entry)
+    new = upload(store, 100, 2)
+    with sup.running(drain=False):
+        sweeps(sup, 3)
+        later = upload(store, 200, 2)  # after the term's first listings: published without a lookup
+        sweeps(sup, 2)
+    published = {msg_id.split("@")[0] for msg_id in link.ids}
+    assert not published & set(counted_elsewhere), "counted by another host: not sent again"
+    assert set(new) | set(later) <= published
+    assert sup.cluster.figures.inherited_counted == len(counted_elsewhere)
+    assert {key for key, _ in link.ledger} == set(counted_elsewhere) | set(new) | set(later), "one outcome each"

@@ -30,6 +30,7 @@ class MemoryLink:
         self.acked: list[str] = []
         self.lose_answers = False
         self.published: list[ImageRef] = []
+        self.lease_terms = 0  # never took the lease: no term's first listings to look up
 
     def start(self) -> None: ...
 
