@@ -183,18 +183,15 @@ Rebuild this page with `python -m benchmarks.make_readme`.
 - **Adaptive concurrency against the real face detector** (adaptive-face, the ways interleaved: 4
   rounds of 10 s a way after an 8 s warm-up, the order rotated; budget 600 ms; the service decodes
   and runs the LBP cascade on a thread per core, so its knee is about the machine's 2 cores, shared
-  with the store, imgworker and other work, load average 9-14 during this run): interleaving puts
-  the host's load on every way alike, but the rounds still spread widely (fixed 8: 4.7-12.0
-  images/s, adaptive 4.4-9.6), so read the totals as a range, not a ranking to the last 10 %. Fixed
-  64 answered nothing: every round its 64 calls queued past the 3 s timeout (768 failed calls) and
-  the endpoint was ejected. Fixed 8 answered the most, 8.9 images/s, at a p95 of 1,850 ms, three
-  times the budget; fixed 4 and 2 answered 6.2 and 6.4 at 1,355 and 647 ms. Adaptive answered 6.5
-  images/s (0.73x fixed 8, about fixed 2's and 4's) at a p95 of 556 ms, the only way within the
-  budget, with no failed call; it held 1-4 calls in flight (1.5 on average): under this load a
-  call with nothing queued already had a p95 near or over the budget (the run logged a no-load p95
-  of 712 ms once, so the budget was infeasible at times and the limit held at the knee). The two
-  sequential runs before (1.38x and 0.45x, the second stuck at a limit of 1 for 40 s) were decided
-  by load drift between ways; this run replaces them.
+  with the store and imgworker; run on an otherwise quiet machine, load average under 1 at the start):
+  the rounds agree within about 10 % for every way. Adaptive answered 17.1 images/s, 1.01x the best
+  fixed N (fixed 8, 16.9), at a p95 of 344 ms against fixed 8's 560 ms, holding about 4 calls in
+  flight (4.2 on average): the knee of a CPU-bound server, found without a slot count to read.
+  Fixed 4 answered 16.5 (p95 346 ms) and fixed 2 15.2 (235 ms). Fixed 64 answered nothing: every
+  round its 64 calls queued past the 3 s timeout (768 failed calls) and the endpoint was ejected.
+  An earlier run of the same benchmark on a machine loaded by other work (load average 9-14) spread
+  widely from round to round (fixed 8: 4.7-12.0 images/s); there adaptive held 1-4 calls and stayed
+  within the budget at 0.73x fixed 8, whose p95 was three times the budget.
 - **Efficiency against the limit N / latency** (tune, L = 200 ms): 0.98-0.99 for every N up to 32,
   the goal being 0.95. At 64 and 128 the 2-core machine runs out of CPU: the store, the service and
   imgworker share it, the measured algorithm latency itself rises (232 and 307 ms at p50), and
