@@ -264,6 +264,15 @@ def top_on_a_narrow_terminal(urls: list[str], columns: int, patience_s: float = 
                 except OSError:
                     break
         proc.send_signal(signal.SIGINT)
+        # a terminal goes on reading while top leaves: its last frame must not block on a full pty
+        stop_by = time.monotonic() + 30
+        while proc.poll() is None and time.monotonic() < stop_by:
+            ready, _, _ = select.select([master], [], [], 0.2)
+            if ready:
+                try:
+                    os.read(master, 65536)
+                except OSError:
+                    break
         reap(proc, timeout=30)  # type: ignore[arg-type]
     finally:
         os.close(master)
