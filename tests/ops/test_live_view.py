@@ -273,6 +273,8 @@ def top_on_a_narrow_terminal(urls: list[str], columns: int, patience_s: float = 
                     os.read(master, 65536)
                 except OSError:
                     break
+        if proc.poll() is None:  # the layout is what is checked here; a top that outlives Ctrl-C is not left behind
+            proc.kill()
         reap(proc, timeout=30)  # type: ignore[arg-type]
     finally:
         os.close(master)
