@@ -41,26 +41,6 @@ def slow_service() -> Iterator[AlgoService]:
         yield service
 
 
-@pytest.fixture()
-def nats(tmp_path: Any) -> Iterator[NatsServer]:
-    server = NatsServer(str(tmp_path / "nats"))
-    try:
-        server.start()
-        yield server
-    finally:
-        server.stop()
-
-
-@pytest.fixture()
-def hosts() -> Iterator[list[Host]]:
-    started: list[Host] = []
-    try:
-        yield started
-    finally:
-        for host in started:
-            host.reap()
-
-
 def images(store: Any, prefix: str, n: int) -> list[str]:
     keys = [f"{prefix}person/cam{i % 3}/{i:04d}.jpg" for i in range(n)]
     upload(store, keys)

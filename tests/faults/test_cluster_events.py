@@ -44,26 +44,6 @@ def slow_service() -> Iterator[AlgoService]:
         yield service
 
 
-@pytest.fixture()
-def nats(tmp_path: Any) -> Iterator[NatsServer]:
-    server = NatsServer(str(tmp_path / "nats"))
-    try:
-        server.start()
-        yield server
-    finally:
-        server.stop()
-
-
-@pytest.fixture()
-def hosts() -> Iterator[list[Host]]:
-    started: list[Host] = []
-    try:
-        yield started
-    finally:
-        for host in started:
-            host.reap()
-
-
 def jetstream(url: str, action: Any) -> Any:
     import nats as nats_py
 

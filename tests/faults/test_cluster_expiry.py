@@ -30,26 +30,6 @@ def slow_service() -> Iterator[AlgoService]:
         yield service
 
 
-@pytest.fixture()
-def nats(tmp_path: Any) -> Iterator[NatsServer]:
-    server = NatsServer(str(tmp_path / "nats"))
-    try:
-        server.start()
-        yield server
-    finally:
-        server.stop()
-
-
-@pytest.fixture()
-def hosts() -> Iterator[list[Host]]:
-    started: list[Host] = []
-    try:
-        yield started
-    finally:
-        for host in started:
-            host.reap()
-
-
 def test_the_leader_drops_what_another_program_keeps_too_few_of_and_none_reaches_the_service(
         store_server, creds, store, prefix, slow_service, nats, hosts, tmp_path):
     base = cli_env(store_server, creds, IMGWORKER_STORE_PREFIX=prefix, IMGWORKER_ALGO_ENDPOINT=slow_service.endpoint,

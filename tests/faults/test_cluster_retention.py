@@ -37,26 +37,6 @@ def slow_service() -> Iterator[AlgoService]:
         yield service
 
 
-@pytest.fixture()
-def nats(tmp_path: Any) -> Iterator[NatsServer]:
-    server = NatsServer(str(tmp_path / "nats"))
-    try:
-        server.start()
-        yield server
-    finally:
-        server.stop()
-
-
-@pytest.fixture()
-def hosts() -> Iterator[list[Host]]:
-    started: list[Host] = []
-    try:
-        yield started
-    finally:
-        for host in started:
-            host.reap()
-
-
 def env_for(store_server: Any, creds: Any, prefix: str, service: AlgoService, url: str, *, protect: str,
             max_count: int, **extra: str) -> dict[str, str]:
     base = cli_env(store_server, creds, IMGWORKER_STORE_PREFIX=prefix, IMGWORKER_ALGO_ENDPOINT=service.endpoint,

@@ -20,16 +20,6 @@ from tests.support.results import calls_under
 from tests.support.store import upload
 
 
-@pytest.fixture()
-def nats(tmp_path: Any) -> Iterator[NatsServer]:
-    server = NatsServer(str(tmp_path / "nats"))
-    try:
-        server.start()
-        yield server
-    finally:
-        server.stop()
-
-
 @pytest.mark.timeout(180)
 def test_a_lone_leader_with_until_idle_analyses_what_it_published_and_runs_until_stopped(
         tmp_path, nats, store_server, creds, store, algo_server, prefix):
