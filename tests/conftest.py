@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import secrets
+import signal
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -14,6 +15,14 @@ from imgworker.config import Config, Credentials, load_config
 from imgworker.services.algo_server import AlgoService, SyntheticParams
 from imgworker.services.store_server import EmbeddedStore
 from imgworker.store import Store
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Ctrl-C reaches the processes the tests start, as from a terminal, even when the suite itself was started
+    in the background: a shell starts a background job with SIGINT ignored, and an ignored signal is inherited
+    through exec (a Python child would then never see its KeyboardInterrupt)."""
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(scope="session")

@@ -245,8 +245,9 @@ def test_a_down_row_shortens_its_reason():
 ESCAPE = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
 
-def top_on_a_narrow_terminal(urls: list[str], columns: int, patience_s: float = 60.0) -> str:
-    """What ``imgworker top`` draws on a pseudo-terminal ``columns`` wide, until its first table is whole."""
+def top_on_a_narrow_terminal(urls: list[str], columns: int, patience_s: float = 60.0) -> tuple[str, int | None]:
+    """What ``imgworker top`` draws on a pseudo-terminal ``columns`` wide, until its first table is whole, and
+    its exit status after a Ctrl-C (None: it had not left 30 s later, and was killed)."""
     master, slave = os.openpty()
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, columns, 0, 0))
     env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}
@@ -273,17 +274,19 @@ def top_on_a_narrow_terminal(urls: list[str], columns: int, patience_s: float = 
                     os.read(master, 65536)
                 except OSError:
                     break
-        if proc.poll() is None:  # the layout is what is checked here; a top that outlives Ctrl-C is not left behind
+        status = proc.poll()
+        if status is None:  # a top that outlives Ctrl-C is not left behind
             proc.kill()
         reap(proc, timeout=30)  # type: ignore[arg-type]
     finally:
         os.close(master)
-    return ESCAPE.sub("", out.decode("utf-8", "replace"))
+    return ESCAPE.sub("", out.decode("utf-8", "replace")), status
 
 
 def test_top_on_an_80_column_terminal_shows_every_figure_whole(serving):
     dead = f"127.0.0.1:{free_port()}"
-    screen = top_on_a_narrow_terminal([serving["url"], dead], 80)
+    screen, status = top_on_a_narrow_terminal([serving["url"], dead], 80)
+    assert status == 0, f"imgworker top after Ctrl-C: status {status} (None: still running 30 s later)"
     lines = [line for part in screen.split("\n") for line in part.split("\r")]
     assert max(len(line) for line in lines) <= 80, screen
     for figure in ("done 6", "lanes busy 0/2", "endpoints 1/1 up", "storage n/a", "up (idle)"):
