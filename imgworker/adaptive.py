@@ -27,7 +27,10 @@ The controller keeps that queue estimate inside a small band (``BAND``, wider fo
   takes the limit under the knee (busy slots, throughput x baseline by Little's law, smoothed; at
   least the highest limit lately used in full with no queue): under it no call queues, so the p95
   cannot get lower and only throughput is lost; only drops cut under it. For ``OVER_HOLD`` windows
-  the limit does not grow past where the p95 went over (past the knee: one call under it);
+  the limit does not grow past where the p95 went over; past the knee, not past one call under it, for
+  ``OVER_HOLD_PAST_KNEE`` times as long, and a try past such a hold that goes over again doubles the next
+  (up to ``OVER_HOLD_MAX`` times ``OVER_HOLD``): where the budget allows less than one call queued, each try at
+  one call more costs windows over the budget, and tries that keep finding the same knee come ever less often;
 - the window right after a cut cuts at most to the knee unless it drops calls (its calls were sent
   under the higher limit, so its queue is the old one);
 - a budget that even no queueing misses (``baseline_p95 > budget``) is *infeasible*: hold at the
@@ -43,10 +46,14 @@ looks wrong (two windows in a row with more queued than the widest band, or over
 more queued than the band allows: at the knee, a p95 over the budget is the server's own jitter, or
 a settled window with fewer calls in flight than the last one over the band whose mean did not fall as the
 estimate says: a saturated server's would, so the server was not saturated and the "queue" is a stale
-baseline's, which the queue rule would follow down to the floor), which is how a slower server is noticed. A probe over the knee the last window showed (a third of the
-settled limit, after a step to fewer slots) that finds the server slower by about as much as its calls
-over that knee would queue measures again under that knee (else the queue would raise the baseline); after it the limit is what the last live window calls for,
-seen with the new baseline. When the probe finds the server's speed changed, the knee is the most
+baseline's, which the queue rule would follow down to the floor), which is how a slower server is noticed.
+A live window that measured the baseline again (enough calls, its mean within its noise of the baseline, its
+p95 within the budget) puts the scheduled probe off: it was a probe's measurement already. A probe that finds
+the server slower measures again once, under the knee its own figures allow if its calls only queued
+(``limit x baseline / mean``): one depth cannot tell a slower server from one of fewer slots at which the probe's
+calls queued (after a step from 24 to 6 slots, a third of the settled limit is over the new knee), and the
+queue would raise the baseline; a slower server is slower at any depth. After it the limit is what the last
+live window calls for, seen with the new baseline. When the probe finds the server's speed changed, the knee is the most
 calls the server kept busy (throughput x the new baseline, Little's law) in that window or in the
 windows that called for the probe, so after a slower server cut the limit it goes straight back to
 the new knee instead of growing a call a window. A live window clearly faster than the baseline
@@ -108,8 +115,15 @@ CALM_WINDOWS = 20
 KNEE_EWMA = 0.3
 #: Live windows after a p95 over the budget in which the limit does not grow back to where it was.
 OVER_HOLD = 30
+#: A hold after calls over the knee went over the budget is this many ``OVER_HOLD``; a try past it that goes over
+#: again doubles the next, up to ``OVER_HOLD_MAX`` of them (the knee has not moved: where the budget allows less
+#: than a call queued, each try costs two windows over it).
+OVER_HOLD_PAST_KNEE = 2
+OVER_HOLD_MAX = 8
 #: A probe runs at this share of the knee (under it, no call queues).
 PROBE_DEPTH = 0.75
+#: The least depth a probe that found the server slower measures again at (see ``_measure_again_at``).
+MIN_AGAIN = 2
 
 #: Call causes that mean "the endpoint is overloaded": each cuts the limit.
 DROP_CAUSES = frozenset({"timeout", "http_429", "http_503", "http_504", "connection_error"})
@@ -197,14 +211,14 @@ class Controller:
         self._over_cap = 0  # the limit not to grow past after p95 was over the budget (0: none lately)
         self._since_over = 0
         self._over_at = 0.0  # when (on the clock) the p95 was last over the budget
+        self._hold = OVER_HOLD  # windows the hold lasts now
         self._cut = False  # the last window lowered the limit
         self._moved = True  # the last window (or probe) changed the limit: this one's calls were sent under another
         self._clear_at = 0  # the highest limit fully used lately with no queue: the knee is at least this
         self._since_clear = 0
         # the last settled window with more queued than the band: (in flight, mean, noise, limit, rate)
         self._ref: tuple[float, float, float, int, float] | None = None
-        self._low = floor  # the probe's depth by the knee alone
-        self._probe_knee = float(self.limit)  # the knee when the probe began
+        self._again = False  # this probe measures again, at a depth the first one's figures allowed
         self._unsaturated = False  # a lower limit did not lower the mean: nothing queued, the baseline is stale
         now = clock()
         self._window_start = now
@@ -273,9 +287,10 @@ class Controller:
         """The limit after a live window (pure: the window's figures and this controller's state)."""
         if not window.latencies and not window.drops:
             return self.limit
-        self._since_probe += 1
         if window.latencies:
             self._estimate(window)
+        if not self._confirms_baseline(window):
+            self._since_probe += 1  # a window that measured the baseline again puts the next probe off
         old = self.limit
         if not self._high and not self._over:
             self._settled = old  # the limit before any sign of a change at the server
@@ -294,13 +309,12 @@ class Controller:
                 # heavy tail puts windows over the budget at any limit, and at a low limit the knee estimate
                 # cannot exceed it), so the limit tries one call more after each hold
                 new = min(new, self.limit)
-                if not self._holding_over():
-                    self._over_cap, self._since_over, self._over_at = self.limit, 0, self.clock()
+                # over the knee the calls over it queued, if too few to tell from the noise: not that many again
+                self._hold_under(min(self.limit, max(knee, self.limit - 1)), renew=False)
             else:
                 # above the knee the calls over it queued: cut, but not under the knee (only drops do)
                 new = min(new, max(math.floor(self.limit * CUT), knee))
-                self._over_cap = max(knee, self.limit - 1)
-                self._since_over, self._over_at = 0, self.clock()
+                self._hold_under(max(knee, self.limit - 1), renew=True)
                 if self.band()[1] > 0.5:
                     self.margin += 1
         if (self._high or self._over) and window.duration_s:  # a sign of change: what the server did then counts
@@ -363,6 +377,13 @@ class Controller:
         self._settled = max(self._settled, ref_limit)
         return True
 
+    def _confirms_baseline(self, window: Window) -> bool:
+        """This window measured the no-load latency as a probe would: enough calls, none dropped, its mean within
+        its own noise of the baseline (nothing queued) and its p95 within the budget. A faster mean lowers the
+        baseline at once and a slower one reads as queued, so only a baseline that is still right is confirmed."""
+        return len(window.latencies) >= MIN_SAMPLES and not window.drops and not self._queued(window) \
+            and (self.budget_s is None or window.p95 <= self.budget_s)
+
     def _queued(self, window: Window) -> bool:
         """Calls queued in this window: its mean over the baseline by more than its own noise (with a heavy
         latency tail, one slow call in a window of ten reads as a queue)."""
@@ -374,11 +395,29 @@ class Controller:
         baseline down window by window, and every call would read as queued)."""
         return min(LOWER, 1.0 - noise(window))
 
+    def _hold_under(self, cap: int, *, renew: bool) -> None:
+        """Do not grow past ``cap`` for a while (``renew``: start again a hold that is on; else leave it be).
+
+        Calls past the knee that went over the budget hold ``OVER_HOLD_PAST_KNEE`` times longer than over it at the
+        knee, and the first try past a hold that goes over again doubles the next (the knee has not moved).
+        """
+        holding = self._holding_over()
+        if holding and not renew:
+            return
+        first = OVER_HOLD * (OVER_HOLD_PAST_KNEE if cap < self.limit else 1)
+        if holding:
+            self._hold = max(self._hold, first)
+        elif self._over_cap and self.limit > self._over_cap:
+            self._hold = min(OVER_HOLD * OVER_HOLD_MAX, max(first, self._hold * 2))
+        else:
+            self._hold = first
+        self._over_cap, self._since_over, self._over_at = cap, 0, self.clock()
+
     def _holding_over(self) -> bool:
         """The limit is held under ``_over_cap``: for ``OVER_HOLD`` windows, and no longer than as many
         shortest windows (at a low limit, windows wait for their calls and would stretch the hold)."""
-        return bool(self._over_cap) and self._since_over < OVER_HOLD \
-            and self.clock() - self._over_at < OVER_HOLD * WINDOW_S
+        return bool(self._over_cap) and self._since_over < self._hold \
+            and self.clock() - self._over_at < self._hold * WINDOW_S
 
     def _knee_floor(self) -> int:
         """The knee as whole calls: smoothed (one window's knee is noisy), but not over this window's.
@@ -395,7 +434,7 @@ class Controller:
             return False  # hold at the knee, do not collapse (a probe tells when the budget is met again)
         # over the budget with more queued than the band allows, twice in a row: the baseline may be stale
         # (at the knee, over the budget is the server's own jitter, which a probe would measure again)
-        self._over = self._over + 1 if over and self.queue > self.band()[1] else 0
+        self._over = self._over + 1 if over and self.queue > self.band()[1] + 1.0 else 0
         if over:
             self._calm = 0
             return True
@@ -477,25 +516,21 @@ class Controller:
         self._ref = None
         # under the knee even when the knee was taken from a stale baseline: a third of the settled limit
         depth = PROBE_DEPTH if self.baseline_s else 0.5  # the first: the knee is only the starting limit
-        self._low = max(self.floor, math.floor(self.knee * depth))  # under the knee if the baseline is right
-        probe = max(self._low, self._settled // 3)
-        self._set(min(max(self.limit, self._settled), probe), self.limit)
-        self._probe_knee = self.knee
-        if self.limit <= self.knee:
-            self._low = self.limit  # under the knee the last window showed: what it measures stands
+        low = max(self.floor, math.floor(self.knee * depth))  # under the knee if the baseline is right
+        self._set(min(max(self.limit, self._settled), max(low, self._settled // 3)), self.limit)
+        self._again = False
         self._new_window(now)
 
     def _end_probe(self, now: float) -> bool:
         old = self.limit
         probe = Window(latencies=tuple(self._samples))
-        queued = self.baseline_s * self.limit / self._probe_knee * (1.0 + 2.0 * noise(probe))  # its mean if so
-        if self._samples and not self._drops and self.limit > self._low and self.baseline_s \
-                and self.baseline_s / FASTER < probe.mean <= queued:
-            # slower by about as much as its calls over the knee the last window showed would queue: the
-            # server may have fewer slots and the probe's calls queued (the baseline would climb); measure
-            # again under that knee (a slower server is slower at any depth)
-            self._set(self._low, old)
-            self._low = self.limit
+        again = self._measure_again_at(probe)
+        if again:
+            # slower, but by no more than its calls would queue at a knee this probe's figures allow: the server
+            # may have fewer slots and the probe's calls queued (the baseline would climb); measure again under
+            # that knee (a slower server is slower at any depth)
+            self._set(again, old)
+            self._again = True
             self._new_window(now)
             return True
         self._probing = False
@@ -519,6 +554,20 @@ class Controller:
         self._set(self._restore, old)
         self._new_window(now)
         return self.limit != old
+
+    def _measure_again_at(self, probe: Window) -> int:
+        """The depth to measure again at, or 0: this probe stands.
+
+        A probe slower than the baseline, at ``limit`` calls, is either a slower server or a server of fewer slots
+        at which its calls queued: then the knee is ``limit x baseline / mean``. The figures of one depth cannot
+        tell the two apart; another depth under that knee can. Not under ``MIN_AGAIN`` (at a call or two a probe
+        against a slow server takes seconds), nor at a depth that measured already.
+        """
+        if not self._samples or self._drops or not self.baseline_s or probe.mean <= self.baseline_s / FASTER:
+            return 0
+        knee = self.limit * self.baseline_s / probe.mean
+        again = max(self.floor, math.floor(knee * PROBE_DEPTH))
+        return again if MIN_AGAIN <= again < self.limit and not self._again else 0
 
     def _limit_for_last_window(self, *, changed: bool) -> int:
         """The limit the last live window calls for, seen with the new baseline (the restore if none).
