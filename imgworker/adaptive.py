@@ -12,7 +12,9 @@ are queued at the server and ``L - queue`` is the knee ``c``. Both sides are win
 The controller keeps that queue estimate inside a small band (``BAND``, wider for a large knee:
 ``BAND_SHARE``) above the knee:
 
-- above the band: jump to ``knee + middle of the band`` (one step, the estimate is exact in the mean);
+- above the band: jump to ``knee + middle of the band`` (one step, the estimate is exact in the mean); a window
+  that shows ``FLOODED`` times the widest band queued closes after ``EARLY_S`` with ``MIN_SAMPLES`` calls, not
+  after its second (after a step to fewer slots every call sent meanwhile waits behind the others);
 - below it (and the endpoint had the calls to use it): grow, doubling while nothing queues at all;
 - a drop in the window: cut to ``limit x CUT`` (drops say overload whatever the estimate says), and
   for ``PROBE_EVERY`` windows do not grow back to the limit that dropped (a server that sheds load
@@ -27,8 +29,9 @@ The controller keeps that queue estimate inside a small band (``BAND``, wider fo
   takes the limit under the knee (busy slots, throughput x baseline by Little's law, smoothed; at
   least the highest limit lately used in full with no queue): under it no call queues, so the p95
   cannot get lower and only throughput is lost; only drops cut under it. For ``OVER_HOLD`` windows
-  the limit does not grow past where the p95 went over; past the knee, not past one call under it, for
-  ``OVER_HOLD_PAST_KNEE`` times as long, and a try past such a hold that goes over again doubles the next
+  the limit does not grow past where the p95 went over; past the knee (not past one call under it), or where
+  the budget allows less than a call queued, for ``OVER_HOLD_PAST_KNEE`` times as long; a try past a hold
+  that goes over again doubles the next
   (up to ``OVER_HOLD_MAX`` times ``OVER_HOLD``): where the budget allows less than one call queued, each try at
   one call more costs windows over the budget, and tries that keep finding the same knee come ever less often;
 - the window right after a cut cuts at most to the knee unless it drops calls (its calls were sent
@@ -52,8 +55,9 @@ p95 within the budget) puts the scheduled probe off: it was a probe's measuremen
 the server slower measures again once, under the knee its own figures allow if its calls only queued
 (``limit x baseline / mean``): one depth cannot tell a slower server from one of fewer slots at which the probe's
 calls queued (after a step from 24 to 6 slots, a third of the settled limit is over the new knee), and the
-queue would raise the baseline; a slower server is slower at any depth. After it the limit is what the last
-live window calls for, seen with the new baseline. When the probe finds the server's speed changed, the knee is the most
+queue would raise the baseline; a slower server is slower at any depth. If the second depth finds the same
+speed, the server has fewer slots, and the knee is no more than the first depth's figures gave. After it the
+limit is what the last live window calls for, seen with the new baseline. When the probe finds the server's speed changed, the knee is the most
 calls the server kept busy (throughput x the new baseline, Little's law) in that window or in the
 windows that called for the probe, so after a slower server cut the limit it goes straight back to
 the new knee instead of growing a call a window. A live window clearly faster than the baseline
@@ -87,6 +91,9 @@ WINDOW_S = 1.0
 MIN_SAMPLES = 10
 #: A window with too few calls closes anyway after this long (seconds).
 MAX_WINDOW_S = 30.0
+#: A live window closes early, after this long (seconds), if it already shows ``FLOODED`` times the widest band queued.
+EARLY_S = 0.25
+FLOODED = 2.0
 #: Completed calls (sent since the probe began) that end a probe window.
 PROBE_SAMPLES = 20
 #: A probe that has run this long (seconds) ends with ``MIN_SAMPLES`` calls (at a low limit against a slow
@@ -122,7 +129,7 @@ OVER_HOLD_PAST_KNEE = 2
 OVER_HOLD_MAX = 8
 #: A probe runs at this share of the knee (under it, no call queues).
 PROBE_DEPTH = 0.75
-#: The least depth a probe that found the server slower measures again at (see ``_measure_again_at``).
+#: The least depth a probe that found the server slower measures again at (see ``_knee_if_queued``).
 MIN_AGAIN = 2
 
 #: Call causes that mean "the endpoint is overloaded": each cuts the limit.
@@ -218,7 +225,7 @@ class Controller:
         self._since_clear = 0
         # the last settled window with more queued than the band: (in flight, mean, noise, limit, rate)
         self._ref: tuple[float, float, float, int, float] | None = None
-        self._again = False  # this probe measures again, at a depth the first one's figures allowed
+        self._again_knee = 0.0  # measuring again: the knee if the first depth's calls only queued (0: not)
         self._unsaturated = False  # a lower limit did not lower the mean: nothing queued, the baseline is stale
         now = clock()
         self._window_start = now
@@ -269,7 +276,8 @@ class Controller:
             if self._drops or len(self._samples) >= enough or timely or (elapsed >= MAX_WINDOW_S and self._samples):
                 return self._end_probe(now)
             return False
-        if elapsed < WINDOW_S or (len(self._samples) < MIN_SAMPLES and not self._drops and elapsed < MAX_WINDOW_S):
+        if (elapsed < WINDOW_S and not self._flooded(elapsed)) \
+                or (len(self._samples) < MIN_SAMPLES and not self._drops and elapsed < MAX_WINDOW_S):
             return False
         self.in_flight(self._current)
         window = Window(latencies=tuple(self._samples), drops=self._drops, in_flight=self._area / elapsed,
@@ -280,6 +288,14 @@ class Controller:
         if self._wants_probe():
             self._start_probe(now)
         return self.limit != old
+
+    def _flooded(self, elapsed: float) -> bool:
+        """This window, not yet over, already shows far more queued than the widest band: close it now (after a
+        step to fewer slots every call sent while the limit stays high waits behind the others)."""
+        if elapsed < EARLY_S or len(self._samples) < MIN_SAMPLES or not self.baseline_s:
+            return False
+        mean = sum(self._samples) / len(self._samples)
+        return self._current * (1.0 - self.baseline_s / mean) > FLOODED * self._widest()
 
     # ----- deciding --------------------------------------------------------------------
 
@@ -404,7 +420,7 @@ class Controller:
         holding = self._holding_over()
         if holding and not renew:
             return
-        first = OVER_HOLD * (OVER_HOLD_PAST_KNEE if cap < self.limit else 1)
+        first = OVER_HOLD * (OVER_HOLD_PAST_KNEE if cap < self.limit or self.band()[1] < 1.0 else 1)
         if holding:
             self._hold = max(self._hold, first)
         elif self._over_cap and self.limit > self._over_cap:
@@ -518,19 +534,19 @@ class Controller:
         depth = PROBE_DEPTH if self.baseline_s else 0.5  # the first: the knee is only the starting limit
         low = max(self.floor, math.floor(self.knee * depth))  # under the knee if the baseline is right
         self._set(min(max(self.limit, self._settled), max(low, self._settled // 3)), self.limit)
-        self._again = False
+        self._again_knee = 0.0
         self._new_window(now)
 
     def _end_probe(self, now: float) -> bool:
         old = self.limit
         probe = Window(latencies=tuple(self._samples))
-        again = self._measure_again_at(probe)
-        if again:
-            # slower, but by no more than its calls would queue at a knee this probe's figures allow: the server
-            # may have fewer slots and the probe's calls queued (the baseline would climb); measure again under
-            # that knee (a slower server is slower at any depth)
+        knee = self._knee_if_queued(probe)
+        again = max(self.floor, math.floor(knee * PROBE_DEPTH))
+        if knee and MIN_AGAIN <= again < self.limit:
+            # slower: the server may have fewer slots and the probe's calls queued (the baseline would climb);
+            # measure again under the knee that would be (a slower server is slower at any depth)
             self._set(again, old)
-            self._again = True
+            self._again_knee = knee
             self._new_window(now)
             return True
         self._probing = False
@@ -555,19 +571,18 @@ class Controller:
         self._new_window(now)
         return self.limit != old
 
-    def _measure_again_at(self, probe: Window) -> int:
-        """The depth to measure again at, or 0: this probe stands.
+    def _knee_if_queued(self, probe: Window) -> float:
+        """The knee if this probe's calls were slower only because they queued, or 0: it is measured as it stands.
 
         A probe slower than the baseline, at ``limit`` calls, is either a slower server or a server of fewer slots
         at which its calls queued: then the knee is ``limit x baseline / mean``. The figures of one depth cannot
-        tell the two apart; another depth under that knee can. Not under ``MIN_AGAIN`` (at a call or two a probe
-        against a slow server takes seconds), nor at a depth that measured already.
+        tell the two apart; another depth under that knee can (not under ``MIN_AGAIN``: at a call or two a probe
+        against a slow server takes seconds). A probe that measures again stands.
         """
-        if not self._samples or self._drops or not self.baseline_s or probe.mean <= self.baseline_s / FASTER:
-            return 0
-        knee = self.limit * self.baseline_s / probe.mean
-        again = max(self.floor, math.floor(knee * PROBE_DEPTH))
-        return again if MIN_AGAIN <= again < self.limit and not self._again else 0
+        if not self._samples or self._drops or not self.baseline_s or probe.mean <= self.baseline_s / FASTER \
+                or self._again_knee:
+            return 0.0
+        return self.limit * self.baseline_s / probe.mean
 
     def _limit_for_last_window(self, *, changed: bool) -> int:
         """The limit the last live window calls for, seen with the new baseline (the restore if none).
@@ -583,6 +598,8 @@ class Controller:
             return self._restore
         # busy slots: throughput x no-load time, the most the server kept busy since the signs of a change
         self.knee = max(1.0, used * self.baseline_s / mean, max(rates, default=0.0) * self.baseline_s)
+        if self._again_knee and not changed:  # the server is not slower: its first probe's calls queued at the knee
+            self.knee = max(1.0, min(self.knee, self._again_knee))
         self.knee_mean = self.knee
         self.queue = max(0.0, used - self.knee)
         lo, hi = self.band()

@@ -366,6 +366,36 @@ def test_a_slower_probe_over_a_new_knee_measures_again_under_it_and_keeps_the_ba
     assert not c.probing and c.baseline_s == pytest.approx(0.2)
 
 
+def test_after_the_second_depth_finds_the_same_speed_the_limit_goes_to_the_knee_the_first_implied():
+    # the last live window was the mixed one of the step (30 in flight, its knee read as 11); the first probe's
+    # calls queued as at a knee of 6: that, not the mixed window, is the server now
+    c, clock = ready(initial=30, baseline=0.2)
+    c._settled, c.knee, c._previous = 30, 11.0, (30.0, 0.2 * 30 / 11)
+    c._start_probe(clock.now)
+    probe_at(c, clock, 0.2 * 10 / 6)
+    limit = probe_at(c, clock, 0.2)
+    assert not c.probing and c.knee == pytest.approx(6.0)
+    assert limit == round(c.knee + (3 + 6) / 2)  # the knee and the middle of its band, 3-6 (not 11 + 4.5)
+
+
+def test_a_window_flooded_right_after_a_step_closes_early():
+    c, clock = ready(initial=30, baseline=0.2)
+    c.in_flight(30)
+    clock.now += 0.3  # under a window's second: after a step to 6 slots the calls of 30 queue
+    for _ in range(MIN_SAMPLES):
+        c.record(sent_at=clock.now - 1.0, latency_s=0.2 * 30 / 6)
+    assert c.tick() and c.limit < 30  # 24 queued, four times the widest band: the limit comes down now
+
+
+def test_a_window_with_its_queue_in_the_band_waits_its_second():
+    c, clock = ready(initial=30, baseline=0.2)
+    c.in_flight(30)
+    clock.now += 0.3
+    for _ in range(MIN_SAMPLES):
+        c.record(sent_at=clock.now - 1.0, latency_s=0.2 * 30 / 24)
+    assert not c.tick() and c.limit == 30
+
+
 def test_a_slower_server_is_measured_again_once_then_believed():
     c, clock = ready(initial=30, baseline=0.2)
     c._settled, c.knee = 30, 11.0  # the window after the step: 30 in flight, still mixed (the true knee is 6)
