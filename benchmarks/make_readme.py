@@ -29,8 +29,8 @@ SECTIONS = [
      "`python -m benchmarks.discovery` (`--quick` for a small bucket). 100,000 objects already processed "
      "are retained; then 30 new images a second arrive. Discovery = upload to dispatch.", "discovery.png"),
     ("adaptive", "Adaptive concurrency against a service whose capacity changes",
-     "`python -m benchmarks.adaptive --phase-s 30 --images 8000`. The synthetic service serves a fixed number of calls at once and "
-     "queues the rest; it goes from 8 to 24 to 6 slots at 200 ms a call, then slows to 400 ms (30 s a "
+     "`python -m benchmarks.adaptive --phase-s 45 --images 11000`. The synthetic service serves a fixed number of calls at once and "
+     "queues the rest; it goes from 8 to 24 to 6 slots at 200 ms a call, then slows to 400 ms (45 s a "
      "phase, after an 8 s warm-up). The same pipeline (events mode, lanes of 8) runs adaptive (ceiling 64, "
      "p95 budget 600 ms), fixed 64 and fixed N at the knees, one way after the other in one run; the best "
      "fixed N of each phase is marked. p50/p95 are of the algorithm call as imgworker timed it, queueing "
