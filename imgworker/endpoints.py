@@ -143,19 +143,22 @@ class EndpointPool:
             state.in_flight += 1
             self._in_flight(state)
 
-    def finished(self, endpoints: Sequence[str], calls: Sequence[Call], *, sent_at: float | None = None) -> bool:
+    def finished(self, endpoints: Sequence[str], calls: Sequence[Call], *, sent_at: float | None = None,
+                 probe: bool = False) -> bool:
         """Book the item's calls; True if the item met an outage: every call failed and left its endpoint ejected.
 
-        An item that ended without calls still frees its slot. ``sent_at`` (this pool's clock) is when
-        the item was sent: a healthy answer to an item sent before its endpoint's ejection is a late
-        one (a service finishing its last requests as it stops), counted but no sign of recovery;
-        only an item sent since, the probe, can bring the endpoint back.
+        An item that ended without calls still frees its slot; if it was the half-open ``probe``, another
+        item may be the probe (one sent before the ejection that ends so leaves the probe out there).
+        ``sent_at`` (this pool's clock) is when the item was sent: a healthy answer to an item sent
+        before its endpoint's ejection is a late one (a service finishing its last requests as it
+        stops), counted but no sign of recovery; only an item sent since, the probe, can bring the
+        endpoint back.
         """
         if endpoints:
             state = self.states[endpoints[0]]
             state.in_flight = max(0, state.in_flight - 1)
             self._in_flight(state)
-            if not calls and state.probing:
+            if not calls and probe and state.probing:
                 state.probing = False  # the probe never reached the service: let another try
         for call in calls:
             self._record(call, sent_at)

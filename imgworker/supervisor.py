@@ -598,7 +598,7 @@ class Supervisor:
             log.error("lane %d answered without holding an item; ignored", lane)
             return
         item, reply = held.item, event.reply
-        met_outage = self.endpoints.finished(held.endpoints, reply.calls, sent_at=held.sent_at)
+        met_outage = self.endpoints.finished(held.endpoints, reply.calls, sent_at=held.sent_at, probe=held.probe)
         result = reply.result
         if reply.undecodable or result.key != item.ref.key:
             log.error("lane %d: reply for %s could not be used (%s)", lane, item.ref.key,
@@ -627,11 +627,11 @@ class Supervisor:
     def _on_exit(self, event: Exit) -> None:
         lost = 0
         for lane in event.lanes:
-            item = self.inflight.item_of(lane)
-            if item is not None:
+            held = self.inflight.of_lane(lane)
+            if held is not None:
                 lost += 1
-                self.endpoints.finished(item.endpoints, [])
-                self._on_lost_item(item, lane, event)
+                self.endpoints.finished(held.endpoints, [], probe=held.probe)
+                self._on_lost_item(held.item, lane, event)
         wait_s = 0.0 if self.stopping.draining else self.pool.respawn(event.process)
         if event.overdue:
             self.recorder.process_exited("deadline_kill")

@@ -11,6 +11,7 @@ from collections import Counter
 
 import pytest
 
+from imgworker.endpoints import Call, EndpointPool
 from imgworker.memstore import MemoryAlgo, MemoryStore
 from imgworker.outcomes import WorkItem
 from tests.support.memory import config, fill, supervisor
@@ -67,3 +68,26 @@ def test_a_drain_while_images_wait_under_the_limit_saves_them_and_the_next_run_e
     again.run()
     assert lines(cfg) == Counter(keys)
     assert algo.calls == Counter(keys)
+
+
+def test_an_item_sent_before_an_ejection_ending_without_calls_does_not_let_a_second_probe_through(tmp_path):
+    clock = {"now": 100.0}
+    cfg = config(tmp_path, worker={"count": 8}, algo={"adaptive": True, "adaptive_min": 4, "eject_after_failures": 2, "eject_cooldown_s": 5.0})
+    pool = EndpointPool(cfg.algo, clock=lambda: clock["now"])
+    hung = pool.choose("")  # its call hangs; later its lane's process is killed (no calls on its reply)
+    assert hung == (A,)
+    pool.dispatched(hung)
+    for _ in range(2):
+        sent = pool.choose("")
+        assert sent is not None
+        pool.dispatched(sent)
+        pool.finished(sent, [Call(A, False, "connection_error")], sent_at=clock["now"])
+    assert pool.choose("") is None  # ejected
+    clock["now"] += 6.0
+    probe = pool.choose("")
+    assert probe == (A,) and pool.is_probe(probe)
+    pool.dispatched(probe)
+    pool.finished(hung, [], sent_at=100.0)  # not the probe: the half-open endpoint still has its one probe out
+    assert pool.choose("") is None
+    pool.finished(probe, [], sent_at=clock["now"], probe=True)  # the probe's lane died: another may go
+    assert pool.choose("") == (A,)
