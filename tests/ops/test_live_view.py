@@ -274,7 +274,10 @@ def top_on_a_narrow_terminal(urls: list[str], columns: int, patience_s: float = 
                     os.read(master, 65536)
                 except OSError:
                     break
-        status = proc.poll()
+        try:  # the pty reads EIO as top closes it, a moment before top has exited: wait for its status
+            status = proc.wait(timeout=max(0.1, stop_by - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            status = None
         if status is None:  # a top that outlives Ctrl-C is not left behind
             proc.kill()
         reap(proc, timeout=30)  # type: ignore[arg-type]
