@@ -230,6 +230,8 @@ _SYNTHETIC_HELP = {
     "detection_rate": "share of images with detections", "hang_s": "how long a hanging call hangs",
     "seed": "random seed", "trickle_s": "for paths containing 'trickle': seconds between bytes of the answer",
     "count_override": "for paths containing 'huge': the count answered (-1: off)",
+    "slots": "calls served at once, the others wait in arrival order as in a model server's queue (0: no limit); "
+             "POST /shape with {\"slots\": n, \"latency_ms\": x} changes either while it runs",
 }
 
 

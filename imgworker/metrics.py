@@ -81,7 +81,7 @@ class SupervisorCollector:
                        report.respawn_backoffs)
         yield _counter("imgworker_worker_recycles", "Workers replaced after max_tasks or max_memory.",
                        report.worker_recycles)
-        yield _counter("imgworker_retries", "Items dispatched again after their worker died.", report.retries)
+        yield _counter("imgworker_retries", "Items sent back to the queue: their worker died, or their endpoint went down.", report.retries)
         yield _counter("imgworker_deadline_kills", "Workers killed for holding an item past its deadline.",
                        report.deadline_kills)
         yield _counter("imgworker_scans", "Complete listings of the bucket.", gauges.scans_completed)

@@ -621,6 +621,7 @@ class Supervisor:
         on its final line.
         """
         log.info("lane %d: %s waits for a healthy algorithm endpoint (%s)", lane, item.ref.key, result.cause)
+        self.recorder.retried()
         self._requeue(lane, msgspec.structs.replace(item, endpoints=(), waits=item.waits + 1,
                                                     calls=item.calls + result.algo_calls))
 

@@ -108,6 +108,9 @@ class Point(msgspec.Struct, frozen=True, kw_only=True):
     windows: int
     stable: bool
     images: int
+    ran_out: bool = False
+    """The queue was empty at the end of a measuring window: every image had been handed out, so lanes
+    waited for images and the throughput reads low (measure again with more images)."""
 
 
 class Recommendation(msgspec.Struct, frozen=True, kw_only=True):
@@ -212,6 +215,10 @@ def recommend(points: Sequence[Point], p95_budget_ms: float = 0.0) -> Recommenda
               f"{WITHIN:.0%} of the best throughput ({best:.1f} img/s){budget}")
     if not reached:
         reason += "; throughput still grew at the largest N measured, so the knee may lie above it"
+    short = sorted({p.in_flight for p in points if p.ran_out})
+    if short:
+        reason += (f"; N = {', '.join(map(str, short))} ran out of images while measured, so its throughput reads "
+                   f"low and this choice may be too small: measure again with more --images")
     return Recommendation(processes=chosen.workers, lanes=chosen.lanes, initial_limit=knee, knee_reached=reached,
                           reason=reason)
 
@@ -321,21 +328,23 @@ def _run_windows(sup: Supervisor, params: TuneParams, config: tuple[int, int], f
     window = window_length(params, workers * lanes)
     rates: list[float] = []
     rss_peak = _rss_total_mb(procs)
+    ran_out = False
     while len(rates) < params.max_windows and not is_stable(rates, windows=params.stable_windows,
                                                                tolerance=params.tolerance):
         end = start + (len(rates) + 1) * window
         sup.step_until(lambda: time.monotonic() >= end)
         rates.append(window_rates([r.finished_at for r in finished], end - window, window, 1)[0])
         rss_peak = max(rss_peak, _rss_total_mb(_own_processes()))
+        ran_out = ran_out or sup.pending == 0
     elapsed = time.monotonic() - start
     procs = _own_processes()
     cpu = _cpu_seconds(procs) - cpu0
     measured = [r for r in finished[n0:] if r.outcome.is_success]
-    return _point(config, params, measured, rates, elapsed, cpu, procs, len(finished) - n0, rss_peak)
+    return _point(config, params, measured, rates, elapsed, cpu, procs, len(finished) - n0, rss_peak, ran_out)
 
 
 def _point(config: tuple[int, int], params: TuneParams, measured: list[Result], rates: list[float], elapsed: float,
-           cpu: float, procs: list[psutil.Process], count: int, rss_peak: float = 0.0) -> Point:
+           cpu: float, procs: list[psutil.Process], count: int, rss_peak: float = 0.0, ran_out: bool = False) -> Point:
     workers, lanes = config
     e2e, algo, overhead, stat, bare = (LogHistogram() for _ in range(5))
     for r in measured:
@@ -362,7 +371,7 @@ def _point(config: tuple[int, int], params: TuneParams, measured: list[Result], 
         cpu_s_per_1000=round(cpu / count * 1000, 3) if count else 0.0,
         rss_worker_mb=_rss_mb(procs, "imgworker: worker"), rss_supervisor_mb=_rss_mb(procs, "imgworker: supervisor"),
         rss_manager_mb=_rss_mb(procs, "imgworker: ledger"), rss_total_peak_mb=round(rss_peak, 1),
-        windows=len(rates), stable=stable, images=count,
+        windows=len(rates), stable=stable, images=count, ran_out=ran_out,
     )
 
 
@@ -384,7 +393,8 @@ def sweep(cfg: Config, params: TuneParams, progress: Callable[[str], None]) -> T
                  f"{point.throughput_per_s:8.1f} img/s (ideal {point.ideal_per_s:.1f}, "
                  f"efficiency {point.efficiency:.2f}, {point.efficiency_nominal:.2f} against {params.latency_ms:g} ms) "
                  f"p95 {point.p95_ms:.0f} ms CPU {point.cpu_s_per_1000:.2f} s/1000 "
-                 f"RSS {point.rss_total_peak_mb:.0f} MB {'stable' if point.stable else 'NOT stable'}")
+                 f"RSS {point.rss_total_peak_mb:.0f} MB {'stable' if point.stable else 'NOT stable'}"
+                 f"{'; ran out of images while measured: raise --images' if point.ran_out else ''}")
     rec = recommend(points, params.p95_budget_ms)
     return TuneResult(params=params, points=points, recommended_workers=rec.processes, recommended_lanes=rec.lanes,
                       initial_limit=rec.initial_limit, knee_reached=rec.knee_reached, reason=rec.reason)
@@ -426,7 +436,8 @@ def markdown(result: TuneResult) -> str:
             f"| {p.efficiency:.3f} | {p.efficiency_nominal:.3f} | {p.p50_ms:.1f} | {p.p95_ms:.1f} | {p.p99_ms:.1f} "
             f"| {p.algo_p50_ms:.1f} | {p.overhead_p50_ms:.2f} | {p.overhead_p99_ms:.2f} | {p.stat_p50_ms:.2f} "
             f"| {p.overhead_excl_check_p50_ms:.2f} / {p.overhead_excl_check_p99_ms:.2f} | {p.cpu_s_per_1000:.2f} "
-            f"| {p.rss_worker_mb:.0f} | {p.rss_total_peak_mb:.0f} | {'yes' if p.stable else 'no'} |"
+            f"| {p.rss_worker_mb:.0f} | {p.rss_total_peak_mb:.0f} | {'yes' if p.stable else 'no'}"
+            f"{' (ran out of images)' if p.ran_out else ''} |"
         )
     n = result.recommended_workers * result.recommended_lanes
     lines += ["", f"Recommended: **{result.recommended_workers} processes x {result.recommended_lanes} lanes** "

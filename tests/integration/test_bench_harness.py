@@ -48,6 +48,24 @@ def test_tune_command_writes_points_table_and_plot(tmp_path):
     assert (tmp_path / "tune.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_tune_says_when_the_images_ran_out_while_measuring(tmp_path):
+    # 40 images at about 100 a second are gone before the first window closes: the point's throughput
+    # is what the lanes got, not what they could do, and tune must say so rather than recommend from it.
+    out = tmp_path / "tune.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "imgworker", "--log-level", "WARNING", "tune", "--workers", "2", "--latency-ms",
+         "20", "--images", "40", "--warmup-s", "0.5", "--window-s", "0.5", "--max-windows", "3", "--json", str(out),
+         "--markdown", str(tmp_path / "tune.md")],
+        capture_output=True, text=True, timeout=200,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert [p["ran_out"] for p in data["points"]] == [True]
+    assert "ran out of images while measured: raise --images" in proc.stdout
+    assert "N = 2 ran out of images" in data["reason"] and "--images" in data["reason"]
+    assert "(ran out of images)" in (tmp_path / "tune.md").read_text()
+
+
 def test_tune_measures_processes_x_lanes_and_recommends_both(tmp_path, store_server, algo_server, creds, store,
                                                              prefix):
     """A 2-point grid (2 x 1, 1 x 2) against the fixtures' store and synthetic service, through --config."""

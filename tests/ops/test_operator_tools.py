@@ -330,6 +330,32 @@ def test_every_option_has_help_text(command):
     assert missing == []
 
 
+def test_algo_serve_slots_are_explained_and_its_shape_changes_while_it_runs(tmp_path):
+    # An operator watching --adaptive follow a slower service: --help says what --slots does and how
+    # to change the speed while a run goes on, and that step works against `imgworker algo-serve`.
+    import requests
+
+    from imgworker.services.netutil import port_open, wait_until
+
+    help_text = " ".join(imgworker("algo-serve", "--help", env=offline_env(tmp_path), timeout=60).stdout.split())
+    assert "--slots SLOTS synthetic backend: calls served at once" in help_text
+    assert 'POST /shape with {"slots": n, "latency_ms": x}' in help_text
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "imgworker", "algo-serve", "--backend", "synthetic", "--port",
+                             str(port), "--slots", "2", "--latency-ms", "50"], env=offline_env(tmp_path),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_until(lambda: port_open("127.0.0.1", port), timeout_s=60, what="algo-serve",
+                   alive=lambda: proc.poll() is None)
+        answer = requests.post(f"http://127.0.0.1:{port}/shape", json={"latency_ms": 400}, timeout=10)
+        assert (answer.status_code, answer.json()) == (200, {"slots": 2, "latency_ms": 400.0})
+        answer = requests.post(f"http://127.0.0.1:{port}/shape", json={"slots": 1}, timeout=10)
+        assert answer.json() == {"slots": 1, "latency_ms": 400.0}
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
 # ----- a report that reads true ------------------------------------------------------------------
 
 

@@ -22,14 +22,14 @@ from imgworker.tune import (
 )
 
 
-def point(n: int, tput: float, p95: float = 100.0, *, lanes: int = 1, cpu: float = 1.0) -> Point:
+def point(n: int, tput: float, p95: float = 100.0, *, lanes: int = 1, cpu: float = 1.0, ran_out: bool = False) -> Point:
     """A measured configuration of n processes x lanes."""
     return Point(workers=n, lanes=lanes, in_flight=n * lanes, throughput_per_s=tput, ideal_per_s=n * lanes * 5.0,
                  efficiency=tput / (n * lanes * 5.0), efficiency_nominal=tput / (n * lanes * 5.0), p50_ms=1,
                  p95_ms=p95, p99_ms=1, algo_p50_ms=1, algo_p95_ms=1, algo_p99_ms=1, overhead_p50_ms=0.1,
                  overhead_p99_ms=0.5, stat_p50_ms=0.5, overhead_excl_check_p50_ms=0.1,
                  overhead_excl_check_p99_ms=0.2, cpu_s_per_1000=cpu, rss_worker_mb=1, rss_supervisor_mb=1,
-                 rss_manager_mb=1, rss_total_peak_mb=1, windows=3, stable=True, images=10)
+                 rss_manager_mb=1, rss_total_peak_mb=1, windows=3, stable=True, images=10, ran_out=ran_out)
 
 
 def test_ideal_and_efficiency():
@@ -159,3 +159,13 @@ def test_face_benchmark_totals_interleaved_rounds_per_way():
     assert (adaptive.throughput_per_s, adaptive.round_throughputs) == (12.0, (10.0, 14.0))
     assert (adaptive.failed_calls, adaptive.faces) == (2, 4)
     assert sum(r.best_fixed for r in rows.values()) == 1 and not adaptive.best_fixed
+
+
+def test_recommendation_says_when_a_point_ran_out_of_images():
+    # N = 8 ran out of images while measured, so it reads slower than N = 4: the knee it gives may be
+    # too small, and the reason must say so and what to do.
+    short = recommend([point(2, 10.0), point(4, 20.0), point(8, 12.0, ran_out=True)])
+    assert short.initial_limit == 4
+    assert "N = 8 ran out of images" in short.reason and "--images" in short.reason
+    enough = recommend([point(2, 10.0), point(4, 20.0), point(8, 12.0)])
+    assert "ran out" not in enough.reason

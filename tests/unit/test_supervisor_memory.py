@@ -236,6 +236,8 @@ def test_a_dead_route_does_not_hold_up_the_others(tmp_path):
     assert sum(algo.calls[k] for k in vehicles) == 1  # one failed call ejected the route; the rest wait
     assert sup.dispatch.pending == len(vehicles)  # the image whose call ejected it waits too, uncharged
     assert not any(k in done for k in vehicles)
+    # the report's "re-dispatches (process died, or waited for an endpoint)": that image went back once
+    assert sup.report().retries == 1
 
 
 def test_no_endpoint_budget_is_counted_per_image(tmp_path):
