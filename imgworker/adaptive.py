@@ -450,7 +450,7 @@ class Controller:
             return False  # hold at the knee, do not collapse (a probe tells when the budget is met again)
         # over the budget with more queued than the band allows, twice in a row: the baseline may be stale
         # (at the knee, over the budget is the server's own jitter, which a probe would measure again)
-        self._over = self._over + 1 if over and self.queue > self.band()[1] else 0
+        self._over = self._over + 1 if over and self.queue > self.band()[1] + 1.0 else 0
         if over:
             self._calm = 0
             return True
