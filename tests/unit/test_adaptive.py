@@ -551,3 +551,17 @@ def test_a_lower_limit_that_does_not_lower_the_mean_starts_a_probe():
     c.tick()
     # 8 calls were served at 400 ms, 20 a second, none queued: the limit goes back over them at once
     assert not c.probing and c.baseline_s == pytest.approx(0.4) and c.limit >= 8
+
+
+def test_a_try_one_call_past_the_knee_that_goes_over_the_budget_does_not_start_a_probe():
+    # a budget with room for less than one queued call: 7 calls at a knee of about 6 queue one, and the p95 goes
+    # over; that is the try past the knee, not a stale baseline (a probe would take the limit under the knee)
+    c, clock = ready(initial=7, budget_s=0.6, baseline=0.4, spread=0.07)
+    for _ in range(2):
+        c.in_flight(7)
+        clock.now += 1.0
+        for n in range(MIN_SAMPLES):
+            c.record(sent_at=clock.now - 0.5, latency_s=0.65 if n == 0 else 0.47)
+        c.tick()
+    assert c.band()[1] < 1.0 and c.queue > c.band()[1]  # over the band's top, by less than a call
+    assert not c.probing and c.probes == 1
